@@ -1,0 +1,19 @@
+//! Schema migrations for agent-sessions, applied by `agent-sessions migrate`.
+//!
+//! Each migration is plain SQL with a real `down`, so the schema can be read
+//! in one place and rolled back step by step.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261121_000001_create_sessions_and_events;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(
+            m20261121_000001_create_sessions_and_events::Migration,
+        )]
+    }
+}

@@ -1,0 +1,88 @@
+//! The JSON body extractor.
+//!
+//! Reads the body under the configured size limit and parses it as JSON
+//! whatever the client called it: the seed's `curl -d` examples send
+//! `application/x-www-form-urlencoded` or nothing. Only
+//! `application/merge-patch+json` changes meaning (RFC 7396 merge).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::domain::PatchMode;
+
+/// The body size limit, as app data.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+pub struct JsonBody {
+    pub value: Value,
+    pub mode: PatchMode,
+}
+
+fn mode_of(req: &HttpRequest) -> Result<PatchMode, ApiError> {
+    let Some(raw) = req.headers().get(header::CONTENT_TYPE) else {
+        return Ok(PatchMode::Replace);
+    };
+    let ct = raw
+        .to_str()
+        .map_err(|_| ApiError::UnsupportedMediaType("(not ASCII)".into()))?;
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/merge-patch+json" => Ok(PatchMode::Merge),
+        "" | "application/json" | "application/x-www-form-urlencoded" | "text/plain" => {
+            Ok(PatchMode::Replace)
+        }
+        e if e.starts_with("application/") && e.ends_with("+json") => Ok(PatchMode::Replace),
+        _ => Err(ApiError::UnsupportedMediaType(ct.to_owned())),
+    }
+}
+
+impl FromRequest for JsonBody {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let limit = req
+            .app_data::<web::Data<BodyLimit>>()
+            .map(|l| l.0)
+            .unwrap_or(1 << 20);
+        let mode = mode_of(req);
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let mode = mode?;
+            if declared.is_some_and(|n| n > limit) {
+                return Err(ApiError::PayloadTooLarge(limit));
+            }
+            let mut buf = web::BytesMut::new();
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk.map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+                if buf.len() + chunk.len() > limit {
+                    return Err(ApiError::PayloadTooLarge(limit));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            if buf.iter().all(u8::is_ascii_whitespace) {
+                return Err(ApiError::MalformedJson("the body is empty".into()));
+            }
+            let value: Value =
+                serde_json::from_slice(&buf).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+            Ok(JsonBody { value, mode })
+        })
+    }
+}

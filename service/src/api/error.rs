@@ -1,0 +1,178 @@
+//! The API's error type: every failure becomes `application/problem+json`
+//! with a stable `type`. Server-side causes are logged once, here, and never
+//! sent to the client.
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::contract::{FieldProblem, Problem};
+use crate::domain::DomainError;
+use crate::store::StoreError;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("{detail}")]
+    Validation {
+        field: Option<String>,
+        detail: String,
+    },
+    #[error("{detail}")]
+    BadParameter { field: String, detail: String },
+    #[error("unsupported Content-Type {0}; send application/json or application/merge-patch+json")]
+    UnsupportedMediaType(String),
+    #[error("the body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("If-Match {expected} does not match the session's version {actual}")]
+    PreconditionFailed { expected: i64, actual: i64 },
+    #[error("{0}")]
+    IllegalTransition(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("Idempotency-Key was already used with a different request body")]
+    IdempotencyKeyReused,
+    #[error("a dependency is unavailable; retry shortly")]
+    Unavailable(#[source] StoreError),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::Validation {
+            field: Some(field.into()),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn parameter(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::BadParameter {
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+
+    fn slug(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::MalformedJson(_) => ("malformed-json", "Malformed JSON"),
+            Self::Validation { .. } => ("validation", "Invalid request"),
+            Self::BadParameter { .. } => ("invalid-parameter", "Invalid parameter"),
+            Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
+            Self::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
+            Self::NotFound(_) => ("not-found", "Not found"),
+            Self::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
+            Self::PreconditionFailed { .. } => ("version-mismatch", "Version mismatch"),
+            Self::IllegalTransition(_) => ("illegal-transition", "Illegal status transition"),
+            Self::Conflict(_) => ("conflict", "Conflict"),
+            Self::IdempotencyKeyReused => ("idempotency-key-reused", "Idempotency key reused"),
+            Self::Unavailable(_) => ("unavailable", "Service unavailable"),
+            Self::Internal(_) => ("internal", "Internal error"),
+        }
+    }
+
+    fn field(&self) -> Option<String> {
+        match self {
+            Self::Validation { field, .. } => field.clone(),
+            Self::BadParameter { field, .. } => Some(field.clone()),
+            Self::PreconditionFailed { .. } => Some("If-Match".into()),
+            Self::IdempotencyKeyReused => Some("Idempotency-Key".into()),
+            _ => None,
+        }
+    }
+
+    pub fn problem(&self) -> Problem {
+        let (slug, title) = self.slug();
+        let field = self.field();
+        Problem {
+            kind: format!("urn:agent-sessions:problem:{slug}"),
+            title: title.to_owned(),
+            status: self.status_code().as_u16(),
+            detail: self.to_string(),
+            errors: field
+                .iter()
+                .map(|f| FieldProblem {
+                    field: f.clone(),
+                    detail: self.to_string(),
+                })
+                .collect(),
+            field,
+            instance: None,
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_) | Self::BadParameter { .. } => StatusCode::BAD_REQUEST,
+            Self::Validation { .. } | Self::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            Self::IllegalTransition(_) | Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            Self::Unavailable(e) => {
+                tracing::warn!(error = ?e, "request failed: dependency unavailable")
+            }
+            Self::Internal(e) => tracing::error!(error = ?e, "request failed"),
+            _ => {}
+        }
+        let mut res = HttpResponse::build(self.status_code());
+        res.insert_header((header::CONTENT_TYPE, PROBLEM_JSON));
+        if matches!(self, Self::Unavailable(_)) {
+            res.insert_header((header::RETRY_AFTER, "1"));
+        }
+        res.body(serde_json::to_string(&self.problem()).expect("problem serialises"))
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::InvalidField { field, detail } => Self::Validation {
+                detail: format!("{field} {detail}"),
+                field: Some(field),
+            },
+            e @ DomainError::IllegalTransition { .. } => Self::IllegalTransition(e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => Self::NotFound(format!("session {id} not found")),
+            StoreError::VersionMismatch { expected, actual } => {
+                Self::PreconditionFailed { expected, actual }
+            }
+            StoreError::Domain(d) => d.into(),
+            StoreError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            e @ (StoreError::IdempotentTargetGone(_) | StoreError::Contended(_)) => {
+                Self::Conflict(e.to_string())
+            }
+            StoreError::Unstorable(m) => Self::Validation {
+                field: None,
+                detail: format!("the request holds a value that cannot be stored: {m}"),
+            },
+            e @ StoreError::Unavailable(_) => Self::Unavailable(e),
+            e @ (StoreError::Database(_) | StoreError::Corrupt(_)) => Self::Internal(e.into()),
+        }
+    }
+}

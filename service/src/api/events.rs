@@ -1,0 +1,137 @@
+//! The event log over HTTP: one session's stream and the global feed.
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+use super::params::{self, link_next};
+use crate::contract::{EventEnvelope, Problem};
+use crate::domain::EventKind;
+use crate::store::FeedFilter;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Return events with a version above this one (default 0).
+    pub after_version: Option<String>,
+    /// Page size (default 20).
+    pub limit: Option<String>,
+}
+
+fn int(field: &str, raw: &Option<String>) -> Result<i64, ApiError> {
+    match raw.as_deref() {
+        None => Ok(0),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::parameter(field, "must be a non-negative integer")),
+    }
+}
+
+/// One session's events, by version.
+#[utoipa::path(
+    get, path = "/sessions/{id}/events", tag = "events",
+    params(("id" = Uuid, Path, description = "Session id"), StreamQuery),
+    responses(
+        (status = 200, description = "Events by version; more in `Link: rel=\"next\"`", body = Vec<EventEnvelope>),
+        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session, now or ever", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn session_events(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let not_found = || ApiError::NotFound(format!("session {id} not found"));
+    let sid = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let q: StreamQuery = params::query(&req)?;
+    let after = int("after_version", &q.after_version)?;
+    let limit = params::limit(&q.limit, &state.pages)?;
+    let events = state.store.session_events(sid, after, limit).await?;
+    if events.is_empty() && !state.store.session_exists_in_log(sid).await? {
+        return Err(not_found());
+    }
+    let mut res = HttpResponse::Ok();
+    if events.len() as u64 == limit
+        && let Some(last) = events.last()
+    {
+        let path = format!("/sessions/{sid}/events");
+        res.insert_header((
+            header::LINK,
+            link_next(&req, &path, "after_version", &last.version.to_string()),
+        ));
+    }
+    let body: Vec<EventEnvelope> = events.iter().map(|e| e.envelope(true)).collect();
+    Ok(res.json(body))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FeedQuery {
+    /// Return events with a position above this one (default 0).
+    pub after: Option<String>,
+    /// Page size (default 20).
+    pub limit: Option<String>,
+    /// Only this session's events.
+    pub session_id: Option<String>,
+    /// Only these event types, comma-separated.
+    pub event_type: Option<String>,
+}
+
+pub(crate) fn feed_filter(q: &FeedQuery) -> Result<FeedFilter, ApiError> {
+    Ok(FeedFilter {
+        aggregate_id: q
+            .session_id
+            .as_deref()
+            .map(|s| {
+                Uuid::parse_str(s).map_err(|_| ApiError::parameter("session_id", "must be a UUID"))
+            })
+            .transpose()?,
+        kinds: match q.event_type.as_deref() {
+            None | Some("") => Vec::new(),
+            Some(s) => s
+                .split(',')
+                .map(|k| {
+                    EventKind::parse(k.trim()).ok_or_else(|| {
+                        ApiError::parameter(
+                            "event_type",
+                            "must be session.created, session.updated or session.deleted",
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        },
+    })
+}
+
+/// The global feed, in position order. Positions increase but are not dense;
+/// an event never appears below a position already returned.
+#[utoipa::path(
+    get, path = "/events", tag = "events",
+    params(FeedQuery),
+    responses(
+        (status = 200, description = "Events after `after`; `Link: rel=\"next\"` carries the last position", body = Vec<EventEnvelope>),
+        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn feed(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let q: FeedQuery = params::query(&req)?;
+    let after = int("after", &q.after)?;
+    let limit = params::limit(&q.limit, &state.pages)?;
+    let filter = feed_filter(&q)?;
+    let events = state.store.feed(after, limit, &filter).await?;
+    let last = events.last().map_or(after, |e| e.position);
+    let body: Vec<EventEnvelope> = events.iter().map(|e| e.envelope(true)).collect();
+    Ok(HttpResponse::Ok()
+        .insert_header((
+            header::LINK,
+            link_next(&req, "/events", "after", &last.to_string()),
+        ))
+        .json(body))
+}

@@ -1,0 +1,72 @@
+//! Liveness, readiness and metrics.
+
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `unavailable` when a dependency is down.
+    pub status: String,
+    /// Each dependency: `ok` or what went wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Checks>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Checks {
+    pub database: String,
+    pub redis: String,
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health {
+        status: "ok".into(),
+        checks: None,
+    })
+}
+
+/// Ready to serve: PostgreSQL and Redis both answer.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "A dependency is down", body = Health),
+    ))]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let timeout = std::time::Duration::from_secs(2);
+    let (db, redis) = tokio::join!(
+        tokio::time::timeout(timeout, state.store.ping()),
+        tokio::time::timeout(timeout, state.bus.ping()),
+    );
+    let describe = |r: Result<Result<(), String>, _>| match r {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => e,
+        Err(_) => "timed out".to_owned(),
+    };
+    let database = describe(db.map(|r| r.map_err(|e| format!("{e}"))));
+    let redis = describe(redis.map(|r| r.map_err(|e| format!("{e}"))));
+    let ok = database == "ok" && redis == "ok";
+    let body = Health {
+        status: if ok { "ok" } else { "unavailable" }.into(),
+        checks: Some(Checks { database, redis }),
+    };
+    if ok {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+pub async fn metrics() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(crate::metrics::handle().render())
+}

@@ -1,0 +1,86 @@
+//! Request ids, the request span and the access log line.
+//!
+//! The id comes from `X-Request-Id` when the client sent a sane one and is
+//! generated otherwise; it is returned on the response, recorded on the span
+//! of everything the request does, and stored in the metadata of the events
+//! the request writes.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{Error, FromRequest, HttpMessage, HttpRequest, dev::Payload};
+use tracing::Instrument;
+
+use crate::domain::EventMetadata;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+fn acceptable(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+pub async fn request_context(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| acceptable(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().to_string();
+    let path = req.path().to_owned();
+    let span = tracing::info_span!("http", request_id = %id, %method, %path);
+    let started = Instant::now();
+    let mut res = next.call(req).instrument(span.clone()).await?;
+    let status = res.status().as_u16();
+    let route = res
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let elapsed = started.elapsed();
+    crate::metrics::http_request(&method, &route, status, elapsed);
+    span.in_scope(
+        || tracing::info!(status, elapsed_ms = elapsed.as_secs_f64() * 1e3, %route, "request"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(REQUEST_ID, v);
+    }
+    Ok(res)
+}
+
+/// Who is asking and under which request id: the metadata of events a
+/// request writes.
+pub struct RequestMeta(pub EventMetadata);
+
+impl FromRequest for RequestMeta {
+    type Error = Error;
+    type Future = std::future::Ready<Result<Self, Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let ext = req.extensions();
+        let request_id = ext.get::<RequestId>().map(|r| r.0.clone());
+        let actor = ext
+            .get::<Actor>()
+            .map(|a| a.0.clone())
+            .unwrap_or_else(|| "anonymous".to_owned());
+        std::future::ready(Ok(RequestMeta(EventMetadata {
+            actor,
+            request_id,
+            causation_id: None,
+        })))
+    }
+}
+
+/// The authenticated subject, set by authentication when it is on.
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);

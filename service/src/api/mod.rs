@@ -1,0 +1,88 @@
+//! The HTTP edge: routes, extractors, problem+json. Handlers stay thin:
+//! they parse into domain commands, call the store and shape the response.
+
+pub mod body;
+pub mod error;
+pub mod events;
+pub mod health;
+pub mod middleware;
+pub mod openapi;
+pub mod params;
+pub mod sessions;
+
+use std::sync::Arc;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use tokio::sync::Notify;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::bus::Bus;
+use crate::store::Store;
+use error::ApiError;
+use params::PageSizes;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub store: Store,
+    pub bus: Bus,
+    pub pages: PageSizes,
+    /// Wakes the relay after a commit, so publishing does not wait for a poll.
+    pub relay_wake: Arc<Notify>,
+}
+
+impl AppState {
+    pub fn wake_relay(&self) {
+        self.relay_wake.notify_one();
+    }
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!("no route for {}", req.path())))
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Register every route. Trailing slashes are optional everywhere.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let not_allowed = || web::to(method_not_allowed);
+    cfg.service(
+        web::resource(["/sessions", "/sessions/"])
+            .route(web::post().to(sessions::create))
+            .route(web::get().to(sessions::list))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}", "/sessions/{id}/"])
+            .route(web::get().to(sessions::get))
+            .route(web::patch().to(sessions::update))
+            .route(web::delete().to(sessions::delete))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/events", "/sessions/{id}/events/"])
+            .route(web::get().to(events::session_events))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/events", "/events/"])
+            .route(web::get().to(events::feed))
+            .default_service(not_allowed()),
+    )
+    .service(web::resource(["/healthz", "/healthz/"]).route(web::get().to(health::healthz)))
+    .service(web::resource(["/readyz", "/readyz/"]).route(web::get().to(health::readyz)))
+    .service(web::resource(["/metrics", "/metrics/"]).route(web::get().to(health::metrics)))
+    .service(web::resource("/docs").route(web::get().to(|| async {
+        HttpResponse::PermanentRedirect()
+            .insert_header((actix_web::http::header::LOCATION, "/docs/"))
+            .finish()
+    })))
+    .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi::ApiDoc::openapi()))
+    .default_service(web::to(not_found));
+}

@@ -1,0 +1,44 @@
+//! Query-string parsing shared by the list endpoints, and `Link` headers.
+
+use actix_web::HttpRequest;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// Page-size bounds, as app data.
+#[derive(Debug, Clone, Copy)]
+pub struct PageSizes {
+    pub default: u64,
+    pub max: u64,
+}
+
+pub fn query<T: DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(req.query_string())
+        .map_err(|e| ApiError::parameter("query", format!("invalid query string: {e}")))
+}
+
+pub fn limit(raw: &Option<String>, pages: &PageSizes) -> Result<u64, ApiError> {
+    let Some(raw) = raw.as_deref() else {
+        return Ok(pages.default);
+    };
+    match raw.parse::<u64>() {
+        Ok(n) if (1..=pages.max).contains(&n) => Ok(n),
+        _ => Err(ApiError::parameter(
+            "limit",
+            format!("must be an integer from 1 to {}", pages.max),
+        )),
+    }
+}
+
+/// `<path?…&key=value>; rel="next"`, keeping the request's other parameters.
+pub fn link_next(req: &HttpRequest, path: &str, key: &str, value: &str) -> String {
+    let mut pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str::<Vec<(String, String)>>(req.query_string())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k != key)
+            .collect();
+    pairs.push((key.to_owned(), value.to_owned()));
+    let qs = serde_urlencoded::to_string(&pairs).unwrap_or_default();
+    format!("<{path}?{qs}>; rel=\"next\"")
+}

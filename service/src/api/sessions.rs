@@ -1,0 +1,373 @@
+//! `/sessions/` handlers: parse the request, call the store, shape the answer.
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use utoipa::IntoParams;
+use uuid::Uuid;
+
+use super::AppState;
+use super::body::JsonBody;
+use super::error::ApiError;
+use super::middleware::RequestMeta;
+use super::params::{self, link_next};
+use crate::contract::{NewSession, Problem, Session, SessionUpdate};
+use crate::domain::{CreateSession, RuntimeBackend, SessionPatch, SessionState, SessionStatus};
+use crate::store::{IdempotencyRequest, ListCursor, ListFilter};
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+fn etag(version: i64) -> String {
+    format!("\"{version}\"")
+}
+
+fn with_session(mut res: actix_web::HttpResponseBuilder, s: &SessionState) -> HttpResponse {
+    res.insert_header((header::ETAG, etag(s.version)))
+        .json(Session::from(s))
+}
+
+/// `If-Match`: `"5"`, `W/"5"`, `5`, or `*` (any version).
+fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
+    let Some(raw) = req.headers().get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let bad = || ApiError::parameter("If-Match", "must be an ETag such as \"3\" or *");
+    let s = raw.to_str().map_err(|_| bad())?.trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    let s = s
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .unwrap_or(s);
+    s.parse::<i64>().map(Some).map_err(|_| bad())
+}
+
+fn session_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound(format!("session {raw} not found")))
+}
+
+fn parse_dto<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let field = (path != ".").then_some(path);
+        ApiError::Validation {
+            detail: match &field {
+                Some(f) => format!("{f}: {inner}"),
+                None => inner,
+            },
+            field,
+        }
+    })
+}
+
+fn idempotency(
+    req: &HttpRequest,
+    actor: &str,
+    body: &Value,
+) -> Result<Option<IdempotencyRequest>, ApiError> {
+    let Some(raw) = req.headers().get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = raw
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::parameter(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    let canonical = serde_json::to_vec(body).expect("JSON serialises");
+    Ok(Some(IdempotencyRequest {
+        key: format!("{actor} {key}"),
+        request_hash: hex::encode(Sha256::digest(canonical)),
+    }))
+}
+
+/// Create a session.
+#[utoipa::path(
+    post, path = "/sessions/", tag = "sessions",
+    request_body(content = NewSession, description = "JSON; a body without Content-Type (or form-encoded, as `curl -d` sends it) is read as JSON"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first session instead of creating another")),
+    responses(
+        (status = 201, description = "Created", body = Session,
+         headers(("Location" = String, description = "URL of the session"), ("ETag" = String, description = "The session's version"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported Content-Type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid session, or Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The session created under this Idempotency-Key was deleted", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: JsonBody,
+    meta: RequestMeta,
+) -> Result<HttpResponse, ApiError> {
+    if !body.value.is_object() {
+        return Err(ApiError::Validation {
+            field: None,
+            detail: "the body must be a JSON object".into(),
+        });
+    }
+    let idem = idempotency(&req, &meta.0.actor, &body.value)?;
+    let dto: NewSession = parse_dto(body.value)?;
+    let cmd = CreateSession::new(
+        dto.agent_id,
+        dto.session_type,
+        dto.status,
+        dto.context,
+        dto.checkpoint,
+        dto.runtime_backend,
+        dto.runtime_metadata,
+        dto.worker,
+    )?;
+    let created = state.store.create(&cmd, &meta.0, idem.as_ref()).await?;
+    if !created.replayed {
+        crate::metrics::event_appended("session.created");
+        state.wake_relay();
+    }
+    let mut res = HttpResponse::Created();
+    res.insert_header((
+        header::LOCATION,
+        format!("/sessions/{}", created.session.id),
+    ));
+    if created.replayed {
+        res.insert_header(("Idempotent-Replayed", "true"));
+    }
+    Ok(with_session(res, &created.session))
+}
+
+/// Get one session.
+#[utoipa::path(
+    get, path = "/sessions/{id}", tag = "sessions",
+    params(("id" = Uuid, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session", body = Session, headers(("ETag" = String))),
+        (status = 304, description = "Not modified since the `If-None-Match` version"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = session_id(&id)?;
+    let s = state
+        .store
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("session {id} not found")))?;
+    let tag = etag(s.version);
+    if req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().trim_start_matches("W/") == tag)
+        })
+    {
+        return Ok(HttpResponse::NotModified()
+            .insert_header((header::ETAG, tag))
+            .finish());
+    }
+    Ok(with_session(HttpResponse::Ok(), &s))
+}
+
+/// Update a session.
+#[utoipa::path(
+    patch, path = "/sessions/{id}", tag = "sessions",
+    params(
+        ("id" = Uuid, Path, description = "Session id"),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the session is at this version (its ETag)"),
+    ),
+    request_body(content = SessionUpdate, description = "Plain JSON replaces each named field; `application/merge-patch+json` merges objects (RFC 7396)",
+        content_type = "application/json"),
+    responses(
+        (status = 200, description = "The session after the update", body = Session, headers(("ETag" = String))),
+        (status = 400, description = "Malformed JSON or If-Match", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Illegal status transition", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match does not match the current version", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported Content-Type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn update(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: JsonBody,
+    meta: RequestMeta,
+) -> Result<HttpResponse, ApiError> {
+    let id = session_id(&id)?;
+    let expected = if_match(&req)?;
+    let Value::Object(fields) = body.value else {
+        return Err(ApiError::Validation {
+            field: None,
+            detail: "the body must be a JSON object".into(),
+        });
+    };
+    let patch = SessionPatch {
+        mode: body.mode,
+        fields,
+    };
+    let s = state.store.update(id, &patch, expected, &meta.0).await?;
+    crate::metrics::event_appended("session.updated");
+    state.wake_relay();
+    Ok(with_session(HttpResponse::Ok(), &s))
+}
+
+/// Delete a session (appends `session.deleted`).
+#[utoipa::path(
+    delete, path = "/sessions/{id}", tag = "sessions",
+    params(
+        ("id" = Uuid, Path, description = "Session id"),
+        ("If-Match" = Option<String>, Header, description = "Delete only if the session is at this version"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Malformed If-Match", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match does not match the current version", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn delete(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    meta: RequestMeta,
+) -> Result<HttpResponse, ApiError> {
+    let id = session_id(&id)?;
+    let expected = if_match(&req)?;
+    state.store.delete(id, expected, &meta.0).await?;
+    crate::metrics::event_appended("session.deleted");
+    state.wake_relay();
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Query of `GET /sessions/`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    pub agent_id: Option<String>,
+    /// One status, or several separated by commas.
+    pub status: Option<String>,
+    pub session_type: Option<String>,
+    pub runtime_backend: Option<String>,
+    /// Only sessions with (true) or without (false) a worker spec.
+    pub has_worker: Option<String>,
+    /// RFC 3339; inclusive.
+    pub created_after: Option<String>,
+    /// RFC 3339; exclusive.
+    pub created_before: Option<String>,
+    pub updated_after: Option<String>,
+    pub updated_before: Option<String>,
+    /// Page size (default 20).
+    pub limit: Option<String>,
+    /// The opaque cursor from the previous page's `Link: rel="next"`.
+    pub cursor: Option<String>,
+}
+
+fn time(field: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    v.as_deref()
+        .map(|s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| ApiError::parameter(field, "must be an RFC 3339 timestamp"))
+        })
+        .transpose()
+}
+
+/// List sessions, newest first.
+#[utoipa::path(
+    get, path = "/sessions/", tag = "sessions",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of sessions; the next page is in `Link: <…>; rel=\"next\"`", body = Vec<Session>,
+         headers(("Link" = String, description = "RFC 8288 link to the next page"))),
+        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let q: ListQuery = params::query(&req)?;
+    let status = match q.status.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(s) => s
+            .split(',')
+            .map(|p| {
+                SessionStatus::parse(p.trim()).ok_or_else(|| {
+                    ApiError::parameter("status", "must be active, paused, completed or crashed")
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let filter = ListFilter {
+        agent_id: q
+            .agent_id
+            .as_deref()
+            .map(|a| {
+                Uuid::parse_str(a).map_err(|_| ApiError::parameter("agent_id", "must be a UUID"))
+            })
+            .transpose()?,
+        status,
+        session_type: q.session_type.clone(),
+        runtime_backend: q
+            .runtime_backend
+            .as_deref()
+            .map(|b| {
+                RuntimeBackend::parse(b).ok_or_else(|| {
+                    ApiError::parameter("runtime_backend", "must be local, kubernetes or unknown")
+                })
+            })
+            .transpose()?,
+        created_after: time("created_after", &q.created_after)?,
+        created_before: time("created_before", &q.created_before)?,
+        updated_after: time("updated_after", &q.updated_after)?,
+        updated_before: time("updated_before", &q.updated_before)?,
+        has_worker: q
+            .has_worker
+            .as_deref()
+            .map(|v| {
+                v.parse::<bool>()
+                    .map_err(|_| ApiError::parameter("has_worker", "must be true or false"))
+            })
+            .transpose()?,
+    };
+    let limit = params::limit(&q.limit, &state.pages)?;
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            ListCursor::decode(c)
+                .ok_or_else(|| ApiError::parameter("cursor", "is not a cursor this service issued"))
+        })
+        .transpose()?;
+    let mut sessions = state.store.list(&filter, limit + 1, cursor).await?;
+    let mut res = HttpResponse::Ok();
+    if sessions.len() as u64 > limit {
+        sessions.truncate(limit as usize);
+        let last = sessions.last().expect("a full page has a last row");
+        let next = ListCursor {
+            created_at: last.created_at,
+            id: last.id,
+        };
+        res.insert_header((
+            header::LINK,
+            link_next(&req, "/sessions/", "cursor", &next.encode()),
+        ));
+    }
+    let body: Vec<Session> = sessions.iter().map(Session::from).collect();
+    Ok(res.json(body))
+}

@@ -1,0 +1,48 @@
+//! The `agent-sessions` command line: one binary, one subcommand per role.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agent-sessions",
+    version,
+    about = "Agent sessions with an event log, and the runner that starts their workers"
+)]
+pub struct Cli {
+    /// A TOML settings file (also `APP_CONFIG_FILE`); environment variables override it.
+    #[arg(long, global = true, env = "APP_CONFIG_FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Serve,
+    /// Apply or inspect database migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: Option<MigrateAction>,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Rebuild sessions from the event log.
+    Replay {
+        /// Compare the rebuilt sessions with the `sessions` table; exit 1 on any difference.
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
+#[derive(Debug, Subcommand, Clone, Copy)]
+pub enum MigrateAction {
+    /// Apply every pending migration (the default).
+    Up,
+    /// Roll back the last migration.
+    Down,
+    /// List migrations and whether each is applied.
+    Status,
+}

@@ -1,0 +1,10 @@
+//! Wire types: what the API serves and what its clients (the runner among
+//! them) read. Kept apart from `api/` so a client never imports the server.
+
+mod event;
+mod problem;
+mod session;
+
+pub use event::EventEnvelope;
+pub use problem::{FieldProblem, Problem};
+pub use session::{NewSession, Session, SessionUpdate, format_time};

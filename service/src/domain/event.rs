@@ -1,0 +1,86 @@
+//! Session events: their names and payloads (DESIGN §2).
+//!
+//! Payloads keep the seed's shape (`agent_id`, `session_type`,
+//! `runtime_backend` on create; `agent_id`, `status`, `updates` on update) and
+//! add `changes`, the new value of every changed field, which is what replay
+//! folds into the projection.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
+
+use super::session::{CreateSession, SessionState};
+
+pub const AGGREGATE_TYPE: &str = "session";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum EventKind {
+    #[serde(rename = "session.created")]
+    Created,
+    #[serde(rename = "session.updated")]
+    Updated,
+    #[serde(rename = "session.deleted")]
+    Deleted,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 3] = [Self::Created, Self::Updated, Self::Deleted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "session.created",
+            Self::Updated => "session.updated",
+            Self::Deleted => "session.deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// Who caused an event and in answer to what; stored with every event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventMetadata {
+    /// The authenticated subject, or `anonymous` when auth is off.
+    pub actor: String,
+    /// The `X-Request-Id` of the HTTP request that made the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The event or command this change answers, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+}
+
+pub fn created_payload(cmd: &CreateSession) -> Value {
+    json!({
+        "agent_id": cmd.agent_id,
+        "session_type": cmd.session_type,
+        "runtime_backend": cmd.runtime_backend.as_str(),
+        "changes": cmd.changes(),
+    })
+}
+
+/// `state` is the session after the change.
+pub fn updated_payload(state: &SessionState, changes: &Map<String, Value>) -> Value {
+    json!({
+        "agent_id": state.agent_id,
+        "status": state.status.as_str(),
+        "updates": changes.keys().collect::<Vec<_>>(),
+        "changes": changes,
+    })
+}
+
+pub fn deleted_payload(state: &SessionState) -> Value {
+    json!({
+        "agent_id": state.agent_id,
+        "status": state.status.as_str(),
+        "session_type": state.session_type,
+        "runtime_backend": state.runtime_backend.as_str(),
+    })
+}
+
+/// The change set an event applies to the projection.
+pub fn changes_of(payload: &Value) -> Option<&Map<String, Value>> {
+    payload.get("changes").and_then(Value::as_object)
+}

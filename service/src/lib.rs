@@ -1,0 +1,15 @@
+//! agent-sessions: an event-sourced store of AI-agent sessions.
+//!
+//! Layers, each importing only those below it:
+//! `startup` → `api` → `store`, `bus` → `contract` → `domain`.
+
+pub mod api;
+pub mod bus;
+pub mod cli;
+pub mod contract;
+pub mod domain;
+pub mod metrics;
+pub mod settings;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

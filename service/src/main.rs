@@ -1,0 +1,77 @@
+//! `agent-sessions`: parse the command, load settings, start telemetry, run.
+
+use std::process::ExitCode;
+
+use agent_sessions::cli::{Cli, Command, MigrateAction};
+use agent_sessions::settings::Settings;
+use agent_sessions::startup::Application;
+use agent_sessions::{api, store, telemetry};
+use clap::Parser;
+use migration::{Migrator, MigratorTrait};
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        print!("{}", api::openapi::document());
+        return ExitCode::SUCCESS;
+    }
+    let settings = match Settings::load(cli.config.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("agent-sessions: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(settings.log.format, &settings.log.filter);
+    match run(cli.command, settings).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = ?e, "agent-sessions failed");
+            eprintln!("agent-sessions: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve => {
+            Application::build(&settings)
+                .await?
+                .run_until_stopped()
+                .await?;
+        }
+        Command::Migrate { action } => {
+            let mut opts = sea_orm::ConnectOptions::new(settings.database.url.clone());
+            opts.sqlx_logging(false);
+            let db = sea_orm::Database::connect(opts).await?;
+            match action.unwrap_or(MigrateAction::Up) {
+                MigrateAction::Up => Migrator::up(&db, None).await?,
+                MigrateAction::Down => Migrator::down(&db, Some(1)).await?,
+                MigrateAction::Status => Migrator::status(&db).await?,
+            }
+        }
+        Command::Replay { verify } => {
+            if !verify {
+                anyhow::bail!("only `replay --verify` is supported: it rebuilds and compares");
+            }
+            let db = sea_orm::Database::connect(&settings.database.url).await?;
+            let report = store::Store::from_connection(db).replay_verify().await?;
+            println!(
+                "replayed {} events into {} sessions: {} difference(s)",
+                report.events_read,
+                report.sessions_checked,
+                report.differences.len()
+            );
+            for d in &report.differences {
+                println!("  {}: {}", d.session_id, d.detail);
+            }
+            if !report.differences.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Openapi => unreachable!("handled before settings are loaded"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

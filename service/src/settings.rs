@@ -1,0 +1,231 @@
+//! Typed settings: built-in defaults < optional TOML file < `APP__SECTION__KEY`
+//! environment variables, plus the conventional `DATABASE_URL`, `REDIS_URL`
+//! and `PORT`. This is the only module that reads the environment for
+//! configuration; everything is validated once, at start-up.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub log: LogSettings,
+    pub api: ApiSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    /// Address to bind; `0.0.0.0` in containers.
+    pub host: String,
+    /// 8011, the seed's port.
+    pub port: u16,
+    /// HTTP worker threads; defaults to the number of cores.
+    pub workers: Option<usize>,
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub body_limit_bytes: usize,
+    /// Seconds in-flight requests get to finish on SIGTERM.
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    /// How long a request waits for a pooled connection before 503.
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Prepended to every channel name, so deployments can share one Redis.
+    pub channel_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Pretty on a terminal, JSON otherwise.
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiSettings {
+    pub default_page_size: u64,
+    /// Larger `limit`s are refused with 400.
+    pub max_page_size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+const DEFAULTS: &str = r#"
+[server]
+host = "127.0.0.1"
+port = 8011
+body_limit_bytes = 1048576
+shutdown_timeout_secs = 30
+
+[database]
+url = "postgres://postgres@127.0.0.1:5432/agent_sessions"
+max_connections = 16
+min_connections = 1
+acquire_timeout_ms = 3000
+
+[redis]
+url = "redis://127.0.0.1:6379"
+channel_prefix = ""
+
+[log]
+format = "auto"
+filter = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn"
+
+[api]
+default_page_size = 20
+max_page_size = 500
+"#;
+
+impl Settings {
+    /// Load from the layers; `file` defaults to `$APP_CONFIG_FILE` if set.
+    pub fn load(file: Option<PathBuf>) -> Result<Self, SettingsError> {
+        let file = file.or_else(|| std::env::var_os("APP_CONFIG_FILE").map(PathBuf::from));
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("APP")
+                .prefix_separator("__")
+                .separator("__"),
+        );
+        for (var, key) in [
+            ("DATABASE_URL", "database.url"),
+            ("REDIS_URL", "redis.url"),
+            ("PORT", "server.port"),
+        ] {
+            let app_var = format!("APP__{}", key.to_uppercase().replace('.', "__"));
+            if std::env::var_os(&app_var).is_none()
+                && let Ok(v) = std::env::var(var)
+            {
+                builder = builder.set_override(key, v)?;
+            }
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |key, reason: &str| {
+            Err(SettingsError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if !(self.database.url.starts_with("postgres://")
+            || self.database.url.starts_with("postgresql://"))
+        {
+            return bad("database.url", "must be a postgres:// or postgresql:// URL");
+        }
+        if !["redis://", "rediss://", "redis+unix://", "unix://"]
+            .iter()
+            .any(|p| self.redis.url.starts_with(p))
+        {
+            return bad("redis.url", "must be a redis://, rediss:// or unix:// URL");
+        }
+        if self.database.max_connections == 0
+            || self.database.min_connections > self.database.max_connections
+        {
+            return bad(
+                "database.max_connections",
+                "must be at least 1 and at least min_connections",
+            );
+        }
+        if self.server.body_limit_bytes < 1024 {
+            return bad("server.body_limit_bytes", "must be at least 1024");
+        }
+        if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
+            return bad(
+                "api.default_page_size",
+                "must be between 1 and api.max_page_size",
+            );
+        }
+        if self.redis.channel_prefix.chars().any(char::is_whitespace) {
+            return bad("redis.channel_prefix", "must not contain whitespace");
+        }
+        Ok(())
+    }
+
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.database.acquire_timeout_ms)
+    }
+
+    /// The Redis channel carrying every session event.
+    pub fn session_channel(&self) -> String {
+        format!("{}events:session", self.redis.channel_prefix)
+    }
+
+    /// Database URL with any password masked, for logs.
+    pub fn database_url_for_logs(&self) -> String {
+        mask_password(&self.database.url)
+    }
+}
+
+fn mask_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}://{user}:***@{}", &url[..s], &url[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let s: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.server.port, 8011);
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            mask_password("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(mask_password("postgres://h/db"), "postgres://h/db");
+    }
+}

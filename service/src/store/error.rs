@@ -1,0 +1,62 @@
+//! Store errors, classified so the edge can answer precisely: a lost race or
+//! a value PostgreSQL refuses is the client's 4xx, an unreachable database is
+//! a 503, anything else is our 500.
+
+use sea_orm::{DbErr, RuntimeErr};
+use uuid::Uuid;
+
+use crate::domain::DomainError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("session {0} not found")]
+    NotFound(Uuid),
+    #[error("session is at version {actual}, not {expected}")]
+    VersionMismatch { expected: i64, actual: i64 },
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("idempotency key was used with a different request")]
+    IdempotencyKeyReused,
+    #[error("the session created under this idempotency key has been deleted")]
+    IdempotentTargetGone(Uuid),
+    #[error("too many concurrent updates to session {0}; retry")]
+    Contended(Uuid),
+    #[error("PostgreSQL refused the value: {0}")]
+    Unstorable(String),
+    #[error("database unavailable")]
+    Unavailable(#[source] DbErr),
+    #[error("database error")]
+    Database(#[source] DbErr),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<DbErr> for StoreError {
+    fn from(e: DbErr) -> Self {
+        match &e {
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(e),
+            DbErr::Exec(RuntimeErr::SqlxError(s)) | DbErr::Query(RuntimeErr::SqlxError(s)) => {
+                use sea_orm::sqlx::Error as X;
+                match s.as_ref() {
+                    X::Io(_) | X::PoolTimedOut | X::PoolClosed | X::WorkerCrashed | X::Tls(_) => {
+                        Self::Unavailable(e)
+                    }
+                    X::Database(d) => match d.code().as_deref() {
+                        // data_exception (22…) and program_limit_exceeded (54…):
+                        // the value, not the service, is at fault.
+                        Some(c) if c.starts_with("22") || c.starts_with("54") => {
+                            Self::Unstorable(d.message().to_owned())
+                        }
+                        // admin shutdown, cannot connect now, crash shutdown.
+                        Some("57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006") => {
+                            Self::Unavailable(e)
+                        }
+                        _ => Self::Database(e),
+                    },
+                    _ => Self::Database(e),
+                }
+            }
+            _ => Self::Database(e),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The store: the only place that speaks SQL.
+//!
+//! Every state change is one statement that writes the `sessions` row and its
+//! event together, guarded by the version it was planned against, so a
+//! change and its event commit or vanish as one (G1). See `events.rs` for why
+//! feed positions are gap-safe.
+
+mod error;
+mod events;
+mod replay;
+mod rows;
+mod sessions;
+
+pub use error::StoreError;
+pub use events::{FeedFilter, StoredEvent};
+pub use replay::{ReplayDifference, ReplayReport};
+pub use sessions::{Created, IdempotencyRequest, ListCursor, ListFilter};
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, Statement};
+
+/// How to reach PostgreSQL and how many connections to keep.
+#[derive(Debug, Clone)]
+pub struct DatabaseOptions {
+    pub url: String,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+impl Store {
+    /// Build the pool. Connections are made lazily, so the service starts
+    /// (and reports not-ready) while PostgreSQL is still down.
+    pub async fn connect(opts: &DatabaseOptions) -> Result<Self, StoreError> {
+        let mut co = ConnectOptions::new(opts.url.clone());
+        co.max_connections(opts.max_connections)
+            .min_connections(opts.min_connections)
+            .connect_timeout(Duration::from_secs(5))
+            .acquire_timeout(opts.acquire_timeout)
+            .test_before_acquire(false)
+            .connect_lazy(true)
+            .sqlx_logging(false);
+        let db = Database::connect(co).await.map_err(StoreError::from)?;
+        Ok(Self { db })
+    }
+
+    pub fn from_connection(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// One round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db
+            .execute_raw(Statement::from_string(
+                self.db.get_database_backend(),
+                "SELECT 1",
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Close the pool's connections (graceful shutdown).
+    pub async fn close(self) {
+        let _ = self.db.close().await;
+    }
+}

@@ -1,0 +1,438 @@
+//! Session writes and reads.
+//!
+//! Each write is a single autocommit statement: a CTE that changes the
+//! `sessions` row only if it is still at the version the change was planned
+//! against, and appends the event only if the row changed. Losing that race
+//! re-plans against the new state, or answers 412 when the client asked for
+//! a specific version. The transaction id, and so the event's position, is
+//! taken only after the state it was planned on was read, so positions follow
+//! each session's version order.
+
+use base64::Engine as _;
+use chrono::{DateTime, TimeZone, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as Param};
+use serde_json::{Map, Value};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::rows::{self, SESSION_COLUMNS};
+use super::{Store, StoreError};
+use crate::domain::event::{self, AGGREGATE_TYPE};
+use crate::domain::{
+    CreateSession, EventKind, EventMetadata, RuntimeBackend, SessionPatch, SessionState,
+    SessionStatus,
+};
+
+/// Attempts at an update that keeps losing to concurrent writers before 409.
+const MAX_ATTEMPTS: usize = 64;
+
+/// The position expression: transaction id × 1024 (+ index in the transaction).
+const POSITION: &str = "pg_current_xact_id()::text::bigint * 1024";
+
+/// `Idempotency-Key` of a create, scoped to its actor, and a hash of the body.
+#[derive(Debug, Clone)]
+pub struct IdempotencyRequest {
+    pub key: String,
+    pub request_hash: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub session: SessionState,
+    /// True when an earlier request with the same key created it.
+    pub replayed: bool,
+}
+
+/// Filters of `GET /sessions/`; all optional, combined with AND.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub agent_id: Option<Uuid>,
+    pub status: Vec<SessionStatus>,
+    pub session_type: Option<String>,
+    pub runtime_backend: Option<RuntimeBackend>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    pub updated_after: Option<DateTime<Utc>>,
+    pub updated_before: Option<DateTime<Utc>>,
+    /// Only sessions with (true) or without (false) a worker spec.
+    pub has_worker: Option<bool>,
+}
+
+/// Keyset position in the newest-first list: the last row returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+impl ListCursor {
+    pub fn encode(&self) -> String {
+        let raw = format!(
+            "{}.{}",
+            self.created_at.timestamp_micros(),
+            self.id.simple()
+        );
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .ok()?;
+        let raw = std::str::from_utf8(&raw).ok()?;
+        let (micros, id) = raw.split_once('.')?;
+        Some(Self {
+            created_at: Utc.timestamp_micros(micros.parse().ok()?).single()?,
+            id: Uuid::parse_str(id).ok()?,
+        })
+    }
+}
+
+fn stmt(sql: &str, values: Vec<Param>) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+fn json(v: Value) -> Param {
+    Param::Json(Some(Box::new(v)))
+}
+
+fn nullable_json(v: Option<Value>) -> Param {
+    Param::Json(v.filter(|v| !v.is_null()).map(Box::new))
+}
+
+fn metadata(meta: &EventMetadata) -> Param {
+    json(serde_json::to_value(meta).expect("metadata serialises"))
+}
+
+impl Store {
+    #[instrument(skip_all, fields(session_id = tracing::field::Empty, agent_id = %cmd.agent_id))]
+    pub async fn create(
+        &self,
+        cmd: &CreateSession,
+        meta: &EventMetadata,
+        idem: Option<&IdempotencyRequest>,
+    ) -> Result<Created, StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let id = Uuid::now_v7();
+            tracing::Span::current().record("session_id", tracing::field::display(id));
+            let mut values: Vec<Param> = vec![
+                id.into(),
+                cmd.agent_id.into(),
+                cmd.session_type.clone().into(),
+                cmd.status.as_str().into(),
+                json(Value::Object(cmd.context.clone())),
+                nullable_json(cmd.checkpoint.clone().map(Value::Object)),
+                cmd.runtime_backend.as_str().into(),
+                json(Value::Object(cmd.runtime_metadata.clone())),
+                nullable_json(cmd.worker.clone()),
+                Uuid::new_v4().into(),
+                json(event::created_payload(cmd)),
+                metadata(meta),
+            ];
+            let (key_cte, from_key) = match idem {
+                Some(k) => {
+                    values.push(k.key.clone().into());
+                    values.push(k.request_hash.clone().into());
+                    (
+                        "k AS (INSERT INTO idempotency_keys (key, request_hash, session_id) \
+                         VALUES ($13, $14, $1) ON CONFLICT (key) DO NOTHING RETURNING session_id),",
+                        "FROM k",
+                    )
+                }
+                None => ("", ""),
+            };
+            let sql = format!(
+                "WITH {key_cte} \
+                 s AS (INSERT INTO sessions ({SESSION_COLUMNS}) \
+                       SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 1, now(), now() {from_key} \
+                       RETURNING created_at), \
+                 e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
+                                           event_type, payload, metadata, occurred_at) \
+                       SELECT {POSITION}, $10, '{AGGREGATE_TYPE}', $1, 1, '{kind}', $11, $12, s.created_at \
+                       FROM s RETURNING position) \
+                 SELECT s.created_at FROM s, e",
+                kind = EventKind::Created.as_str(),
+            );
+            if let Some(row) = self.db.query_one_raw(stmt(&sql, values)).await? {
+                let at: DateTime<Utc> = row.try_get("", "created_at")?;
+                let session = SessionState::from_create(id, cmd, at)?;
+                return Ok(Created {
+                    session,
+                    replayed: false,
+                });
+            }
+            // Only an idempotency key already taken inserts nothing.
+            let Some(k) = idem else {
+                return Err(StoreError::Corrupt("create inserted no row".into()));
+            };
+            let existing = self
+                .db
+                .query_one_raw(stmt(
+                    "SELECT request_hash, session_id FROM idempotency_keys WHERE key = $1",
+                    vec![k.key.clone().into()],
+                ))
+                .await?;
+            let Some(row) = existing else {
+                continue; // the other request rolled back: try again
+            };
+            let hash: String = row.try_get("", "request_hash")?;
+            let session_id: Uuid = row.try_get("", "session_id")?;
+            if hash != k.request_hash {
+                return Err(StoreError::IdempotencyKeyReused);
+            }
+            return match self.get(session_id).await? {
+                Some(session) => Ok(Created {
+                    session,
+                    replayed: true,
+                }),
+                None => Err(StoreError::IdempotentTargetGone(session_id)),
+            };
+        }
+        Err(StoreError::Corrupt(
+            "idempotent create did not settle".into(),
+        ))
+    }
+
+    #[instrument(skip(self))]
+    pub async fn get(&self, id: Uuid) -> Result<Option<SessionState>, StoreError> {
+        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1");
+        self.db
+            .query_one_raw(stmt(&sql, vec![id.into()]))
+            .await?
+            .map(|r| rows::session(&r))
+            .transpose()
+    }
+
+    /// Apply a patch. With `expected_version`, a session at another version
+    /// is refused; without, the patch is re-applied to the latest state until
+    /// it wins. Returns the session after the change (or unchanged).
+    #[instrument(skip(self, patch, meta), fields(session_id = %id))]
+    pub async fn update(
+        &self,
+        id: Uuid,
+        patch: &SessionPatch,
+        expected_version: Option<i64>,
+        meta: &EventMetadata,
+    ) -> Result<SessionState, StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.get(id).await?.ok_or(StoreError::NotFound(id))?;
+            if let Some(expected) = expected_version
+                && expected != current.version
+            {
+                return Err(StoreError::VersionMismatch {
+                    expected,
+                    actual: current.version,
+                });
+            }
+            let Some(changes) = current.plan_update(patch)? else {
+                return Ok(current);
+            };
+            let mut next = current.clone();
+            next.apply(&changes)?;
+            next.version += 1;
+            match self.write_update(&current, &next, &changes, meta).await? {
+                Some(updated_at) => {
+                    next.updated_at = updated_at;
+                    return Ok(next);
+                }
+                None if expected_version.is_some() => {
+                    let actual = self.get(id).await?.ok_or(StoreError::NotFound(id))?.version;
+                    return Err(StoreError::VersionMismatch {
+                        expected: current.version,
+                        actual,
+                    });
+                }
+                None => continue,
+            }
+        }
+        Err(StoreError::Contended(id))
+    }
+
+    async fn write_update(
+        &self,
+        current: &SessionState,
+        next: &SessionState,
+        changes: &Map<String, Value>,
+        meta: &EventMetadata,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let mut values: Vec<Param> = vec![
+            current.id.into(),
+            current.version.into(),
+            Uuid::new_v4().into(),
+            json(event::updated_payload(next, changes)),
+            metadata(meta),
+        ];
+        let mut sets = String::new();
+        for (field, value) in changes {
+            let param = match field.as_str() {
+                "status" | "runtime_backend" => {
+                    Param::from(value.as_str().unwrap_or_default().to_owned())
+                }
+                "context" | "runtime_metadata" => json(value.clone()),
+                "checkpoint" | "worker" => nullable_json(Some(value.clone())),
+                other => return Err(StoreError::Corrupt(format!("unplanned field {other}"))),
+            };
+            values.push(param);
+            sets.push_str(&format!("{field} = ${}, ", values.len()));
+        }
+        let sql = format!(
+            "WITH u AS (UPDATE sessions SET {sets}version = $2 + 1, updated_at = now() \
+                        WHERE id = $1 AND version = $2 RETURNING updated_at), \
+             e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
+                                       event_type, payload, metadata, occurred_at) \
+                   SELECT {POSITION}, $3, '{AGGREGATE_TYPE}', $1, $2 + 1, '{kind}', $4, $5, u.updated_at \
+                   FROM u RETURNING position) \
+             SELECT u.updated_at FROM u, e",
+            kind = EventKind::Updated.as_str(),
+        );
+        match self.db.query_one_raw(stmt(&sql, values)).await? {
+            Some(row) => Ok(Some(row.try_get("", "updated_at")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Delete a session, appending `session.deleted`.
+    #[instrument(skip(self, meta), fields(session_id = %id))]
+    pub async fn delete(
+        &self,
+        id: Uuid,
+        expected_version: Option<i64>,
+        meta: &EventMetadata,
+    ) -> Result<SessionState, StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.get(id).await?.ok_or(StoreError::NotFound(id))?;
+            if let Some(expected) = expected_version
+                && expected != current.version
+            {
+                return Err(StoreError::VersionMismatch {
+                    expected,
+                    actual: current.version,
+                });
+            }
+            let sql = format!(
+                "WITH d AS (DELETE FROM sessions WHERE id = $1 AND version = $2 RETURNING id), \
+                 e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
+                                           event_type, payload, metadata, occurred_at) \
+                       SELECT {POSITION}, $3, '{AGGREGATE_TYPE}', $1, $2 + 1, '{kind}', $4, $5, now() \
+                       FROM d RETURNING position) \
+                 SELECT position FROM e",
+                kind = EventKind::Deleted.as_str(),
+            );
+            let values: Vec<Param> = vec![
+                id.into(),
+                current.version.into(),
+                Uuid::new_v4().into(),
+                json(event::deleted_payload(&current)),
+                metadata(meta),
+            ];
+            if self.db.query_one_raw(stmt(&sql, values)).await?.is_some() {
+                return Ok(current);
+            }
+            if expected_version.is_some() {
+                let actual = self.get(id).await?.ok_or(StoreError::NotFound(id))?.version;
+                return Err(StoreError::VersionMismatch {
+                    expected: current.version,
+                    actual,
+                });
+            }
+        }
+        Err(StoreError::Contended(id))
+    }
+
+    /// Newest first, `limit` rows after `cursor`.
+    #[instrument(skip(self))]
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        limit: u64,
+        cursor: Option<ListCursor>,
+    ) -> Result<Vec<SessionState>, StoreError> {
+        let mut values: Vec<Param> = Vec::new();
+        let mut cond: Vec<String> = Vec::new();
+        fn push(values: &mut Vec<Param>, cond: &mut Vec<String>, expr: &str, v: Param) {
+            values.push(v);
+            cond.push(expr.replace('?', &format!("${}", values.len())));
+        }
+        if let Some(a) = filter.agent_id {
+            push(&mut values, &mut cond, "agent_id = ?", a.into());
+        }
+        match filter.status.as_slice() {
+            [] => {}
+            [one] => push(&mut values, &mut cond, "status = ?", one.as_str().into()),
+            many => {
+                let mut marks = Vec::new();
+                for s in many {
+                    values.push(s.as_str().into());
+                    marks.push(format!("${}", values.len()));
+                }
+                cond.push(format!("status IN ({})", marks.join(", ")));
+            }
+        }
+        if let Some(t) = &filter.session_type {
+            push(&mut values, &mut cond, "session_type = ?", t.clone().into());
+        }
+        if let Some(b) = filter.runtime_backend {
+            push(
+                &mut values,
+                &mut cond,
+                "runtime_backend = ?",
+                b.as_str().into(),
+            );
+        }
+        for (expr, v) in [
+            ("created_at >= ?", filter.created_after),
+            ("created_at < ?", filter.created_before),
+            ("updated_at >= ?", filter.updated_after),
+            ("updated_at < ?", filter.updated_before),
+        ] {
+            if let Some(t) = v {
+                push(&mut values, &mut cond, expr, t.into());
+            }
+        }
+        match filter.has_worker {
+            Some(true) => cond.push("worker IS NOT NULL".into()),
+            Some(false) => cond.push("worker IS NULL".into()),
+            None => {}
+        }
+        if let Some(c) = cursor {
+            values.push(c.created_at.into());
+            values.push(c.id.into());
+            let n = values.len();
+            cond.push(format!("(created_at, id) < (${}, ${n})", n - 1));
+        }
+        values.push((limit as i64).into());
+        let where_ = if cond.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", cond.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions {where_} \
+             ORDER BY created_at DESC, id DESC LIMIT ${}",
+            values.len()
+        );
+        self.db
+            .query_all_raw(stmt(&sql, values))
+            .await?
+            .iter()
+            .map(rows::session)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips_and_rejects_garbage() {
+        let c = ListCursor {
+            created_at: Utc.timestamp_micros(1_763_700_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+        };
+        assert_eq!(ListCursor::decode(&c.encode()), Some(c));
+        for bad in ["", "!!", "bm90LWEtY3Vyc29y"] {
+            assert_eq!(ListCursor::decode(bad), None);
+        }
+    }
+}
