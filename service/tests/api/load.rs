@@ -1,0 +1,88 @@
+//! Acceptance load test: 16 concurrent writers and a reader tailing
+//! `/events?after=`; every committed event is read exactly once, in
+//! increasing position order.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::helpers::{AGENT, spawn_app};
+
+#[tokio::test]
+async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
+    let app = spawn_app().await;
+    const WRITERS: usize = 16;
+    const WRITES: usize = 25;
+    let (done_tx, done_rx) = watch::channel(false);
+
+    let reader = {
+        let client = app.client.clone();
+        let base = app.address.clone();
+        tokio::spawn(async move {
+            let mut after = 0i64;
+            let mut seen: Vec<Value> = Vec::new();
+            let mut quiet_after_done = 0;
+            loop {
+                let page: Vec<Value> = client
+                    .get(format!("{base}/events?after={after}&limit=100"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if page.is_empty() {
+                    if *done_rx.borrow() {
+                        quiet_after_done += 1;
+                        if quiet_after_done > 3 {
+                            return seen;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                for e in &page {
+                    let p = e["position"].as_i64().unwrap();
+                    assert!(p > after, "positions increase: {p} after {after}");
+                    after = p;
+                }
+                seen.extend(page);
+            }
+        })
+    };
+
+    let writers = (0..WRITERS).map(|w| {
+        let app = &app;
+        async move {
+            let s = app
+                .create(json!({"agent_id": AGENT, "session_type": "load", "context": {"w": w}}))
+                .await;
+            let id = s["id"].as_str().unwrap().to_owned();
+            let mut acked = 1;
+            for i in 0..WRITES {
+                let res = app.patch(&id, &json!({"context": {"w": w, "i": i}})).await;
+                assert_eq!(res.status(), 200);
+                acked += 1;
+            }
+            acked
+        }
+    });
+    let acked: usize = join_all(writers).await.into_iter().sum();
+    done_tx.send(true).unwrap();
+    let seen = reader.await.unwrap();
+
+    let committed = app.sql_i64("SELECT count(*) FROM events").await as usize;
+    assert_eq!(
+        committed, acked,
+        "every acknowledged write committed one event"
+    );
+    let unique: HashSet<&str> = seen
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(unique.len(), seen.len(), "no event read twice");
+    assert_eq!(seen.len(), committed, "no event missed");
+}

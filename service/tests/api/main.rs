@@ -1,0 +1,8 @@
+//! Integration tests: the real service over HTTP against real PostgreSQL
+//! (a fresh database per test) and Redis (a unique channel prefix per test).
+
+mod guarantees;
+mod helpers;
+mod load;
+mod openapi;
+mod sessions;
