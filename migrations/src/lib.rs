@@ -6,14 +6,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_create_sessions_and_events;
+mod m20261121_000002_create_relay_cursors;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(
-            m20261121_000001_create_sessions_and_events::Migration,
-        )]
+        vec![
+            Box::new(m20261121_000001_create_sessions_and_events::Migration),
+            Box::new(m20261121_000002_create_relay_cursors::Migration),
+        ]
     }
 }

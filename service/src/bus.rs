@@ -83,6 +83,26 @@ impl Bus {
         }
     }
 
+    /// Publish each event on the session channel and its per-session channel,
+    /// in order, in one pipeline.
+    pub async fn publish_events(
+        &self,
+        prefix: &str,
+        events: &[crate::store::StoredEvent],
+    ) -> Result<(), BusError> {
+        let all = format!("{prefix}events:session");
+        let mut pipe = redis::pipe();
+        for e in events {
+            let body = serde_json::to_string(&e.envelope(false)).expect("envelope serialises");
+            pipe.cmd("PUBLISH").arg(&all).arg(&body).ignore();
+            pipe.cmd("PUBLISH")
+                .arg(format!("{all}:{}", e.aggregate_id))
+                .arg(&body)
+                .ignore();
+        }
+        self.run_pipeline(&pipe).await
+    }
+
     pub async fn ping(&self) -> Result<(), BusError> {
         self.run::<String>(&redis::cmd("PING")).await.map(|_| ())
     }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod contract;
 pub mod domain;
 pub mod metrics;
+pub mod relay;
 pub mod settings;
 pub mod startup;
 pub mod store;

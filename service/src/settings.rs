@@ -15,6 +15,24 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub log: LogSettings,
     pub api: ApiSettings,
+    pub relay: RelayConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelayConfig {
+    /// Run the Redis relay in this process (one replica publishes at a time).
+    pub enabled: bool,
+    /// Events per read and publish pipeline.
+    pub batch_size: u64,
+    /// Fallback poll when no commit signal arrives.
+    pub poll_interval_ms: u64,
+    /// How often the leader checks it still holds its lock; also how soon a
+    /// standby tries to take over.
+    pub leader_check_interval_ms: u64,
+    /// Log a warning when the oldest unpublished event is older than this.
+    pub lag_warn_secs: u64,
+    /// Seconds between SSE keep-alive comments.
+    pub sse_heartbeat_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +120,14 @@ filter = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn"
 [api]
 default_page_size = 20
 max_page_size = 500
+
+[relay]
+enabled = true
+batch_size = 500
+poll_interval_ms = 100
+leader_check_interval_ms = 1000
+lag_warn_secs = 5
+sse_heartbeat_secs = 15
 "#;
 
 impl Settings {
@@ -168,6 +194,15 @@ impl Settings {
             return bad(
                 "api.default_page_size",
                 "must be between 1 and api.max_page_size",
+            );
+        }
+        if self.relay.batch_size == 0
+            || self.relay.poll_interval_ms == 0
+            || self.relay.sse_heartbeat_secs == 0
+        {
+            return bad(
+                "relay",
+                "batch_size, poll_interval_ms and sse_heartbeat_secs must be positive",
             );
         }
         if self.redis.channel_prefix.chars().any(char::is_whitespace) {

@@ -1,14 +1,19 @@
-//! Building the API application from settings, and running it.
+//! Building the API application from settings, and running it with its
+//! background tasks (the relay and the feed listeners) until a signal.
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
-use actix_web::dev::Server;
+use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpServer, middleware::from_fn, web};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, body::BodyLimit, params::PageSizes};
 use crate::bus::Bus;
+use crate::relay::{self, FeedSignal, Relay, RelaySettings};
 use crate::settings::Settings;
 use crate::store::{DatabaseOptions, Store};
 
@@ -16,10 +21,13 @@ pub struct Application {
     port: u16,
     server: Server,
     store: Store,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Application {
-    /// Bind the listener (port 0 picks a free port) and build the server.
+    /// Bind the listener (port 0 picks a free port), build the server and
+    /// start the background tasks.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         let store = Store::connect(&DatabaseOptions {
             url: settings.database.url.clone(),
@@ -28,17 +36,56 @@ impl Application {
             acquire_timeout: settings.acquire_timeout(),
         })
         .await?;
-        let bus = Bus::new(&settings.redis.url)?;
+        let bus = Arc::new(Bus::new(&settings.redis.url)?);
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
         let port = listener.local_addr()?.port();
+        let shutdown = CancellationToken::new();
+        let feed = FeedSignal::default();
+        let relay_wake = Arc::new(Notify::new());
+
+        let mut tasks = vec![
+            tokio::spawn(relay::forward_local_commits(
+                store.clone(),
+                relay_wake.clone(),
+                feed.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(relay::listen_for_commits(
+                settings.database.url.clone(),
+                feed.clone(),
+                shutdown.clone(),
+            )),
+        ];
+        if settings.relay.enabled {
+            let relay = Relay::new(
+                store.clone(),
+                bus.clone(),
+                RelaySettings {
+                    database_url: settings.database.url.clone(),
+                    channel_prefix: settings.redis.channel_prefix.clone(),
+                    batch_size: settings.relay.batch_size,
+                    poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
+                    leader_check_interval: Duration::from_millis(
+                        settings.relay.leader_check_interval_ms,
+                    ),
+                    lag_warn_after: Duration::from_secs(settings.relay.lag_warn_secs),
+                },
+                feed.clone(),
+            );
+            tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+        }
+
         let state = web::Data::new(AppState {
             store: store.clone(),
             bus,
+            feed,
+            shutdown: shutdown.clone(),
+            sse_heartbeat: Duration::from_secs(settings.relay.sse_heartbeat_secs),
             pages: PageSizes {
                 default: settings.api.default_page_size,
                 max: settings.api.max_page_size,
             },
-            relay_wake: Arc::new(Notify::new()),
+            relay_wake,
         });
         let limit = web::Data::new(BodyLimit(settings.server.body_limit_bytes));
         crate::metrics::handle();
@@ -50,6 +97,7 @@ impl Application {
                 .configure(api::configure)
         })
         .listen(listener)?
+        .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if let Some(w) = settings.server.workers {
             server = server.workers(w);
@@ -58,12 +106,15 @@ impl Application {
             port,
             database = %settings.database_url_for_logs(),
             redis = %settings.redis.url,
+            relay = settings.relay.enabled,
             "agent-sessions API listening"
         );
         Ok(Self {
             port,
             server: server.run(),
             store,
+            shutdown,
+            tasks,
         })
     }
 
@@ -71,11 +122,58 @@ impl Application {
         self.port
     }
 
-    /// Serve until SIGTERM/SIGINT (actix stops gracefully on both).
+    /// A handle that stops the server gracefully (what SIGTERM does).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            handle: self.server.handle(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Serve until `stopper().stop()` is called.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
         self.store.close().await;
         tracing::info!("agent-sessions API stopped");
         result
+    }
+
+    /// Serve until SIGTERM or SIGINT, then drain in-flight requests, end
+    /// streams and stop the relay.
+    pub async fn run_until_signalled(self) -> std::io::Result<()> {
+        let stopper = self.stopper();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received: draining");
+            stopper.stop().await;
+        });
+        self.run_until_stopped().await
+    }
+}
+
+#[derive(Clone)]
+pub struct Stopper {
+    handle: ServerHandle,
+    shutdown: CancellationToken,
+}
+
+impl Stopper {
+    pub async fn stop(&self) {
+        self.shutdown.cancel();
+        self.handle.stop(true).await;
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

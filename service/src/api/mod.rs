@@ -9,6 +9,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod params;
 pub mod sessions;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -18,14 +19,21 @@ use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::bus::Bus;
+use crate::relay::FeedSignal;
 use crate::store::Store;
 use error::ApiError;
 use params::PageSizes;
+use tokio_util::sync::CancellationToken;
 
 /// What every handler can reach.
 pub struct AppState {
     pub store: Store,
-    pub bus: Bus,
+    pub bus: Arc<Bus>,
+    /// Bumped when the log may have grown; SSE streams wait on it.
+    pub feed: FeedSignal,
+    /// Cancelled on shutdown, ending long-lived streams.
+    pub shutdown: CancellationToken,
+    pub sse_heartbeat: std::time::Duration,
     pub pages: PageSizes,
     /// Wakes the relay after a commit, so publishing does not wait for a poll.
     pub relay_wake: Arc<Notify>,
@@ -68,6 +76,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(["/sessions/{id}/events", "/sessions/{id}/events/"])
             .route(web::get().to(events::session_events))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/events/stream", "/events/stream/"])
+            .route(web::get().to(stream::events_stream))
             .default_service(not_allowed()),
     )
     .service(

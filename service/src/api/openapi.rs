@@ -4,7 +4,7 @@
 
 use utoipa::OpenApi;
 
-use super::{events, health, sessions};
+use super::{events, health, sessions, stream};
 use crate::contract::{EventEnvelope, FieldProblem, NewSession, Problem, Session, SessionUpdate};
 use crate::domain::worker::{CrashReason, PermissionMode, Resources, RestartPolicy};
 use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, WorkerSpec};
@@ -18,7 +18,7 @@ use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Wor
     ),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
-        events::session_events, events::feed,
+        events::session_events, events::feed, stream::events_stream,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(

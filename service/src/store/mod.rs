@@ -7,12 +7,14 @@
 
 mod error;
 mod events;
+mod relay;
 mod replay;
 mod rows;
 mod sessions;
 
 pub use error::StoreError;
 pub use events::{FeedFilter, StoredEvent};
+pub use relay::{FEED_CHANNEL, LeaderLock, RelayLag};
 pub use replay::{ReplayDifference, ReplayReport};
 pub use sessions::{Created, IdempotencyRequest, ListCursor, ListFilter};
 

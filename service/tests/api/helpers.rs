@@ -17,15 +17,13 @@ pub const AGENT: &str = "550e8400-e29b-41d4-a716-446655440000";
 
 pub struct TestApp {
     pub address: String,
-    pub port: u16,
     pub db_name: String,
     pub db_url: String,
     pub channel_prefix: String,
     pub client: Client,
-    pub settings: Settings,
 }
 
-fn init_process() {
+pub fn init_process() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -37,6 +35,7 @@ fn init_process() {
 
 /// Create and migrate a fresh database; returns its name and URL.
 pub async fn fresh_database() -> (String, String) {
+    init_process();
     let name = format!("test_{}", Uuid::new_v4().simple());
     let admin = Database::connect(ADMIN_URL)
         .await
@@ -81,34 +80,16 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     tokio::spawn(app.run_until_stopped());
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
-        port,
         db_name,
         db_url,
         channel_prefix: prefix,
         client: Client::builder().build().expect("client"),
-        settings,
     }
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        let name = self.db_name.clone();
-        // Drop runs outside async context; use a private runtime on a thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(admin) = Database::connect(ADMIN_URL).await {
-                    let _ = admin
-                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                    admin.close().await.ok();
-                }
-            });
-        })
-        .join();
+        drop(DropDatabase(self.db_name.clone()));
     }
 }
 
@@ -198,6 +179,43 @@ impl TestApp {
         }
     }
 
+    /// The whole feed once it holds at least `n` events. The feed only
+    /// shows events below the oldest open write transaction on the whole
+    /// PostgreSQL cluster, so other tests' transactions can delay (never
+    /// drop) what a reader sees.
+    pub async fn feed_with(&self, n: usize) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let feed = self.whole_feed().await;
+            if feed.len() >= n {
+                return feed;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "feed has {} of {n} events",
+                feed.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// GET a JSON array until `ok` holds for it (see `feed_with`).
+    pub async fn get_until(&self, path: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let v = self.get_json(path).await;
+            let arr = v.as_array().expect("array").clone();
+            if ok(&arr) {
+                return arr;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "GET {path} never satisfied: {v}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn counts(&self) -> (i64, i64) {
         (
             self.sql_i64("SELECT count(*) FROM sessions").await,
@@ -224,4 +242,28 @@ pub async fn problem(res: Response) -> Value {
     );
     assert!(body["detail"].is_string());
     body
+}
+
+/// Drops a database created with `fresh_database` when it goes out of scope.
+pub struct DropDatabase(pub String);
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(admin) = Database::connect(ADMIN_URL).await {
+                    let _ = admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                    admin.close().await.ok();
+                }
+            });
+        })
+        .join();
+    }
 }

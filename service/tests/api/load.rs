@@ -16,7 +16,7 @@ async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
     let app = spawn_app().await;
     const WRITERS: usize = 16;
     const WRITES: usize = 25;
-    let (done_tx, done_rx) = watch::channel(false);
+    let (done_tx, done_rx) = watch::channel(0usize);
 
     let reader = {
         let client = app.client.clone();
@@ -24,7 +24,6 @@ async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
         tokio::spawn(async move {
             let mut after = 0i64;
             let mut seen: Vec<Value> = Vec::new();
-            let mut quiet_after_done = 0;
             loop {
                 let page: Vec<Value> = client
                     .get(format!("{base}/events?after={after}&limit=100"))
@@ -35,11 +34,11 @@ async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
                     .await
                     .unwrap();
                 if page.is_empty() {
-                    if *done_rx.borrow() {
-                        quiet_after_done += 1;
-                        if quiet_after_done > 3 {
-                            return seen;
-                        }
+                    // Done once every committed event has been read; the
+                    // feed may trail commits while transactions are open.
+                    let target = *done_rx.borrow();
+                    if target > 0 && seen.len() >= target {
+                        return seen;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
@@ -71,10 +70,13 @@ async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
         }
     });
     let acked: usize = join_all(writers).await.into_iter().sum();
-    done_tx.send(true).unwrap();
-    let seen = reader.await.unwrap();
-
     let committed = app.sql_i64("SELECT count(*) FROM events").await as usize;
+    done_tx.send(committed).unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the reader catches up with every committed event")
+        .unwrap();
+
     assert_eq!(
         committed, acked,
         "every acknowledged write committed one event"

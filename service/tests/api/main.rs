@@ -5,4 +5,6 @@ mod guarantees;
 mod helpers;
 mod load;
 mod openapi;
+mod procs;
+mod relay;
 mod sessions;

@@ -1,0 +1,129 @@
+//! What the relay needs from PostgreSQL: its durable cursor, a leader lock,
+//! the cross-replica wake-up (`NOTIFY`), and lag figures.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sqlx::{self, Connection, PgConnection};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+use super::events::HORIZON;
+use super::{Store, StoreError};
+
+/// `NOTIFY` channel that tells every replica the log has grown.
+pub const FEED_CHANNEL: &str = "agent_sessions_events";
+
+/// Advisory lock key held by the one publishing relay (bigint key space;
+/// session writes take no advisory locks).
+const RELAY_LOCK_KEY: i64 = 0x6167_7365_7373;
+
+/// Lag behind the head of the log, capped so a huge backlog stays cheap to measure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayLag {
+    pub events: i64,
+    pub oldest_unpublished: Option<DateTime<Utc>>,
+}
+
+pub const LAG_COUNT_CAP: i64 = 100_000;
+
+impl Store {
+    /// The cursor's position, creating it at 0 (publish everything) if absent.
+    pub async fn relay_cursor(&self, name: &str) -> Result<i64, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "INSERT INTO relay_cursors (name, position) VALUES ($1, 0) \
+                 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING position",
+                vec![name.into()],
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("relay cursor upsert returned nothing".into()))?;
+        Ok(row.try_get("", "position")?)
+    }
+
+    /// Advance the cursor; it never moves back (a deposed leader cannot rewind it).
+    pub async fn save_relay_cursor(&self, name: &str, position: i64) -> Result<(), StoreError> {
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "UPDATE relay_cursors SET position = GREATEST(position, $2), updated_at = now() \
+                 WHERE name = $1",
+                vec![name.into(), position.into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Tell every replica's listeners that events were committed.
+    pub async fn notify_feed(&self) -> Result<(), StoreError> {
+        self.db
+            .execute_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!("SELECT pg_notify('{FEED_CHANNEL}', '')"),
+            ))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn relay_lag(&self, cursor: i64) -> Result<RelayLag, StoreError> {
+        let sql = format!(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM events WHERE position > $1 AND position < {HORIZON} \
+                     LIMIT {LAG_COUNT_CAP}) x) AS events, \
+                    (SELECT occurred_at FROM events WHERE position > $1 AND position < {HORIZON} \
+                     ORDER BY position LIMIT 1) AS oldest"
+        );
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                vec![cursor.into()],
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("lag query returned nothing".into()))?;
+        Ok(RelayLag {
+            events: row.try_get("", "events")?,
+            oldest_unpublished: row.try_get("", "oldest")?,
+        })
+    }
+}
+
+/// Leadership of the relay: a session-level advisory lock on a connection of
+/// its own. It is released when that connection ends, so a relay that dies
+/// hands over as soon as PostgreSQL notices.
+pub struct LeaderLock {
+    conn: PgConnection,
+}
+
+impl LeaderLock {
+    /// `Ok(None)` when another relay holds the lock.
+    pub async fn try_acquire(url: &str) -> Result<Option<Self>, sqlx::Error> {
+        let mut conn = PgConnection::connect(url).await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(RELAY_LOCK_KEY)
+            .fetch_one(&mut conn)
+            .await?;
+        if got {
+            Ok(Some(Self { conn }))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
+    /// Whether the lock's connection is still alive (and so the lock held).
+    pub async fn still_held(&mut self) -> bool {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+             AND pid = pg_backend_pid() AND granted AND objsubid = 1 \
+             AND ((classid::bigint << 32) | objid::bigint) = $1)",
+        )
+        .bind(RELAY_LOCK_KEY)
+        .fetch_one(&mut self.conn)
+        .await
+        .unwrap_or(false)
+    }
+
+    pub async fn release(self) {
+        let _ = self.conn.close().await;
+    }
+}

@@ -1,0 +1,513 @@
+//! Event delivery (issue 3): the relay to Redis and the SSE stream.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::{AGENT, fresh_database, spawn_app, spawn_app_with};
+use crate::procs::{RedisServer, Serve, Subscriber, eventually};
+
+const FIELDS: [&str; 8] = [
+    "event_id",
+    "event_type",
+    "aggregate_type",
+    "aggregate_id",
+    "version",
+    "position",
+    "occurred_at",
+    "payload",
+];
+
+#[tokio::test]
+async fn subscribers_receive_created_updated_deleted_with_the_design_fields() {
+    let app = spawn_app().await;
+    let all = format!("{}events:session", app.channel_prefix);
+    let sub = Subscriber::start("redis://127.0.0.1:6379", std::slice::from_ref(&all)).await;
+    let s = app
+        .create(
+            json!({"agent_id": AGENT, "session_type": "development", "runtime_backend": "local"}),
+        )
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let one = format!("{all}:{id}");
+    let sub_one = Subscriber::start("redis://127.0.0.1:6379", std::slice::from_ref(&one)).await;
+    app.patch(&id, &json!({"status": "paused", "checkpoint": {"step": 5}}))
+        .await;
+    app.client
+        .delete(app.url(&format!("/sessions/{id}")))
+        .send()
+        .await
+        .unwrap();
+
+    eventually(10, "three messages", || async {
+        sub.on(&all).await.len() >= 3
+    })
+    .await;
+    let msgs = sub.on(&all).await;
+    assert_eq!(msgs.len(), 3);
+    let feed = app.feed_with(3).await;
+    for (m, e) in msgs.iter().zip(&feed) {
+        let keys: HashSet<&str> = m.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            FIELDS.into_iter().collect(),
+            "exactly DESIGN §2's fields: {m}"
+        );
+        for f in FIELDS {
+            assert_eq!(m[f], e[f], "{f} matches the log");
+        }
+    }
+    assert_eq!(msgs[0]["event_type"], "session.created");
+    assert_eq!(msgs[0]["aggregate_type"], "session");
+    assert_eq!(msgs[0]["version"], 1);
+    assert_eq!(msgs[0]["payload"]["agent_id"], AGENT);
+    assert_eq!(msgs[0]["payload"]["session_type"], "development");
+    assert_eq!(msgs[0]["payload"]["runtime_backend"], "local");
+    assert_eq!(msgs[0]["payload"]["changes"]["status"], "active");
+    assert_eq!(msgs[1]["event_type"], "session.updated");
+    assert_eq!(
+        msgs[1]["payload"],
+        json!({"agent_id": AGENT, "status": "paused",
+        "updates": ["checkpoint", "status"], "changes": {"status": "paused", "checkpoint": {"step": 5}}})
+    );
+    assert_eq!(msgs[2]["event_type"], "session.deleted");
+    assert_eq!(msgs[2]["version"], 3);
+    assert!(msgs[0]["position"].as_i64() < msgs[1]["position"].as_i64());
+    // The per-session channel carries the same messages for that session.
+    eventually(10, "per-session messages", || async {
+        sub_one.on(&one).await.len() >= 2
+    })
+    .await;
+    // (It may also carry the created event, if it was published after subscribing.)
+    assert!(sub_one.on(&one).await.ends_with(&msgs[1..]));
+}
+
+/// Dedupe by event_id, then check per-session version order and completeness.
+fn check_delivery(received: &[Value], committed: &[Value]) {
+    let mut seen = HashSet::new();
+    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
+    for m in received {
+        if seen.insert(m["event_id"].as_str().unwrap().to_owned()) {
+            versions
+                .entry(m["aggregate_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(m["version"].as_i64().unwrap());
+        }
+    }
+    for (id, v) in &versions {
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "session {id} out of order: {v:?}"
+        );
+    }
+    let missing: Vec<&Value> = committed
+        .iter()
+        .filter(|e| !seen.contains(e["event_id"].as_str().unwrap()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} committed events never published, e.g. {}",
+        missing.len(),
+        missing[0]
+    );
+}
+
+#[tokio::test]
+async fn events_committed_while_redis_is_down_are_published_when_it_returns() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let app = spawn_app_with(|s| s.redis.url = url.clone()).await;
+    let channel = format!("{}events:session", app.channel_prefix);
+    let sub = Subscriber::start(&url, std::slice::from_ref(&channel)).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            app.create_default().await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    eventually(10, "the first four events", || async {
+        sub.on(&channel).await.len() >= 4
+    })
+    .await;
+    let before = sub.on(&channel).await;
+
+    redis.kill();
+    eventually(10, "readyz to report redis down", || async {
+        let r = app.get("/readyz").await;
+        r.status() == 503 && r.json::<Value>().await.unwrap()["checks"]["database"] == "ok"
+    })
+    .await;
+    for step in 0..5 {
+        for id in &ids {
+            let res = app.patch(id, &json!({"context": {"step": step}})).await;
+            assert_eq!(res.status(), 200, "writes succeed while Redis is down");
+        }
+    }
+    ids.push(
+        app.create_default().await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    );
+
+    redis.restart(false).await;
+    let sub2 = Subscriber::start(&url, std::slice::from_ref(&channel)).await;
+    redis.allow_publish().await;
+    eventually(30, "the backlog after Redis returns", || async {
+        sub2.on(&channel).await.len() >= 21
+    })
+    .await;
+    let mut received = before;
+    received.extend(sub2.on(&channel).await);
+    let committed = app.feed_with(4 + 20 + 1).await;
+    assert_eq!(committed.len(), 4 + 20 + 1);
+    check_delivery(&received, &committed);
+    eventually(10, "readyz to recover", || async {
+        app.get("/readyz").await.status() == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigkill_under_write_load_loses_no_acknowledged_write_or_event() {
+    let (db_name, db_url) = fresh_database().await;
+    let _cleanup = crate::helpers::DropDatabase(db_name);
+    let prefix = format!("test:{}:", Uuid::new_v4().simple());
+    let channel = format!("{prefix}events:session");
+    let sub = Subscriber::start("redis://127.0.0.1:6379", std::slice::from_ref(&channel)).await;
+    let mut serve = Serve::start(&db_url, "redis://127.0.0.1:6379", &prefix).await;
+    let client = reqwest::Client::new();
+    let base = serve.url("");
+
+    // Writers keep going until their requests fail; record what was acknowledged.
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (client, base) = (client.clone(), base.clone());
+            tokio::spawn(async move {
+                let mut acked: Vec<(String, i64)> = Vec::new();
+                let Ok(res) = client
+                    .post(format!("{base}/sessions/"))
+                    .json(&json!({"agent_id": AGENT, "session_type": "load", "context": {"w": w}}))
+                    .send()
+                    .await
+                else {
+                    return acked;
+                };
+                if res.status() != 201 {
+                    return acked;
+                }
+                let s: Value = res.json().await.unwrap();
+                let id = s["id"].as_str().unwrap().to_owned();
+                acked.push((id.clone(), 1));
+                for i in 0.. {
+                    match client
+                        .patch(format!("{base}/sessions/{id}"))
+                        .json(&json!({"context": {"w": w, "i": i}}))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == 200 => {
+                            let v: Value = match r.json().await {
+                                Ok(v) => v,
+                                Err(_) => break,
+                            };
+                            acked.push((id.clone(), v["version"].as_i64().unwrap()));
+                        }
+                        _ => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    let db = sea_orm::Database::connect(&db_url).await.unwrap();
+    let count = || async {
+        use sea_orm::ConnectionTrait;
+        let r = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) FROM events",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        r.try_get_by_index::<i64>(0).unwrap()
+    };
+    eventually(20, "write load to build up", || async {
+        count().await >= 200
+    })
+    .await;
+    serve.sigkill();
+    let acked: Vec<(String, i64)> = join_all(writers)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    assert!(acked.len() >= 200, "{} acknowledged", acked.len());
+
+    let serve2 = Serve::start(&db_url, "redis://127.0.0.1:6379", &prefix).await;
+    // Every acknowledged write is there with its event.
+    for (id, version) in &acked {
+        let events: Vec<Value> = client
+            .get(serve2.url(&format!(
+                "/sessions/{id}/events?after_version={}&limit=1",
+                version - 1
+            )))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1, "event {version} of {id} was acknowledged");
+    }
+    // Every committed event is published, in per-session order.
+    let committed = count().await as usize;
+    eventually(30, "every committed event to be published", || async {
+        let got: HashSet<String> = sub
+            .on(&channel)
+            .await
+            .iter()
+            .map(|m| m["event_id"].as_str().unwrap().to_owned())
+            .collect();
+        got.len() >= committed
+    })
+    .await;
+    let feed = all_events(&client, &serve2).await;
+    assert_eq!(feed.len(), committed);
+    check_delivery(&sub.on(&channel).await, &feed);
+    db.close().await.ok();
+}
+
+async fn all_events(client: &reqwest::Client, serve: &Serve) -> Vec<Value> {
+    let mut after = 0;
+    let mut all = Vec::new();
+    loop {
+        let page: Vec<Value> = client
+            .get(serve.url(&format!("/events?after={after}&limit=500")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { return all };
+        after = last["position"].as_i64().unwrap();
+        all.extend(page);
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_publish_once_and_the_standby_takes_over() {
+    let (db_name, db_url) = fresh_database().await;
+    let _cleanup = crate::helpers::DropDatabase(db_name);
+    let prefix = format!("test:{}:", Uuid::new_v4().simple());
+    let channel = format!("{prefix}events:session");
+    let sub = Subscriber::start("redis://127.0.0.1:6379", std::slice::from_ref(&channel)).await;
+    let mut a = Serve::start(&db_url, "redis://127.0.0.1:6379", &prefix).await;
+    let mut b = Serve::start(&db_url, "redis://127.0.0.1:6379", &prefix).await;
+    let client = reqwest::Client::new();
+    eventually(10, "one leader", || async {
+        a.is_relay_leader(&client).await ^ b.is_relay_leader(&client).await
+    })
+    .await;
+    // Writes through both replicas.
+    for i in 0..20 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        let res = client
+            .post(s.url("/sessions/"))
+            .json(&json!({"agent_id": AGENT, "session_type": "t"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    eventually(10, "20 messages", || async {
+        sub.on(&channel).await.len() >= 20
+    })
+    .await;
+    // Let any duplicate arrive before counting: both replicas have read past the head.
+    let feed = all_events(&client, &a).await;
+    let last = feed.last().unwrap()["position"].as_i64().unwrap();
+    eventually(10, "cursor at the head", || async {
+        use sea_orm::ConnectionTrait;
+        let db = sea_orm::Database::connect(&db_url).await.unwrap();
+        let r = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT position FROM relay_cursors WHERE name = 'redis'",
+            ))
+            .await
+            .unwrap();
+        db.close().await.ok();
+        r.is_some_and(|r| r.try_get_by_index::<i64>(0).unwrap() >= last)
+    })
+    .await;
+    let msgs = sub.on(&channel).await;
+    assert_eq!(
+        msgs.len(),
+        20,
+        "no event published twice in normal operation"
+    );
+
+    let (leader, standby) = if a.is_relay_leader(&client).await {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    leader.sigkill();
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        let res = client
+            .post(standby.url("/sessions/"))
+            .json(&json!({"agent_id": AGENT, "session_type": "t"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    eventually(15, "the standby to publish", || async {
+        sub.on(&channel).await.len() >= 25
+    })
+    .await;
+    eprintln!("standby took over and published in {:?}", started.elapsed());
+    let feed = all_events(&client, standby).await;
+    check_delivery(&sub.on(&channel).await, &feed);
+}
+
+/// Read SSE frames until `n` events arrived; returns (id, data) pairs.
+async fn read_sse(res: reqwest::Response, n: usize) -> Vec<(i64, Value)> {
+    let mut stream = res.bytes_stream();
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("SSE data in time")
+            .expect("stream open")
+            .unwrap();
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            let mut id = None;
+            let mut data: Option<Value> = None;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.parse().unwrap());
+                }
+                if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(v).unwrap());
+                }
+            }
+            if let (Some(i), Some(d)) = (id, data) {
+                out.push((i, d));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn sse_resumes_with_last_event_id_without_loss_or_repeat() {
+    let app = spawn_app_with(|s| s.relay.sse_heartbeat_secs = 1).await;
+    let id = app.create_default().await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = app
+        .client
+        .get(app.url("/events/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let writer = {
+        let (client, url) = (app.client.clone(), app.url(&format!("/sessions/{id}")));
+        async move {
+            for i in 1..=4 {
+                client
+                    .patch(&url)
+                    .json(&json!({"context": {"n": i}}))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let (first, ()) = tokio::join!(read_sse(res, 5), writer);
+    assert_eq!(first[0].1["event_type"], "session.created");
+    let last_id = first.last().unwrap().0;
+
+    // Missed while disconnected:
+    for i in 10..13 {
+        app.patch(&id, &json!({"context": {"n": i}})).await;
+    }
+    app.create_default().await;
+    let res = app
+        .client
+        .get(app.url("/events/stream"))
+        .header("last-event-id", last_id.to_string())
+        .send()
+        .await
+        .unwrap();
+    let second = read_sse(res, 4).await;
+    let feed = app.feed_with(9).await;
+    let expected: Vec<i64> = feed
+        .iter()
+        .map(|e| e["position"].as_i64().unwrap())
+        .filter(|p| *p > last_id)
+        .collect();
+    assert_eq!(
+        second.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        expected,
+        "exactly the missed events"
+    );
+    assert!(second.iter().all(|(i, d)| d["position"] == *i));
+
+    // Filtered by session and type; keep-alives flow while idle.
+    let res = app
+        .client
+        .get(app.url(&format!(
+            "/events/stream?session_id={id}&event_type=session.updated"
+        )))
+        .send()
+        .await
+        .unwrap();
+    let only = read_sse(res, 7).await;
+    assert!(
+        only.iter()
+            .all(|(_, d)| d["aggregate_id"] == id.as_str() && d["event_type"] == "session.updated")
+    );
+    let res = app
+        .client
+        .get(app.url(&format!("/events/stream?after={}", i64::MAX - 1)))
+        .send()
+        .await
+        .unwrap();
+    let mut s = res.bytes_stream();
+    let mut text = String::new();
+    while !text.contains(": keep-alive") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .expect("heartbeat in time")
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let bad = app
+        .client
+        .get(app.url("/events/stream"))
+        .header("last-event-id", "abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
