@@ -41,7 +41,7 @@ SECRET_ENV = {"DATABASE_URL", "REDIS_URL", "API_TOKEN", "ANTHROPIC_API_KEY"}
 # Names that look secret but hold only a Secret's name/key or a plain URL.
 NOT_SECRET_ENV = {"API_URL", "APP__RUNNER__API_KEY_SECRET", "APP__RUNNER__API_KEY_SECRET_KEY"}
 SECRET_LOOKING_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|API_KEY|CREDENTIAL|_URL$")
-URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@\"']+:[^/\s@\"']+@", re.I)
+URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@\"']*:[^/\s@\"']+@", re.I)
 
 POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod", "ReplicaSet"}
 HOOK_DELETE_POLICY = {"before-hook-creation", "hook-succeeded"}
