@@ -477,6 +477,35 @@ def check_all_on(r: Report, scope: str, defaults: dict, all_on: dict, docs: list
     r.check(scope, "every template renders something", not empty, f"empty: {empty}")
 
 
+def check_schema_describes_values(r: Report, defaults: dict, schema: dict | None) -> None:
+    """Every key of values.yaml has a described node in values.schema.json."""
+    scope = "schema"
+    if not r.check(scope, "the chart ships values.schema.json (draft-07)",
+                   bool(schema) and "draft-07" in schema.get("$schema", "")):
+        return
+    undescribed = []
+
+    def visit(value: Any, node: dict, path: str) -> None:
+        if path and not node.get("description"):
+            undescribed.append(path)
+        props = node.get("properties")
+        if isinstance(value, dict) and props is not None:
+            for key, child in value.items():
+                if key not in props:
+                    undescribed.append(f"{path}.{key}".lstrip("."))
+                else:
+                    visit(child, props[key], f"{path}.{key}".lstrip("."))
+
+    visit(defaults, schema, "")
+    r.check(scope, "values.schema.json describes every value of values.yaml", not undescribed,
+            f"undescribed: {undescribed}")
+    closed = [path for path, node in walk(schema)
+              if isinstance(node, dict) and node.get("properties") is not None
+              and node.get("additionalProperties") is not False]
+    r.check(scope, "values.schema.json refuses unknown keys in every section it lists", not closed,
+            f"open: {closed}")
+
+
 def check_schema_refuses(r: Report, chart: helm.Chart) -> None:
     scope = "schema"
     for what, bad in [
@@ -551,6 +580,7 @@ def run(out_dir: Path) -> Report:
             print(f"  {len(docs)} objects; {passed} checks passed, {failed} failed")
         print("\n== values.schema.json")
         before = (r.passed, len(r.failures))
+        check_schema_describes_values(r, defaults, chart.schema)
         check_schema_refuses(r, chart)
         print(f"  {r.passed - before[0]} checks passed, {len(r.failures) - before[1]} failed")
     return r
