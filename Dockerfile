@@ -32,8 +32,8 @@ RUN touch service/src/main.rs service/src/lib.rs migrations/src/lib.rs \
 
 # ---- worker: the Claude Code CLI, started by the runner in worker pods -------
 # The CLI's package requires Node >= 22 (its `engines`), so this is node 22,
-# not 20. Its `claude` command is a native binary from a platform package; no
-# postinstall step is needed.
+# not 20. Its `claude` command is a native binary from a platform package
+# (the package's postinstall only moves it into place, offline).
 FROM node:22-bookworm-slim AS worker
 ARG CLAUDE_CODE_VERSION=2.1.329
 # Debian's packages follow the bookworm point releases (security fixes), so
