@@ -5,6 +5,7 @@ pub mod body;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod messages;
 pub mod middleware;
 pub mod openapi;
 pub mod params;
@@ -76,6 +77,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(["/sessions/{id}/events", "/sessions/{id}/events/"])
             .route(web::get().to(events::session_events))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/messages", "/sessions/{id}/messages/"])
+            .route(web::post().to(messages::append))
+            .route(web::get().to(messages::list))
             .default_service(not_allowed()),
     )
     .service(

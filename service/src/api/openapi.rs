@@ -4,10 +4,10 @@
 
 use utoipa::OpenApi;
 
-use super::{events, health, sessions, stream};
+use super::{events, health, messages, sessions, stream};
 use crate::contract::{EventEnvelope, FieldProblem, NewSession, Problem, Session, SessionUpdate};
 use crate::domain::worker::{CrashReason, PermissionMode, Resources, RestartPolicy};
-use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, WorkerSpec};
+use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usage, WorkerSpec};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,13 +18,14 @@ use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Wor
     ),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
+        messages::append, messages::list,
         events::session_events, events::feed, stream::events_stream,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
         Session, NewSession, SessionUpdate, SessionStatus, RuntimeBackend, WorkerSpec,
         PermissionMode, Resources, RestartPolicy, CrashReason, EventEnvelope, EventKind,
-        EventMetadata, Problem, FieldProblem, health::Health, health::Checks,
+        EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks,
     )),
     tags(
         (name = "sessions", description = "Session records"),

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::domain::{RuntimeBackend, SessionState, SessionStatus, WorkerSpec};
+use crate::domain::{RuntimeBackend, SessionState, SessionStatus, Usage, WorkerSpec};
 
 /// RFC 3339 in UTC with microseconds, the precision PostgreSQL keeps.
 pub fn format_time(t: &DateTime<Utc>) -> String {
@@ -31,6 +31,9 @@ pub struct Session {
     /// What the runner starts for this session; absent for sessions agents keep themselves.
     #[serde(default)]
     pub worker: Option<WorkerSpec>,
+    /// Message, tool-call, token and cost totals from the session's message log.
+    #[serde(default)]
+    pub usage: Usage,
     /// Number of events in the session's stream; also sent as the `ETag`.
     #[schema(minimum = 1)]
     pub version: i64,
@@ -52,6 +55,7 @@ impl From<&SessionState> for Session {
             runtime_backend: s.runtime_backend,
             runtime_metadata: s.runtime_metadata.clone(),
             worker: s.worker_spec(),
+            usage: s.usage.clone(),
             version: s.version,
             created_at: format_time(&s.created_at),
             updated_at: format_time(&s.updated_at),

@@ -8,6 +8,7 @@
 pub mod event;
 pub mod json;
 pub mod session;
+pub mod usage;
 pub mod worker;
 
 pub use event::{EventKind, EventMetadata};
@@ -15,4 +16,5 @@ pub use session::{
     CreateSession, DomainError, PatchMode, RuntimeBackend, SessionPatch, SessionState,
     SessionStatus,
 };
+pub use usage::Usage;
 pub use worker::WorkerSpec;

@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::json::check_storable;
+use super::usage::Usage;
 use super::worker::WorkerSpec;
 
 /// Longest accepted `session_type`.
@@ -123,6 +124,8 @@ pub struct SessionState {
     pub runtime_metadata: Map<String, Value>,
     /// The normalised worker spec (defaults filled in), if the session has one.
     pub worker: Option<Value>,
+    /// Totals derived from the session's message log.
+    pub usage: Usage,
     /// Number of events in the session's stream.
     pub version: i64,
     pub created_at: DateTime<Utc>,
@@ -273,6 +276,7 @@ impl SessionState {
             runtime_backend: RuntimeBackend::Unknown,
             runtime_metadata: Map::new(),
             worker: None,
+            usage: Usage::default(),
             version: 1,
             created_at: at,
             updated_at: at,
@@ -352,6 +356,7 @@ impl SessionState {
                             | "version"
                             | "created_at"
                             | "updated_at"
+                            | "usage"
                     ) {
                         "cannot be changed".to_owned()
                     } else {
@@ -419,6 +424,10 @@ impl SessionState {
                     }
                 }
                 "worker" => self.worker = (!value.is_null()).then(|| value.clone()),
+                "usage" => {
+                    self.usage = serde_json::from_value(value.clone())
+                        .map_err(|e| DomainError::invalid("usage", e.to_string()))?
+                }
                 other => return Err(DomainError::invalid(other, "is not a session field")),
             }
         }

@@ -7,6 +7,7 @@
 
 mod error;
 mod events;
+mod messages;
 mod relay;
 mod replay;
 mod rows;
@@ -14,6 +15,7 @@ mod sessions;
 
 pub use error::StoreError;
 pub use events::{FeedFilter, StoredEvent};
+pub use messages::StoredMessage;
 pub use relay::{FEED_CHANNEL, LeaderLock, RelayLag};
 pub use replay::{ReplayDifference, ReplayReport};
 pub use sessions::{Created, IdempotencyRequest, ListCursor, ListFilter};

@@ -51,6 +51,7 @@ fn fold(events: &[StoredEvent]) -> Result<Option<SessionState>, String> {
                     runtime_backend: RuntimeBackend::Unknown,
                     runtime_metadata: Map::new(),
                     worker: None,
+                    usage: Default::default(),
                     version: 1,
                     created_at: e.occurred_at,
                     updated_at: e.occurred_at,
@@ -94,6 +95,7 @@ fn describe(expected: &SessionState, actual: &SessionState) -> String {
         runtime_backend,
         runtime_metadata,
         worker,
+        usage,
         version,
         created_at,
         updated_at

@@ -8,8 +8,12 @@ use uuid::Uuid;
 use super::{StoreError, events::StoredEvent};
 use crate::domain::{EventKind, RuntimeBackend, SessionState, SessionStatus};
 
-pub(crate) const SESSION_COLUMNS: &str = "id, agent_id, session_type, status, context, checkpoint, \
+/// Columns written when a session is created (usage starts at its default).
+pub(crate) const INSERT_COLUMNS: &str = "id, agent_id, session_type, status, context, checkpoint, \
      runtime_backend, runtime_metadata, worker, version, created_at, updated_at";
+
+pub(crate) const SESSION_COLUMNS: &str = "id, agent_id, session_type, status, context, checkpoint, \
+     runtime_backend, runtime_metadata, worker, usage, version, created_at, updated_at";
 
 pub(crate) const EVENT_COLUMNS: &str =
     "position, event_id, aggregate_id, version, event_type, payload, metadata, occurred_at";
@@ -39,6 +43,7 @@ pub(crate) fn session(row: &QueryResult) -> Result<SessionState, StoreError> {
         runtime_backend: RuntimeBackend::parse(&backend).ok_or_else(|| corrupt(&backend))?,
         runtime_metadata: object(row.try_get("", "runtime_metadata")?, "runtime_metadata")?,
         worker: row.try_get("", "worker")?,
+        usage: serde_json::from_value(row.try_get("", "usage")?).map_err(corrupt)?,
         version: row.try_get("", "version")?,
         created_at: row.try_get::<DateTime<Utc>>("", "created_at")?,
         updated_at: row.try_get::<DateTime<Utc>>("", "updated_at")?,

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::rows::{self, SESSION_COLUMNS};
+use super::rows::{self, INSERT_COLUMNS, SESSION_COLUMNS};
 use super::{Store, StoreError};
 use crate::domain::event::{self, AGGREGATE_TYPE};
 use crate::domain::{
@@ -143,7 +143,7 @@ impl Store {
             };
             let sql = format!(
                 "WITH {key_cte} \
-                 s AS (INSERT INTO sessions ({SESSION_COLUMNS}) \
+                 s AS (INSERT INTO sessions ({INSERT_COLUMNS}) \
                        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 1, now(), now() {from_key} \
                        RETURNING created_at), \
                  e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
@@ -311,6 +311,7 @@ impl Store {
             }
             let sql = format!(
                 "WITH d AS (DELETE FROM sessions WHERE id = $1 AND version = $2 RETURNING id), \
+                 m AS (DELETE FROM session_messages WHERE session_id IN (SELECT id FROM d)), \
                  e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
                                            event_type, payload, metadata, occurred_at) \
                        SELECT {POSITION}, $3, '{AGGREGATE_TYPE}', $1, $2 + 1, '{kind}', $4, $5, now() \

@@ -4,6 +4,7 @@
 mod guarantees;
 mod helpers;
 mod load;
+mod messages;
 mod openapi;
 mod procs;
 mod relay;
