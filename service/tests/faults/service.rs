@@ -1,0 +1,155 @@
+//! The real `agent-sessions` binary: `migrate`, `replay --verify`, and a
+//! `serve` process that can be SIGKILLed and started again on the same port,
+//! so clients keep their base URL across the crash.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::cluster::tail;
+use crate::procs::free_port;
+
+const BIN: &str = env!("CARGO_BIN_EXE_agent-sessions");
+
+/// `agent-sessions migrate` against `database_url`.
+pub fn migrate(database_url: &str) {
+    let out = Command::new(BIN)
+        .arg("migrate")
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("agent-sessions migrate");
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `agent-sessions replay --verify`: whether it passed, and what it printed.
+pub fn replay_verify(database_url: &str) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["replay", "--verify"])
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("agent-sessions replay");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    (out.status.success(), text)
+}
+
+pub struct ServeProcess {
+    pub port: u16,
+    env: Vec<(&'static str, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ServeProcess {
+    pub async fn start(database_url: &str, redis_url: &str, channel_prefix: &str) -> Self {
+        let port = free_port();
+        let env = vec![
+            ("DATABASE_URL", database_url.to_owned()),
+            ("REDIS_URL", redis_url.to_owned()),
+            ("PORT", port.to_string()),
+            ("APP__REDIS__CHANNEL_PREFIX", channel_prefix.to_owned()),
+            // Authentication is not what these tests are about.
+            ("APP__AUTH__ENABLED", "false".to_owned()),
+            ("APP__RELAY__LEADER_CHECK_INTERVAL_MS", "200".to_owned()),
+            ("APP__DATABASE__MAX_CONNECTIONS", "8".to_owned()),
+            ("APP__SERVER__WORKERS", "2".to_owned()),
+            ("APP__LOG__FORMAT", "json".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ];
+        let log =
+            std::env::temp_dir().join(format!("as-faults-serve-{}-{port}.log", std::process::id()));
+        let _ = std::fs::remove_file(&log);
+        let mut s = Self {
+            port,
+            env,
+            log,
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Still the process we started (it was never restarted or crashed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start (again) on the same port and wait until it answers `/healthz`.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("serve log");
+        let child = Command::new(BIN)
+            .arg("serve")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("agent-sessions serve");
+        self.child = Some(child);
+        let client = reqwest::Client::new();
+        let url = format!("{}/healthz", self.base());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return;
+            }
+            assert!(
+                self.is_running(),
+                "serve exited at start:\n{}",
+                tail(&self.log, 20)
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "serve did not listen within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.sigkill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of the serve log ---\n{}",
+                tail(&self.log, 40)
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,153 @@
+//! After a fault: was every acknowledged write kept with its event, and did
+//! every committed event reach the Redis subscriber?
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::load::Ack;
+use crate::procs::Subscriber;
+
+/// One session's events over HTTP, following pages.
+pub async fn session_events(client: &reqwest::Client, base: &str, id: &str) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |e| e["version"].as_i64().unwrap());
+        let res = client
+            .get(format!(
+                "{base}/sessions/{id}/events?after_version={after}&limit=500"
+            ))
+            .send()
+            .await
+            .expect("session events");
+        assert_eq!(res.status(), 200, "events of {id}");
+        let page: Vec<Value> = res.json().await.expect("events JSON");
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+/// Acknowledged writes missing from the log, or present with another
+/// content, as readable lines; read back through the API as a client would.
+pub async fn lost_acks(client: &reqwest::Client, base: &str, acks: &[Ack]) -> Vec<String> {
+    let mut by_session: HashMap<&str, Vec<&Ack>> = HashMap::new();
+    for a in acks {
+        by_session.entry(&a.session).or_default().push(a);
+    }
+    let mut lost = Vec::new();
+    for (id, acks) in by_session {
+        let events = session_events(client, base, id).await;
+        let versions: Vec<i64> = events
+            .iter()
+            .map(|e| e["version"].as_i64().unwrap())
+            .collect();
+        assert!(
+            versions.iter().enumerate().all(|(i, v)| *v == i as i64 + 1),
+            "session {id}: versions not contiguous: {versions:?}"
+        );
+        for a in acks {
+            let found = events.get(a.version as usize - 1);
+            let context = found.map(|e| &e["payload"]["changes"]["context"]);
+            if context != Some(&a.context) {
+                lost.push(format!(
+                    "{id} v{}: acknowledged with context {}, log has {:?}",
+                    a.version, a.context, context
+                ));
+            }
+        }
+    }
+    lost
+}
+
+/// What a subscriber got, against what committed.
+#[derive(Debug)]
+pub struct Delivery {
+    pub committed: usize,
+    pub received_unique: usize,
+    pub duplicates: usize,
+    /// Committed events never received.
+    pub lost: usize,
+    /// Sessions whose events first arrived out of version order.
+    pub out_of_order: Vec<String>,
+}
+
+impl Delivery {
+    pub fn line(&self) -> String {
+        format!(
+            "events committed {}, received {} (+{} duplicates), lost {}, sessions out of order {}",
+            self.committed,
+            self.received_unique,
+            self.duplicates,
+            self.lost,
+            self.out_of_order.len()
+        )
+    }
+}
+
+/// Compare messages (in arrival order, subscribers concatenated) with the
+/// committed (event_id, session, version) rows, dropping duplicates by
+/// `event_id` as a consumer would.
+pub fn delivery(received: &[Value], committed: &[(String, String, i64)]) -> Delivery {
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
+    for m in received {
+        if seen.insert(m["event_id"].as_str().unwrap().to_owned()) {
+            versions
+                .entry(m["aggregate_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(m["version"].as_i64().unwrap());
+        } else {
+            duplicates += 1;
+        }
+    }
+    let out_of_order = versions
+        .into_iter()
+        .filter(|(_, v)| !v.windows(2).all(|w| w[0] < w[1]))
+        .map(|(id, v)| format!("{id}: {v:?}"))
+        .collect();
+    Delivery {
+        committed: committed.len(),
+        received_unique: seen.len(),
+        duplicates,
+        lost: committed
+            .iter()
+            .filter(|(e, _, _)| !seen.contains(e))
+            .count(),
+        out_of_order,
+    }
+}
+
+/// Everything the subscribers got on `channel`, in order.
+pub async fn received(subs: &[&Subscriber], channel: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    for s in subs {
+        all.extend(s.on(channel).await);
+    }
+    all
+}
+
+/// Wait (up to `secs`) until the subscribers hold every committed event;
+/// returns the delivery figures and how long the wait took.
+pub async fn await_delivery(
+    subs: &[&Subscriber],
+    channel: &str,
+    committed: &[(String, String, i64)],
+    secs: u64,
+) -> (Delivery, Duration) {
+    let started = Instant::now();
+    loop {
+        let d = delivery(&received(subs, channel).await, committed);
+        if d.lost == 0 || started.elapsed() >= Duration::from_secs(secs) {
+            return (d, started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
