@@ -3,11 +3,15 @@
 //! itself is SIGKILLed. Each test prints its figures (acknowledged writes
 //! lost, events lost at a Redis subscriber, seconds to recover) and asserts
 //! none are lost and the service recovers without being restarted.
+//!
+//! `regressions` keeps the inputs the fuzzer (`scripts/fuzz.sh`) found
+//! breaking the service.
 
 mod cluster;
 mod load;
 mod postgres;
 mod redis_restart;
+mod regressions;
 mod service;
 mod sigkill;
 mod verify;
