@@ -106,3 +106,30 @@ async fn json_numbers_at_the_edges_of_f64_round_trip_and_never_stall_the_relay()
         context
     );
 }
+
+/// Usage totals overflowed (a panic in debug builds, wrapped totals in
+/// release) and an infinite cost made the usage unstorable.
+#[tokio::test]
+async fn usage_totals_saturate() {
+    let f = start().await;
+    let id = f.create(json!({})).await;
+    let url = format!("{}/sessions/{id}/messages", f.serve.base());
+    let result = json!([{
+        "type": "result", "num_turns": i64::MAX, "total_cost_usd": f64::MAX,
+        "usage": {"input_tokens": i64::MAX, "output_tokens": 1}
+    }]);
+    for _ in 0..2 {
+        f.send(f.client.post(&url).json(&result), 200).await;
+    }
+    let s = f
+        .send(
+            f.client.get(format!("{}/sessions/{id}", f.serve.base())),
+            200,
+        )
+        .await;
+    assert_eq!(s["usage"]["turns"], i64::MAX);
+    assert_eq!(s["usage"]["input_tokens"], i64::MAX);
+    assert_eq!(s["usage"]["output_tokens"], 2);
+    assert_eq!(s["usage"]["total_cost_usd"], f64::MAX);
+    assert_eq!(s["usage"]["message_count"], 2);
+}
