@@ -17,8 +17,10 @@ use crate::store::FeedFilter;
 #[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// Return events with a version above this one (default 0).
+    #[param(value_type = Option<i64>, minimum = 0)]
     pub after_version: Option<String>,
-    /// Page size (default 20).
+    /// Page size (default 20, at most `api.max_page_size`, 500 by default).
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub limit: Option<String>,
 }
 
@@ -75,12 +77,18 @@ pub async fn session_events(
 #[into_params(parameter_in = Query)]
 pub struct FeedQuery {
     /// Return events with a position above this one (default 0).
+    #[param(value_type = Option<i64>, minimum = 0)]
     pub after: Option<String>,
-    /// Page size (default 20).
+    /// Page size (default 20, at most `api.max_page_size`, 500 by default).
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub limit: Option<String>,
     /// Only this session's events.
+    #[param(value_type = Option<Uuid>)]
     pub session_id: Option<String>,
     /// Only these event types, comma-separated.
+    #[param(
+        pattern = "^session\\.(created|updated|deleted)(,session\\.(created|updated|deleted))*$"
+    )]
     pub event_type: Option<String>,
 }
 

@@ -33,10 +33,13 @@ pub struct Message {
 #[into_params(parameter_in = Query)]
 pub struct MessagesQuery {
     /// Messages with a `seq` above this one (default 0).
+    #[param(value_type = Option<i64>, minimum = 0)]
     pub after: Option<String>,
-    /// Page size (default 20).
+    /// Page size (default 20, at most `api.max_page_size`, 500 by default).
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub limit: Option<String>,
     /// `jsonl` for one raw message per line (also chosen by `Accept: application/x-ndjson`).
+    #[param(pattern = "^(json|jsonl)$")]
     pub format: Option<String>,
 }
 
@@ -121,7 +124,7 @@ pub async fn append(
     params(("id" = Uuid, Path, description = "Session id"), MessagesQuery),
     responses(
         (status = 200, description = "Messages in order; `Link: rel=\"next\"` for more. With `format=jsonl`, one raw message per line (`application/x-ndjson`)",
-         body = Vec<Message>),
+         content((Vec<Message> = "application/json"), (String = "application/x-ndjson"))),
         (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
     )

@@ -189,7 +189,7 @@ pub async fn get(
     patch, path = "/sessions/{id}", tag = "sessions",
     params(
         ("id" = Uuid, Path, description = "Session id"),
-        ("If-Match" = Option<String>, Header, description = "Apply only if the session is at this version (its ETag)"),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the session is at this version (its ETag)", pattern = r#"^(\*|(W/)?("[0-9]+"|[0-9]+))$"#),
     ),
     request_body(content = SessionUpdate, description = "Plain JSON replaces each named field; `application/merge-patch+json` merges objects (RFC 7396)",
         content_type = "application/json"),
@@ -234,7 +234,7 @@ pub async fn update(
     delete, path = "/sessions/{id}", tag = "sessions",
     params(
         ("id" = Uuid, Path, description = "Session id"),
-        ("If-Match" = Option<String>, Header, description = "Delete only if the session is at this version"),
+        ("If-Match" = Option<String>, Header, description = "Delete only if the session is at this version", pattern = r#"^(\*|(W/)?("[0-9]+"|[0-9]+))$"#),
     ),
     responses(
         (status = 204, description = "Deleted"),
@@ -261,20 +261,29 @@ pub async fn delete(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    #[param(value_type = Option<Uuid>)]
     pub agent_id: Option<String>,
     /// One status, or several separated by commas.
+    #[param(pattern = "^(active|paused|completed|crashed)(,(active|paused|completed|crashed))*$")]
     pub status: Option<String>,
     pub session_type: Option<String>,
+    #[param(pattern = "^(local|kubernetes|unknown)$")]
     pub runtime_backend: Option<String>,
     /// Only sessions with (true) or without (false) a worker spec.
+    #[param(value_type = Option<bool>)]
     pub has_worker: Option<String>,
     /// RFC 3339; inclusive.
+    #[param(value_type = Option<DateTime<Utc>>)]
     pub created_after: Option<String>,
     /// RFC 3339; exclusive.
+    #[param(value_type = Option<DateTime<Utc>>)]
     pub created_before: Option<String>,
+    #[param(value_type = Option<DateTime<Utc>>)]
     pub updated_after: Option<String>,
+    #[param(value_type = Option<DateTime<Utc>>)]
     pub updated_before: Option<String>,
-    /// Page size (default 20).
+    /// Page size (default 20, at most `api.max_page_size`, 500 by default).
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub limit: Option<String>,
     /// The opaque cursor from the previous page's `Link: rel="next"`.
     pub cursor: Option<String>,
