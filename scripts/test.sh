@@ -9,4 +9,5 @@ bash scripts/helm-check.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo nextest run --workspace --no-fail-fast
+bash scripts/fuzz.sh
 bash scripts/seed-check.sh
