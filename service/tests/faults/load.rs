@@ -39,6 +39,8 @@ pub struct Tally {
     pub unavailable_without_retry_after: u64,
     /// Connection refused or reset, timeouts, bodies cut short.
     pub transport_errors: u64,
+    /// Of those, connections refused (nothing listening).
+    pub refused: u64,
     /// Status and body of answers other than 200, 201 and 503.
     pub unexpected: Vec<String>,
 }
@@ -51,9 +53,10 @@ impl Tally {
             .map(|(s, n)| format!("{s}×{n}"))
             .collect();
         format!(
-            "{}; transport errors {}",
+            "{}; transport errors {} ({} refused)",
             by_status.join(" "),
-            self.transport_errors
+            self.transport_errors,
+            self.refused
         )
     }
 }
@@ -176,8 +179,12 @@ async fn write_loop(
         let answered = Instant::now();
         let res = match outcome {
             Ok(res) => res,
-            Err(_) => {
-                tally.lock().unwrap().transport_errors += 1;
+            Err(e) => {
+                {
+                    let mut t = tally.lock().unwrap();
+                    t.transport_errors += 1;
+                    t.refused += u64::from(e.is_connect());
+                }
                 tokio::time::sleep(AFTER_FAILURE).await;
                 continue;
             }

@@ -100,6 +100,28 @@ impl ServeProcess {
         }
     }
 
+    /// SIGTERM, as Kubernetes sends before a pod goes: how it exited and how
+    /// long it took, or None if it was still running after `secs` (then it
+    /// is SIGKILLed).
+    pub async fn sigterm(&mut self, secs: u64) -> Option<(std::process::ExitStatus, Duration)> {
+        let child = self.child.as_mut()?;
+        let sent = std::time::Instant::now();
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -TERM {}", child.id());
+        while sent.elapsed() < Duration::from_secs(secs) {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some((status, sent.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.sigkill();
+        None
+    }
+
     /// Start (again) on the same port and wait until it answers `/healthz`.
     pub async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
