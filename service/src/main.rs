@@ -39,7 +39,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Serve => {
             Application::build(&settings)
                 .await?
-                .run_until_stopped()
+                .run_until_signalled()
                 .await?;
         }
         Command::Migrate { action } => {

@@ -14,6 +14,7 @@ mod redis_restart;
 mod regressions;
 mod service;
 mod sigkill;
+mod sigterm;
 mod verify;
 
 // The api suite's private Redis server, subscriber and polling helpers.
