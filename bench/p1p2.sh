@@ -25,7 +25,7 @@ DATABASE_URL=$URL ./target/release/agent-sessions migrate
 
 cleanup() { [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
-DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__SERVER__WORKERS=2 \
+DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__SERVER__WORKERS=2 \
   APP__DATABASE__MAX_CONNECTIONS=$CONNS APP__REDIS__CHANNEL_PREFIX="bench:" \
   ./target/release/agent-sessions serve &
 pid=$!

@@ -29,6 +29,8 @@ pub enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Print the SHA-256 of an API token read from stdin, for `auth.tokens_json`.
+    HashToken,
     /// Rebuild sessions from the event log.
     Replay {
         /// Compare the rebuilt sessions with the `sessions` table; exit 1 on any difference.

@@ -4,6 +4,7 @@
 //! `startup` → `api` → `store`, `bus` → `contract` → `domain`.
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod contract;

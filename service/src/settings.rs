@@ -16,6 +16,33 @@ pub struct Settings {
     pub log: LogSettings,
     pub api: ApiSettings,
     pub relay: RelayConfig,
+    pub auth: AuthSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    /// On unless explicitly switched off; off logs a warning at start-up.
+    pub enabled: bool,
+    /// Serve `/metrics` without a token.
+    pub metrics_public: bool,
+    /// Serve `/openapi.json` and `/docs` without a token.
+    pub docs_public: bool,
+    /// Static API tokens: a JSON list of `{"subject", "sha256", "scopes"}`;
+    /// only hashes are stored (`agent-sessions hash-token`).
+    pub tokens_json: String,
+    /// HS256 shared secret; give it through the environment, never a file.
+    pub jwt_hs256_secret: String,
+    /// PEM public key (RSA for RS256, EC for ES256).
+    pub jwt_public_key_file: String,
+    /// A JWKS file; keys are chosen by the token's `kid`.
+    pub jwks_file: String,
+    /// Required `iss` when set.
+    pub jwt_issuer: String,
+    /// Required `aud` when set.
+    pub jwt_audience: String,
+    /// Requests per second allowed per token (0: no limit).
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +72,8 @@ pub struct ServerSettings {
     pub workers: Option<usize>,
     /// Largest request body accepted, in bytes (413 beyond).
     pub body_limit_bytes: usize,
+    /// Deepest JSON nesting accepted in a request body (400 beyond).
+    pub max_json_depth: usize,
     /// Seconds in-flight requests get to finish on SIGTERM.
     pub shutdown_timeout_secs: u64,
 }
@@ -101,6 +130,7 @@ const DEFAULTS: &str = r#"
 host = "127.0.0.1"
 port = 8011
 body_limit_bytes = 1048576
+max_json_depth = 32
 shutdown_timeout_secs = 30
 
 [database]
@@ -120,6 +150,19 @@ filter = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn"
 [api]
 default_page_size = 20
 max_page_size = 500
+
+[auth]
+enabled = true
+metrics_public = true
+docs_public = false
+tokens_json = ""
+jwt_hs256_secret = ""
+jwt_public_key_file = ""
+jwks_file = ""
+jwt_issuer = ""
+jwt_audience = ""
+rate_limit_per_second = 200
+rate_limit_burst = 400
 
 [relay]
 enabled = true
@@ -186,6 +229,9 @@ impl Settings {
                 "database.max_connections",
                 "must be at least 1 and at least min_connections",
             );
+        }
+        if self.server.max_json_depth == 0 || self.server.max_json_depth > 64 {
+            return bad("server.max_json_depth", "must be between 1 and 64");
         }
         if self.server.body_limit_bytes < 1024 {
             return bad("server.body_limit_bytes", "must be at least 1024");
