@@ -57,8 +57,17 @@ impl Application {
             )),
         ];
         if settings.relay.enabled {
+            // The relay has connections of its own: under write load it must
+            // not queue behind requests for the shared pool.
+            let relay_store = Store::connect(&DatabaseOptions {
+                url: settings.database.url.clone(),
+                max_connections: 2,
+                min_connections: 1,
+                acquire_timeout: settings.acquire_timeout(),
+            })
+            .await?;
             let relay = Relay::new(
-                store.clone(),
+                relay_store,
                 bus.clone(),
                 RelaySettings {
                     database_url: settings.database.url.clone(),

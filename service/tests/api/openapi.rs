@@ -47,8 +47,12 @@ async fn docs_page_renders_the_document() {
 #[tokio::test]
 async fn metrics_expose_requests_events_relay_and_pool() {
     let app = spawn_app().await;
-    let id = app.create_default().await["id"].as_str().unwrap().to_owned();
-    app.patch(&id, &serde_json::json!({"status": "paused"})).await;
+    let id = app.create_default().await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.patch(&id, &serde_json::json!({"status": "paused"}))
+        .await;
     assert_eq!(app.get("/sessions/not-a-session").await.status(), 404);
     let text = app.get("/metrics").await.text().await.unwrap();
     for series in [
@@ -66,7 +70,9 @@ async fn metrics_expose_requests_events_relay_and_pool() {
     // The relay reports its lag once it leads.
     crate::procs::eventually(10, "relay lag gauges", || async {
         let t = app.get("/metrics").await.text().await.unwrap();
-        t.contains("relay_lag_events") && t.contains("relay_lag_seconds") && t.contains("relay_published_total")
+        t.contains("relay_lag_events")
+            && t.contains("relay_lag_seconds")
+            && t.contains("relay_published_total")
     })
     .await;
 }
