@@ -19,7 +19,7 @@ work=$(mktemp -d)
 
 bash scripts/deps.sh
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-cargo build -q --release --bin agent-sessions
+cargo build -q --release --bin agent-sessions --example p3_latency   # same set as p3.sh: no rebuild between them
 psql "$ADMIN" -qc "drop database if exists $DB with (force)" -qc "create database $DB"
 DATABASE_URL=$URL ./target/release/agent-sessions migrate
 
