@@ -15,6 +15,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub log: LogSettings,
     pub api: ApiSettings,
+    pub runner: RunnerSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +71,88 @@ pub struct ApiSettings {
     pub max_page_size: u64,
 }
 
+/// The `runner` subcommand (DESIGN §4). `API_URL`, `WORKSPACE_ROOT` and
+/// `CLAUDE_BIN` override the matching keys; the rest are `APP__RUNNER__*`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunnerSettings {
+    /// Base URL of the API service; the runner talks to nothing else.
+    pub api_url: String,
+    /// Each session gets `<workspace_root>/<session id>/`; created if missing.
+    pub workspace_root: PathBuf,
+    /// The Claude Code CLI: a path, or a name looked up on `PATH`.
+    pub claude_bin: String,
+    /// Workers running at once; sessions beyond it wait in a queue.
+    pub max_workers: usize,
+    /// Full resync of every managed session, in seconds.
+    pub resync_interval_secs: u64,
+    /// How often `/events` is tailed, in milliseconds (Redis wakes it sooner).
+    pub feed_poll_ms: u64,
+    /// Grace after SIGINT, then after SIGTERM, before the group gets SIGKILL.
+    pub interrupt_grace_ms: u64,
+    pub terminate_grace_ms: u64,
+    /// Stream-json lines posted to `/sessions/{id}/messages` per request at most.
+    pub message_batch: usize,
+    /// Sessions reconciled concurrently.
+    pub reconcile_concurrency: usize,
+    /// Start workers with `--bare` (no hooks, plugins, CLAUDE.md discovery;
+    /// API-key auth only).
+    pub bare: bool,
+}
+
+impl RunnerSettings {
+    pub fn resync_interval(&self) -> Duration {
+        Duration::from_secs(self.resync_interval_secs)
+    }
+    pub fn feed_poll(&self) -> Duration {
+        Duration::from_millis(self.feed_poll_ms)
+    }
+}
+
+/// Environment the runner hands to every worker from its own environment,
+/// and never takes from a session (`worker.env` refuses these keys).
+pub const WORKER_PASSTHROUGH_ENV: [&str; 3] = [
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+];
+
+/// Plain process environment a worker inherits (everything else is cleared,
+/// so the runner's own `API_TOKEN` or `DATABASE_URL` never reach it).
+pub const WORKER_INHERITED_ENV: [&str; 6] = ["PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM"];
+
+/// Secrets and pass-through values for the runner, read from the environment
+/// here (the only module that reads it) and never printed.
+#[derive(Clone, Default)]
+pub struct RunnerSecrets {
+    /// `API_TOKEN`, sent as a bearer token when set.
+    pub api_token: Option<String>,
+    /// [`WORKER_INHERITED_ENV`] and [`WORKER_PASSTHROUGH_ENV`] entries that are set.
+    pub worker_env: Vec<(String, String)>,
+}
+
+impl RunnerSecrets {
+    pub fn from_env() -> Self {
+        Self {
+            api_token: std::env::var("API_TOKEN").ok().filter(|t| !t.is_empty()),
+            worker_env: WORKER_INHERITED_ENV
+                .iter()
+                .chain(WORKER_PASSTHROUGH_ENV.iter())
+                .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RunnerSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.worker_env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("RunnerSecrets")
+            .field("api_token", &self.api_token.as_ref().map(|_| "***"))
+            .field("worker_env", &names)
+            .finish()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("cannot read settings: {0}")]
@@ -102,6 +185,19 @@ filter = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn"
 [api]
 default_page_size = 20
 max_page_size = 500
+
+[runner]
+api_url = "http://127.0.0.1:8011"
+workspace_root = "/var/lib/agent-sessions/workspaces"
+claude_bin = "claude"
+max_workers = 16
+resync_interval_secs = 30
+feed_poll_ms = 250
+interrupt_grace_ms = 5000
+terminate_grace_ms = 5000
+message_batch = 100
+reconcile_concurrency = 8
+bare = true
 "#;
 
 impl Settings {
@@ -122,6 +218,9 @@ impl Settings {
             ("DATABASE_URL", "database.url"),
             ("REDIS_URL", "redis.url"),
             ("PORT", "server.port"),
+            ("API_URL", "runner.api_url"),
+            ("WORKSPACE_ROOT", "runner.workspace_root"),
+            ("CLAUDE_BIN", "runner.claude_bin"),
         ] {
             let app_var = format!("APP__{}", key.to_uppercase().replace('.', "__"));
             if std::env::var_os(&app_var).is_none()
@@ -172,6 +271,28 @@ impl Settings {
         }
         if self.redis.channel_prefix.chars().any(char::is_whitespace) {
             return bad("redis.channel_prefix", "must not contain whitespace");
+        }
+        let r = &self.runner;
+        if !(r.api_url.starts_with("http://") || r.api_url.starts_with("https://")) {
+            return bad("runner.api_url", "must be an http:// or https:// URL");
+        }
+        if r.claude_bin.trim().is_empty() || r.workspace_root.as_os_str().is_empty() {
+            return bad(
+                "runner.claude_bin",
+                "claude_bin and workspace_root must be set",
+            );
+        }
+        if r.max_workers == 0 || r.reconcile_concurrency == 0 || r.message_batch == 0 {
+            return bad(
+                "runner.max_workers",
+                "max_workers, reconcile_concurrency and message_batch must be at least 1",
+            );
+        }
+        if r.feed_poll_ms == 0 || r.resync_interval_secs == 0 {
+            return bad(
+                "runner.feed_poll_ms",
+                "feed_poll_ms and resync_interval_secs must be at least 1",
+            );
         }
         Ok(())
     }
