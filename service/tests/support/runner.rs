@@ -2,7 +2,7 @@
 //! `agent-sessions runner` binary (`RunnerProcess`), pointed at a `TestApi`,
 //! a fake Anthropic API and a fresh workspace root.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use agent_sessions::runner::Runner;
@@ -41,10 +41,10 @@ pub fn worker_env(fake_url: &str) -> Vec<(String, String)> {
     env
 }
 
-pub fn runner_settings(api: &TestApi, root: &PathBuf) -> Settings {
+pub fn runner_settings(api: &TestApi, root: &Path) -> Settings {
     let mut s = api.settings.clone();
     s.runner.api_url = api.url.clone();
-    s.runner.workspace_root = root.clone();
+    s.runner.workspace_root = root.to_path_buf();
     s.runner.claude_bin = claude_bin();
     s.runner.feed_poll_ms = 100;
     s.runner.resync_interval_secs = 2;
@@ -54,7 +54,7 @@ pub fn runner_settings(api: &TestApi, root: &PathBuf) -> Settings {
 }
 
 /// Kill every worker group a pidfile under `root` names, then remove `root`.
-pub fn clean_root(root: &PathBuf) {
+pub fn clean_root(root: &Path) {
     for ws in workspace::with_pidfiles(root) {
         if let Ok(Some(p)) = ws.read_pidfile() {
             let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
@@ -108,7 +108,7 @@ pub struct RunnerProcess {
 }
 
 impl RunnerProcess {
-    pub fn spawn(api: &TestApi, root: &PathBuf, fake_url: &str, log_name: &str) -> Self {
+    pub fn spawn(api: &TestApi, root: &Path, fake_url: &str, log_name: &str) -> Self {
         let log = root.join(log_name);
         let out = std::fs::File::create(&log).expect("runner log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent-sessions"));
