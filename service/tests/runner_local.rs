@@ -7,53 +7,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::api::TestApi;
-use support::fake_anthropic::{FakeAnthropic, REPLY};
-use support::runner::{InProcessRunner, runner_settings, temp_root, worker_env};
+use support::fake_anthropic::REPLY;
+use support::rig::Rig;
 use support::{eventually, group_alive, processes_mentioning};
 use uuid::Uuid;
-
-struct Rig {
-    api: TestApi,
-    fake: FakeAnthropic,
-    runner: InProcessRunner,
-}
-
-impl Rig {
-    async fn start() -> Self {
-        let api = TestApi::spawn().await;
-        let fake = FakeAnthropic::start().await;
-        let root = temp_root();
-        let runner = InProcessRunner::start(runner_settings(&api, &root), worker_env(&fake.url));
-        Self { api, fake, runner }
-    }
-
-    async fn stop(self) {
-        self.runner.stop().await;
-        self.fake.stop().await;
-        self.api.teardown().await;
-    }
-
-    async fn create_local(&self, worker: Value) -> String {
-        let s = self
-            .api
-            .create(json!({
-                "agent_id": Uuid::new_v4(), "session_type": "task",
-                "runtime_backend": "local", "worker": worker,
-            }))
-            .await;
-        s["id"].as_str().expect("id").to_owned()
-    }
-
-    /// Wait until the session's status is `status`; the session.
-    async fn until_status(&self, id: &str, status: &str, limit: Duration) -> Value {
-        eventually(&format!("session {id} to be {status}"), limit, || async {
-            let s = self.api.get(id).await;
-            (s["status"] == status).then_some(s)
-        })
-        .await
-    }
-}
 
 fn worker_rec(s: &Value) -> &Value {
     &s["runtime_metadata"]["worker"]

@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod fake_anthropic;
+pub mod messages_proxy;
+pub mod rig;
 pub mod runner;
 
 use std::future::Future;
