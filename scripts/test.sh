@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Run every check and test: formatting, lints, the unit and integration suites
-# against real PostgreSQL and Redis.
+# Run every check and test: the Helm chart's checks, formatting, lints, the
+# unit and integration suites against real PostgreSQL and Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/deps.sh
+bash scripts/helm-check.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo nextest run --workspace --no-fail-fast
