@@ -3,6 +3,7 @@
 //! and `PORT`. This is the only module that reads the environment for
 //! configuration; everything is validated once, at start-up.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -97,6 +98,51 @@ pub struct RunnerSettings {
     /// Start workers with `--bare` (no hooks, plugins, CLAUDE.md discovery;
     /// API-key auth only).
     pub bare: bool,
+    /// Which backends this runner serves: each gets its own controller.
+    pub backend: BackendChoice,
+    /// Kubernetes backend: namespace of worker pods and their claims (the
+    /// runner's Role is granted there).
+    pub namespace: String,
+    /// Image of worker pods when the session's `worker.image` names none.
+    pub worker_image: String,
+    /// Name of the Secret holding the Anthropic API key, and its key: pods
+    /// reference it (`secretKeyRef`); the runner never reads the value.
+    pub api_key_secret: String,
+    pub api_key_secret_key: String,
+    /// StorageClass of workspace claims; the cluster's default when unset.
+    pub storage_class: Option<String>,
+    /// Size of each session's workspace claim (a Kubernetes quantity).
+    pub claim_size: String,
+    /// A worker pod running longer than this is stopped by the kubelet
+    /// (crash reason `deadline`).
+    pub active_deadline_seconds: i64,
+    /// Delete a session's claim once it is completed (or deleted); keep it
+    /// otherwise (paused and crashed sessions may resume).
+    pub delete_claim_on_completion: bool,
+    /// Worker pod resources when the session's `worker.resources` is unset.
+    pub default_requests: BTreeMap<String, String>,
+    pub default_limits: BTreeMap<String, String>,
+    /// Kubernetes API URL (tests: a fake on loopback, plain HTTP); unset
+    /// means kubeconfig or the in-cluster service account.
+    pub kube_api_url: Option<String>,
+}
+
+/// `runner.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Local,
+    Kubernetes,
+    Both,
+}
+
+impl BackendChoice {
+    pub fn local(self) -> bool {
+        matches!(self, Self::Local | Self::Both)
+    }
+    pub fn kubernetes(self) -> bool {
+        matches!(self, Self::Kubernetes | Self::Both)
+    }
 }
 
 impl RunnerSettings {
@@ -105,6 +151,18 @@ impl RunnerSettings {
     }
     pub fn feed_poll(&self) -> Duration {
         Duration::from_millis(self.feed_poll_ms)
+    }
+    /// `storage_class`, an empty value meaning unset.
+    pub fn storage_class(&self) -> Option<&str> {
+        self.storage_class
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+    }
+    /// `kube_api_url`, an empty value meaning unset.
+    pub fn kube_api_url(&self) -> Option<&str> {
+        self.kube_api_url
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
     }
 }
 
@@ -198,6 +256,21 @@ terminate_grace_ms = 5000
 message_batch = 100
 reconcile_concurrency = 8
 bare = true
+backend = "local"
+namespace = "default"
+worker_image = "agent-sessions-worker:0.1.0"
+api_key_secret = "agent-sessions-anthropic"
+api_key_secret_key = "ANTHROPIC_API_KEY"
+claim_size = "1Gi"
+active_deadline_seconds = 86400
+delete_claim_on_completion = true
+
+[runner.default_requests]
+cpu = "250m"
+memory = "512Mi"
+
+[runner.default_limits]
+memory = "2Gi"
 "#;
 
 impl Settings {
@@ -294,6 +367,31 @@ impl Settings {
                 "feed_poll_ms and resync_interval_secs must be at least 1",
             );
         }
+        if r.backend.kubernetes() {
+            if !is_dns_label(&r.namespace) {
+                return bad("runner.namespace", "must be a DNS label (a namespace name)");
+            }
+            if r.worker_image.trim().is_empty() {
+                return bad("runner.worker_image", "must name an image");
+            }
+            if !is_dns_subdomain(&r.api_key_secret) || r.api_key_secret_key.trim().is_empty() {
+                return bad(
+                    "runner.api_key_secret",
+                    "api_key_secret must be a Secret name and api_key_secret_key a key",
+                );
+            }
+            if r.claim_size.trim().is_empty() {
+                return bad("runner.claim_size", "must be a quantity such as 1Gi");
+            }
+            if r.active_deadline_seconds < 1 {
+                return bad("runner.active_deadline_seconds", "must be at least 1");
+            }
+            if r.kube_api_url()
+                .is_some_and(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
+                return bad("runner.kube_api_url", "must be an http:// or https:// URL");
+            }
+        }
         Ok(())
     }
 
@@ -310,6 +408,20 @@ impl Settings {
     pub fn database_url_for_logs(&self) -> String {
         mask_password(&self.database.url)
     }
+}
+
+/// RFC 1123 label: what a namespace name must be.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: what a Secret name must be.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn mask_password(url: &str) -> String {
@@ -339,6 +451,31 @@ mod tests {
             .unwrap();
         s.validate().unwrap();
         assert_eq!(s.server.port, 8011);
+        assert_eq!(s.runner.backend, BackendChoice::Local);
+        assert_eq!(s.runner.claim_size, "1Gi");
+        assert_eq!(s.runner.storage_class(), None);
+        assert_eq!(s.runner.default_requests["memory"], "512Mi");
+    }
+
+    #[test]
+    fn kubernetes_runner_settings_are_checked() {
+        let mut s: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        s.runner.backend = BackendChoice::Kubernetes;
+        s.validate().unwrap();
+        s.runner.namespace = "Not_A_Namespace".into();
+        assert!(s.validate().is_err());
+        s.runner.namespace = "workers".into();
+        s.runner.kube_api_url = Some("127.0.0.1:6443".into());
+        assert!(s.validate().is_err());
+        s.runner.kube_api_url = Some(String::new());
+        s.validate().unwrap();
+        s.runner.api_key_secret = String::new();
+        assert!(s.validate().is_err());
     }
 
     #[test]

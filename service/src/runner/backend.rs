@@ -23,6 +23,8 @@ pub enum BackendError {
     },
     #[error("session {0} already has a live worker")]
     AlreadyRunning(Uuid),
+    #[error(transparent)]
+    Kubernetes(#[from] super::kubernetes::KubeError),
 }
 
 /// Everything needed to start one worker.
@@ -39,6 +41,8 @@ pub struct StartRequest {
 pub struct Started {
     /// Process id (local) — what `runtime_metadata.worker.pid` shows.
     pub pid: Option<i32>,
+    /// Pod name (kubernetes) — `runtime_metadata.worker.pod`.
+    pub pod: Option<String>,
     pub started_at: DateTime<Utc>,
 }
 

@@ -239,6 +239,7 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
                 Ok(started) => {
                     let patch = json!({"runtime_metadata": {"worker": {
                         "pid": started.pid,
+                        "pod": started.pod,
                         "started_at": format_time(&started.started_at),
                         "claude_session_id": id.to_string(),
                         "model": spec.model,

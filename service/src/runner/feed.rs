@@ -27,7 +27,12 @@ pub struct Position {
 
 impl Position {
     pub fn load(root: &Path) -> Self {
-        let path = root.join(".runner").join("feed-position");
+        Self::load_named(root, "feed-position")
+    }
+
+    /// A second controller (one per backend) keeps its own place.
+    pub fn load_named(root: &Path, file_name: &str) -> Self {
+        let path = root.join(".runner").join(file_name);
         let value = std::fs::read_to_string(&path)
             .ok()
             .and_then(|s| s.trim().parse().ok());

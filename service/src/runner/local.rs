@@ -205,6 +205,7 @@ impl Backend for LocalBackend {
         self.supervise(ws, pidfile, Proc::Child(child));
         Ok(Started {
             pid: Some(pid),
+            pod: None,
             started_at,
         })
     }
