@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod fake_anthropic;
+pub mod fake_kube;
 pub mod messages_proxy;
 pub mod rig;
 pub mod runner;
