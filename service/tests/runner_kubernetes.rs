@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use support::api::TestApi;
 use support::eventually;
 use support::fake_kube::{FakeKube, NAMESPACE, chart_rbac};
+use support::messages_proxy::MessagesProxy;
 use support::runner::{InProcessRunner, temp_root};
 use uuid::Uuid;
 
@@ -69,6 +70,8 @@ fn kube_settings(api: &TestApi, kube: &FakeKube) -> Settings {
 struct KubeRig {
     api: TestApi,
     kube: FakeKube,
+    /// The runner reaches the API through it; it records posted messages.
+    proxy: MessagesProxy,
     runner: Option<InProcessRunner>,
 }
 
@@ -77,15 +80,18 @@ impl KubeRig {
     async fn prepare() -> Self {
         let api = TestApi::spawn().await;
         let kube = FakeKube::start().await;
+        let proxy = MessagesProxy::start(&api.url).await;
         Self {
             api,
             kube,
+            proxy,
             runner: None,
         }
     }
 
     fn start_runner(&mut self) {
-        let settings = kube_settings(&self.api, &self.kube);
+        let mut settings = kube_settings(&self.api, &self.kube);
+        settings.runner.api_url = self.proxy.url.clone();
         // What the runner's own environment passes on: not the key.
         let env = vec![
             (
@@ -111,6 +117,7 @@ impl KubeRig {
         if let Some(r) = self.runner {
             r.stop().await;
         }
+        self.proxy.stop().await;
         self.kube.stop().await;
         self.api.teardown().await;
         assert!(
@@ -321,6 +328,17 @@ async fn kubernetes_completion_records_usage_from_the_log_and_deletes_pod_and_cl
     rig.until_no_pod(&pod_name(&id)).await;
     rig.until_no_claim(&claim_name(&id)).await;
     eprintln!("pod and claim gone {:?} after the exit", t0.elapsed());
+    // The log's stream-json, as the session's messages (once served).
+    match rig.api.messages(&id).await {
+        Some(msgs) => {
+            let text = msgs.to_string();
+            assert!(
+                text.contains("Hello from fake") && text.contains("\"result\""),
+                "{text}"
+            );
+        }
+        None => eprintln!("GET /sessions/{{id}}/messages is not served yet; skipped that check"),
+    }
     rig.stop().await;
 }
 
@@ -532,6 +550,14 @@ async fn kubernetes_runner_adopts_the_pod_of_an_active_session() {
     assert_eq!(w["turns"], 1, "{w}");
     assert_eq!(w["output_tokens"], 7, "{w}");
     rig.until_no_pod(&pod_name(&id)).await;
+    // The lines printed before the adoption were the earlier runner's to
+    // post; the ones after are this runner's.
+    let posted: Vec<Value> = rig.proxy.batches(&id).into_iter().flatten().collect();
+    let after: Vec<Value> = all[2..]
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(posted, after);
     rig.stop().await;
 }
 

@@ -100,6 +100,24 @@ impl Worker {
 }
 
 async fn supervise(mut w: Worker, adopted: bool) {
+    // An adopted pod's lines so far were the earlier runner's to post.
+    let post_from = if adopted
+        && w.rx
+            .borrow()
+            .pod
+            .as_ref()
+            .is_some_and(pod::container_started)
+    {
+        match w.inner.kube.pod_log(&w.pod_name).await {
+            Ok(text) => text.lines().count(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the adopted pod's log");
+                0
+            }
+        }
+    } else {
+        0
+    };
     let mut summary = RunSummary::default();
     let mut poster = Poster::new(w.inner.api.clone(), w.id, w.inner.cfg.message_batch);
     let mut reported: Option<&'static str> = None;
@@ -130,7 +148,7 @@ async fn supervise(mut w: Worker, adopted: bool) {
         .as_ref()
         .is_some_and(pod::container_started)
     {
-        read_log(&mut w, &mut summary, &mut poster, adopted).await;
+        read_log(&mut w, &mut summary, &mut poster, post_from).await;
     }
     while !ended(&w.seen()) {
         w.wait().await;
@@ -178,20 +196,8 @@ async fn supervise(mut w: Worker, adopted: bool) {
 
 /// Follow the container's log to its end (reconnecting if the stream
 /// breaks while the pod still runs), feeding every line to `summary` and
-/// the lines not posted yet to `poster`. An adopted pod's earlier lines
-/// were the earlier runner's to post.
-async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster, adopted: bool) {
-    let post_from = if adopted {
-        match w.inner.kube.pod_log(&w.pod_name).await {
-            Ok(text) => text.lines().count(),
-            Err(e) => {
-                warn!(error = %e, "cannot read the adopted pod's log");
-                0
-            }
-        }
-    } else {
-        0
-    };
+/// the lines from `post_from` on to `poster`.
+async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster, post_from: usize) {
     // Lines already taken, across reconnects (each one reads from the start).
     let mut taken = 0usize;
     let mut backoff = Duration::from_millis(200);
