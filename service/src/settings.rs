@@ -75,6 +75,8 @@ pub struct ApiSettings {
 /// `CLAUDE_BIN` override the matching keys; the rest are `APP__RUNNER__*`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RunnerSettings {
+    /// `local` (child processes); `kubernetes` is reserved for the pod backend.
+    pub backend: String,
     /// Base URL of the API service; the runner talks to nothing else.
     pub api_url: String,
     /// Each session gets `<workspace_root>/<session id>/`; created if missing.
@@ -187,6 +189,7 @@ default_page_size = 20
 max_page_size = 500
 
 [runner]
+backend = "local"
 api_url = "http://127.0.0.1:8011"
 workspace_root = "/var/lib/agent-sessions/workspaces"
 claude_bin = "claude"
@@ -282,11 +285,17 @@ impl Settings {
                 "claude_bin and workspace_root must be set",
             );
         }
-        if r.max_workers == 0 || r.reconcile_concurrency == 0 || r.message_batch == 0 {
+        if !matches!(r.backend.as_str(), "local" | "kubernetes") {
+            return bad("runner.backend", "must be local or kubernetes");
+        }
+        if r.max_workers == 0 || r.reconcile_concurrency == 0 {
             return bad(
                 "runner.max_workers",
-                "max_workers, reconcile_concurrency and message_batch must be at least 1",
+                "max_workers and reconcile_concurrency must be at least 1",
             );
+        }
+        if !(1..=1000).contains(&r.message_batch) {
+            return bad("runner.message_batch", "must be between 1 and 1000");
         }
         if r.feed_poll_ms == 0 || r.resync_interval_secs == 0 {
             return bad(

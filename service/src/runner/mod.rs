@@ -40,6 +40,8 @@ pub enum RunnerError {
     },
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    #[error("runner.backend = {0:?}: only the local backend is built so far")]
+    UnsupportedBackend(String),
 }
 
 /// A configured runner, not yet running.
@@ -60,6 +62,9 @@ impl Runner {
     /// adopted by the next runner (DESIGN G8), not orphaned.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), RunnerError> {
         let r = &self.settings.runner;
+        if r.backend != "local" {
+            return Err(RunnerError::UnsupportedBackend(r.backend.clone()));
+        }
         std::fs::create_dir_all(&r.workspace_root).map_err(|source| {
             RunnerError::WorkspaceRoot {
                 path: r.workspace_root.clone(),
