@@ -70,6 +70,8 @@ def main():
     red = Redis("127.0.0.1", 6379) if args.mode == "redis" else None
     rss_idle = rss_kib(args.runner_pid)
 
+    published = {}
+
     def create():
         s = http("POST", f"{args.api}/sessions/", {
             "agent_id": str(uuid.uuid4()), "session_type": "task",
@@ -77,6 +79,7 @@ def main():
         if red:
             ev = http("GET", f"{args.api}/sessions/{s['id']}/events?limit=1")[0]
             ev.pop("metadata", None)
+            published[s["id"]] = time.time()
             red.publish(args.channel, json.dumps(ev))
         return s["id"]
 
@@ -91,16 +94,22 @@ def main():
                 time.sleep(0.0005)
         raise SystemExit(f"worker for {sid} not spawned within {limit}s")
 
-    lat = []
+    lat, own = [], []
     for _ in range(args.sessions):
         sid = create()
         pf = wait_spawned(sid)
         ev = http("GET", f"{args.api}/sessions/{sid}/events?limit=1")[0]
         lat.append((ts(pf["started_at"]) - ts(ev["occurred_at"])) * 1000)
+        if sid in published:
+            own.append((ts(pf["started_at"]) - published[sid]) * 1000)
     out = {"mode": args.mode, "sessions": len(lat),
            "p50_ms": round(statistics.median(lat), 2), "p90_ms": round(pct(lat, 90), 2),
            "p99_ms": round(pct(lat, 99), 2), "max_ms": round(max(lat), 2),
            "rss_idle_kib": rss_idle}
+    if own:
+        # The runner's own share: from the Redis message to the spawn.
+        out.update({"from_publish_p50_ms": round(statistics.median(own), 2),
+                    "from_publish_p99_ms": round(pct(own, 99), 2)})
     if args.hold:
         # Fire the rest without waiting for each, then wait for them all.
         ids = [create() for _ in range(max(0, args.hold - len(lat)))]

@@ -98,7 +98,9 @@ pub struct RunnerSettings {
     /// Start workers with `--bare` (no hooks, plugins, CLAUDE.md discovery;
     /// API-key auth only).
     pub bare: bool,
-    /// Which backends this runner serves: each gets its own controller.
+    /// Which backends this runner serves (`local`, `kubernetes` or `both`;
+    /// anything else is refused when the settings load): each gets its own
+    /// controller.
     pub backend: BackendChoice,
     /// Kubernetes backend: namespace of worker pods and their claims (the
     /// runner's Role is granted there).
@@ -355,11 +357,14 @@ impl Settings {
                 "claude_bin and workspace_root must be set",
             );
         }
-        if r.max_workers == 0 || r.reconcile_concurrency == 0 || r.message_batch == 0 {
+        if r.max_workers == 0 || r.reconcile_concurrency == 0 {
             return bad(
                 "runner.max_workers",
-                "max_workers, reconcile_concurrency and message_batch must be at least 1",
+                "max_workers and reconcile_concurrency must be at least 1",
             );
+        }
+        if !(1..=1000).contains(&r.message_batch) {
+            return bad("runner.message_batch", "must be between 1 and 1000");
         }
         if r.feed_poll_ms == 0 || r.resync_interval_secs == 0 {
             return bad(

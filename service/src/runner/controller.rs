@@ -34,6 +34,9 @@ pub struct Context<B> {
     pub max_workers: usize,
     /// Sessions that want a worker but found every slot taken, in order.
     waiting: Mutex<VecDeque<Uuid>>,
+    /// Starts under way (claimed, not yet running): they hold a slot too,
+    /// or concurrent reconciles would all see room for themselves.
+    starting: Mutex<usize>,
     /// Sessions known to carry a worker spec for this backend; the feed only
     /// wakes the controller for these (and for new specs).
     known: Mutex<HashSet<Uuid>>,
@@ -52,6 +55,7 @@ impl<B: Backend> Context<B> {
             backend,
             max_workers,
             waiting: Mutex::new(VecDeque::new()),
+            starting: Mutex::new(0),
             known: Mutex::new(HashSet::new()),
             wake,
         }
@@ -76,7 +80,8 @@ impl<B: Backend> Context<B> {
 
     /// A slot freed up: wake the sessions that wait for one, oldest first.
     fn release_waiting(&self) {
-        let free = self.max_workers.saturating_sub(self.backend.running());
+        let busy = self.backend.running() + *lock(&self.starting);
+        let free = self.max_workers.saturating_sub(busy);
         let ids: Vec<Uuid> = {
             let mut w = lock(&self.waiting);
             let n = free.min(w.len());
@@ -87,11 +92,36 @@ impl<B: Backend> Context<B> {
         }
     }
 
+    /// Take a worker slot for a start, if one is free.
+    fn reserve_slot(&self) -> Option<SlotGuard<'_, B>> {
+        let mut starting = lock(&self.starting);
+        if self.backend.running() + *starting >= self.max_workers {
+            return None;
+        }
+        *starting += 1;
+        Some(SlotGuard(self))
+    }
+
     fn wait_for_slot(&self, id: Uuid) {
         let mut w = lock(&self.waiting);
         if !w.contains(&id) {
             w.push_back(id);
         }
+    }
+}
+
+/// A reserved slot; given back when the start is over (the worker, if it
+/// started, then counts in `Backend::running`).
+struct SlotGuard<'a, B: Backend>(&'a Context<B>);
+
+impl<B: Backend> Drop for SlotGuard<'_, B> {
+    fn drop(&mut self) {
+        {
+            let mut starting = lock(&self.0.starting);
+            *starting = starting.saturating_sub(1);
+        }
+        // A start that failed leaves its slot to whoever waits.
+        self.0.release_waiting();
     }
 }
 
@@ -215,11 +245,11 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
             let Some(spec) = view.managed.clone() else {
                 return Ok(Next::Done);
             };
-            if ctx.backend.running() >= ctx.max_workers {
+            let Some(_slot) = ctx.reserve_slot() else {
                 debug!("every worker slot is taken; queued");
                 ctx.wait_for_slot(id);
                 return Ok(Next::Done);
-            }
+            };
             // Claim the generation first: of two runners racing, one wins
             // the If-Match and the other re-reads and sees it taken.
             let claim = json!({"runtime_metadata": {"worker": {

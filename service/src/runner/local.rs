@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, instrument, warn};
 use uuid::Uuid;
 
-use super::api::{ApiClient, Posted};
+use super::api::{ApiClient, ApiError, Posted};
 use super::backend::{Backend, BackendError, StartRequest, Started, Wake, WorkerExit};
 use super::claude::{self, ExitInfo, RunSummary};
 use super::reconcile::{Observed, StopReason, WorkerState};
@@ -272,6 +272,7 @@ impl Backend for LocalBackend {
 
     async fn adopt(&self) -> Vec<Uuid> {
         let mut found = Vec::new();
+        let mut adopted_groups = std::collections::HashSet::new();
         for ws in workspace::with_pidfiles(&self.inner.cfg.root) {
             let p = match ws.read_pidfile() {
                 Ok(Some(p)) => p,
@@ -285,8 +286,22 @@ impl Backend for LocalBackend {
             info!(session_id = %p.session_id, pid = p.pid, generation = p.generation, alive,
                 "found a worker from an earlier runner");
             found.push(p.session_id);
+            if alive {
+                adopted_groups.insert(p.pgid);
+            }
             let proc_start = p.proc_start;
             self.supervise(ws, p, Proc::Adopted { proc_start });
+        }
+        // A worker no pidfile names cannot be watched or reported: end it
+        // rather than risk a second writer beside the one started next.
+        for pgid in workspace::group_leaders_under(&self.inner.cfg.root) {
+            if !adopted_groups.contains(&pgid) {
+                warn!(
+                    pgid,
+                    "a worker without a pidfile under the workspace root; killing its group"
+                );
+                signal_group(pgid, Signal::SIGKILL);
+            }
         }
         found
     }
@@ -394,8 +409,9 @@ impl Poster {
         {
             return;
         }
+        let mut size = self.batch;
         while !self.pending.is_empty() {
-            let n = self.pending.len().min(self.batch);
+            let n = self.pending.len().min(size);
             match self
                 .api
                 .post_messages(self.ws.session_id, &self.pending[..n])
@@ -409,6 +425,16 @@ impl Poster {
                     self.disabled = true;
                     self.pending.clear();
                     return;
+                }
+                Err(ApiError::Status { status, .. })
+                    if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE && n > 1 =>
+                {
+                    size = (n / 2).max(1);
+                }
+                Err(ApiError::Status { status, body }) if status.is_client_error() => {
+                    // Retrying cannot help; the output file keeps the lines.
+                    warn!(%status, %body, count = n, "the API refused worker messages; skipped");
+                    self.pending.drain(..n);
                 }
                 Err(e) => {
                     warn!(error = %e, "posting worker messages failed; will retry");

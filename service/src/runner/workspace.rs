@@ -216,26 +216,50 @@ pub fn with_pidfiles(root: &Path) -> Vec<Workspace> {
         .collect()
 }
 
-/// `/proc/<pid>/stat`: (state, start time). The command name may hold
-/// spaces and parentheses, so fields are counted from the last `)`.
-pub fn proc_stat(pid: i32) -> Option<(char, u64)> {
+/// `/proc/<pid>/stat`: (state, start time, process group). The command name
+/// may hold spaces and parentheses, so fields are counted from the last `)`.
+pub fn proc_stat(pid: i32) -> Option<(char, u64, i32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); start time is field 22.
+    // rest starts at field 3 (state); the group is field 5, start time 22.
     let state = fields.first()?.chars().next()?;
+    let pgid = fields.get(2)?.parse().ok()?;
     let start = fields.get(19)?.parse().ok()?;
-    Some((state, start))
+    Some((state, start, pgid))
 }
 
 /// The process the pidfile names is still that process, and not a zombie.
 pub fn is_alive(pid: i32, proc_start: Option<u64>) -> bool {
     match proc_stat(pid) {
-        Some((state, start)) => {
+        Some((state, start, _)) => {
             state != 'Z' && state != 'X' && proc_start.is_none_or(|s| s == start)
         }
         None => false,
     }
+}
+
+/// Live process-group leaders working somewhere under `root`: the workers,
+/// whether or not a pidfile still names them (a runner killed between spawn
+/// and pidfile leaves one without). Never this process or its own group.
+pub fn group_leaders_under(root: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let my_group = proc_stat(me).map(|s| s.2);
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            pid != me
+                && proc_stat(pid).is_some_and(|(state, _, pgid)| {
+                    pgid == pid && Some(pgid) != my_group && state != 'Z'
+                })
+                && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(root))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -300,6 +324,25 @@ mod tests {
         assert!(ws.read_pidfile().unwrap().is_some());
         ws.clear_pidfile(3);
         assert!(ws.read_pidfile().unwrap().is_none());
+        std::fs::remove_dir_all(r).unwrap();
+    }
+
+    #[test]
+    fn finds_group_leaders_working_under_the_root() {
+        use std::os::unix::process::CommandExt;
+        let r = root().canonicalize().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(&r)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let found = group_leaders_under(&r);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(found, [pid]);
+        assert!(group_leaders_under(&r.join("elsewhere")).is_empty());
         std::fs::remove_dir_all(r).unwrap();
     }
 }

@@ -40,7 +40,13 @@ impl TestApi {
             agent_sessions::settings::LogFormat::Pretty,
             "warn,agent_sessions::runner=debug",
         );
-        let mut settings = Settings::load(None).expect("settings load");
+        // Tests talk to the API without tokens: switch auth off for the
+        // instance under test (a section this build may not know is ignored).
+        let file = std::env::temp_dir().join(format!("as-test-{}.toml", Uuid::new_v4().simple()));
+        std::fs::write(&file, "[auth]\nenabled = false\n").expect("write test settings");
+        let settings = Settings::load(Some(file.clone()));
+        let _ = std::fs::remove_file(&file);
+        let mut settings = settings.expect("settings load");
         let db_name = format!("as_test_{}", Uuid::new_v4().simple());
         let admin_url = replace_db(&settings.database.url, "postgres");
         let admin = Database::connect(&admin_url)
