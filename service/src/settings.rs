@@ -462,6 +462,55 @@ mod tests {
         assert_eq!(s.runner.default_requests["memory"], "512Mi");
     }
 
+    /// The chart's variables (and the README's) land where the backend reads them.
+    #[test]
+    fn kubernetes_runner_settings_come_from_app_variables() {
+        let env: std::collections::HashMap<String, String> = [
+            ("APP__RUNNER__BACKEND", "kubernetes"),
+            ("APP__RUNNER__NAMESPACE", "agents"),
+            ("APP__RUNNER__WORKER_IMAGE", "reg/worker:1"),
+            ("APP__RUNNER__API_KEY_SECRET", "anthropic"),
+            ("APP__RUNNER__API_KEY_SECRET_KEY", "KEY"),
+            ("APP__RUNNER__STORAGE_CLASS", "fast"),
+            ("APP__RUNNER__CLAIM_SIZE", "5Gi"),
+            ("APP__RUNNER__DELETE_CLAIM_ON_COMPLETION", "false"),
+            ("APP__RUNNER__DEFAULT_LIMITS__MEMORY", "4Gi"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let s: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("APP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(Some(env)),
+            )
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        s.validate().unwrap();
+        let r = &s.runner;
+        assert_eq!(r.backend, BackendChoice::Kubernetes);
+        assert_eq!(
+            (r.namespace.as_str(), r.worker_image.as_str()),
+            ("agents", "reg/worker:1")
+        );
+        assert_eq!(
+            (r.api_key_secret.as_str(), r.api_key_secret_key.as_str()),
+            ("anthropic", "KEY")
+        );
+        assert_eq!(
+            (r.storage_class(), r.claim_size.as_str()),
+            (Some("fast"), "5Gi")
+        );
+        assert!(!r.delete_claim_on_completion);
+        assert_eq!(r.default_limits["memory"], "4Gi");
+        assert_eq!(r.default_requests["cpu"], "250m");
+    }
+
     #[test]
     fn kubernetes_runner_settings_are_checked() {
         let mut s: Settings = config::Config::builder()
