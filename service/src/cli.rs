@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API.
     Serve,
+    /// Start, pause, resume and report Claude Code workers for sessions that ask for one.
+    Runner,
     /// Apply or inspect database migrations.
     Migrate {
         #[command(subcommand)]

@@ -54,6 +54,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 .run_until_stopped()
                 .await?;
         }
+        Command::Runner => agent_sessions::runner::run(&settings).await?,
         Command::Migrate { action } => {
             let mut opts = sea_orm::ConnectOptions::new(settings.database.url.clone());
             opts.sqlx_logging(false);
