@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::fake_anthropic::REPLY;
+use support::fake_anthropic::{FIRST_PART, REPLY};
 use support::rig::Rig;
 use support::{eventually, group_alive, processes_mentioning};
 use uuid::Uuid;
@@ -68,11 +68,17 @@ async fn runner_pauses_mid_run_and_resumes_the_conversation() {
         worker_rec(&s)["pid"].as_i64()
     })
     .await as i32;
-    eventually("the model request", Duration::from_secs(30), || async {
-        (!rig.fake.requests_for(prompt).is_empty()).then_some(())
-    })
+    // Mid-answer: the first block of the reply is out, the second streams.
+    let output = rig.runner.root.join(&id).join("runner/gen-1.jsonl");
+    eventually(
+        "the first part of the answer",
+        Duration::from_secs(30),
+        || async {
+            let out = std::fs::read_to_string(&output).unwrap_or_default();
+            out.contains(FIRST_PART).then_some(())
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await; // let some text stream
     assert!(group_alive(pid));
 
     let (code, _) = rig.api.patch(&id, json!({"status": "paused"})).await;
@@ -128,7 +134,7 @@ async fn runner_pauses_mid_run_and_resumes_the_conversation() {
     assert!(
         convo
             .iter()
-            .any(|(r, t)| r == "assistant" && t.contains("part 0.")),
+            .any(|(r, t)| r == "assistant" && t.contains(FIRST_PART)),
         "the interrupted answer is part of the resumed conversation: {convo:?}"
     );
     assert_eq!(reqs[1].last_user_text(), resume_prompt);

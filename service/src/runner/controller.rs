@@ -362,6 +362,8 @@ pub fn report_patch(session: &Session, exit: &WorkerExit, status: ReportStatus) 
         .unwrap_or(0.0);
     let cost = run.total_cost_usd.map_or(prev_cost, |c| c.max(prev_cost));
     let mut worker = json!({
+        "pid": exit.pid,
+        "started_at": format_time(&exit.started_at),
         "stopped_at": format_time(&exit.stopped_at),
         "exit_code": exit.exit.code,
         "signal": exit.exit.signal,

@@ -51,11 +51,31 @@ impl Position {
     }
 }
 
+/// Fields whose change can change a decision. Others (message appends
+/// update `usage`, say) do not wake the controller.
+const DECISIVE: [&str; 5] = [
+    "status",
+    "worker",
+    "runtime_backend",
+    "runtime_metadata",
+    "checkpoint",
+];
+
+fn touches_decisive_field(e: &EventEnvelope) -> bool {
+    match e.payload.get("updates").and_then(Value::as_array) {
+        Some(u) => u
+            .iter()
+            .any(|f| f.as_str().is_some_and(|f| DECISIVE.contains(&f))),
+        // Not the shape we know: look rather than miss it.
+        None => true,
+    }
+}
+
 /// Does this event concern a session the backend manages (or now might)?
 pub fn relevant<B: Backend>(ctx: &Context<B>, e: &EventEnvelope) -> bool {
     let id = e.aggregate_id;
     if ctx.is_known(id) || ctx.backend.sessions().contains(&id) {
-        return true;
+        return e.event_type != EventKind::Updated || touches_decisive_field(e);
     }
     let backend = ctx.backend.kind().as_str();
     match e.event_type {
@@ -72,6 +92,7 @@ pub fn relevant<B: Backend>(ctx: &Context<B>, e: &EventEnvelope) -> bool {
                 == Some(backend);
             has_worker && on_backend
         }
+        // A session gaining a worker spec or moving to this backend.
         EventKind::Updated => e
             .payload
             .get("updates")
@@ -223,5 +244,33 @@ pub async fn resync_forever<B: Backend>(ctx: Arc<Context<B>>, every: Duration) {
             every.min(Duration::from_secs(2))
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn updated(updates: Value) -> EventEnvelope {
+        serde_json::from_value(json!({
+            "event_id": uuid::Uuid::nil(), "event_type": "session.updated",
+            "aggregate_type": "session", "aggregate_id": uuid::Uuid::nil(),
+            "version": 2, "position": 9, "occurred_at": "2026-11-21T09:00:00Z",
+            "payload": {"updates": updates}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_decisive_updates_wake_the_controller() {
+        assert!(touches_decisive_field(&updated(json!(["status"]))));
+        assert!(touches_decisive_field(&updated(json!([
+            "context",
+            "runtime_metadata"
+        ]))));
+        assert!(!touches_decisive_field(&updated(json!(["usage"]))));
+        assert!(!touches_decisive_field(&updated(json!(["context"]))));
+        assert!(touches_decisive_field(&updated(Value::Null)));
     }
 }

@@ -6,7 +6,8 @@
 //! The last user message picks the behaviour, so a resumed conversation
 //! (whose last message is the resume prompt) gets a normal reply:
 //! - contains `[api_error]`: 400 `invalid_request_error` (not retried by the CLI);
-//! - contains `[slow:N]`: text streamed in small deltas for N seconds;
+//! - contains `[slow:N]`: a first text block ([`FIRST_PART`]) at once, then a
+//!   second one streamed in small deltas for N seconds;
 //! - anything else: a short reply at once.
 
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,9 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
 use serde_json::{Value, json};
 
 pub const REPLY: &str = "Hello from the fake model.";
+/// A slow reply's first content block, complete at once: the CLI prints it
+/// as an assistant line, so a test can tell the worker is mid-answer.
+pub const FIRST_PART: &str = "First part, complete.";
 
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -134,17 +138,23 @@ async fn messages(
             json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         ),
     ];
-    let delta = |t: &str| {
+    let delta = |index: u32, t: &str| {
         sse(
             "content_block_delta",
-            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}),
+            json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": t}}),
         )
     };
+    let block = |kind: &str, index: u32| {
+        let mut v = json!({"type": kind, "index": index});
+        if kind == "content_block_start" {
+            v["content_block"] = json!({"type": "text", "text": ""});
+        }
+        sse(kind, v)
+    };
+    let ticks = slow_secs * 4;
+    let last_block = u32::from(ticks > 0);
     let tail = vec![
-        sse(
-            "content_block_stop",
-            json!({"type": "content_block_stop", "index": 0}),
-        ),
+        block("content_block_stop", last_block),
         sse(
             "message_delta",
             json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
@@ -152,16 +162,19 @@ async fn messages(
         ),
         sse("message_stop", json!({"type": "message_stop"})),
     ];
-    let ticks = slow_secs * 4;
     if ticks == 0 {
-        events.push(delta(REPLY));
+        events.push(delta(0, REPLY));
         events.extend(tail);
         let body: Vec<u8> = events.concat();
         return HttpResponse::Ok()
             .content_type("text/event-stream")
             .body(body);
     }
-    // Slow: the head at once, then a delta every 250 ms, then the tail.
+    // Slow: the first block and the head of the second at once, then a
+    // delta every 250 ms, then the tail.
+    events.push(delta(0, FIRST_PART));
+    events.push(block("content_block_stop", 0));
+    events.push(block("content_block_start", 1));
     let stream = futures_util::stream::unfold(
         (0u64, Some(events), Some(tail)),
         move |(i, head, tail)| async move {
@@ -173,7 +186,7 @@ async fn messages(
             }
             if i < ticks {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                return Some((Ok(delta(&format!("part {i}. "))), (i + 1, None, tail)));
+                return Some((Ok(delta(1, &format!("part {i}. "))), (i + 1, None, tail)));
             }
             let t = tail?;
             Some((Ok(Bytes::from(t.concat())), (i, None, None)))
