@@ -328,16 +328,21 @@ async fn kubernetes_completion_records_usage_from_the_log_and_deletes_pod_and_cl
     rig.until_no_pod(&pod_name(&id)).await;
     rig.until_no_claim(&claim_name(&id)).await;
     eprintln!("pod and claim gone {:?} after the exit", t0.elapsed());
-    // The log's stream-json, as the session's messages (once served).
-    match rig.api.messages(&id).await {
-        Some(msgs) => {
-            let text = msgs.to_string();
-            assert!(
-                text.contains("Hello from fake") && text.contains("\"result\""),
-                "{text}"
-            );
+    // The log's stream-json, as the session's messages (posted in batches,
+    // so possibly just after the status).
+    let deadline = Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let text = rig
+            .api
+            .messages(&id)
+            .await
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        if text.contains("Hello from fake") && text.contains("\"result\"") {
+            break;
         }
-        None => eprintln!("GET /sessions/{{id}}/messages is not served yet; skipped that check"),
+        assert!(Instant::now() < deadline, "messages never arrived: {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     rig.stop().await;
 }

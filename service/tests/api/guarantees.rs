@@ -164,7 +164,7 @@ async fn g3_feed_never_skips_an_event_that_commits_late() {
     ))
     .await
     .unwrap();
-    let before = app.whole_feed().await;
+    let before = app.feed_with(2).await;
     let head = before.last().unwrap()["position"].as_i64().unwrap();
 
     // The lock holder: a transaction on its own connection.

@@ -1,13 +1,13 @@
-//! A pass-through proxy in front of the API that answers
-//! `POST /sessions/{id}/messages` itself and records the batches, so the
-//! runner's message posting is tested before the service serves that route.
+//! A pass-through proxy in front of the API that records every batch the
+//! runner posts to `POST /sessions/{id}/messages` (and forwards it), so a test
+//! can compare what was posted line for line with the worker's output.
 
 use std::sync::{Arc, Mutex};
 
 use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 type Log = Arc<Mutex<Vec<(String, Vec<Value>)>>>;
 
@@ -31,10 +31,9 @@ async fn handle(req: HttpRequest, body: Bytes, st: web::Data<State>) -> HttpResp
         && parts[1] == "sessions"
         && parts[3] == "messages"
     {
+        // Record the batch, then pass it on: the service stores it too.
         let batch: Vec<Value> = serde_json::from_slice(&body).unwrap_or_default();
-        let n = batch.len();
         st.posted.lock().unwrap().push((parts[2].to_owned(), batch));
-        return HttpResponse::Ok().json(json!({"stored": n}));
     }
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes()).unwrap();
     let mut out = st
