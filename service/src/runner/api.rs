@@ -40,6 +40,9 @@ pub struct ApiClient {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// Sent as `X-Request-Id`, so the events this client writes carry the
+    /// request that caused them.
+    request_id: Option<String>,
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -88,7 +91,32 @@ impl ApiClient {
             http,
             base: base.trim_end_matches('/').to_owned(),
             token,
+            request_id: None,
         })
+    }
+
+    /// The same client, answering for the request `request_id`.
+    pub fn for_request(&self, request_id: Option<String>) -> Self {
+        Self {
+            request_id,
+            ..self.clone()
+        }
+    }
+
+    /// The request id in the metadata of the event that made the session
+    /// what it is at `version` (the change the runner is acting on).
+    pub async fn cause_of(&self, id: Uuid, version: i64) -> Option<String> {
+        let path = format!(
+            "/sessions/{id}/events?after_version={}&limit=1",
+            version - 1
+        );
+        let res = self
+            .request(reqwest::Method::GET, &path)
+            .send()
+            .await
+            .ok()?;
+        let events: Vec<EventEnvelope> = res.json().await.ok()?;
+        events.into_iter().next()?.metadata?.request_id
     }
 
     fn url(&self, path_and_query: &str) -> String {
@@ -100,7 +128,10 @@ impl ApiClient {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, self.url(path));
+        let mut rb = self.http.request(method, self.url(path));
+        if let Some(r) = &self.request_id {
+            rb = rb.header("x-request-id", r);
+        }
         match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,

@@ -186,7 +186,7 @@ pub async fn run_queue<B: Backend>(
 
 /// One level-triggered pass over one session.
 pub async fn reconcile_one<B: Backend>(ctx: &Context<B>, id: Uuid) -> Next {
-    let span = info_span!("reconcile", session_id = %id);
+    let span = info_span!("reconcile", session_id = %id, request_id = tracing::field::Empty);
     async {
         match step(ctx, id).await {
             Ok(next) => next,
@@ -250,6 +250,14 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
                 ctx.wait_for_slot(id);
                 return Ok(Next::Done);
             };
+            // Follow the request that asked for this worker: in the logs of
+            // everything below, and in the events of the runner's reports.
+            let request_id = ctx.api.cause_of(id, view.version).await;
+            if let Some(r) = &request_id {
+                tracing::Span::current().record("request_id", r.as_str());
+            }
+            let api = ctx.api.for_request(request_id);
+            info!(generation, launch = launch.as_str(), "starting worker");
             // Claim the generation first: of two runners racing, one wins
             // the If-Match and the other re-reads and sees it taken.
             let claim = json!({"runtime_metadata": {"worker": {
@@ -258,7 +266,7 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
                 "signal": null, "crash_reason": null, "last_error": null,
                 "launch": launch.as_str(),
             }}});
-            ctx.api.merge_patch(id, &claim, Some(view.version)).await?;
+            api.merge_patch(id, &claim, Some(view.version)).await?;
             let req = StartRequest {
                 session_id: id,
                 generation,
@@ -274,7 +282,7 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
                         "claude_session_id": id.to_string(),
                         "model": spec.model,
                     }}});
-                    ctx.api.merge_patch(id, &patch, None).await?;
+                    api.merge_patch(id, &patch, None).await?;
                     Ok(Next::Done)
                 }
                 Err(e) => {
