@@ -174,6 +174,8 @@ pub struct RunnerSettings {
     /// Kubernetes API URL (tests: a fake on loopback, plain HTTP); unset
     /// means kubeconfig or the in-cluster service account.
     pub kube_api_url: Option<String>,
+    /// Where the runner serves `/metrics` and `/healthz` (empty: nowhere).
+    pub metrics_listen: String,
 }
 
 /// `runner.backend`.
@@ -317,6 +319,7 @@ sse_heartbeat_secs = 15
 
 [runner]
 api_url = "http://127.0.0.1:8011"
+metrics_listen = "127.0.0.1:9464"
 workspace_root = "/var/lib/agent-sessions/workspaces"
 claude_bin = "claude"
 max_workers = 16

@@ -85,6 +85,33 @@ async fn the_request_id_follows_a_change_into_the_runner() {
     })
     .await;
     assert!(log.contains(&id));
+
+    // The runner's own metrics count the start and the end.
+    let text = eventually(
+        "the runner to report the worker's end",
+        Duration::from_secs(30),
+        || async {
+            let text = api
+                .http
+                .get(format!("{}/metrics", runner.metrics_url))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.contains("runner_worker_exits_total").then_some(text)
+        },
+    )
+    .await;
+    for series in [
+        "runner_worker_starts_total{backend=\"local\",launch=\"new\"} 1",
+        "runner_workers{state=\"running\"}",
+        "runner_max_workers",
+        "runner_cost_usd_total",
+    ] {
+        assert!(text.contains(series), "missing {series} in\n{text}");
+    }
     drop(runner);
     clean_root(&root);
 }

@@ -267,6 +267,7 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
                 "launch": launch.as_str(),
             }}});
             api.merge_patch(id, &claim, Some(view.version)).await?;
+            let launch_kind = launch.as_str();
             let req = StartRequest {
                 session_id: id,
                 generation,
@@ -282,11 +283,13 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
                         "claude_session_id": id.to_string(),
                         "model": spec.model,
                     }}});
+                    metrics::counter!("runner_worker_starts_total", "backend" => ctx.backend.kind().as_str(), "launch" => launch_kind).increment(1);
                     api.merge_patch(id, &patch, None).await?;
                     Ok(Next::Done)
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot start the worker");
+                    metrics::counter!("runner_worker_start_failures_total", "backend" => ctx.backend.kind().as_str()).increment(1);
                     let patch = json!({
                         "status": "crashed",
                         "runtime_metadata": {"worker": {
@@ -306,6 +309,7 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
             };
             let patch = report_patch(&session, &exit, status);
             info!(?status, outcome = ?exit.outcome, "reporting the worker's end");
+            record_exit(ctx.backend.kind().as_str(), &exit, view.cost_usd);
             match ctx.api.merge_patch(id, &patch, Some(view.version)).await {
                 Ok(_) => {}
                 Err(ApiError::Conflict(detail)) => {
@@ -321,6 +325,7 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
             Ok(Next::Retry)
         }
         Action::Recover => {
+            metrics::counter!("runner_worker_restarts_total", "backend" => ctx.backend.kind().as_str()).increment(1);
             info!(
                 restarts = view.restarts + 1,
                 "restart policy: recovering the crashed session"
@@ -361,6 +366,31 @@ fn prev_u64(rec: Option<&Map<String, Value>>, key: &str) -> u64 {
 /// the status it leaves the session in. Turns and tokens add up over the
 /// session's workers; cost is Claude Code's own running total, which it
 /// carries across `--resume`.
+/// Count a worker's end by outcome, and the spend it added.
+fn record_exit(backend: &'static str, exit: &WorkerExit, cost_before: f64) {
+    use super::claude::Outcome;
+    let outcome = match &exit.outcome {
+        Outcome::Succeeded => "succeeded",
+        Outcome::Stopped => "stopped",
+        Outcome::BudgetReached { .. } => "budget",
+        Outcome::Failed { .. } => "crashed",
+    };
+    metrics::counter!("runner_worker_exits_total", "backend" => backend, "outcome" => outcome)
+        .increment(1);
+    if let Outcome::Failed { reason, .. } = &exit.outcome {
+        let reason = serde_json::to_value(reason)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into());
+        metrics::counter!("runner_worker_crashes_total", "backend" => backend, "reason" => reason)
+            .increment(1);
+    }
+    if let Some(total) = exit.summary.result.as_ref().and_then(|r| r.total_cost_usd) {
+        metrics::gauge!("runner_cost_usd_total", "backend" => backend)
+            .increment((total - cost_before).max(0.0));
+    }
+}
+
 pub fn report_patch(session: &Session, exit: &WorkerExit, status: ReportStatus) -> Value {
     let rec = reconcile::worker_record(&session.runtime_metadata);
     let run = exit.summary.result.clone().unwrap_or_default();

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
-use tracing::info;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::settings::{RunnerSecrets, Settings};
@@ -148,8 +148,13 @@ impl Runner {
                 extra,
             )));
         }
+        let running = Arc::new(running);
+        let server = serve_metrics(&r.metrics_listen, running.clone(), r.max_workers);
         info!("runner running");
         shutdown.await;
+        if let Some(handle) = server {
+            handle.stop(false).await;
+        }
         drop(controllers);
         info!(
             workers_left = running.iter().map(|f| f()).sum::<usize>(),
@@ -162,6 +167,61 @@ impl Runner {
 /// One backend's controller until aborted: position in the feed, adopt
 /// what an earlier runner left, then the queue, the resync, the feed and
 /// Redis (and the backend's own `tasks`).
+type RunningCounts = Arc<Vec<Box<dyn Fn() -> usize + Send + Sync>>>;
+
+/// `/metrics` (the process's Prometheus recorder, with live worker gauges)
+/// and `/healthz`. A port already taken is logged, not fatal: the runner's
+/// job is its workers.
+fn serve_metrics(
+    listen: &str,
+    running: RunningCounts,
+    max_workers: usize,
+) -> Option<actix_web::dev::ServerHandle> {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    if listen.is_empty() {
+        return None;
+    }
+    let handle = crate::metrics::handle();
+    let server = HttpServer::new(move || {
+        let (handle, running) = (handle.clone(), running.clone());
+        App::new()
+            .route(
+                "/healthz",
+                web::get().to(|| async { HttpResponse::Ok().body("ok") }),
+            )
+            .route(
+                "/metrics",
+                web::get().to(move || {
+                    let (handle, running) = (handle.clone(), running.clone());
+                    async move {
+                        let n: usize = running.iter().map(|f| f()).sum();
+                        metrics::gauge!("runner_workers", "state" => "running").set(n as f64);
+                        metrics::gauge!("runner_max_workers").set(max_workers as f64);
+                        HttpResponse::Ok()
+                            .content_type("text/plain; version=0.0.4")
+                            .body(handle.render())
+                    }
+                }),
+            )
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(listen);
+    match server {
+        Ok(s) => {
+            let s = s.run();
+            let h = s.handle();
+            tokio::spawn(s);
+            info!(%listen, "runner metrics listening");
+            Some(h)
+        }
+        Err(e) => {
+            warn!(%listen, error = %e, "runner metrics cannot listen; continuing without them");
+            None
+        }
+    }
+}
+
 async fn run_controller<B: Backend>(
     ctx: Arc<Context<B>>,
     wake_rx: mpsc::UnboundedReceiver<Uuid>,

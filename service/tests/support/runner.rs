@@ -105,12 +105,19 @@ impl InProcessRunner {
 pub struct RunnerProcess {
     pub child: Child,
     pub log: PathBuf,
+    /// Base URL of the runner's `/metrics` and `/healthz`.
+    pub metrics_url: String,
 }
 
 impl RunnerProcess {
     pub fn spawn(api: &TestApi, root: &Path, fake_url: &str, log_name: &str) -> Self {
         let log = root.join(log_name);
         let out = std::fs::File::create(&log).expect("runner log");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let metrics = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent-sessions"));
         cmd.arg("runner")
             .env_clear()
@@ -123,6 +130,7 @@ impl RunnerProcess {
                 "APP__REDIS__CHANNEL_PREFIX",
                 &api.settings.redis.channel_prefix,
             )
+            .env("APP__RUNNER__METRICS_LISTEN", &metrics)
             .env("APP__RUNNER__FEED_POLL_MS", "100")
             .env("APP__RUNNER__RESYNC_INTERVAL_SECS", "2")
             .env("APP__LOG__FORMAT", "pretty")
@@ -134,7 +142,11 @@ impl RunnerProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn agent-sessions runner");
-        Self { child, log }
+        Self {
+            child,
+            log,
+            metrics_url: format!("http://{metrics}"),
+        }
     }
 
     pub fn kill9(&mut self) {
