@@ -19,13 +19,13 @@ work=$(mktemp -d)
 
 bash scripts/deps.sh
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-cargo build -q --release --bin agent-sessions
+cargo build -q --release --bin agent-sessions --example p3_latency   # same set as p3.sh: no rebuild between them
 psql "$ADMIN" -qc "drop database if exists $DB with (force)" -qc "create database $DB"
 DATABASE_URL=$URL ./target/release/agent-sessions migrate
 
 cleanup() { [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
-DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__SERVER__WORKERS=2 \
+DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__SERVER__WORKERS=2 \
   APP__DATABASE__MAX_CONNECTIONS=$CONNS APP__REDIS__CHANNEL_PREFIX="bench:" \
   ./target/release/agent-sessions serve &
 pid=$!

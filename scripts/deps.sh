@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL and Redis are running on 127.0.0.1: start them if they
 # are installed but stopped, install them from Debian's packages if absent
-# (as root). Idempotent; sourced or run by scripts/run.sh and scripts/test.sh.
+# (as root); install the pinned Claude Code CLI into tools/claude (npm ci).
+# Idempotent; sourced or run by scripts/run.sh and scripts/test.sh.
 set -euo pipefail
 
 log() { printf '[deps] %s\n' "$*" >&2; }
@@ -64,6 +65,31 @@ ensure_redis() {
   redis_up || { log "Redis did not come up"; exit 1; }
 }
 
+# The Claude Code CLI the runner's tests drive, pinned in tools/claude.
+ensure_claude_cli() {
+  local dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tools/claude"
+  local bin="$dir/node_modules/.bin/claude"
+  local want
+  want=$(sed -n 's/.*"@anthropic-ai\/claude-code": *"\([^"]*\)".*/\1/p' "$dir/package.json")
+  if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "^$want "; then return; fi
+  if ! command -v npm >/dev/null; then
+    log "installing Node.js and npm"
+    apt_install nodejs npm
+  fi
+  log "installing the Claude Code CLI $want into tools/claude"
+  npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error >&2
+  # The package's postinstall puts the native binary in place; where install
+  # scripts are disabled, do what it does.
+  if ! "$bin" --version >/dev/null 2>&1; then
+    local native
+    native=$(ls "$dir"/node_modules/@anthropic-ai/claude-code-linux-*/claude 2>/dev/null | head -n1)
+    [ -n "$native" ] && cp "$native" "$dir/node_modules/@anthropic-ai/claude-code/bin/claude.exe"
+  fi
+  "$bin" --version >/dev/null || { log "the Claude Code CLI does not run"; exit 1; }
+}
+
 ensure_postgres
 ensure_redis
 log "PostgreSQL and Redis are up"
+ensure_claude_cli
+log "Claude Code CLI $("$(dirname "${BASH_SOURCE[0]}")/../tools/claude/node_modules/.bin/claude" --version)"

@@ -13,4 +13,7 @@ if ! psql "$admin" -tAc "select 1 from pg_database where datname = '$db'" | grep
 fi
 cargo build --release --bin agent-sessions
 ./target/release/agent-sessions migrate
+# Local development: authentication off (the service logs a warning). Set
+# APP__AUTH__ENABLED=true with tokens or JWT keys for anything shared.
+export APP__AUTH__ENABLED="${APP__AUTH__ENABLED:-false}"
 exec ./target/release/agent-sessions serve

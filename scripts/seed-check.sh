@@ -18,7 +18,7 @@ if curl -s -o /dev/null localhost:8011/healthz; then
   echo "port 8011 is already in use; stop what runs there" >&2
   exit 1
 fi
-RUST_LOG=warn ./target/debug/agent-sessions serve &
+APP__AUTH__ENABLED=false RUST_LOG=warn ./target/debug/agent-sessions serve &
 pid=$!
 for _ in $(seq 1 100); do curl -s -o /dev/null localhost:8011/healthz && break; sleep 0.1; done
 python3 scripts/seed_examples.py

@@ -22,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API.
     Serve,
+    /// Start, pause, resume and report Claude Code workers for sessions that ask for one.
+    Runner,
     /// Apply or inspect database migrations.
     Migrate {
         #[command(subcommand)]
@@ -29,6 +31,8 @@ pub enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Print the SHA-256 of an API token read from stdin, for `auth.tokens_json`.
+    HashToken,
     /// Rebuild sessions from the event log.
     Replay {
         /// Compare the rebuilt sessions with the `sessions` table; exit 1 on any difference.

@@ -12,9 +12,21 @@ use migration::{Migrator, MigratorTrait};
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Openapi = cli.command {
-        print!("{}", api::openapi::document());
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Command::Openapi => {
+            print!("{}", api::openapi::document());
+            return ExitCode::SUCCESS;
+        }
+        Command::HashToken => {
+            let mut token = String::new();
+            if std::io::stdin().read_line(&mut token).is_err() || token.trim().is_empty() {
+                eprintln!("agent-sessions: give the token on stdin");
+                return ExitCode::from(2);
+            }
+            println!("{}", agent_sessions::auth::hash_token(token.trim()));
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let settings = match Settings::load(cli.config.clone()) {
         Ok(s) => s,
@@ -42,6 +54,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 .run_until_signalled()
                 .await?;
         }
+        Command::Runner => agent_sessions::runner::run(&settings).await?,
         Command::Migrate { action } => {
             let mut opts = sea_orm::ConnectOptions::new(settings.database.url.clone());
             opts.sqlx_logging(false);
@@ -71,7 +84,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Openapi => unreachable!("handled before settings are loaded"),
+        Command::Openapi | Command::HashToken => unreachable!("handled before settings are loaded"),
     }
     Ok(ExitCode::SUCCESS)
 }

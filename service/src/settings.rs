@@ -3,6 +3,7 @@
 //! and `PORT`. This is the only module that reads the environment for
 //! configuration; everything is validated once, at start-up.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,6 +17,34 @@ pub struct Settings {
     pub log: LogSettings,
     pub api: ApiSettings,
     pub relay: RelayConfig,
+    pub auth: AuthSettings,
+    pub runner: RunnerSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    /// On unless explicitly switched off; off logs a warning at start-up.
+    pub enabled: bool,
+    /// Serve `/metrics` without a token.
+    pub metrics_public: bool,
+    /// Serve `/openapi.json` and `/docs` without a token.
+    pub docs_public: bool,
+    /// Static API tokens: a JSON list of `{"subject", "sha256", "scopes"}`;
+    /// only hashes are stored (`agent-sessions hash-token`).
+    pub tokens_json: String,
+    /// HS256 shared secret; give it through the environment, never a file.
+    pub jwt_hs256_secret: String,
+    /// PEM public key (RSA for RS256, EC for ES256).
+    pub jwt_public_key_file: String,
+    /// A JWKS file; keys are chosen by the token's `kid`.
+    pub jwks_file: String,
+    /// Required `iss` when set.
+    pub jwt_issuer: String,
+    /// Required `aud` when set.
+    pub jwt_audience: String,
+    /// Requests per second allowed per token (0: no limit).
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +74,8 @@ pub struct ServerSettings {
     pub workers: Option<usize>,
     /// Largest request body accepted, in bytes (413 beyond).
     pub body_limit_bytes: usize,
+    /// Deepest JSON nesting accepted in a request body (400 beyond).
+    pub max_json_depth: usize,
     /// Seconds in-flight requests get to finish on SIGTERM.
     pub shutdown_timeout_secs: u64,
 }
@@ -88,6 +119,149 @@ pub struct ApiSettings {
     pub max_page_size: u64,
 }
 
+/// The `runner` subcommand (DESIGN §4). `API_URL`, `WORKSPACE_ROOT` and
+/// `CLAUDE_BIN` override the matching keys; the rest are `APP__RUNNER__*`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunnerSettings {
+    /// Base URL of the API service; the runner talks to nothing else.
+    pub api_url: String,
+    /// Each session gets `<workspace_root>/<session id>/`; created if missing.
+    pub workspace_root: PathBuf,
+    /// The Claude Code CLI: a path, or a name looked up on `PATH`.
+    pub claude_bin: String,
+    /// Workers running at once; sessions beyond it wait in a queue.
+    pub max_workers: usize,
+    /// Full resync of every managed session, in seconds.
+    pub resync_interval_secs: u64,
+    /// How often `/events` is tailed, in milliseconds (Redis wakes it sooner).
+    pub feed_poll_ms: u64,
+    /// Grace after SIGINT, then after SIGTERM, before the group gets SIGKILL.
+    pub interrupt_grace_ms: u64,
+    pub terminate_grace_ms: u64,
+    /// Stream-json lines posted to `/sessions/{id}/messages` per request at most.
+    pub message_batch: usize,
+    /// Sessions reconciled concurrently.
+    pub reconcile_concurrency: usize,
+    /// Start workers with `--bare` (no hooks, plugins, CLAUDE.md discovery;
+    /// API-key auth only).
+    pub bare: bool,
+    /// Which backends this runner serves (`local`, `kubernetes` or `both`;
+    /// anything else is refused when the settings load): each gets its own
+    /// controller.
+    pub backend: BackendChoice,
+    /// Kubernetes backend: namespace of worker pods and their claims (the
+    /// runner's Role is granted there).
+    pub namespace: String,
+    /// Image of worker pods when the session's `worker.image` names none.
+    pub worker_image: String,
+    /// Name of the Secret holding the Anthropic API key, and its key: pods
+    /// reference it (`secretKeyRef`); the runner never reads the value.
+    pub api_key_secret: String,
+    pub api_key_secret_key: String,
+    /// StorageClass of workspace claims; the cluster's default when unset.
+    pub storage_class: Option<String>,
+    /// Size of each session's workspace claim (a Kubernetes quantity).
+    pub claim_size: String,
+    /// A worker pod running longer than this is stopped by the kubelet
+    /// (crash reason `deadline`).
+    pub active_deadline_seconds: i64,
+    /// Delete a session's claim once it is completed (or deleted); keep it
+    /// otherwise (paused and crashed sessions may resume).
+    pub delete_claim_on_completion: bool,
+    /// Worker pod resources when the session's `worker.resources` is unset.
+    pub default_requests: BTreeMap<String, String>,
+    pub default_limits: BTreeMap<String, String>,
+    /// Kubernetes API URL (tests: a fake on loopback, plain HTTP); unset
+    /// means kubeconfig or the in-cluster service account.
+    pub kube_api_url: Option<String>,
+    /// Where the runner serves `/metrics` and `/healthz` (empty: nowhere).
+    pub metrics_listen: String,
+}
+
+/// `runner.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Local,
+    Kubernetes,
+    Both,
+}
+
+impl BackendChoice {
+    pub fn local(self) -> bool {
+        matches!(self, Self::Local | Self::Both)
+    }
+    pub fn kubernetes(self) -> bool {
+        matches!(self, Self::Kubernetes | Self::Both)
+    }
+}
+
+impl RunnerSettings {
+    pub fn resync_interval(&self) -> Duration {
+        Duration::from_secs(self.resync_interval_secs)
+    }
+    pub fn feed_poll(&self) -> Duration {
+        Duration::from_millis(self.feed_poll_ms)
+    }
+    /// `storage_class`, an empty value meaning unset.
+    pub fn storage_class(&self) -> Option<&str> {
+        self.storage_class
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+    }
+    /// `kube_api_url`, an empty value meaning unset.
+    pub fn kube_api_url(&self) -> Option<&str> {
+        self.kube_api_url
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+    }
+}
+
+/// Environment the runner hands to every worker from its own environment,
+/// and never takes from a session (`worker.env` refuses these keys).
+pub const WORKER_PASSTHROUGH_ENV: [&str; 3] = [
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+];
+
+/// Plain process environment a worker inherits (everything else is cleared,
+/// so the runner's own `API_TOKEN` or `DATABASE_URL` never reach it).
+pub const WORKER_INHERITED_ENV: [&str; 6] = ["PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM"];
+
+/// Secrets and pass-through values for the runner, read from the environment
+/// here (the only module that reads it) and never printed.
+#[derive(Clone, Default)]
+pub struct RunnerSecrets {
+    /// `API_TOKEN`, sent as a bearer token when set.
+    pub api_token: Option<String>,
+    /// [`WORKER_INHERITED_ENV`] and [`WORKER_PASSTHROUGH_ENV`] entries that are set.
+    pub worker_env: Vec<(String, String)>,
+}
+
+impl RunnerSecrets {
+    pub fn from_env() -> Self {
+        Self {
+            api_token: std::env::var("API_TOKEN").ok().filter(|t| !t.is_empty()),
+            worker_env: WORKER_INHERITED_ENV
+                .iter()
+                .chain(WORKER_PASSTHROUGH_ENV.iter())
+                .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RunnerSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.worker_env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("RunnerSecrets")
+            .field("api_token", &self.api_token.as_ref().map(|_| "***"))
+            .field("worker_env", &names)
+            .finish()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("cannot read settings: {0}")]
@@ -101,6 +275,7 @@ const DEFAULTS: &str = r#"
 host = "127.0.0.1"
 port = 8011
 body_limit_bytes = 1048576
+max_json_depth = 32
 shutdown_timeout_secs = 30
 
 [database]
@@ -121,6 +296,19 @@ filter = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn"
 default_page_size = 20
 max_page_size = 500
 
+[auth]
+enabled = true
+metrics_public = true
+docs_public = false
+tokens_json = ""
+jwt_hs256_secret = ""
+jwt_public_key_file = ""
+jwks_file = ""
+jwt_issuer = ""
+jwt_audience = ""
+rate_limit_per_second = 200
+rate_limit_burst = 400
+
 [relay]
 enabled = true
 batch_size = 500
@@ -128,6 +316,35 @@ poll_interval_ms = 100
 leader_check_interval_ms = 1000
 lag_warn_secs = 5
 sse_heartbeat_secs = 15
+
+[runner]
+api_url = "http://127.0.0.1:8011"
+metrics_listen = "127.0.0.1:9464"
+workspace_root = "/var/lib/agent-sessions/workspaces"
+claude_bin = "claude"
+max_workers = 16
+resync_interval_secs = 30
+feed_poll_ms = 250
+interrupt_grace_ms = 5000
+terminate_grace_ms = 5000
+message_batch = 100
+reconcile_concurrency = 8
+bare = true
+backend = "local"
+namespace = "default"
+worker_image = "agent-sessions-worker:0.1.0"
+api_key_secret = "agent-sessions-anthropic"
+api_key_secret_key = "ANTHROPIC_API_KEY"
+claim_size = "1Gi"
+active_deadline_seconds = 86400
+delete_claim_on_completion = true
+
+[runner.default_requests]
+cpu = "250m"
+memory = "512Mi"
+
+[runner.default_limits]
+memory = "2Gi"
 "#;
 
 impl Settings {
@@ -148,6 +365,9 @@ impl Settings {
             ("DATABASE_URL", "database.url"),
             ("REDIS_URL", "redis.url"),
             ("PORT", "server.port"),
+            ("API_URL", "runner.api_url"),
+            ("WORKSPACE_ROOT", "runner.workspace_root"),
+            ("CLAUDE_BIN", "runner.claude_bin"),
         ] {
             let app_var = format!("APP__{}", key.to_uppercase().replace('.', "__"));
             if std::env::var_os(&app_var).is_none()
@@ -187,6 +407,9 @@ impl Settings {
                 "must be at least 1 and at least min_connections",
             );
         }
+        if self.server.max_json_depth == 0 || self.server.max_json_depth > 64 {
+            return bad("server.max_json_depth", "must be between 1 and 64");
+        }
         if self.server.body_limit_bytes < 1024 {
             return bad("server.body_limit_bytes", "must be at least 1024");
         }
@@ -208,6 +431,56 @@ impl Settings {
         if self.redis.channel_prefix.chars().any(char::is_whitespace) {
             return bad("redis.channel_prefix", "must not contain whitespace");
         }
+        let r = &self.runner;
+        if !(r.api_url.starts_with("http://") || r.api_url.starts_with("https://")) {
+            return bad("runner.api_url", "must be an http:// or https:// URL");
+        }
+        if r.claude_bin.trim().is_empty() || r.workspace_root.as_os_str().is_empty() {
+            return bad(
+                "runner.claude_bin",
+                "claude_bin and workspace_root must be set",
+            );
+        }
+        if r.max_workers == 0 || r.reconcile_concurrency == 0 {
+            return bad(
+                "runner.max_workers",
+                "max_workers and reconcile_concurrency must be at least 1",
+            );
+        }
+        if !(1..=1000).contains(&r.message_batch) {
+            return bad("runner.message_batch", "must be between 1 and 1000");
+        }
+        if r.feed_poll_ms == 0 || r.resync_interval_secs == 0 {
+            return bad(
+                "runner.feed_poll_ms",
+                "feed_poll_ms and resync_interval_secs must be at least 1",
+            );
+        }
+        if r.backend.kubernetes() {
+            if !is_dns_label(&r.namespace) {
+                return bad("runner.namespace", "must be a DNS label (a namespace name)");
+            }
+            if r.worker_image.trim().is_empty() {
+                return bad("runner.worker_image", "must name an image");
+            }
+            if !is_dns_subdomain(&r.api_key_secret) || r.api_key_secret_key.trim().is_empty() {
+                return bad(
+                    "runner.api_key_secret",
+                    "api_key_secret must be a Secret name and api_key_secret_key a key",
+                );
+            }
+            if r.claim_size.trim().is_empty() {
+                return bad("runner.claim_size", "must be a quantity such as 1Gi");
+            }
+            if r.active_deadline_seconds < 1 {
+                return bad("runner.active_deadline_seconds", "must be at least 1");
+            }
+            if r.kube_api_url()
+                .is_some_and(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
+                return bad("runner.kube_api_url", "must be an http:// or https:// URL");
+            }
+        }
         Ok(())
     }
 
@@ -224,6 +497,20 @@ impl Settings {
     pub fn database_url_for_logs(&self) -> String {
         mask_password(&self.database.url)
     }
+}
+
+/// RFC 1123 label: what a namespace name must be.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: what a Secret name must be.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn mask_password(url: &str) -> String {
@@ -253,6 +540,80 @@ mod tests {
             .unwrap();
         s.validate().unwrap();
         assert_eq!(s.server.port, 8011);
+        assert_eq!(s.runner.backend, BackendChoice::Local);
+        assert_eq!(s.runner.claim_size, "1Gi");
+        assert_eq!(s.runner.storage_class(), None);
+        assert_eq!(s.runner.default_requests["memory"], "512Mi");
+    }
+
+    /// The chart's variables (and the README's) land where the backend reads them.
+    #[test]
+    fn kubernetes_runner_settings_come_from_app_variables() {
+        let env: std::collections::HashMap<String, String> = [
+            ("APP__RUNNER__BACKEND", "kubernetes"),
+            ("APP__RUNNER__NAMESPACE", "agents"),
+            ("APP__RUNNER__WORKER_IMAGE", "reg/worker:1"),
+            ("APP__RUNNER__API_KEY_SECRET", "anthropic"),
+            ("APP__RUNNER__API_KEY_SECRET_KEY", "KEY"),
+            ("APP__RUNNER__STORAGE_CLASS", "fast"),
+            ("APP__RUNNER__CLAIM_SIZE", "5Gi"),
+            ("APP__RUNNER__DELETE_CLAIM_ON_COMPLETION", "false"),
+            ("APP__RUNNER__DEFAULT_LIMITS__MEMORY", "4Gi"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let s: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("APP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(Some(env)),
+            )
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        s.validate().unwrap();
+        let r = &s.runner;
+        assert_eq!(r.backend, BackendChoice::Kubernetes);
+        assert_eq!(
+            (r.namespace.as_str(), r.worker_image.as_str()),
+            ("agents", "reg/worker:1")
+        );
+        assert_eq!(
+            (r.api_key_secret.as_str(), r.api_key_secret_key.as_str()),
+            ("anthropic", "KEY")
+        );
+        assert_eq!(
+            (r.storage_class(), r.claim_size.as_str()),
+            (Some("fast"), "5Gi")
+        );
+        assert!(!r.delete_claim_on_completion);
+        assert_eq!(r.default_limits["memory"], "4Gi");
+        assert_eq!(r.default_requests["cpu"], "250m");
+    }
+
+    #[test]
+    fn kubernetes_runner_settings_are_checked() {
+        let mut s: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        s.runner.backend = BackendChoice::Kubernetes;
+        s.validate().unwrap();
+        s.runner.namespace = "Not_A_Namespace".into();
+        assert!(s.validate().is_err());
+        s.runner.namespace = "workers".into();
+        s.runner.kube_api_url = Some("127.0.0.1:6443".into());
+        assert!(s.validate().is_err());
+        s.runner.kube_api_url = Some(String::new());
+        s.validate().unwrap();
+        s.runner.api_key_secret = String::new();
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, body::BodyLimit, params::PageSizes};
+use crate::api::{self, AppState, auth::AuthState, body::BodyLimit, params::PageSizes};
 use crate::bus::Bus;
 use crate::relay::{self, FeedSignal, Relay, RelaySettings};
 use crate::settings::Settings;
@@ -57,8 +57,17 @@ impl Application {
             )),
         ];
         if settings.relay.enabled {
+            // The relay has connections of its own: under write load it must
+            // not queue behind requests for the shared pool.
+            let relay_store = Store::connect(&DatabaseOptions {
+                url: settings.database.url.clone(),
+                max_connections: 2,
+                min_connections: 1,
+                acquire_timeout: settings.acquire_timeout(),
+            })
+            .await?;
             let relay = Relay::new(
-                store.clone(),
+                relay_store,
                 bus.clone(),
                 RelaySettings {
                     database_url: settings.database.url.clone(),
@@ -87,12 +96,18 @@ impl Application {
             },
             relay_wake,
         });
-        let limit = web::Data::new(BodyLimit(settings.server.body_limit_bytes));
+        let limit = web::Data::new(BodyLimit(
+            settings.server.body_limit_bytes,
+            settings.server.max_json_depth,
+        ));
+        let auth = web::Data::new(AuthState::from_settings(&settings.auth)?);
         crate::metrics::handle();
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .app_data(limit.clone())
+                .app_data(auth.clone())
+                .wrap(from_fn(api::auth::authenticate))
                 .wrap(from_fn(api::middleware::request_context))
                 .configure(api::configure)
         })

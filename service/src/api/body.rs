@@ -16,9 +16,17 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::domain::PatchMode;
 
-/// The body size limit, as app data.
+/// Body limits, as app data: size in bytes and JSON nesting depth.
 #[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
+pub struct BodyLimit(pub usize, pub usize);
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
 
 pub struct JsonBody {
     pub value: Value,
@@ -53,10 +61,10 @@ impl FromRequest for JsonBody {
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let limit = req
+        let (limit, max_depth) = req
             .app_data::<web::Data<BodyLimit>>()
-            .map(|l| l.0)
-            .unwrap_or(1 << 20);
+            .map(|l| (l.0, l.1))
+            .unwrap_or((1 << 20, 32));
         let mode = mode_of(req);
         let declared = req
             .headers()
@@ -82,6 +90,11 @@ impl FromRequest for JsonBody {
             }
             let value: Value =
                 serde_json::from_slice(&buf).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+            if depth(&value) > max_depth {
+                return Err(ApiError::MalformedJson(format!(
+                    "the document is nested deeper than {max_depth} levels"
+                )));
+            }
             Ok(JsonBody { value, mode })
         })
     }

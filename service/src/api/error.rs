@@ -38,6 +38,12 @@ pub enum ApiError {
     Conflict(String),
     #[error("Idempotency-Key was already used with a different request body")]
     IdempotencyKeyReused,
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("this token lacks the scope {0}")]
+    Forbidden(&'static str),
+    #[error("too many requests for this token; retry in {0} s")]
+    RateLimited(u64),
     #[error("a dependency is unavailable; retry shortly")]
     Unavailable(#[source] StoreError),
     #[error("internal error")]
@@ -72,6 +78,9 @@ impl ApiError {
             Self::IllegalTransition(_) => ("illegal-transition", "Illegal status transition"),
             Self::Conflict(_) => ("conflict", "Conflict"),
             Self::IdempotencyKeyReused => ("idempotency-key-reused", "Idempotency key reused"),
+            Self::Unauthorized(_) => ("unauthorized", "Unauthorized"),
+            Self::Forbidden(_) => ("forbidden", "Forbidden"),
+            Self::RateLimited(_) => ("rate-limited", "Too many requests"),
             Self::Unavailable(_) => ("unavailable", "Service unavailable"),
             Self::Internal(_) => ("internal", "Internal error"),
         }
@@ -121,6 +130,9 @@ impl ResponseError for ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::IllegalTransition(_) | Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -136,8 +148,26 @@ impl ResponseError for ApiError {
         }
         let mut res = HttpResponse::build(self.status_code());
         res.insert_header((header::CONTENT_TYPE, PROBLEM_JSON));
-        if matches!(self, Self::Unavailable(_)) {
-            res.insert_header((header::RETRY_AFTER, "1"));
+        match self {
+            Self::Unavailable(_) => {
+                res.insert_header((header::RETRY_AFTER, "1"));
+            }
+            Self::RateLimited(secs) => {
+                res.insert_header((header::RETRY_AFTER, secs.to_string()));
+            }
+            Self::Unauthorized(_) => {
+                res.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"agent-sessions\", error=\"invalid_token\"",
+                ));
+            }
+            Self::Forbidden(scope) => {
+                res.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    format!("Bearer realm=\"agent-sessions\", error=\"insufficient_scope\", scope=\"{scope}\""),
+                ));
+            }
+            _ => {}
         }
         res.body(serde_json::to_string(&self.problem()).expect("problem serialises"))
     }

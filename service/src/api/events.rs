@@ -7,6 +7,7 @@ use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::{Authorized, EventsRead};
 use super::error::ApiError;
 use super::params::{self, link_next};
 use crate::contract::{EventEnvelope, Problem};
@@ -49,6 +50,7 @@ pub async fn session_events(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
+    _auth: Authorized<EventsRead>,
 ) -> Result<HttpResponse, ApiError> {
     let not_found = || ApiError::NotFound(format!("session {id} not found"));
     let sid = Uuid::parse_str(&id).map_err(|_| not_found())?;
@@ -128,7 +130,11 @@ pub(crate) fn feed_filter(q: &FeedQuery) -> Result<FeedFilter, ApiError> {
         (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn feed(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn feed(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    _auth: Authorized<EventsRead>,
+) -> Result<HttpResponse, ApiError> {
     let q: FeedQuery = params::query(&req)?;
     let after = int("after", &q.after)?;
     let limit = params::limit(&q.limit, &state.pages)?;

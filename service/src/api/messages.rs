@@ -8,6 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::{Authorized, SessionsRead, SessionsWrite};
 use super::body::JsonBody;
 use super::error::ApiError;
 use super::middleware::RequestMeta;
@@ -80,6 +81,7 @@ pub async fn append(
     id: web::Path<String>,
     body: JsonBody,
     meta: RequestMeta,
+    _auth: Authorized<SessionsWrite>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id_of(&id)?;
     let Value::Array(items) = body.value else {
@@ -133,6 +135,7 @@ pub async fn list(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
+    _auth: Authorized<SessionsRead>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id_of(&id)?;
     let q: MessagesQuery = params::query(&req)?;

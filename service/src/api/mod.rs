@@ -1,6 +1,7 @@
 //! The HTTP edge: routes, extractors, problem+json. Handlers stay thin:
 //! they parse into domain commands, call the store and shape the response.
 
+pub mod auth;
 pub mod body;
 pub mod error;
 pub mod events;

@@ -2,7 +2,9 @@
 //! `/docs`, printed by `agent-sessions openapi`, and checked in as
 //! `openapi/openapi.json` (a test fails when the two drift).
 
-use utoipa::OpenApi;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+use utoipa::{Modify, OpenApi};
 
 use super::{events, health, messages, sessions, stream};
 use crate::contract::{EventEnvelope, FieldProblem, NewSession, Problem, Session, SessionUpdate};
@@ -27,6 +29,7 @@ use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usa
         PermissionMode, Resources, RestartPolicy, CrashReason, EventEnvelope, EventKind,
         EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks,
     )),
+    modifiers(&BearerAuth),
     tags(
         (name = "sessions", description = "Session records"),
         (name = "events", description = "The event log"),
@@ -34,6 +37,67 @@ use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usa
     )
 )]
 pub struct ApiDoc;
+
+/// Bearer authentication on every operation but the open ones, each
+/// documenting its 401, 403 and 429 answers.
+struct BearerAuth;
+
+const OPEN: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::builder().scheme(HttpAuthScheme::Bearer).description(Some(
+                "A static API token or a JWT (HS256, RS256 or ES256) with scopes sessions:read, sessions:write, events:read",
+            )).build()),
+        );
+        let problem = |d: &str| {
+            ResponseBuilder::new()
+                .description(d)
+                .content(
+                    "application/problem+json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let open = OPEN.contains(&path.as_str());
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.patch,
+                &mut item.delete,
+                &mut item.put,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if open {
+                    op.security = Some(vec![SecurityRequirement::default()]);
+                    continue;
+                }
+                op.security = Some(vec![SecurityRequirement::new(
+                    "bearer",
+                    Vec::<String>::new(),
+                )]);
+                op.responses
+                    .responses
+                    .insert("401".into(), problem("Missing or invalid token").into());
+                op.responses
+                    .responses
+                    .insert("403".into(), problem("The token lacks the scope").into());
+                op.responses.responses.insert(
+                    "429".into(),
+                    problem("Rate limit for this token exceeded").into(),
+                );
+            }
+        }
+    }
+}
 
 /// The document as served and checked in: pretty JSON with a final newline.
 pub fn document() -> String {

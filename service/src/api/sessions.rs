@@ -10,6 +10,7 @@ use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::{Authorized, SessionsRead, SessionsWrite};
 use super::body::JsonBody;
 use super::error::ApiError;
 use super::middleware::RequestMeta;
@@ -111,6 +112,7 @@ pub async fn create(
     req: HttpRequest,
     body: JsonBody,
     meta: RequestMeta,
+    _auth: Authorized<SessionsWrite>,
 ) -> Result<HttpResponse, ApiError> {
     if !body.value.is_object() {
         return Err(ApiError::Validation {
@@ -160,6 +162,7 @@ pub async fn get(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
+    _auth: Authorized<SessionsRead>,
 ) -> Result<HttpResponse, ApiError> {
     let id = session_id(&id)?;
     let s = state
@@ -210,6 +213,7 @@ pub async fn update(
     id: web::Path<String>,
     body: JsonBody,
     meta: RequestMeta,
+    _auth: Authorized<SessionsWrite>,
 ) -> Result<HttpResponse, ApiError> {
     let id = session_id(&id)?;
     let expected = if_match(&req)?;
@@ -248,6 +252,7 @@ pub async fn delete(
     req: HttpRequest,
     id: web::Path<String>,
     meta: RequestMeta,
+    _auth: Authorized<SessionsWrite>,
 ) -> Result<HttpResponse, ApiError> {
     let id = session_id(&id)?;
     let expected = if_match(&req)?;
@@ -309,7 +314,11 @@ fn time(field: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiErr
         (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    _auth: Authorized<SessionsRead>,
+) -> Result<HttpResponse, ApiError> {
     let q: ListQuery = params::query(&req)?;
     let status = match q.status.as_deref() {
         None | Some("") => Vec::new(),

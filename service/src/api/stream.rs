@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
+use super::auth::{Authorized, EventsRead};
 use super::error::ApiError;
 use super::events::{FeedQuery, feed_filter};
 use super::params;
@@ -102,6 +103,7 @@ async fn next_chunk(mut c: Cursor) -> Option<(Result<Bytes, actix_web::Error>, C
 pub async fn events_stream(
     state: web::Data<AppState>,
     req: HttpRequest,
+    _auth: Authorized<EventsRead>,
 ) -> Result<HttpResponse, ApiError> {
     let q: FeedQuery = params::query(&req)?;
     let last_event_id = req

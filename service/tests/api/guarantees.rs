@@ -622,7 +622,7 @@ async fn g7_bad_input_gets_a_4xx_problem_and_writes_nothing() {
             r#"{"worker": {"prompt": "x", "bogus": 1}}"#.into(),
             422,
         ),
-        ("PATCH", "/sessions/{id}", None, deep_ok_for_serde, 422),
+        ("PATCH", "/sessions/{id}", None, deep_ok_for_serde, 400),
         (
             "PATCH",
             "/sessions/{id}",

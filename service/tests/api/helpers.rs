@@ -62,6 +62,7 @@ pub fn test_settings(db_url: &str, prefix: &str) -> Settings {
     s.database.max_connections = 6;
     s.redis.url = "redis://127.0.0.1:6379".into();
     s.redis.channel_prefix = prefix.to_owned();
+    s.auth.enabled = false;
     s
 }
 

@@ -1,6 +1,7 @@
 //! Integration tests: the real service over HTTP against real PostgreSQL
 //! (a fresh database per test) and Redis (a unique channel prefix per test).
 
+mod auth;
 mod guarantees;
 mod helpers;
 mod load;

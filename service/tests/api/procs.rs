@@ -147,6 +147,7 @@ impl Serve {
             .env("APP__RELAY__LEADER_CHECK_INTERVAL_MS", "200")
             .env("APP__DATABASE__MAX_CONNECTIONS", "6")
             .env("APP__SERVER__WORKERS", "2")
+            .env("APP__AUTH__ENABLED", "false")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# P3: commit-to-Redis-subscriber latency at 1,000 writes/s (release build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PORT=${PORT_BENCH:-18012}
+DB=bench_p3
+ADMIN=postgres://postgres@127.0.0.1:5432/postgres
+URL=postgres://postgres@127.0.0.1:5432/$DB
+bash scripts/deps.sh
+cargo build -q --release --bin agent-sessions --example p3_latency
+psql "$ADMIN" -qc "drop database if exists $DB with (force)" -qc "create database $DB"
+DATABASE_URL=$URL ./target/release/agent-sessions migrate
+DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__REDIS__CHANNEL_PREFIX="bench:p3:" \
+  ./target/release/agent-sessions serve &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait 2>/dev/null' EXIT
+for _ in $(seq 1 100); do curl -s -o /dev/null "localhost:$PORT/healthz" && break; sleep 0.1; done
+./target/release/examples/p3_latency "http://127.0.0.1:$PORT" redis://127.0.0.1:6379 "bench:p3:"
+curl -s "localhost:$PORT/metrics" | grep -E "^relay_commit_to_publish_seconds_(bucket|count)" | sed "s/^/  relay: /"

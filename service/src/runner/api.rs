@@ -1,0 +1,271 @@
+//! The runner's HTTP client of the API service: the only way it reads or
+//! writes sessions (it never touches PostgreSQL). Speaks the wire types of
+//! `contract/`, so it shares no code with the server's handlers.
+
+use std::time::Duration;
+
+use reqwest::{StatusCode, header};
+use serde_json::Value;
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::contract::{EventEnvelope, Session};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot reach the API: {0}")]
+    Transport(#[from] reqwest::Error),
+    /// `If-Match` named an older version: someone else wrote first.
+    #[error("the session changed meanwhile (412)")]
+    Stale,
+    /// An illegal status transition.
+    #[error("conflict (409): {0}")]
+    Conflict(String),
+    #[error("session not found (404)")]
+    NotFound,
+    #[error("the API answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+}
+
+/// What became of a batch of worker messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Posted {
+    Stored,
+    /// The service has no messages endpoint yet (or the session is gone).
+    NotAccepted,
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    /// Sent as `X-Request-Id`, so the events this client writes carry the
+    /// request that caused them.
+    request_id: Option<String>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+/// reqwest is built without a TLS provider (STACK.md); install ring's once.
+pub fn install_tls_provider() {
+    // Already installed (by an earlier call or another component) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The `rel="next"` target of a `Link` header, if any.
+pub fn link_next(headers: &header::HeaderMap) -> Option<String> {
+    let raw = headers.get(header::LINK)?.to_str().ok()?;
+    raw.split(',').find_map(|part| {
+        let (url, params) = part.split_once(';')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim();
+                p == "rel=\"next\"" || p == "rel=next"
+            })
+            .then(|| {
+                url.trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_owned()
+            })
+    })
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, ApiError> {
+        install_tls_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(32)
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            request_id: None,
+        })
+    }
+
+    /// The same client, answering for the request `request_id`.
+    pub fn for_request(&self, request_id: Option<String>) -> Self {
+        Self {
+            request_id,
+            ..self.clone()
+        }
+    }
+
+    /// The request id in the metadata of the event that made the session
+    /// what it is at `version` (the change the runner is acting on).
+    pub async fn cause_of(&self, id: Uuid, version: i64) -> Option<String> {
+        let path = format!(
+            "/sessions/{id}/events?after_version={}&limit=1",
+            version - 1
+        );
+        let res = self
+            .request(reqwest::Method::GET, &path)
+            .send()
+            .await
+            .ok()?;
+        let events: Vec<EventEnvelope> = res.json().await.ok()?;
+        events.into_iter().next()?.metadata?.request_id
+    }
+
+    fn url(&self, path_and_query: &str) -> String {
+        if path_and_query.starts_with("http://") || path_and_query.starts_with("https://") {
+            path_and_query.to_owned()
+        } else {
+            format!("{}{}", self.base, path_and_query)
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut rb = self.http.request(method, self.url(path));
+        if let Some(r) = &self.request_id {
+            rb = rb.header("x-request-id", r);
+        }
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn fail(res: reqwest::Response) -> ApiError {
+        let status = res.status();
+        let body = res.text().await.unwrap_or_default();
+        match status {
+            StatusCode::NOT_FOUND => ApiError::NotFound,
+            StatusCode::PRECONDITION_FAILED => ApiError::Stale,
+            StatusCode::CONFLICT => ApiError::Conflict(body),
+            _ => ApiError::Status { status, body },
+        }
+    }
+
+    /// The session, or `None` when it does not exist (any more).
+    #[instrument(skip(self), fields(session_id = %id), level = "debug")]
+    pub async fn session(&self, id: Uuid) -> Result<Option<Session>, ApiError> {
+        let res = self
+            .request(reqwest::Method::GET, &format!("/sessions/{id}"))
+            .send()
+            .await?;
+        if res.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !res.status().is_success() {
+            return Err(Self::fail(res).await);
+        }
+        Ok(Some(res.json().await?))
+    }
+
+    /// RFC 7396 merge patch, optionally only at `if_match` version.
+    #[instrument(skip(self, patch), fields(session_id = %id), level = "debug")]
+    pub async fn merge_patch(
+        &self,
+        id: Uuid,
+        patch: &Value,
+        if_match: Option<i64>,
+    ) -> Result<Session, ApiError> {
+        let mut rb = self
+            .request(reqwest::Method::PATCH, &format!("/sessions/{id}"))
+            .header(header::CONTENT_TYPE, "application/merge-patch+json")
+            .body(patch.to_string());
+        if let Some(v) = if_match {
+            rb = rb.header(header::IF_MATCH, format!("\"{v}\""));
+        }
+        let res = rb.send().await?;
+        if !res.status().is_success() {
+            return Err(Self::fail(res).await);
+        }
+        Ok(res.json().await?)
+    }
+
+    /// Every session with a worker spec on `backend` whose status is one of
+    /// `statuses`, following `Link: rel="next"`.
+    #[instrument(skip(self), level = "debug")]
+    pub async fn managed_sessions(
+        &self,
+        backend: &str,
+        statuses: &str,
+    ) -> Result<Vec<Session>, ApiError> {
+        let mut next = Some(format!(
+            "/sessions/?has_worker=true&runtime_backend={backend}&status={statuses}&limit=500"
+        ));
+        let mut all = Vec::new();
+        while let Some(path) = next.take() {
+            let res = self.request(reqwest::Method::GET, &path).send().await?;
+            if !res.status().is_success() {
+                return Err(Self::fail(res).await);
+            }
+            next = link_next(res.headers());
+            let page: Vec<Session> = res.json().await?;
+            if page.is_empty() {
+                break;
+            }
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
+    /// One page of the global feed after `after`.
+    pub async fn events(&self, after: i64, limit: u32) -> Result<Vec<EventEnvelope>, ApiError> {
+        let res = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/events?after={after}&limit={limit}"),
+            )
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            return Err(Self::fail(res).await);
+        }
+        Ok(res.json().await?)
+    }
+
+    /// Store the worker's stream-json lines, unmodified, as the session's messages.
+    #[instrument(skip(self, messages), fields(session_id = %id, count = messages.len()), level = "debug")]
+    pub async fn post_messages(&self, id: Uuid, messages: &[Value]) -> Result<Posted, ApiError> {
+        let res = self
+            .request(reqwest::Method::POST, &format!("/sessions/{id}/messages"))
+            .json(messages)
+            .send()
+            .await?;
+        match res.status() {
+            s if s.is_success() => Ok(Posted::Stored),
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Ok(Posted::NotAccepted),
+            _ => Err(Self::fail(res).await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_next_link() {
+        let mut h = header::HeaderMap::new();
+        h.insert(
+            header::LINK,
+            header::HeaderValue::from_static(
+                "</sessions/?cursor=abc&limit=2>; rel=\"next\", </x>; rel=\"prev\"",
+            ),
+        );
+        assert_eq!(
+            link_next(&h).as_deref(),
+            Some("/sessions/?cursor=abc&limit=2")
+        );
+        h.insert(
+            header::LINK,
+            header::HeaderValue::from_static("</x>; rel=\"prev\""),
+        );
+        assert_eq!(link_next(&h), None);
+    }
+}

@@ -1,0 +1,555 @@
+//! The local backend: each worker is a `claude` child process leading its
+//! own process group, in the session's workspace.
+//!
+//! The worker's stdout goes to a file in the workspace, not a pipe, so a
+//! worker outlives a runner killed with SIGKILL; the pidfile (with the
+//! process start time, against recycled pids) lets the next runner adopt it.
+//! One supervising task per worker tails that file, folds the stream-json
+//! into a `RunSummary`, posts the lines to the API in batches, notices the
+//! exit and wakes the controller.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, instrument, warn};
+use uuid::Uuid;
+
+use super::api::{ApiClient, ApiError, Posted};
+use super::backend::{Backend, BackendError, StartRequest, Started, Wake, WorkerExit};
+use super::claude::{self, ExitInfo, RunSummary};
+use super::reconcile::{Observed, StopReason, WorkerState};
+use super::workspace::{self, Pidfile, Workspace};
+use crate::domain::RuntimeBackend;
+
+/// How the local backend is set up.
+#[derive(Clone)]
+pub struct LocalConfig {
+    pub root: PathBuf,
+    pub claude_bin: String,
+    pub bare: bool,
+    /// Inherited and pass-through environment (API key among it): never logged.
+    pub worker_env: Vec<(String, String)>,
+    pub interrupt_grace: Duration,
+    pub terminate_grace: Duration,
+    pub message_batch: usize,
+}
+
+struct Slot {
+    generation: u64,
+    pid: i32,
+    pgid: i32,
+    started_at: chrono::DateTime<Utc>,
+    stopping: bool,
+    exit: Option<WorkerExit>,
+    /// Flips to true when the worker has exited.
+    exited: watch::Receiver<bool>,
+}
+
+struct Inner {
+    cfg: LocalConfig,
+    api: ApiClient,
+    wake: Wake,
+    slots: Mutex<HashMap<Uuid, Slot>>,
+}
+
+#[derive(Clone)]
+pub struct LocalBackend {
+    inner: Arc<Inner>,
+}
+
+/// How the supervisor learns that the worker ended.
+enum Proc {
+    Child(tokio::process::Child),
+    /// Not our child (adopted): poll `/proc`, exit status unknown.
+    Adopted {
+        proc_start: Option<u64>,
+    },
+}
+
+impl LocalBackend {
+    pub fn new(cfg: LocalConfig, api: ApiClient, wake: Wake) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                api,
+                wake,
+                slots: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn slots(&self) -> MutexGuard<'_, HashMap<Uuid, Slot>> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn signal_group(pgid: i32, sig: Signal) -> bool {
+    match killpg(Pid::from_raw(pgid), sig) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ESRCH) => false,
+        Err(e) => {
+            warn!(pgid, signal = %sig, error = %e, "cannot signal worker group");
+            false
+        }
+    }
+}
+
+/// Any process left in the group?
+fn group_alive(pgid: i32) -> bool {
+    killpg(Pid::from_raw(pgid), None).is_ok()
+}
+
+impl Backend for LocalBackend {
+    fn kind(&self) -> RuntimeBackend {
+        RuntimeBackend::Local
+    }
+
+    fn observe(&self, session_id: Uuid) -> Observed {
+        let worker = match self.inner.slots().get(&session_id) {
+            None => WorkerState::None,
+            Some(s) => match &s.exit {
+                Some(e) => WorkerState::Exited {
+                    generation: s.generation,
+                    outcome: e.outcome.clone(),
+                },
+                None => WorkerState::Running {
+                    generation: s.generation,
+                    stopping: s.stopping,
+                },
+            },
+        };
+        Observed {
+            worker,
+            has_transcript: Workspace::at(&self.inner.cfg.root, session_id).has_transcript(),
+        }
+    }
+
+    fn exit_of(&self, session_id: Uuid, generation: u64) -> Option<WorkerExit> {
+        self.inner
+            .slots()
+            .get(&session_id)
+            .filter(|s| s.generation == generation)
+            .and_then(|s| s.exit.clone())
+    }
+
+    #[instrument(skip(self, req), fields(session_id = %req.session_id, generation = req.generation, launch = req.launch.as_str()))]
+    async fn start(&self, req: StartRequest) -> Result<Started, BackendError> {
+        let cfg = &self.inner.cfg;
+        if self
+            .inner
+            .slots()
+            .get(&req.session_id)
+            .is_some_and(|s| s.exit.is_none())
+        {
+            return Err(BackendError::AlreadyRunning(req.session_id));
+        }
+        let ws = Workspace::open(&cfg.root, req.session_id)?;
+        let cwd = ws.working_dir(req.spec.working_directory.as_deref())?;
+        let open = |p: PathBuf| {
+            std::fs::File::create(&p).map_err(|source| {
+                BackendError::Workspace(workspace::WorkspaceError::Io { path: p, source })
+            })
+        };
+        let stdout = open(ws.output_path(req.generation))?;
+        let stderr = open(ws.stderr_path(req.generation))?;
+        let args = claude::arguments(&req.spec, req.session_id, &req.launch, cfg.bare);
+        let mut cmd = tokio::process::Command::new(&cfg.claude_bin);
+        cmd.args(&args)
+            .current_dir(&cwd)
+            .env_clear()
+            .envs(cfg.worker_env.iter().map(|(k, v)| (k, v)))
+            .env("HOME", ws.dir())
+            .env("CLAUDE_CONFIG_DIR", ws.config_dir())
+            // Validated on the way in: none of these is a reserved key.
+            .envs(&req.spec.env)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd.spawn().map_err(|source| BackendError::Spawn {
+            program: cfg.claude_bin.clone(),
+            source,
+        })?;
+        let started_at = Utc::now();
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        let pidfile = Pidfile {
+            session_id: req.session_id,
+            generation: req.generation,
+            pid,
+            pgid: pid,
+            proc_start: workspace::proc_stat(pid).map(|s| s.1),
+            started_at,
+            launch: req.launch.as_str().to_owned(),
+        };
+        if let Err(e) = ws.write_pidfile(&pidfile) {
+            // Without a pidfile a restarted runner could not find it: do not run it.
+            signal_group(pid, Signal::SIGKILL);
+            return Err(e.into());
+        }
+        info!(pid, "worker started");
+        self.supervise(ws, pidfile, Proc::Child(child));
+        Ok(Started {
+            pid: Some(pid),
+            pod: None,
+            started_at,
+        })
+    }
+
+    fn stop(&self, session_id: Uuid, reason: StopReason) {
+        let (pgid, mut exited) = {
+            let mut slots = self.inner.slots();
+            let Some(s) = slots.get_mut(&session_id) else {
+                return;
+            };
+            if s.stopping || s.exit.is_some() {
+                return;
+            }
+            s.stopping = true;
+            (s.pgid, s.exited.clone())
+        };
+        let cfg = self.inner.cfg.clone();
+        let span = info_span!("stop_worker", session_id = %session_id, pgid, reason = ?reason);
+        tokio::spawn(
+            async move {
+                // Interrupt first: the CLI ends its turn and keeps the transcript.
+                for (sig, grace) in [
+                    (Signal::SIGINT, cfg.interrupt_grace),
+                    (Signal::SIGTERM, cfg.terminate_grace),
+                    (Signal::SIGKILL, Duration::from_secs(5)),
+                ] {
+                    if !signal_group(pgid, sig) {
+                        return;
+                    }
+                    debug!(signal = %sig, "signalled worker group");
+                    let done = tokio::time::timeout(grace, exited.wait_for(|e| *e)).await;
+                    if matches!(done, Ok(Ok(_))) {
+                        return;
+                    }
+                }
+                warn!("worker group still there after SIGKILL");
+            }
+            .instrument(span),
+        );
+    }
+
+    fn forget(&self, session_id: Uuid, generation: u64) {
+        let mut slots = self.inner.slots();
+        if slots
+            .get(&session_id)
+            .is_some_and(|s| s.generation == generation && s.exit.is_some())
+        {
+            slots.remove(&session_id);
+            Workspace::at(&self.inner.cfg.root, session_id).clear_pidfile(generation);
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.inner
+            .slots()
+            .values()
+            .filter(|s| s.exit.is_none())
+            .count()
+    }
+
+    fn sessions(&self) -> Vec<Uuid> {
+        self.inner.slots().keys().copied().collect()
+    }
+
+    async fn adopt(&self) -> Vec<Uuid> {
+        let mut found = Vec::new();
+        let mut adopted_groups = std::collections::HashSet::new();
+        for ws in workspace::with_pidfiles(&self.inner.cfg.root) {
+            let p = match ws.read_pidfile() {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(session_id = %ws.session_id, error = %e, "unreadable pidfile; ignoring it");
+                    continue;
+                }
+            };
+            let alive = workspace::is_alive(p.pid, p.proc_start);
+            info!(session_id = %p.session_id, pid = p.pid, generation = p.generation, alive,
+                "found a worker from an earlier runner");
+            found.push(p.session_id);
+            if alive {
+                adopted_groups.insert(p.pgid);
+            }
+            let proc_start = p.proc_start;
+            self.supervise(ws, p, Proc::Adopted { proc_start });
+        }
+        // A worker no pidfile names cannot be watched or reported: end it
+        // rather than risk a second writer beside the one started next.
+        for pgid in workspace::group_leaders_under(&self.inner.cfg.root) {
+            if !adopted_groups.contains(&pgid) {
+                warn!(
+                    pgid,
+                    "a worker without a pidfile under the workspace root; killing its group"
+                );
+                signal_group(pgid, Signal::SIGKILL);
+            }
+        }
+        found
+    }
+}
+
+impl LocalBackend {
+    /// Register the worker and spawn the task that watches it.
+    fn supervise(&self, ws: Workspace, p: Pidfile, proc: Proc) {
+        let (tx, rx) = watch::channel(false);
+        self.inner.slots().insert(
+            p.session_id,
+            Slot {
+                generation: p.generation,
+                pid: p.pid,
+                pgid: p.pgid,
+                started_at: p.started_at,
+                stopping: false,
+                exit: None,
+                exited: rx,
+            },
+        );
+        let inner = self.inner.clone();
+        let span = info_span!("worker", session_id = %p.session_id, generation = p.generation, pid = p.pid);
+        tokio::spawn(supervise(inner, ws, p, proc, tx).instrument(span));
+    }
+}
+
+/// Reads the output file as it grows; complete lines only.
+struct Tail {
+    reader: Option<BufReader<std::fs::File>>,
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl Tail {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            reader: None,
+            path,
+            offset: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// New complete lines, each with the file offset just past it.
+    fn read(&mut self) -> Vec<(Vec<u8>, u64)> {
+        if self.reader.is_none() {
+            match std::fs::File::open(&self.path) {
+                Ok(mut f) => {
+                    if f.seek(SeekFrom::Start(self.offset)).is_err() {
+                        return Vec::new();
+                    }
+                    self.reader = Some(BufReader::new(f));
+                }
+                Err(_) => return Vec::new(),
+            }
+        }
+        let mut out = Vec::new();
+        let Some(r) = self.reader.as_mut() else {
+            return out;
+        };
+        loop {
+            match r.read_until(b'\n', &mut self.partial) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.offset += n as u64;
+                    if self.partial.ends_with(b"\n") {
+                        out.push((std::mem::take(&mut self.partial), self.offset));
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read worker output");
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Batches of lines on their way to `POST /sessions/{id}/messages`.
+struct Poster {
+    api: ApiClient,
+    ws: Workspace,
+    generation: u64,
+    batch: usize,
+    pending: Vec<Value>,
+    /// Offset just past the last pending line.
+    pending_end: u64,
+    last_post: Instant,
+    /// The service refused the endpoint (not deployed yet): stop trying.
+    disabled: bool,
+}
+
+impl Poster {
+    async fn flush(&mut self, force: bool) {
+        if self.pending.is_empty() || self.disabled {
+            self.pending.clear();
+            return;
+        }
+        if !force
+            && self.pending.len() < self.batch
+            && self.last_post.elapsed() < Duration::from_millis(300)
+        {
+            return;
+        }
+        let mut size = self.batch;
+        while !self.pending.is_empty() {
+            let n = self.pending.len().min(size);
+            match self
+                .api
+                .post_messages(self.ws.session_id, &self.pending[..n])
+                .await
+            {
+                Ok(Posted::Stored) => {
+                    self.pending.drain(..n);
+                }
+                Ok(Posted::NotAccepted) => {
+                    info!("the API does not take worker messages (404); not posting them");
+                    self.disabled = true;
+                    self.pending.clear();
+                    return;
+                }
+                Err(ApiError::Status { status, .. })
+                    if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE && n > 1 =>
+                {
+                    size = (n / 2).max(1);
+                }
+                Err(ApiError::Status { status, body }) if status.is_client_error() => {
+                    // Retrying cannot help; the output file keeps the lines.
+                    warn!(%status, %body, count = n, "the API refused worker messages; skipped");
+                    self.pending.drain(..n);
+                }
+                Err(e) => {
+                    warn!(error = %e, "posting worker messages failed; will retry");
+                    // Bound memory if the API stays away; the file keeps everything.
+                    if self.pending.len() > 10_000 {
+                        self.pending.drain(..self.pending.len() - 10_000);
+                    }
+                    return;
+                }
+            }
+        }
+        self.last_post = Instant::now();
+        self.ws.set_posted_offset(self.generation, self.pending_end);
+    }
+}
+
+async fn supervise(
+    inner: Arc<Inner>,
+    ws: Workspace,
+    p: Pidfile,
+    mut proc: Proc,
+    exited_tx: watch::Sender<bool>,
+) {
+    let id = p.session_id;
+    let posted_from = ws.posted_offset(p.generation);
+    let mut tail = Tail::new(ws.output_path(p.generation));
+    let mut summary = RunSummary::default();
+    let mut poster = Poster {
+        api: inner.api.clone(),
+        ws: ws.clone(),
+        generation: p.generation,
+        batch: inner.cfg.message_batch,
+        pending: Vec::new(),
+        pending_end: posted_from,
+        last_post: Instant::now(),
+        disabled: false,
+    };
+    let mut take_lines = |summary: &mut RunSummary, poster: &mut Poster| {
+        for (line, end) in tail.read() {
+            match serde_json::from_slice::<Value>(&line) {
+                Ok(v) => {
+                    summary.observe(&v);
+                    if end > posted_from {
+                        poster.pending.push(v);
+                        poster.pending_end = end;
+                    }
+                }
+                Err(_) => debug!("skipping a non-JSON output line"),
+            }
+        }
+    };
+    let exit = loop {
+        take_lines(&mut summary, &mut poster);
+        poster.flush(false).await;
+        match &mut proc {
+            Proc::Child(child) => {
+                tokio::select! {
+                    status = child.wait() => {
+                        break match status {
+                            Ok(s) => {
+                                use std::os::unix::process::ExitStatusExt;
+                                ExitInfo { code: s.code(), signal: s.signal(), unknown: false }
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "cannot wait for the worker");
+                                ExitInfo { unknown: true, ..Default::default() }
+                            }
+                        };
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            Proc::Adopted { proc_start } => {
+                if !workspace::is_alive(p.pid, *proc_start) {
+                    break ExitInfo {
+                        unknown: true,
+                        ..Default::default()
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // Whatever the worker started in its group goes with it.
+    if group_alive(p.pgid) {
+        signal_group(p.pgid, Signal::SIGKILL);
+    }
+    take_lines(&mut summary, &mut poster);
+    for _ in 0..3 {
+        poster.flush(true).await;
+        if poster.pending.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stopping = inner
+        .slots()
+        .get(&id)
+        .is_some_and(|s| s.stopping && s.generation == p.generation);
+    let outcome = claude::classify(exit, &summary, stopping);
+    info!(?exit, ?outcome, "worker ended");
+    {
+        let mut slots = inner.slots();
+        if let Some(s) = slots.get_mut(&id).filter(|s| s.generation == p.generation) {
+            s.exit = Some(WorkerExit {
+                generation: p.generation,
+                outcome,
+                exit,
+                summary,
+                pid: Some(s.pid),
+                started_at: s.started_at,
+                stopped_at: Utc::now(),
+            });
+        }
+    }
+    let _ = exited_tx.send(true);
+    let _ = inner.wake.send(id);
+}

@@ -1,0 +1,639 @@
+//! The runner's kubernetes backend against a fake Kubernetes API server on
+//! loopback (`support::fake_kube`), with the API service in-process on its
+//! own database. The test plays the scheduler and the kubelet: it moves pod
+//! phases and container states and prints the worker's stream-json (lines
+//! captured from the real CLI, `src/runner/testdata`) into the pod log.
+//! Every Kubernetes call must be one the chart's runner Role grants: the
+//! fake refuses anything else, and each test checks nothing was refused.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use agent_sessions::domain::WorkerSpec;
+use agent_sessions::runner::api::ApiClient;
+use agent_sessions::runner::backend::{Backend, StartRequest};
+use agent_sessions::runner::claude::Launch;
+use agent_sessions::runner::kubernetes::{self, KubeConfig, KubernetesBackend};
+use agent_sessions::settings::{BackendChoice, Settings};
+use serde_json::{Value, json};
+use support::api::TestApi;
+use support::eventually;
+use support::fake_kube::{FakeKube, NAMESPACE, chart_rbac};
+use support::messages_proxy::MessagesProxy;
+use support::runner::{InProcessRunner, temp_root};
+use uuid::Uuid;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A fixture's lines, as the worker of session `id` would print them.
+fn lines(fixture: &str, id: &str) -> Vec<String> {
+    let fixture_id = fixture
+        .split("\"session_id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a session id in the fixture");
+    fixture
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.replace(fixture_id, id))
+        .collect()
+}
+
+const SUCCESS: &str = include_str!("../src/runner/testdata/success.jsonl");
+const INTERRUPTED: &str = include_str!("../src/runner/testdata/interrupted.jsonl");
+
+fn pod_name(id: &str) -> String {
+    format!("as-worker-{id}")
+}
+
+fn claim_name(id: &str) -> String {
+    format!("as-ws-{id}")
+}
+
+fn kube_settings(api: &TestApi, kube: &FakeKube) -> Settings {
+    let mut s = api.settings.clone();
+    s.runner.api_url = api.url.clone();
+    s.runner.workspace_root = temp_root();
+    s.runner.backend = BackendChoice::Kubernetes;
+    s.runner.kube_api_url = Some(kube.url.clone());
+    s.runner.namespace = NAMESPACE.to_owned();
+    s.runner.worker_image = "agent-sessions-worker:test".to_owned();
+    s.runner.api_key_secret = "anthropic".to_owned();
+    s.runner.api_key_secret_key = "ANTHROPIC_API_KEY".to_owned();
+    s.runner.feed_poll_ms = 100;
+    s.runner.resync_interval_secs = 1;
+    s.runner.delete_claim_on_completion = true;
+    s
+}
+
+struct KubeRig {
+    api: TestApi,
+    kube: FakeKube,
+    /// The runner reaches the API through it; it records posted messages.
+    proxy: MessagesProxy,
+    runner: Option<InProcessRunner>,
+}
+
+impl KubeRig {
+    /// The API and the fake cluster, without a runner yet.
+    async fn prepare() -> Self {
+        let api = TestApi::spawn().await;
+        let kube = FakeKube::start().await;
+        let proxy = MessagesProxy::start(&api.url).await;
+        Self {
+            api,
+            kube,
+            proxy,
+            runner: None,
+        }
+    }
+
+    fn start_runner(&mut self) {
+        let mut settings = kube_settings(&self.api, &self.kube);
+        settings.runner.api_url = self.proxy.url.clone();
+        // What the runner's own environment passes on: not the key.
+        let env = vec![
+            (
+                "ANTHROPIC_BASE_URL".to_owned(),
+                "http://llm.example:8080".to_owned(),
+            ),
+            (
+                "ANTHROPIC_API_KEY".to_owned(),
+                "sk-ant-must-not-reach-a-pod".to_owned(),
+            ),
+        ];
+        self.runner = Some(InProcessRunner::start(settings, env));
+    }
+
+    async fn start() -> Self {
+        let mut rig = Self::prepare().await;
+        rig.start_runner();
+        rig
+    }
+
+    async fn stop(self) {
+        let refused = self.kube.refused();
+        if let Some(r) = self.runner {
+            r.stop().await;
+        }
+        self.proxy.stop().await;
+        self.kube.stop().await;
+        self.api.teardown().await;
+        assert!(
+            refused.is_empty(),
+            "calls the chart's Role does not grant: {refused:?}"
+        );
+    }
+
+    async fn create(&self, backend: &str, worker: Option<Value>) -> String {
+        let mut body = json!({"agent_id": Uuid::new_v4(), "session_type": "task",
+            "runtime_backend": backend});
+        if let Some(w) = worker {
+            body["worker"] = w;
+        }
+        let s = self.api.create(body).await;
+        s["id"].as_str().expect("id").to_owned()
+    }
+
+    async fn create_managed(&self) -> String {
+        self.create("kubernetes", Some(json!({"prompt": "Say hello"})))
+            .await
+    }
+
+    async fn until_status(&self, id: &str, status: &str) -> Value {
+        eventually(&format!("session {id} to be {status}"), LIMIT, || async {
+            let s = self.api.get(id).await;
+            (s["status"] == status).then_some(s)
+        })
+        .await
+    }
+
+    /// The worker record once `check` holds for it.
+    async fn until_worker(&self, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(what, LIMIT, || async {
+            let s = self.api.get(id).await;
+            let w = s["runtime_metadata"]["worker"].clone();
+            check(&w).then_some(w)
+        })
+        .await
+    }
+
+    /// The session's pod once it exists with `generation`.
+    async fn until_pod(&self, id: &str, generation: u64) -> Value {
+        let name = pod_name(id);
+        eventually(
+            &format!("pod {name} of generation {generation}"),
+            LIMIT,
+            || async {
+                self.kube.pod(&name).filter(|p| {
+                    p["metadata"]["labels"]["agent-sessions.io/generation"]
+                        .as_str()
+                        .and_then(|g| g.parse::<u64>().ok())
+                        == Some(generation)
+                })
+            },
+        )
+        .await
+    }
+
+    async fn until_no_pod(&self, name: &str) {
+        eventually(&format!("pod {name} to be deleted"), LIMIT, || async {
+            self.kube.pod(name).is_none().then_some(())
+        })
+        .await;
+    }
+
+    async fn until_no_claim(&self, name: &str) {
+        eventually(&format!("claim {name} to be deleted"), LIMIT, || async {
+            self.kube.claim(name).is_none().then_some(())
+        })
+        .await;
+    }
+
+    /// Schedule and start the container, as the scheduler and kubelet would.
+    async fn run_pod(&self, id: &str) {
+        let name = pod_name(id);
+        self.kube.schedule(&name, "node-a");
+        self.until_worker(id, "the pod to be reported scheduled", |w| {
+            w["pod_phase"] == "scheduled" && w["node"] == "node-a"
+        })
+        .await;
+        self.kube.run(&name);
+        self.until_worker(id, "the pod to be reported running", |w| {
+            w["pod_phase"] == "running"
+        })
+        .await;
+    }
+
+    fn print(&self, id: &str, fixture_lines: &[String]) {
+        let refs: Vec<&str> = fixture_lines.iter().map(String::as_str).collect();
+        self.kube.print(&pod_name(id), &refs);
+    }
+}
+
+fn args_of(pod: &Value) -> Vec<String> {
+    pod["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
+    let rig = KubeRig::start().await;
+    let t0 = Instant::now();
+    let id = rig.create_managed().await;
+    let pod = rig.until_pod(&id, 1).await;
+    eprintln!("pod created {:?} after the session", t0.elapsed());
+    let labels = &pod["metadata"]["labels"];
+    assert_eq!(labels["agent-sessions.io/session-id"], id.as_str());
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "agent-sessions");
+    let spec = &pod["spec"];
+    assert_eq!(spec["restartPolicy"], "Never");
+    assert_eq!(spec["activeDeadlineSeconds"], 86400);
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &spec["containers"][0];
+    assert_eq!(c["image"], "agent-sessions-worker:test");
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(c["resources"]["requests"]["memory"], "512Mi");
+    assert_eq!(c["resources"]["limits"]["memory"], "2Gi");
+    assert_eq!(c["command"], json!(["claude"]));
+    let args = args_of(&pod);
+    assert_eq!(
+        &args[..7],
+        [
+            "-p",
+            "Say hello",
+            "--session-id",
+            &id,
+            "--output-format",
+            "stream-json",
+            "--verbose"
+        ]
+    );
+    // The key only as a Secret reference; the runner's own never leaks.
+    let env = c["env"].as_array().expect("env");
+    let key = env
+        .iter()
+        .find(|e| e["name"] == "ANTHROPIC_API_KEY")
+        .expect("key");
+    assert_eq!(
+        key["valueFrom"]["secretKeyRef"],
+        json!({"name": "anthropic", "key": "ANTHROPIC_API_KEY", "optional": false})
+    );
+    assert!(!pod.to_string().contains("sk-ant-must-not-reach-a-pod"));
+    assert!(env.iter().any(|e| e["name"] == "ANTHROPIC_BASE_URL"));
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "CLAUDE_CONFIG_DIR" && e["value"] == "/workspace/.claude")
+    );
+    // The workspace claim, mounted at /workspace.
+    let claim = rig.kube.claim(&claim_name(&id)).expect("the claim");
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "1Gi");
+    assert_eq!(
+        spec["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        claim_name(&id)
+    );
+    assert_eq!(c["volumeMounts"][0]["mountPath"], "/workspace");
+    // Recorded on the session, then its progress.
+    let w = rig
+        .until_worker(&id, "the pod name on the session", |w| {
+            w["pod"] == pod_name(&id).as_str()
+        })
+        .await;
+    assert_eq!(w["generation"], 1);
+    assert_eq!(w["launch"], "new");
+    rig.run_pod(&id).await;
+    assert_eq!(rig.api.get(&id).await["status"], "active");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_completion_records_usage_from_the_log_and_deletes_pod_and_claim() {
+    let rig = KubeRig::start().await;
+    let id = rig.create_managed().await;
+    rig.until_pod(&id, 1).await;
+    rig.run_pod(&id).await;
+    rig.print(&id, &lines(SUCCESS, &id));
+    let t0 = Instant::now();
+    rig.kube.exit(&pod_name(&id), 0, "Completed");
+    let s = rig.until_status(&id, "completed").await;
+    eprintln!("completed {:?} after the container exited", t0.elapsed());
+    let w = &s["runtime_metadata"]["worker"];
+    assert_eq!(w["exit_code"], 0, "{w}");
+    assert!(w["crash_reason"].is_null(), "{w}");
+    assert_eq!(w["claude_session_id"], id.as_str());
+    assert_eq!(w["model"], "claude-opus-5-5");
+    assert_eq!(
+        (
+            w["turns"].as_u64(),
+            w["input_tokens"].as_u64(),
+            w["output_tokens"].as_u64()
+        ),
+        (Some(1), Some(12), Some(7)),
+        "{w}"
+    );
+    assert_eq!(w["cost_usd"].as_f64(), Some(0.000188), "{w}");
+    assert_eq!(w["pod"], pod_name(&id).as_str());
+    assert!(w["started_at"].is_string() && w["stopped_at"].is_string());
+    rig.until_no_pod(&pod_name(&id)).await;
+    rig.until_no_claim(&claim_name(&id)).await;
+    eprintln!("pod and claim gone {:?} after the exit", t0.elapsed());
+    // The log's stream-json, as the session's messages (posted in batches,
+    // so possibly just after the status).
+    let deadline = Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let text = rig
+            .api
+            .messages(&id)
+            .await
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        if text.contains("Hello from fake") && text.contains("\"result\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "messages never arrived: {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_pause_deletes_the_pod_keeps_the_claim_and_resume_recreates_it() {
+    let rig = KubeRig::start().await;
+    let id = rig.create_managed().await;
+    rig.until_pod(&id, 1).await;
+    rig.run_pod(&id).await;
+    // The CLI began its transcript (system/init) and is working.
+    let all = lines(SUCCESS, &id);
+    rig.print(&id, &all[..3]);
+    let claim_uid = rig.kube.claim(&claim_name(&id)).expect("claim")["metadata"]["uid"].clone();
+
+    let t0 = Instant::now();
+    let (code, _) = rig.api.patch(&id, json!({"status": "paused"})).await;
+    assert_eq!(code, 200);
+    rig.until_no_pod(&pod_name(&id)).await;
+    eprintln!("pod deleted {:?} after the pause", t0.elapsed());
+    let w = rig
+        .until_worker(&id, "the stop to be recorded", |w| {
+            w["stopped_at"].is_string()
+        })
+        .await;
+    assert!(w["crash_reason"].is_null(), "a pause is no crash: {w}");
+    assert_eq!(rig.api.get(&id).await["status"], "paused");
+    let claim = rig.kube.claim(&claim_name(&id)).expect("the claim is kept");
+    assert_eq!(claim["metadata"]["uid"], claim_uid);
+
+    let t1 = Instant::now();
+    let (code, _) = rig
+        .api
+        .patch(
+            &id,
+            json!({"status": "active", "checkpoint": {"resume_prompt": "Pick up at step 2"}}),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let pod = rig.until_pod(&id, 2).await;
+    eprintln!("pod recreated {:?} after the resume", t1.elapsed());
+    let args = args_of(&pod);
+    assert_eq!(&args[..4], ["-p", "Pick up at step 2", "--resume", &id]);
+    assert!(!args.contains(&"--session-id".to_owned()));
+    assert_eq!(
+        pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        claim_name(&id)
+    );
+    assert_eq!(
+        rig.kube.claim(&claim_name(&id)).expect("claim")["metadata"]["uid"],
+        claim_uid,
+        "the same claim, so the same transcript"
+    );
+    assert_eq!(rig.kube.claim_names().len(), 1);
+    let w = rig
+        .until_worker(&id, "generation 2 recorded", |w| {
+            w["pod"].is_string() && w["generation"] == 2
+        })
+        .await;
+    assert_eq!(w["launch"], "resume");
+    // The resumed worker finishes the job.
+    rig.run_pod(&id).await;
+    rig.print(&id, &all);
+    rig.kube.exit(&pod_name(&id), 0, "Completed");
+    rig.until_status(&id, "completed").await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_failed_pod_crashes_the_session_with_its_exit_code() {
+    let rig = KubeRig::start().await;
+    let id = rig.create_managed().await;
+    rig.until_pod(&id, 1).await;
+    rig.run_pod(&id).await;
+    rig.print(&id, &lines(INTERRUPTED, &id));
+    rig.kube.print(
+        &pod_name(&id),
+        &["Error: something went wrong (stderr, not JSON)"],
+    );
+    let t0 = Instant::now();
+    rig.kube.exit(&pod_name(&id), 1, "Error");
+    let s = rig.until_status(&id, "crashed").await;
+    eprintln!("crashed {:?} after the container failed", t0.elapsed());
+    let w = &s["runtime_metadata"]["worker"];
+    assert_eq!(w["crash_reason"], "exit_code", "{w}");
+    assert_eq!(w["exit_code"], 1, "{w}");
+    assert!(
+        w["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exited with code 1")),
+        "{w}"
+    );
+    // The ended pod goes once recorded; the claim stays for a recovery.
+    rig.until_no_pod(&pod_name(&id)).await;
+    assert!(rig.kube.claim(&claim_name(&id)).is_some());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_oom_killed_pod_crashes_the_session_as_oom() {
+    let rig = KubeRig::start().await;
+    let id = rig.create_managed().await;
+    rig.until_pod(&id, 1).await;
+    rig.run_pod(&id).await;
+    rig.print(&id, &lines(SUCCESS, &id)[..3]);
+    rig.kube.oom_kill(&pod_name(&id));
+    let s = rig.until_status(&id, "crashed").await;
+    let w = &s["runtime_metadata"]["worker"];
+    assert_eq!(w["crash_reason"], "oom", "{w}");
+    assert_eq!(w["exit_code"], 137, "{w}");
+    assert!(
+        w["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("OOMKilled")),
+        "{w}"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_evicted_pod_crashes_the_session_as_evicted() {
+    let rig = KubeRig::start().await;
+    let id = rig.create_managed().await;
+    rig.until_pod(&id, 1).await;
+    rig.run_pod(&id).await;
+    rig.kube.evict(&pod_name(&id));
+    let s = rig.until_status(&id, "crashed").await;
+    let w = &s["runtime_metadata"]["worker"];
+    assert_eq!(w["crash_reason"], "evicted", "{w}");
+    assert!(
+        w["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("low on resource")),
+        "{w}"
+    );
+    rig.stop().await;
+}
+
+/// A pod as an earlier runner (or anyone) left it.
+fn stray_pod(session: &str, generation: u64) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name(session), "labels": {
+            "app.kubernetes.io/managed-by": "agent-sessions",
+            "agent-sessions.io/session-id": session,
+            "agent-sessions.io/generation": generation.to_string()}},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "claude", "image": "w"}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_orphan_pods_are_deleted_on_resync() {
+    let rig = KubeRig::start().await;
+    // No session at all; a session no runner manages; one of another
+    // backend; and a managed one that is paused.
+    let gone = Uuid::new_v4().to_string();
+    let unmanaged = rig.create("kubernetes", None).await;
+    let local = rig
+        .create("local", Some(json!({"prompt": "elsewhere"})))
+        .await;
+    let paused = rig.create_managed().await;
+    rig.until_pod(&paused, 1).await;
+    rig.api.patch(&paused, json!({"status": "paused"})).await;
+    rig.until_no_pod(&pod_name(&paused)).await;
+    rig.until_worker(&paused, "the pause recorded", |w| {
+        w["stopped_at"].is_string()
+    })
+    .await;
+    let t0 = Instant::now();
+    for (s, g) in [(&gone, 1), (&unmanaged, 1), (&local, 1), (&paused, 1)] {
+        rig.kube.insert_pod(stray_pod(s, g));
+    }
+    for s in [&gone, &unmanaged, &local, &paused] {
+        rig.until_no_pod(&pod_name(s)).await;
+    }
+    eprintln!("4 orphans deleted {:?} after they appeared", t0.elapsed());
+    // Nobody was started or recorded for them meanwhile.
+    assert_eq!(rig.api.get(&paused).await["status"], "paused");
+    assert!(rig.api.get(&unmanaged).await["runtime_metadata"]["worker"].is_null());
+    assert!(rig.kube.pod_names().is_empty());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_runner_adopts_the_pod_of_an_active_session() {
+    let mut rig = KubeRig::prepare().await;
+    let id = rig.create_managed().await;
+    // An earlier runner claimed generation 1 and started its pod, then died.
+    rig.api
+        .patch(
+            &id,
+            json!({"runtime_metadata": {"worker": {"generation": 1, "launch": "new"}}}),
+        )
+        .await;
+    rig.kube.insert_pod(stray_pod(&id, 1));
+    rig.kube.run(&pod_name(&id));
+    let all = lines(SUCCESS, &id);
+    rig.print(&id, &all[..2]);
+    rig.start_runner();
+    // Taken over, not replaced: still generation 1, one pod.
+    rig.until_worker(&id, "the adopted pod's progress", |w| {
+        w["pod_phase"] == "running"
+    })
+    .await;
+    assert_eq!(rig.kube.creations(&pod_name(&id)).len(), 1);
+    rig.print(&id, &all[2..]);
+    rig.kube.exit(&pod_name(&id), 0, "Completed");
+    let s = rig.until_status(&id, "completed").await;
+    let w = &s["runtime_metadata"]["worker"];
+    assert_eq!(w["generation"], 1);
+    // The whole log counts for the usage, the lines before the adoption too.
+    assert_eq!(w["turns"], 1, "{w}");
+    assert_eq!(w["output_tokens"], 7, "{w}");
+    rig.until_no_pod(&pod_name(&id)).await;
+    // The lines printed before the adoption were the earlier runner's to
+    // post; the ones after are this runner's.
+    let posted: Vec<Value> = rig.proxy.batches(&id).into_iter().flatten().collect();
+    let after: Vec<Value> = all[2..]
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(posted, after);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_creating_the_pod_twice_is_harmless() {
+    let api = TestApi::spawn().await;
+    let kube = FakeKube::start().await;
+    let settings = kube_settings(&api, &kube);
+    let id = Uuid::parse_str(
+        api.create(json!({"agent_id": Uuid::new_v4(), "session_type": "task",
+            "runtime_backend": "kubernetes"}))
+            .await["id"]
+            .as_str()
+            .expect("id"),
+    )
+    .expect("uuid");
+    let client = kubernetes::client(&settings.runner)
+        .await
+        .expect("kube client");
+    let cfg = KubeConfig::from_settings(&settings.runner, &[]);
+    let api_client = ApiClient::new(&api.url, None).expect("API client");
+    let (wake, _woken) = tokio::sync::mpsc::unbounded_channel();
+    // Two backends, as two runners (or a retry after a lost answer) would be.
+    let backend = || {
+        KubernetesBackend::new(
+            cfg.clone(),
+            client.clone(),
+            api_client.clone(),
+            wake.clone(),
+        )
+    };
+    let req = |generation| StartRequest {
+        session_id: id,
+        generation,
+        spec: WorkerSpec::from_value(&json!({"prompt": "p"})).expect("spec"),
+        launch: Launch::New,
+    };
+    let (first, second) = (backend(), backend());
+    let a = first.start(req(1)).await.expect("first create");
+    let b = second
+        .start(req(1))
+        .await
+        .expect("second create: 409 of the same generation");
+    let name = format!("as-worker-{id}");
+    assert_eq!(a.pod.as_deref(), Some(name.as_str()));
+    assert_eq!(b.pod, a.pod);
+    assert_eq!(kube.creations(&name).len(), 2, "both asked");
+    assert_eq!(kube.pod_names(), std::slice::from_ref(&name), "one pod");
+    assert_eq!(kube.claim_names().len(), 1, "one claim");
+    let uid = kube.pod(&name).expect("pod")["metadata"]["uid"].clone();
+    // A newer generation finds the old pod in the way: it replaces it.
+    let third = backend();
+    third.start(req(2)).await.expect("generation 2");
+    let pod = kube.pod(&name).expect("pod");
+    assert_eq!(
+        pod["metadata"]["labels"]["agent-sessions.io/generation"],
+        "2"
+    );
+    assert_ne!(pod["metadata"]["uid"], uid);
+    assert_eq!(kube.pod_names().len(), 1);
+    // Everything asked of the API server is in the chart's Role, and this
+    // test used every verb of pods the Role grants but watch and list.
+    assert!(kube.refused().is_empty(), "{:?}", kube.refused());
+    let used = kube.calls();
+    assert!(used.is_subset(&chart_rbac()));
+    for verb in ["create", "get", "delete"] {
+        assert!(
+            used.contains(&("pods".to_owned(), verb.to_owned())),
+            "{verb}"
+        );
+    }
+    kube.stop().await;
+    api.teardown().await;
+}

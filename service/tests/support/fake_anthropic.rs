@@ -1,0 +1,244 @@
+//! A fake Anthropic Messages API on loopback, for driving the real Claude
+//! Code CLI in tests. `POST /v1/messages` answers as a streaming reply
+//! (message_start, content_block_start, content_block_delta…,
+//! content_block_stop, message_delta, message_stop) and records every request.
+//!
+//! The last user message picks the behaviour, so a resumed conversation
+//! (whose last message is the resume prompt) gets a normal reply:
+//! - contains `[api_error]`: 400 `invalid_request_error` (not retried by the CLI);
+//! - contains `[slow:N]`: a first text block ([`FIRST_PART`]) at once, then a
+//!   second one streamed in small deltas for N seconds;
+//! - anything else: a short reply at once.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::web::{self, Bytes};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
+use serde_json::{Value, json};
+
+pub const REPLY: &str = "Hello from the fake model.";
+/// A slow reply's first content block, complete at once: the CLI prints it
+/// as an assistant line, so a test can tell the worker is mid-answer.
+pub const FIRST_PART: &str = "First part, complete.";
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    /// `X-Claude-Code-Session-Id`, the CLI's session id.
+    pub session: Option<String>,
+    pub body: Value,
+}
+
+impl Recorded {
+    /// (role, text) of every message, text blocks joined.
+    pub fn conversation(&self) -> Vec<(String, String)> {
+        self.body["messages"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| {
+                        (
+                            m["role"].as_str().unwrap_or_default().to_owned(),
+                            text_of(&m["content"]),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The last text block of the last user message: what the user just said
+    /// (the CLI merges a resume prompt into the previous user message when
+    /// the answer in between was an API error it does not send back).
+    pub fn last_user_text(&self) -> String {
+        let Some(last) = self.body["messages"]
+            .as_array()
+            .and_then(|ms| ms.iter().rev().find(|m| m["role"] == "user"))
+        else {
+            return String::new();
+        };
+        match &last["content"] {
+            Value::String(s) => s.clone(),
+            Value::Array(blocks) => blocks
+                .iter()
+                .rev()
+                .find_map(|b| b["text"].as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            _ => String::new(),
+        }
+    }
+}
+
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+pub struct FakeAnthropic {
+    pub url: String,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    server: actix_web::dev::ServerHandle,
+}
+
+fn sse(event: &str, data: Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+async fn messages(
+    req: HttpRequest,
+    body: web::Bytes,
+    log: web::Data<Arc<Mutex<Vec<Recorded>>>>,
+) -> HttpResponse {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let rec = Recorded {
+        path: req.uri().to_string(),
+        session: req
+            .headers()
+            .get("x-claude-code-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        body: body.clone(),
+    };
+    let last = rec.last_user_text();
+    log.lock().unwrap().push(rec);
+    if !req.path().starts_with("/v1/messages") || req.path().contains("count_tokens") {
+        return HttpResponse::NotFound().finish();
+    }
+    if last.contains("[api_error]") {
+        return HttpResponse::BadRequest().json(json!({
+            "type": "error",
+            "error": {"type": "invalid_request_error", "message": "fake failure for the test"}
+        }));
+    }
+    let slow_secs: u64 = last
+        .split("[slow:")
+        .nth(1)
+        .and_then(|r| r.split(']').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let model = body["model"].as_str().unwrap_or("claude-fake").to_owned();
+    let mut events = vec![
+        sse(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message",
+                "role": "assistant", "model": model, "content": [], "stop_reason": null,
+                "stop_sequence": null, "usage": {"input_tokens": 21, "output_tokens": 1}}}),
+        ),
+        sse(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+    ];
+    let delta = |index: u32, t: &str| {
+        sse(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": t}}),
+        )
+    };
+    let block = |kind: &str, index: u32| {
+        let mut v = json!({"type": kind, "index": index});
+        if kind == "content_block_start" {
+            v["content_block"] = json!({"type": "text", "text": ""});
+        }
+        sse(kind, v)
+    };
+    let ticks = slow_secs * 4;
+    let last_block = u32::from(ticks > 0);
+    let tail = vec![
+        block("content_block_stop", last_block),
+        sse(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                "usage": {"output_tokens": 9}}),
+        ),
+        sse("message_stop", json!({"type": "message_stop"})),
+    ];
+    if ticks == 0 {
+        events.push(delta(0, REPLY));
+        events.extend(tail);
+        let body: Vec<u8> = events.concat();
+        return HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .body(body);
+    }
+    // Slow: the first block and the head of the second at once, then a
+    // delta every 250 ms, then the tail.
+    events.push(delta(0, FIRST_PART));
+    events.push(block("content_block_stop", 0));
+    events.push(block("content_block_start", 1));
+    let stream = futures_util::stream::unfold(
+        (0u64, Some(events), Some(tail)),
+        move |(i, head, tail)| async move {
+            if let Some(h) = head {
+                return Some((
+                    Ok::<_, actix_web::Error>(Bytes::from(h.concat())),
+                    (i, None, tail),
+                ));
+            }
+            if i < ticks {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                return Some((Ok(delta(1, &format!("part {i}. "))), (i + 1, None, tail)));
+            }
+            let t = tail?;
+            Some((Ok(Bytes::from(t.concat())), (i, None, None)))
+        },
+    );
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .streaming(stream)
+}
+
+impl FakeAnthropic {
+    pub async fn start() -> Self {
+        let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let data = web::Data::new(requests.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(32 * 1024 * 1024))
+                .default_service(web::to(messages))
+        })
+        .workers(1)
+        .disable_signals()
+        .bind(("127.0.0.1", 0))
+        .expect("bind the fake API");
+        let port = server.addrs()[0].port();
+        let server = server.run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Self {
+            url: format!("http://127.0.0.1:{port}"),
+            requests,
+            server: handle,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Requests whose conversation starts with a user message containing `marker`.
+    pub fn requests_for(&self, marker: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| {
+                r.conversation()
+                    .first()
+                    .is_some_and(|(_, t)| t.contains(marker))
+            })
+            .collect()
+    }
+
+    pub async fn stop(self) {
+        self.server.stop(false).await;
+    }
+}
