@@ -17,6 +17,8 @@ export PORT=${P4_PORT:-8411}
 export API_URL=http://127.0.0.1:$PORT
 export CLAUDE_BIN=$PWD/bench/p4_fake_claude.sh
 export APP__LOG__FORMAT=json RUST_LOG=warn
+# Local benchmark: no tokens configured, so authentication is switched off.
+export APP__AUTH__ENABLED=false APP__RUNNER__METRICS_LISTEN=""
 WORK=$(mktemp -d /tmp/p4.XXXXXX)
 pids=()
 cleanup() {

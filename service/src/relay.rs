@@ -234,9 +234,7 @@ impl Relay {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "relay cannot read its cursor; retrying");
-                        if sleep_or_shutdown(backoff.next(), shutdown).await {
-                            continue;
-                        }
+                        sleep_or_shutdown(backoff.next(), shutdown).await;
                         continue;
                     }
                 },
