@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Bring agent-sessions up on a fresh machine: PostgreSQL and Redis, the
-# database, migrations, then the API on :8011 (PORT to change it).
+# Bring agent-sessions up on a fresh machine: PostgreSQL and Redis (and the
+# Claude Code CLI), the database, migrations, then the runner in the
+# background (log in var/runner.log) and the API on :8011 (PORT to change it).
+# Workers need ANTHROPIC_API_KEY in this environment; the runner passes it on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,4 +18,12 @@ cargo build --release --bin agent-sessions
 # Local development: authentication off (the service logs a warning). Set
 # APP__AUTH__ENABLED=true with tokens or JWT keys for anything shared.
 export APP__AUTH__ENABLED="${APP__AUTH__ENABLED:-false}"
-exec ./target/release/agent-sessions serve
+
+mkdir -p var/workspaces
+export WORKSPACE_ROOT="${WORKSPACE_ROOT:-$PWD/var/workspaces}"
+export CLAUDE_BIN="${CLAUDE_BIN:-$PWD/tools/claude/node_modules/.bin/claude}"
+export API_URL="${API_URL:-http://127.0.0.1:${PORT:-8011}}"
+./target/release/agent-sessions runner >var/runner.log 2>&1 &
+runner=$!
+trap 'kill "$runner" 2>/dev/null; wait "$runner" 2>/dev/null' EXIT
+./target/release/agent-sessions serve
