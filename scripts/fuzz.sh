@@ -16,7 +16,6 @@ cd "$(dirname "$0")/.."
 
 venv=.venv-fuzz
 requirements=scripts/fuzz-requirements.txt
-stamp="$venv/.requirements.sha256"
 admin="postgres://postgres@127.0.0.1:5432/postgres"
 db="fuzz_$$"
 bin="${CARGO_TARGET_DIR:-target}/debug/agent-sessions"
@@ -24,32 +23,8 @@ log="$(mktemp -t agent-sessions-fuzz.XXXXXX.log)"
 
 say() { printf '[fuzz] %s\n' "$*" >&2; }
 
-find_python() {
-  local candidate
-  for candidate in "${FUZZ_PYTHON:-}" python3.11 python3; do
-    [ -n "$candidate" ] || continue
-    if command -v "$candidate" >/dev/null 2>&1 &&
-      "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' 2>/dev/null; then
-      echo "$candidate"
-      return
-    fi
-  done
-  say "needs Python >= 3.11 (python3.11 or python3); set FUZZ_PYTHON to choose one"
-  exit 1
-}
-
-want=$(sha256sum "$requirements" | cut -d' ' -f1)
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
-  python=$(find_python)
-  say "creating $venv with $($python --version)"
-  rm -rf "$venv"
-  "$python" -m venv "$venv"
-fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  say "installing pinned packages from $requirements"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements"
-  echo "$want" >"$stamp"
-fi
+source scripts/lib/venv.sh
+ensure_venv "$venv" "$requirements" fuzz "${FUZZ_PYTHON:-}"
 
 bash scripts/deps.sh
 cargo build -q --bin agent-sessions
