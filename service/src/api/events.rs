@@ -25,17 +25,6 @@ pub struct StreamQuery {
     pub limit: Option<String>,
 }
 
-fn int(field: &str, raw: &Option<String>) -> Result<i64, ApiError> {
-    match raw.as_deref() {
-        None => Ok(0),
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| ApiError::parameter(field, "must be a non-negative integer")),
-    }
-}
-
 /// One session's events, by version.
 #[utoipa::path(
     get, path = "/sessions/{id}/events", tag = "events",
@@ -55,7 +44,7 @@ pub async fn session_events(
     let not_found = || ApiError::NotFound(format!("session {id} not found"));
     let sid = Uuid::parse_str(&id).map_err(|_| not_found())?;
     let q: StreamQuery = params::query(&req)?;
-    let after = int("after_version", &q.after_version)?;
+    let after = params::non_negative("after_version", &q.after_version)?;
     let limit = params::limit(&q.limit, &state.pages)?;
     let events = state.store.session_events(sid, after, limit).await?;
     if events.is_empty() && !state.store.session_exists_in_log(sid).await? {
@@ -136,7 +125,7 @@ pub async fn feed(
     _auth: Authorized<EventsRead>,
 ) -> Result<HttpResponse, ApiError> {
     let q: FeedQuery = params::query(&req)?;
-    let after = int("after", &q.after)?;
+    let after = params::non_negative("after", &q.after)?;
     let limit = params::limit(&q.limit, &state.pages)?;
     let filter = feed_filter(&q)?;
     let events = state.store.feed(after, limit, &filter).await?;

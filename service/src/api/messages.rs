@@ -139,14 +139,7 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let id = id_of(&id)?;
     let q: MessagesQuery = params::query(&req)?;
-    let after = match q.after.as_deref() {
-        None => 0,
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| ApiError::parameter("after", "must be a non-negative integer"))?,
-    };
+    let after = params::non_negative("after", &q.after)?;
     let limit = params::limit(&q.limit, &state.pages)?;
     let accept = req
         .headers()

@@ -17,6 +17,19 @@ pub fn query<T: DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
         .map_err(|e| ApiError::parameter("query", format!("invalid query string: {e}")))
 }
 
+/// An optional non-negative integer parameter (a position or sequence
+/// number); absent means 0.
+pub fn non_negative(field: &str, raw: &Option<String>) -> Result<i64, ApiError> {
+    match raw.as_deref() {
+        None => Ok(0),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::parameter(field, "must be a non-negative integer")),
+    }
+}
+
 pub fn limit(raw: &Option<String>, pages: &PageSizes) -> Result<u64, ApiError> {
     let Some(raw) = raw.as_deref() else {
         return Ok(pages.default);

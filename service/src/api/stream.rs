@@ -119,16 +119,10 @@ pub async fn events_stream(
                 })
         })
         .transpose()?;
-    let after =
-        match last_event_id {
-            Some(p) => p,
-            None => match q.after.as_deref() {
-                None => 0,
-                Some(s) => s.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                    ApiError::parameter("after", "must be a non-negative integer")
-                })?,
-            },
-        };
+    let after = match last_event_id {
+        Some(p) => p,
+        None => params::non_negative("after", &q.after)?,
+    };
     let cursor = Cursor {
         store: state.store.clone(),
         after,
