@@ -4,6 +4,7 @@
 mod auth;
 mod guarantees;
 mod helpers;
+mod horizon;
 mod load;
 mod messages;
 mod openapi;
