@@ -14,14 +14,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sea_orm::sqlx::postgres::PgListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::bus::Bus;
 use crate::metrics::names;
-use crate::store::{FEED_CHANNEL, FeedFilter, LeaderLock, Store};
+use crate::store::{FeedFilter, FeedListener, LeaderLock, Store};
 
 /// Cursor name of the Redis relay.
 pub const CURSOR: &str = "redis";
@@ -90,7 +89,7 @@ pub async fn listen_for_commits(
 ) {
     let mut backoff = Backoff::new();
     loop {
-        let mut listener = match connect_listener(&database_url).await {
+        let mut listener = match FeedListener::connect(&database_url).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(error = %e, "feed listener cannot connect; retrying");
@@ -105,20 +104,15 @@ pub async fn listen_for_commits(
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                msg = listener.try_recv() => match msg {
-                    Ok(Some(_)) => signal.bump(),
-                    Ok(None) | Err(_) => { signal.bump(); break; }
-                },
+                alive = listener.next() => {
+                    signal.bump();
+                    if !alive {
+                        break;
+                    }
+                }
             }
         }
     }
-}
-
-async fn connect_listener(url: &str) -> Result<PgListener, sea_orm::sqlx::Error> {
-    let mut l = PgListener::connect(url).await?;
-    l.eager_reconnect(false);
-    l.listen(FEED_CHANNEL).await?;
-    Ok(l)
 }
 
 /// Returns true when shutdown was requested during the sleep.
