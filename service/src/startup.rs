@@ -162,7 +162,7 @@ impl Application {
     pub async fn run_until_signalled(self) -> std::io::Result<()> {
         let stopper = self.stopper();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            crate::signals::shutdown_requested().await;
             tracing::info!("shutdown signal received: draining");
             stopper.stop().await;
         });
@@ -180,15 +180,5 @@ impl Stopper {
     pub async fn stop(&self) {
         self.shutdown.cancel();
         self.handle.stop(true).await;
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

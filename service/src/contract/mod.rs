@@ -4,7 +4,9 @@
 mod event;
 mod problem;
 mod session;
+mod worker;
 
 pub use event::EventEnvelope;
 pub use problem::{FieldProblem, Problem};
 pub use session::{NewSession, Session, SessionUpdate, format_time};
+pub use worker::{PausedReason, PodPhase, WorkerField, WorkerLaunch, WorkerPatch, WorkerRecord};

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::backend::Backend;
 use super::controller::Context;
+use crate::backoff::Backoff;
 use crate::contract::EventEnvelope;
 use crate::domain::EventKind;
 
@@ -178,13 +179,13 @@ pub async fn redis_wakeups<B: Backend>(
             return;
         }
     };
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                 Ok(()) => {
                     info!(%channel, "subscribed to session events");
-                    backoff = Duration::from_millis(250);
+                    backoff.reset();
                     nudge.notify_one();
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
@@ -203,8 +204,7 @@ pub async fn redis_wakeups<B: Backend>(
             },
             Err(e) => debug!(error = %e, "Redis unreachable; the feed keeps the runner going"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff.wait().await;
     }
 }
 
@@ -226,6 +226,7 @@ pub async fn resync<B: Backend>(ctx: &Context<B>) -> bool {
             for id in ctx.backend.sessions() {
                 ctx.wake(id);
             }
+            ctx.stats.resynced(backend);
             true
         }
         Err(e) => {

@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use uuid::Uuid;
 
 use super::KubeConfig;
+use crate::contract::PodPhase;
 use crate::domain::worker::{CrashReason, Resources};
 use crate::runner::backend::StartRequest;
 use crate::runner::claude::{self, ExitInfo, Outcome, RunSummary};
@@ -248,6 +249,17 @@ impl Progress {
             Self::Running { .. } => "running",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+        }
+    }
+
+    /// The phase as the worker record names it.
+    pub fn phase(&self) -> PodPhase {
+        match self {
+            Self::Pending => PodPhase::Pending,
+            Self::Scheduled { .. } => PodPhase::Scheduled,
+            Self::Running { .. } => PodPhase::Running,
+            Self::Succeeded => PodPhase::Succeeded,
+            Self::Failed => PodPhase::Failed,
         }
     }
 
