@@ -302,32 +302,8 @@ async fn runner_skips_a_refused_message_batch_and_posts_the_later_ones() {
         want.last().is_some_and(|l| l["type"] == "result"),
         "the result comes after the refused line: {want:?}"
     );
-    let stored = eventually(
-        "every other line to be stored",
-        Duration::from_secs(15),
-        || async {
-            let got: Vec<Value> = rig
-                .api
-                .messages(&id)
-                .await?
-                .as_array()?
-                .iter()
-                .map(|m| m["message"].clone())
-                .collect();
-            (got.len() >= want.len()).then_some(got)
-        },
-    )
-    .await;
-    assert_eq!(stored, want, "in order, all but the refused line");
-    // Halved while the line shared its batch (413), skipped once alone (422).
-    let refusals = proxy.refusals(&id);
-    let statuses: Vec<u16> = refusals.iter().map(|(s, _)| *s).collect();
-    assert!(
-        statuses.len() >= 2
-            && statuses[..statuses.len() - 1].iter().all(|s| *s == 413)
-            && statuses.last() == Some(&422),
-        "split, then skipped: {statuses:?}"
-    );
-    assert_eq!(refusals.last().map(|(_, b)| b.len()), Some(1));
+    proxy
+        .assert_refused_line_skipped(&rig.api, &id, &want)
+        .await;
     rig.stop().await;
 }

@@ -363,14 +363,11 @@ async fn recover<B: Backend>(ctx: &Context<B>, view: &SessionView) -> Result<Nex
         .increment(1);
     let restarts = view.restarts.saturating_add(1);
     info!(restarts, "restart policy: recovering the crashed session");
-    let patch = WorkerPatch::new(WorkerRecord {
+    let worker = WorkerRecord {
         restarts: Some(restarts),
         ..WorkerRecord::default()
-    })
-    .status(SessionStatus::Active);
-    ctx.api
-        .patch_worker(view.id, &patch, Some(view.version))
-        .await?;
+    };
+    move_session(ctx, view, SessionStatus::Active, worker).await?;
     Ok(Next::Retry)
 }
 
@@ -379,15 +376,33 @@ async fn pause_for_budget<B: Backend>(
     view: &SessionView,
 ) -> Result<Next, ApiError> {
     info!(cost_usd = view.cost_usd, "max_budget_usd reached: pausing");
-    let patch = WorkerPatch::new(WorkerRecord {
-        paused_reason: Some(PausedReason::Budget),
-        ..WorkerRecord::default()
-    })
-    .status(SessionStatus::Paused);
+    let budget = Some(PausedReason::Budget);
+    move_session(
+        ctx,
+        view,
+        SessionStatus::Paused,
+        WorkerRecord {
+            paused_reason: budget,
+            ..WorkerRecord::default()
+        },
+    )
+    .await?;
+    Ok(Next::Done)
+}
+
+/// Move the session to `status` with `worker` written beside it, only if it
+/// is still the version the decision read.
+async fn move_session<B: Backend>(
+    ctx: &Context<B>,
+    view: &SessionView,
+    status: SessionStatus,
+    worker: WorkerRecord,
+) -> Result<(), ApiError> {
+    let patch = WorkerPatch::new(worker).status(status);
     ctx.api
         .patch_worker(view.id, &patch, Some(view.version))
         .await?;
-    Ok(Next::Done)
+    Ok(())
 }
 
 fn forget_exited<B: Backend>(ctx: &Context<B>, id: Uuid, observed: &reconcile::Observed) {

@@ -110,6 +110,7 @@ pub fn relevant<B: Backend>(ctx: &Context<B>, e: &EventEnvelope) -> bool {
 /// everything before it. Used when no position was saved.
 pub async fn fast_forward<B: Backend>(ctx: &Context<B>, pos: &mut Position) {
     let mut at = 0;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     loop {
         match ctx.api.events(at, PAGE).await {
             Ok(page) => {
@@ -123,7 +124,7 @@ pub async fn fast_forward<B: Backend>(ctx: &Context<B>, pos: &mut Position) {
             }
             Err(e) => {
                 warn!(error = %e, "cannot read the event feed yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                backoff.wait().await;
             }
         }
     }

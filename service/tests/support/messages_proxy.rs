@@ -12,6 +12,9 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use super::api::TestApi;
+use super::eventually;
+
 type Log = Arc<Mutex<Vec<(String, Vec<Value>)>>>;
 /// Each refused batch: its session, the status it got and its lines.
 type Refusals = Arc<Mutex<Vec<(String, u16, Vec<Value>)>>>;
@@ -139,6 +142,38 @@ impl MessagesProxy {
             .filter(|(s, _, _)| s == session)
             .map(|(_, status, b)| (*status, b.clone()))
             .collect()
+    }
+
+    /// The API comes to hold exactly `want` as the session's messages (the
+    /// worker's lines but the refused one), and the refused line was first
+    /// in a batch that the runner halved (413) until it stood alone and was
+    /// skipped (422).
+    pub async fn assert_refused_line_skipped(&self, api: &TestApi, session: &str, want: &[Value]) {
+        let stored = eventually(
+            "every line but the refused one to be stored",
+            std::time::Duration::from_secs(20),
+            || async {
+                let got: Vec<Value> = api
+                    .messages(session)
+                    .await?
+                    .as_array()?
+                    .iter()
+                    .map(|m| m["message"].clone())
+                    .collect();
+                (got.len() >= want.len()).then_some(got)
+            },
+        )
+        .await;
+        assert_eq!(stored, want, "in order, all but the refused line");
+        let refusals = self.refusals(session);
+        let statuses: Vec<u16> = refusals.iter().map(|(s, _)| *s).collect();
+        assert!(
+            statuses.len() >= 2
+                && statuses[..statuses.len() - 1].iter().all(|s| *s == 413)
+                && statuses.last() == Some(&422),
+            "split, then skipped: {statuses:?}"
+        );
+        assert_eq!(refusals.last().map(|(_, b)| b.len()), Some(1));
     }
 
     /// Keep posted batches waiting (unanswered) until `release`.
