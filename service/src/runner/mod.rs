@@ -4,9 +4,10 @@
 //! `reconcile` decides (pure), `controller` acts, `backend` is the trait the
 //! local backend (`local`, child processes in per-session `workspace`s) and
 //! the Kubernetes backend (`kubernetes`, pods over per-session claims)
-//! implement, `claude` knows the CLI, `feed` brings the wake-ups, `api` is
-//! the HTTP client. Each backend the settings choose gets its own
-//! controller. Start-up: find the end of the feed, adopt workers an earlier
+//! implement, both over one `workers` table and one `poster` of the
+//! workers' output as messages; `claude` knows the CLI, `feed` brings the
+//! wake-ups, `api` is the HTTP client. Each backend the settings choose gets
+//! its own controller. Start-up: find the end of the feed, adopt workers an earlier
 //! runner left, resync every managed session, then follow the feed, Redis
 //! and a periodic resync.
 

@@ -242,16 +242,6 @@ pub enum Progress {
 }
 
 impl Progress {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Scheduled { .. } => "scheduled",
-            Self::Running { .. } => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-        }
-    }
-
     /// The phase as the worker record names it.
     pub fn phase(&self) -> PodPhase {
         match self {
@@ -530,7 +520,7 @@ mod tests {
         );
         let mut p = pod(json!({"phase": "Pending"}));
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
-        assert_eq!(progress(&p).label(), "scheduled");
+        assert_eq!(progress(&p).phase(), PodPhase::Scheduled);
         assert_eq!(
             progress(&terminated_with("Completed", 0, "Succeeded")),
             Progress::Succeeded

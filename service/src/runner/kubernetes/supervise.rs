@@ -123,21 +123,21 @@ async fn supervise(mut w: Worker, adopted: bool) {
     };
     let mut summary = RunSummary::default();
     let mut poster = Poster::new(w.inner.api.clone(), w.id, w.inner.cfg.message_batch);
-    let mut reported: Option<&'static str> = None;
+    let mut reported: Option<PodPhase> = None;
     // Until the container runs (so there is a log), or the pod is over.
     loop {
         let seen = w.seen();
         if let Some(p) = &seen.pod {
             let progress = pod::progress(p);
-            let label = progress.label();
+            let phase = progress.phase();
             if matches!(
                 progress,
                 Progress::Scheduled { .. } | Progress::Running { .. }
-            ) && reported != Some(label)
+            ) && reported != Some(phase)
             {
-                info!(phase = label, "worker pod {label}");
+                info!(?phase, "worker pod progressed");
                 w.report(&progress).await;
-                reported = Some(label);
+                reported = Some(phase);
             }
         }
         if ended(&seen) || seen.pod.as_ref().is_some_and(pod::container_started) {
