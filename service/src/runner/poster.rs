@@ -160,3 +160,39 @@ impl Poster {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn poster(batch: usize) -> Poster {
+        let api = ApiClient::new("http://127.0.0.1:9", None).expect("client");
+        Poster::new(api, Uuid::nil(), batch)
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_due_when_full_or_when_its_oldest_line_waited_long_enough() {
+        let mut p = poster(2);
+        assert_eq!(p.due_at(), None, "nothing to send");
+        let t0 = Instant::now();
+        p.push(json!({"n": 1}), 10);
+        let due = p.due_at().expect("due some time");
+        assert!(due >= t0 + LINGER, "a lone line waits for company");
+        p.push(json!({"n": 2}), 20);
+        assert!(p.due_at().expect("due") <= Instant::now(), "full: due now");
+        assert!(!p.is_empty());
+        assert_eq!(p.take_progress(), None, "nothing dealt with yet");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_api_keeps_the_lines_and_backs_off() {
+        let mut p = poster(1);
+        p.push(json!({"n": 1}), 10);
+        p.flush(true).await;
+        assert!(!p.is_empty(), "kept for a retry");
+        assert_eq!(p.take_progress(), None);
+        let retry = p.due_at().expect("retried later");
+        assert!(retry > Instant::now(), "not before the backoff");
+    }
+}
