@@ -18,6 +18,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::bus::Bus;
 use crate::metrics::names;
 use crate::store::{FeedFilter, FeedListener, LeaderLock, Store};
@@ -87,13 +88,13 @@ pub async fn listen_for_commits(
     signal: FeedSignal,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         let mut listener = match FeedListener::connect(&database_url).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(error = %e, "feed listener cannot connect; retrying");
-                if sleep_or_shutdown(backoff.next(), &shutdown).await {
+                if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
                     return;
                 }
                 continue;
@@ -123,29 +124,6 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
     }
 }
 
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(50);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
 pub struct Relay {
     store: Store,
     bus: Arc<Bus>,
@@ -165,7 +143,7 @@ impl Relay {
 
     /// Contend for leadership, publish while leader, until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         metrics::gauge!(names::RELAY_LEADER).set(0.0);
         loop {
             let lock = tokio::select! {
@@ -192,7 +170,7 @@ impl Relay {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "relay cannot reach PostgreSQL for its lock; retrying");
-                    if sleep_or_shutdown(backoff.next(), &shutdown).await {
+                    if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
                         return;
                     }
                 }
@@ -206,7 +184,7 @@ impl Relay {
         let mut cursor = None;
         let mut checked = Instant::now();
         let mut lag_checked = Instant::now() - Duration::from_secs(10);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut fast_retries = 0u32;
         loop {
             if shutdown.is_cancelled() {
@@ -229,7 +207,7 @@ impl Relay {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "relay cannot read its cursor; retrying");
-                        sleep_or_shutdown(backoff.next(), shutdown).await;
+                        sleep_or_shutdown(backoff.next_delay(), shutdown).await;
                         continue;
                     }
                 },
@@ -248,7 +226,7 @@ impl Relay {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay cannot read the log; retrying");
-                    sleep_or_shutdown(backoff.next(), shutdown).await;
+                    sleep_or_shutdown(backoff.next_delay(), shutdown).await;
                     continue;
                 }
             };
@@ -292,7 +270,7 @@ impl Relay {
                     }
                 }
                 Err(e) => {
-                    let d = backoff.next();
+                    let d = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, pending = batch.len(), "relay cannot publish to Redis; retrying");
                     metrics::counter!(names::RELAY_PUBLISH_FAILURES).increment(1);
                     sleep_or_shutdown(d, shutdown).await;
