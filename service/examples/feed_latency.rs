@@ -120,10 +120,10 @@ async fn main() -> anyhow::Result<()> {
                 buf.push_str(&String::from_utf8_lossy(&chunk));
                 while let Some(end) = buf.find("\n\n") {
                     let frame: String = buf.drain(..end + 2).collect();
-                    if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
-                        if let Ok(v) = serde_json::from_str::<Value>(data) {
-                            record(&samples, &v);
-                        }
+                    if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: "))
+                        && let Ok(v) = serde_json::from_str::<Value>(data)
+                    {
+                        record(&samples, &v);
                     }
                 }
             }
