@@ -32,6 +32,10 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("If-Match {expected} does not match the session's version {actual}")]
     PreconditionFailed { expected: i64, actual: i64 },
+    #[error(
+        "If-Match W/\"{tag}\" is a weak tag, which never matches; send the strong tag \"{actual}\""
+    )]
+    WeakPrecondition { tag: i64, actual: i64 },
     #[error("{0}")]
     IllegalTransition(String),
     #[error("{0}")]
@@ -74,7 +78,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
             Self::NotFound(_) => ("not-found", "Not found"),
             Self::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
-            Self::PreconditionFailed { .. } => ("version-mismatch", "Version mismatch"),
+            Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
+                ("version-mismatch", "Version mismatch")
+            }
             Self::IllegalTransition(_) => ("illegal-transition", "Illegal status transition"),
             Self::Conflict(_) => ("conflict", "Conflict"),
             Self::IdempotencyKeyReused => ("idempotency-key-reused", "Idempotency key reused"),
@@ -90,7 +96,10 @@ impl ApiError {
         match self {
             Self::Validation { field, .. } => field.clone(),
             Self::BadParameter { field, .. } => Some(field.clone()),
-            Self::PreconditionFailed { .. } => Some("If-Match".into()),
+            Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
+                Some("If-Match".into())
+            }
+            Self::IllegalTransition(_) => Some("status".into()),
             Self::IdempotencyKeyReused => Some("Idempotency-Key".into()),
             _ => None,
         }
@@ -128,7 +137,9 @@ impl ResponseError for ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
+                StatusCode::PRECONDITION_FAILED
+            }
             Self::IllegalTransition(_) | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,

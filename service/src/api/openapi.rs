@@ -7,9 +7,11 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{events, health, messages, sessions, stream};
-use crate::contract::{EventEnvelope, FieldProblem, NewSession, Problem, Session, SessionUpdate};
-use crate::domain::worker::{CrashReason, PermissionMode, Resources, RestartPolicy};
-use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usage, WorkerSpec};
+use crate::contract::{
+    CrashReason, EventEnvelope, EventKind, EventMetadata, FieldProblem, NewSession, PermissionMode,
+    Problem, Resources, RestartPolicy, RuntimeBackend, Session, SessionMergePatch, SessionStatus,
+    SessionUpdate, Usage, WorkerSpec,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,7 +27,7 @@ use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usa
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
-        Session, NewSession, SessionUpdate, SessionStatus, RuntimeBackend, WorkerSpec,
+        Session, NewSession, SessionUpdate, SessionMergePatch, SessionStatus, RuntimeBackend, WorkerSpec,
         PermissionMode, Resources, RestartPolicy, CrashReason, EventEnvelope, EventKind,
         EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks,
     )),

@@ -4,7 +4,12 @@
 mod event;
 mod problem;
 mod session;
+mod worker_spec;
 
-pub use event::EventEnvelope;
+pub use event::{EventEnvelope, EventKind, EventMetadata};
 pub use problem::{FieldProblem, Problem};
-pub use session::{NewSession, Session, SessionUpdate, format_time};
+pub use session::{
+    NewSession, RuntimeBackend, Session, SessionMergePatch, SessionStatus, SessionUpdate, Usage,
+    format_time,
+};
+pub use worker_spec::{CrashReason, PermissionMode, Resources, RestartPolicy, WorkerSpec};

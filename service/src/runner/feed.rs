@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use super::backend::Backend;
 use super::controller::Context;
 use crate::contract::EventEnvelope;
-use crate::domain::EventKind;
+use crate::contract::EventKind;
 
 const PAGE: u32 = 500;
 

@@ -50,8 +50,12 @@ impl SessionView {
         let get = |k: &str| rec.and_then(|r| r.get(k));
         Self {
             id: s.id,
-            status: s.status,
-            managed: s.worker.clone().filter(|_| s.runtime_backend == backend),
+            status: s.status.into(),
+            managed: s
+                .worker
+                .clone()
+                .map(WorkerSpec::from)
+                .filter(|_| RuntimeBackend::from(s.runtime_backend) == backend),
             generation: get("generation").and_then(Value::as_u64).unwrap_or(0),
             restarts: get("restarts")
                 .and_then(Value::as_u64)

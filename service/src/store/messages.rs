@@ -4,13 +4,13 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as Param};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
 use crate::domain::event::{self, AGGREGATE_TYPE};
-use crate::domain::{EventKind, EventMetadata};
+use crate::domain::{EventKind, EventMetadata, SessionChanges};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
@@ -36,13 +36,13 @@ impl Store {
             let mut usage = current.usage.clone();
             let first_seq = usage.message_count + 1;
             usage.add_messages(messages);
-            let mut changes = Map::new();
-            changes.insert(
-                "usage".into(),
-                serde_json::to_value(&usage).expect("usage serialises"),
-            );
+            let usage_json = serde_json::to_value(&usage).expect("usage serialises");
+            let changes = SessionChanges {
+                usage: Some(usage),
+                ..SessionChanges::default()
+            };
             let mut next = current.clone();
-            next.apply(&changes)?;
+            next.apply(&changes);
             next.version += 1;
             let sql = format!(
                 "WITH u AS (UPDATE sessions SET usage = $4, version = $2 + 1, updated_at = now() \
@@ -61,7 +61,7 @@ impl Store {
                 id.into(),
                 current.version.into(),
                 Uuid::new_v4().into(),
-                Param::Json(Some(Box::new(changes["usage"].clone()))),
+                Param::Json(Some(Box::new(usage_json))),
                 first_seq.into(),
                 Param::Json(Some(Box::new(batch.clone()))),
                 Param::Json(Some(Box::new(event::updated_payload(&next, &changes)))),
