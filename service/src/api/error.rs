@@ -40,6 +40,8 @@ pub enum ApiError {
     IllegalTransition(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    IdempotentTargetGone(String),
     #[error("Idempotency-Key was already used with a different request body")]
     IdempotencyKeyReused,
     #[error("{0}")]
@@ -82,7 +84,7 @@ impl ApiError {
                 ("version-mismatch", "Version mismatch")
             }
             Self::IllegalTransition(_) => ("illegal-transition", "Illegal status transition"),
-            Self::Conflict(_) => ("conflict", "Conflict"),
+            Self::Conflict(_) | Self::IdempotentTargetGone(_) => ("conflict", "Conflict"),
             Self::IdempotencyKeyReused => ("idempotency-key-reused", "Idempotency key reused"),
             Self::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             Self::Forbidden(_) => ("forbidden", "Forbidden"),
@@ -100,6 +102,8 @@ impl ApiError {
                 Some("If-Match".into())
             }
             Self::IllegalTransition(_) => Some("status".into()),
+            Self::UnsupportedMediaType(_) => Some("Content-Type".into()),
+            Self::IdempotentTargetGone(_) => Some("Idempotency-Key".into()),
             Self::IdempotencyKeyReused => Some("Idempotency-Key".into()),
             _ => None,
         }
@@ -140,7 +144,9 @@ impl ResponseError for ApiError {
             Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
                 StatusCode::PRECONDITION_FAILED
             }
-            Self::IllegalTransition(_) | Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::IllegalTransition(_) | Self::Conflict(_) | Self::IdempotentTargetGone(_) => {
+                StatusCode::CONFLICT
+            }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -205,9 +211,8 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Domain(d) => d.into(),
             StoreError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
-            e @ (StoreError::IdempotentTargetGone(_) | StoreError::Contended(_)) => {
-                Self::Conflict(e.to_string())
-            }
+            e @ StoreError::IdempotentTargetGone(_) => Self::IdempotentTargetGone(e.to_string()),
+            e @ StoreError::Contended(_) => Self::Conflict(e.to_string()),
             StoreError::Unstorable(m) => Self::Validation {
                 field: None,
                 detail: format!("the request holds a value that cannot be stored: {m}"),

@@ -544,3 +544,53 @@ async fn if_none_match_answers_304_only_for_the_current_version() {
         }
     }
 }
+
+/// A header at fault is named like a body field.
+#[tokio::test]
+async fn an_unsupported_content_type_names_the_header() {
+    let app = spawn_app().await;
+    let res = app
+        .client
+        .post(app.url("/sessions/"))
+        .header("content-type", "application/xml")
+        .body("<a/>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 415);
+    let p = problem(res).await;
+    assert_eq!(p["field"], "Content-Type", "{p}");
+}
+
+/// Retrying a create whose session was since deleted is a 409 that names
+/// the key, not a second session.
+#[tokio::test]
+async fn a_key_whose_session_was_deleted_is_a_409_naming_the_key() {
+    let app = spawn_app().await;
+    let body = json!({"agent_id": AGENT, "session_type": "task"});
+    let create = || {
+        app.client
+            .post(app.url("/sessions/"))
+            .header("idempotency-key", "gone-1")
+            .json(&body)
+            .send()
+    };
+    let first: Value = create().await.unwrap().json().await.unwrap();
+    let id = first["id"].as_str().unwrap();
+    let res = app
+        .client
+        .delete(app.url(&format!("/sessions/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let res = create().await.unwrap();
+    assert_eq!(res.status(), 409);
+    let p = problem(res).await;
+    assert_eq!(p["field"], "Idempotency-Key", "{p}");
+    assert_eq!(
+        app.counts().await,
+        (0, 2),
+        "created and deleted, nothing more"
+    );
+}
