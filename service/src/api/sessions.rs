@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::middleware::RequestMeta;
 use super::params::{self, link_next};
 use crate::contract::{NewSession, Problem, Session, SessionMergePatch, SessionUpdate};
+use crate::domain::json::{FieldError, read_at};
 use crate::domain::{CreateSession, RuntimeBackend, SessionPatch, SessionState, SessionStatus};
 use crate::store::{IdempotencyRequest, ListCursor, ListFilter};
 
@@ -110,27 +111,12 @@ fn session_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 fn parse_dto<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        let at = (path != ".").then_some(path);
-        // serde reports a missing field at its parent and names it only in the message.
-        let missing = inner
-            .strip_prefix("missing field `")
-            .and_then(|rest| rest.split_once('`'))
-            .map(|(name, _)| name.to_owned());
-        let (field, detail) = match (at, missing) {
-            (Some(parent), Some(name)) => (Some(format!("{parent}.{name}")), "is required".into()),
-            (None, Some(name)) => (Some(name), "is required".into()),
-            (at, None) => (at, inner),
-        };
-        ApiError::Validation {
-            detail: match &field {
-                Some(f) => format!("{f}: {detail}"),
-                None => detail,
-            },
-            field,
-        }
+    read_at(value, None).map_err(|FieldError { field, detail }| ApiError::Validation {
+        detail: match &field {
+            Some(f) => format!("{f}: {detail}"),
+            None => detail,
+        },
+        field,
     })
 }
 

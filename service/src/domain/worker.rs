@@ -155,10 +155,11 @@ pub struct SpecProblem {
 impl WorkerSpec {
     /// Parse and validate a spec given as JSON.
     pub fn from_value(value: &serde_json::Value) -> Result<Self, SpecProblem> {
-        let spec: WorkerSpec = serde_json::from_value(value.clone()).map_err(|e| SpecProblem {
-            field: "worker".into(),
-            detail: e.to_string(),
-        })?;
+        let spec: WorkerSpec =
+            super::json::read_at(value.clone(), Some("worker")).map_err(|e| SpecProblem {
+                field: e.field.unwrap_or_else(|| "worker".into()),
+                detail: e.detail,
+            })?;
         spec.validate()?;
         Ok(spec)
     }

@@ -426,6 +426,12 @@ async fn worker_spec_is_validated_stored_and_returned() {
             json!({"prompt": "x", "max_budget_usd": -1}),
             "worker.max_budget_usd",
         ),
+        (json!({"max_turns": 2}), "worker.prompt"),
+        (json!({"prompt": "x", "promt": "y"}), "worker.promt"),
+        (
+            json!({"prompt": "x", "restart_policy": {"on": ["oom", "gremlins"]}}),
+            "worker.restart_policy.on[1]",
+        ),
     ] {
         let res = app
             .post_json(
