@@ -10,4 +10,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo nextest run --workspace --no-fail-fast
 bash scripts/fuzz.sh
+bash scripts/openapi-check.sh
 bash scripts/seed-check.sh

@@ -32,10 +32,16 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("If-Match {expected} does not match the session's version {actual}")]
     PreconditionFailed { expected: i64, actual: i64 },
+    #[error(
+        "If-Match W/\"{tag}\" is a weak tag, which never matches; send the strong tag \"{actual}\""
+    )]
+    WeakPrecondition { tag: i64, actual: i64 },
     #[error("{0}")]
     IllegalTransition(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    IdempotentTargetGone(String),
     #[error("Idempotency-Key was already used with a different request body")]
     IdempotencyKeyReused,
     #[error("{0}")]
@@ -74,9 +80,11 @@ impl ApiError {
             Self::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
             Self::NotFound(_) => ("not-found", "Not found"),
             Self::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
-            Self::PreconditionFailed { .. } => ("version-mismatch", "Version mismatch"),
+            Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
+                ("version-mismatch", "Version mismatch")
+            }
             Self::IllegalTransition(_) => ("illegal-transition", "Illegal status transition"),
-            Self::Conflict(_) => ("conflict", "Conflict"),
+            Self::Conflict(_) | Self::IdempotentTargetGone(_) => ("conflict", "Conflict"),
             Self::IdempotencyKeyReused => ("idempotency-key-reused", "Idempotency key reused"),
             Self::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             Self::Forbidden(_) => ("forbidden", "Forbidden"),
@@ -90,7 +98,12 @@ impl ApiError {
         match self {
             Self::Validation { field, .. } => field.clone(),
             Self::BadParameter { field, .. } => Some(field.clone()),
-            Self::PreconditionFailed { .. } => Some("If-Match".into()),
+            Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
+                Some("If-Match".into())
+            }
+            Self::IllegalTransition(_) => Some("status".into()),
+            Self::UnsupportedMediaType(_) => Some("Content-Type".into()),
+            Self::IdempotentTargetGone(_) => Some("Idempotency-Key".into()),
             Self::IdempotencyKeyReused => Some("Idempotency-Key".into()),
             _ => None,
         }
@@ -128,8 +141,12 @@ impl ResponseError for ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-            Self::IllegalTransition(_) | Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
+                StatusCode::PRECONDITION_FAILED
+            }
+            Self::IllegalTransition(_) | Self::Conflict(_) | Self::IdempotentTargetGone(_) => {
+                StatusCode::CONFLICT
+            }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -194,9 +211,8 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Domain(d) => d.into(),
             StoreError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
-            e @ (StoreError::IdempotentTargetGone(_) | StoreError::Contended(_)) => {
-                Self::Conflict(e.to_string())
-            }
+            e @ StoreError::IdempotentTargetGone(_) => Self::IdempotentTargetGone(e.to_string()),
+            e @ StoreError::Contended(_) => Self::Conflict(e.to_string()),
             StoreError::Unstorable(m) => Self::Validation {
                 field: None,
                 detail: format!("the request holds a value that cannot be stored: {m}"),

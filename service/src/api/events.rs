@@ -29,7 +29,7 @@ pub struct StreamQuery {
 
 /// One session's events, by version.
 #[utoipa::path(
-    get, path = "/sessions/{id}/events", tag = "events",
+    get, path = "/sessions/{id}/events", tag = "events", operation_id = "list_session_events",
     params(("id" = Uuid, Path, description = "Session id"), StreamQuery),
     responses(
         (status = 200, description = "Events by version; more in `Link: rel=\"next\"`", body = Vec<EventEnvelope>),
@@ -130,7 +130,7 @@ pub(crate) fn feed_filter(q: &FeedQuery) -> Result<FeedFilter, ApiError> {
 /// The global feed, in position order. Positions increase but are not dense;
 /// an event never appears below a position already returned.
 #[utoipa::path(
-    get, path = "/events", tag = "events",
+    get, path = "/events", tag = "events", operation_id = "list_events",
     params(FeedQuery, WaitQuery),
     responses(
         (status = 200, description = "Events after `after` (empty when none came within `wait`); `Link: rel=\"next\"` carries the last position", body = Vec<EventEnvelope>),

@@ -64,7 +64,7 @@ fn without_nul(v: Value) -> Value {
 
 /// Append worker messages (used by the runner).
 #[utoipa::path(
-    post, path = "/sessions/{id}/messages", tag = "sessions",
+    post, path = "/sessions/{id}/messages", tag = "sessions", operation_id = "append_messages",
     params(("id" = Uuid, Path, description = "Session id")),
     request_body(content = Vec<Object>, description = "1 to 1000 stream-json objects, in order"),
     responses(
@@ -122,7 +122,7 @@ pub async fn append(
 
 /// Read the message log.
 #[utoipa::path(
-    get, path = "/sessions/{id}/messages", tag = "sessions",
+    get, path = "/sessions/{id}/messages", tag = "sessions", operation_id = "list_messages",
     params(("id" = Uuid, Path, description = "Session id"), MessagesQuery),
     responses(
         (status = 200, description = "Messages in order; `Link: rel=\"next\"` for more. With `format=jsonl`, one raw message per line (`application/x-ndjson`)",

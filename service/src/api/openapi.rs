@@ -8,11 +8,10 @@ use utoipa::{Modify, OpenApi};
 
 use super::{events, health, messages, sessions, stream};
 use crate::contract::{
-    EventEnvelope, FieldProblem, NewSession, PausedReason, PodPhase, Problem, Session,
-    SessionUpdate, WorkerLaunch, WorkerRecord,
+    CrashReason, EventEnvelope, EventKind, EventMetadata, FieldProblem, NewSession, PausedReason,
+    PermissionMode, PodPhase, Problem, Resources, RestartPolicy, RuntimeBackend, Session,
+    SessionMergePatch, SessionStatus, SessionUpdate, Usage, WorkerLaunch, WorkerRecord, WorkerSpec,
 };
-use crate::domain::worker::{CrashReason, PermissionMode, Resources, RestartPolicy};
-use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usage, WorkerSpec};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,7 +27,7 @@ use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usa
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
-        Session, NewSession, SessionUpdate, SessionStatus, RuntimeBackend, WorkerSpec,
+        Session, NewSession, SessionUpdate, SessionMergePatch, SessionStatus, RuntimeBackend, WorkerSpec,
         PermissionMode, Resources, RestartPolicy, CrashReason, EventEnvelope, EventKind,
         EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks, crate::monitor::FeedHealth,
         WorkerRecord, WorkerLaunch, PodPhase, PausedReason,

@@ -15,7 +15,8 @@ use super::body::JsonBody;
 use super::error::ApiError;
 use super::middleware::RequestMeta;
 use super::params::{self, link_next};
-use crate::contract::{NewSession, Problem, Session, SessionUpdate};
+use crate::contract::{NewSession, Problem, Session, SessionMergePatch, SessionUpdate};
+use crate::domain::json::{FieldError, read_at};
 use crate::domain::{CreateSession, RuntimeBackend, SessionPatch, SessionState, SessionStatus};
 use crate::store::{IdempotencyRequest, ListCursor, ListFilter};
 
@@ -30,22 +31,79 @@ fn with_session(mut res: actix_web::HttpResponseBuilder, s: &SessionState) -> Ht
         .json(Session::from(s))
 }
 
-/// `If-Match`: `"5"`, `W/"5"`, `5`, or `*` (any version).
-fn if_match(req: &HttpRequest) -> Result<Option<i64>, ApiError> {
+/// What a write's `If-Match` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Precondition {
+    /// No header, or `*`: any current version.
+    Any,
+    /// `"5"` (or `5`): only at this version.
+    Version(i64),
+    /// `W/"5"`: a weak tag, which never matches under the strong comparison
+    /// RFC 9110 requires for `If-Match`.
+    Weak(i64),
+}
+
+/// `If-Match`: `"5"`, `5`, `*`, or a weak `W/"5"` (which never matches).
+fn if_match(req: &HttpRequest) -> Result<Precondition, ApiError> {
     let Some(raw) = req.headers().get(header::IF_MATCH) else {
-        return Ok(None);
+        return Ok(Precondition::Any);
     };
     let bad = || ApiError::parameter("If-Match", "must be an ETag such as \"3\" or *");
     let s = raw.to_str().map_err(|_| bad())?.trim();
     if s == "*" {
-        return Ok(None);
+        return Ok(Precondition::Any);
     }
-    let s = s.strip_prefix("W/").unwrap_or(s);
+    let (weak, s) = match s.strip_prefix("W/") {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
     let s = s
         .strip_prefix('"')
         .and_then(|x| x.strip_suffix('"'))
         .unwrap_or(s);
-    s.parse::<i64>().map(Some).map_err(|_| bad())
+    let version = s.parse::<i64>().map_err(|_| bad())?;
+    Ok(if weak {
+        Precondition::Weak(version)
+    } else {
+        Precondition::Version(version)
+    })
+}
+
+/// The version a write must find, or the 412 a weak tag earns once the
+/// session is known to exist (a missing session stays a 404).
+async fn expected_version(
+    state: &AppState,
+    id: Uuid,
+    pre: Precondition,
+) -> Result<Option<i64>, ApiError> {
+    match pre {
+        Precondition::Any => Ok(None),
+        Precondition::Version(v) => Ok(Some(v)),
+        Precondition::Weak(v) => {
+            let current = state
+                .store
+                .get(id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("session {id} not found")))?;
+            Err(ApiError::WeakPrecondition {
+                tag: v,
+                actual: current.version,
+            })
+        }
+    }
+}
+
+/// `If-None-Match` (weak comparison, as RFC 9110 asks for it): `*` or a
+/// list of tags, one of which is the session's.
+fn none_match(req: &HttpRequest, tag: &str) -> bool {
+    req.headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim() == "*"
+                || v.split(',')
+                    .any(|t| t.trim().trim_start_matches("W/") == tag)
+        })
 }
 
 fn session_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -53,17 +111,12 @@ fn session_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 fn parse_dto<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        let field = (path != ".").then_some(path);
-        ApiError::Validation {
-            detail: match &field {
-                Some(f) => format!("{f}: {inner}"),
-                None => inner,
-            },
-            field,
-        }
+    read_at(value, None).map_err(|FieldError { field, detail }| ApiError::Validation {
+        detail: match &field {
+            Some(f) => format!("{f}: {detail}"),
+            None => detail,
+        },
+        field,
     })
 }
 
@@ -94,7 +147,7 @@ fn idempotency(
 
 /// Create a session.
 #[utoipa::path(
-    post, path = "/sessions/", tag = "sessions",
+    post, path = "/sessions/", tag = "sessions", operation_id = "create_session",
     request_body(content = NewSession, description = "JSON; a body without Content-Type (or form-encoded, as `curl -d` sends it) is read as JSON"),
     params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body return the first session instead of creating another")),
     responses(
@@ -125,10 +178,10 @@ pub async fn create(
     let cmd = CreateSession::new(
         dto.agent_id,
         dto.session_type,
-        dto.status,
+        dto.status.map(Into::into),
         dto.context,
         dto.checkpoint,
-        dto.runtime_backend,
+        dto.runtime_backend.map(Into::into),
         dto.runtime_metadata,
         dto.worker,
     )?;
@@ -147,8 +200,11 @@ pub async fn create(
 
 /// Get one session.
 #[utoipa::path(
-    get, path = "/sessions/{id}", tag = "sessions",
-    params(("id" = Uuid, Path, description = "Session id")),
+    get, path = "/sessions/{id}", tag = "sessions", operation_id = "get_session",
+    params(
+        ("id" = Uuid, Path, description = "Session id"),
+        ("If-None-Match" = Option<String>, Header, description = "Answer 304 without a body when the session is still at one of these versions (its ETag, e.g. `\"5\"`; `*` for any)"),
+    ),
     responses(
         (status = 200, description = "The session", body = Session, headers(("ETag" = String))),
         (status = 304, description = "Not modified since the `If-None-Match` version"),
@@ -168,15 +224,7 @@ pub async fn get(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("session {id} not found")))?;
     let tag = etag(s.version);
-    if req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().trim_start_matches("W/") == tag)
-        })
-    {
+    if none_match(&req, &tag) {
         return Ok(HttpResponse::NotModified()
             .insert_header((header::ETAG, tag))
             .finish());
@@ -186,19 +234,19 @@ pub async fn get(
 
 /// Update a session.
 #[utoipa::path(
-    patch, path = "/sessions/{id}", tag = "sessions",
+    patch, path = "/sessions/{id}", tag = "sessions", operation_id = "update_session",
     params(
         ("id" = Uuid, Path, description = "Session id"),
-        ("If-Match" = Option<String>, Header, description = "Apply only if the session is at this version (its ETag)", pattern = r#"^(\*|(W/)?("[0-9]+"|[0-9]+))$"#),
+        ("If-Match" = Option<String>, Header, description = "Apply only if the session is at this version (its ETag); a weak tag (`W/\"5\"`) never matches", pattern = r#"^(\*|(W/)?("[0-9]+"|[0-9]+))$"#),
     ),
-    request_body(content = SessionUpdate, description = "Plain JSON replaces each named field; `application/merge-patch+json` merges objects (RFC 7396)",
-        content_type = "application/json"),
+    request_body(description = "Plain JSON replaces each named field; `application/merge-patch+json` merges objects (RFC 7396)",
+        content((SessionUpdate = "application/json"), (SessionMergePatch = "application/merge-patch+json"))),
     responses(
         (status = 200, description = "The session after the update", body = Session, headers(("ETag" = String))),
         (status = 400, description = "Malformed JSON or If-Match", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Illegal status transition", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "If-Match does not match the current version", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match does not match the current version, or is weak", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported Content-Type", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
@@ -213,17 +261,15 @@ pub async fn update(
     _auth: Authorized<SessionsWrite>,
 ) -> Result<HttpResponse, ApiError> {
     let id = session_id(&id)?;
-    let expected = if_match(&req)?;
+    let pre = if_match(&req)?;
     let Value::Object(fields) = body.value else {
         return Err(ApiError::Validation {
             field: None,
             detail: "the body must be a JSON object".into(),
         });
     };
-    let patch = SessionPatch {
-        mode: body.mode,
-        fields,
-    };
+    let patch = SessionPatch::parse(body.mode, fields)?;
+    let expected = expected_version(&state, id, pre).await?;
     let written = state.store.update(id, &patch, expected, &meta.0).await?;
     state.after_commit(written.appended.as_ref());
     Ok(with_session(HttpResponse::Ok(), &written.session))
@@ -231,16 +277,16 @@ pub async fn update(
 
 /// Delete a session (appends `session.deleted`).
 #[utoipa::path(
-    delete, path = "/sessions/{id}", tag = "sessions",
+    delete, path = "/sessions/{id}", tag = "sessions", operation_id = "delete_session",
     params(
         ("id" = Uuid, Path, description = "Session id"),
-        ("If-Match" = Option<String>, Header, description = "Delete only if the session is at this version", pattern = r#"^(\*|(W/)?("[0-9]+"|[0-9]+))$"#),
+        ("If-Match" = Option<String>, Header, description = "Delete only if the session is at this version; a weak tag (`W/\"5\"`) never matches", pattern = r#"^(\*|(W/)?("[0-9]+"|[0-9]+))$"#),
     ),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Malformed If-Match", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "If-Match does not match the current version", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match does not match the current version, or is weak", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn delete(
@@ -251,7 +297,7 @@ pub async fn delete(
     _auth: Authorized<SessionsWrite>,
 ) -> Result<HttpResponse, ApiError> {
     let id = session_id(&id)?;
-    let expected = if_match(&req)?;
+    let expected = expected_version(&state, id, if_match(&req)?).await?;
     let written = state.store.delete(id, expected, &meta.0).await?;
     state.after_commit(written.appended.as_ref());
     Ok(HttpResponse::NoContent().finish())
@@ -301,7 +347,7 @@ fn time(field: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiErr
 
 /// List sessions, newest first.
 #[utoipa::path(
-    get, path = "/sessions/", tag = "sessions",
+    get, path = "/sessions/", tag = "sessions", operation_id = "list_sessions",
     params(ListQuery),
     responses(
         (status = 200, description = "A page of sessions; the next page is in `Link: <…>; rel=\"next\"`", body = Vec<Session>,

@@ -89,10 +89,10 @@ async fn next_chunk(mut c: Cursor) -> Option<(Result<Bytes, actix_web::Error>, C
 
 /// The feed, live, as Server-Sent Events.
 #[utoipa::path(
-    get, path = "/events/stream", tag = "events",
+    get, path = "/events/stream", tag = "events", operation_id = "stream_events",
     params(
         FeedQuery,
-        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this position (takes precedence over `after`)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position, the `id` of the last event received (takes precedence over `after`)", pattern = "^[0-9]+$"),
     ),
     responses(
         (status = 200, description = "`text/event-stream`: one SSE event per log event (`id` = position, `event` = event type, `data` = the envelope), keep-alive comments in between",

@@ -5,7 +5,44 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::domain::{EventKind, EventMetadata};
+use super::worker_spec::same_variants;
+use crate::domain;
+
+/// What happened to the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum EventKind {
+    #[serde(rename = "session.created")]
+    Created,
+    #[serde(rename = "session.updated")]
+    Updated,
+    #[serde(rename = "session.deleted")]
+    Deleted,
+}
+
+same_variants!(EventKind, domain::EventKind, [Created, Updated, Deleted]);
+
+/// Who caused an event and in answer to what; stored with every event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventMetadata {
+    /// The authenticated subject, or `anonymous` when auth is off.
+    pub actor: String,
+    /// The `X-Request-Id` of the HTTP request that made the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The event or command this change answers, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+}
+
+impl From<domain::EventMetadata> for EventMetadata {
+    fn from(m: domain::EventMetadata) -> Self {
+        Self {
+            actor: m.actor,
+            request_id: m.request_id,
+            causation_id: m.causation_id,
+        }
+    }
+}
 
 /// One event, as `/events`, `/sessions/{id}/events` and Redis carry it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

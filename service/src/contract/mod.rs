@@ -6,9 +6,14 @@ mod hint;
 mod problem;
 mod session;
 mod worker;
+mod worker_spec;
 
-pub use event::EventEnvelope;
+pub use event::{EventEnvelope, EventKind, EventMetadata};
 pub use hint::{WakeHint, hint_channel};
 pub use problem::{FieldProblem, Problem};
-pub use session::{NewSession, Session, SessionUpdate, format_time};
+pub use session::{
+    NewSession, RuntimeBackend, Session, SessionMergePatch, SessionStatus, SessionUpdate, Usage,
+    format_time,
+};
 pub use worker::{PausedReason, PodPhase, WorkerField, WorkerLaunch, WorkerPatch, WorkerRecord};
+pub use worker_spec::{CrashReason, PermissionMode, Resources, RestartPolicy, WorkerSpec};

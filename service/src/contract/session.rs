@@ -6,11 +6,78 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::domain::{RuntimeBackend, SessionState, SessionStatus, Usage, WorkerSpec};
+use super::worker_spec::{WorkerSpec, same_variants};
+use crate::domain::{self, SessionState};
 
 /// RFC 3339 in UTC with microseconds, the precision PostgreSQL keeps.
 pub fn format_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Where a session is in its life: active ⇄ paused; active or paused →
+/// completed or crashed; crashed → active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatus {
+    Active,
+    Paused,
+    Completed,
+    Crashed,
+}
+
+same_variants!(
+    SessionStatus,
+    domain::SessionStatus,
+    [Active, Paused, Completed, Crashed]
+);
+
+/// Where the session's worker runs, when it has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeBackend {
+    Local,
+    Kubernetes,
+    #[default]
+    Unknown,
+}
+
+same_variants!(
+    RuntimeBackend,
+    domain::RuntimeBackend,
+    [Local, Kubernetes, Unknown]
+);
+
+/// Totals over every message the session's workers produced.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Usage {
+    /// Messages stored in the session's message log.
+    pub message_count: i64,
+    /// `tool_use` blocks in assistant messages.
+    pub tool_call_count: i64,
+    /// Turns reported by the workers' `result` messages.
+    pub turns: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_creation_input_tokens: i64,
+    pub cache_read_input_tokens: i64,
+    /// Sum of `total_cost_usd` over the workers' runs.
+    pub total_cost_usd: f64,
+}
+
+impl From<&domain::Usage> for Usage {
+    fn from(u: &domain::Usage) -> Self {
+        Self {
+            message_count: u.message_count,
+            tool_call_count: u.tool_call_count,
+            turns: u.turns,
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_creation_input_tokens: u.cache_creation_input_tokens,
+            cache_read_input_tokens: u.cache_read_input_tokens,
+            total_cost_usd: u.total_cost_usd,
+        }
+    }
 }
 
 /// A session as the API returns it.
@@ -51,13 +118,13 @@ impl From<&SessionState> for Session {
             id: s.id,
             agent_id: s.agent_id,
             session_type: s.session_type.clone(),
-            status: s.status,
+            status: s.status.into(),
             context: s.context.clone(),
             checkpoint: s.checkpoint.clone(),
-            runtime_backend: s.runtime_backend,
+            runtime_backend: s.runtime_backend.into(),
             runtime_metadata: s.runtime_metadata.clone(),
-            worker: s.worker_spec(),
-            usage: s.usage.clone(),
+            worker: s.worker.clone().map(Into::into),
+            usage: Usage::from(&s.usage),
             version: s.version,
             created_at: format_time(&s.created_at),
             updated_at: format_time(&s.updated_at),
@@ -91,9 +158,9 @@ pub struct NewSession {
     pub worker: Option<Value>,
 }
 
-/// The body of `PATCH /sessions/{id}`: every field optional. With
-/// `application/merge-patch+json`, `context`, `checkpoint`, `runtime_metadata`
-/// and `worker` are merged (RFC 7396); otherwise each named field is replaced.
+/// The body of `PATCH /sessions/{id}` sent as `application/json`: every
+/// field optional, each one named is replaced (see `SessionMergePatch` for
+/// merging).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionUpdate {
@@ -114,5 +181,33 @@ pub struct SessionUpdate {
     /// `null` removes the worker spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<WorkerSpec>)]
+    pub worker: Option<Value>,
+}
+
+/// The body of `PATCH /sessions/{id}` sent as `application/merge-patch+json`
+/// (RFC 7396): every field optional; `context`, `checkpoint`,
+/// `runtime_metadata` and `worker` are merged into the stored ones, and a
+/// `null` inside them removes that key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionMergePatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<SessionStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub context: Option<Map<String, Value>>,
+    /// Merged into the checkpoint; `null` clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub checkpoint: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_backend: Option<RuntimeBackend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub runtime_metadata: Option<Map<String, Value>>,
+    /// Merged into the worker spec (the result must be a valid spec);
+    /// `null` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub worker: Option<Value>,
 }

@@ -110,6 +110,7 @@ pub struct WorkerRecord {
         deserialize_with = "lenient",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<super::CrashReason>)]
     pub crash_reason: Option<CrashReason>,
     #[serde(
         default,

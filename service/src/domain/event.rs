@@ -6,14 +6,13 @@
 //! folds into the projection.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
-use utoipa::ToSchema;
+use serde_json::{Value, json};
 
-use super::session::{CreateSession, SessionState};
+use super::session::{CreateSession, SessionChanges, SessionState};
 
 pub const AGGREGATE_TYPE: &str = "session";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventKind {
     #[serde(rename = "session.created")]
     Created,
@@ -40,7 +39,7 @@ impl EventKind {
 }
 
 /// Who caused an event and in answer to what; stored with every event.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {
     /// The authenticated subject, or `anonymous` when auth is off.
     pub actor: String,
@@ -62,11 +61,11 @@ pub fn created_payload(cmd: &CreateSession) -> Value {
 }
 
 /// `state` is the session after the change.
-pub fn updated_payload(state: &SessionState, changes: &Map<String, Value>) -> Value {
+pub fn updated_payload(state: &SessionState, changes: &SessionChanges) -> Value {
     json!({
         "agent_id": state.agent_id,
         "status": state.status.as_str(),
-        "updates": changes.keys().collect::<Vec<_>>(),
+        "updates": changes.names(),
         "changes": changes,
     })
 }
@@ -81,6 +80,7 @@ pub fn deleted_payload(state: &SessionState) -> Value {
 }
 
 /// The change set an event applies to the projection.
-pub fn changes_of(payload: &Value) -> Option<&Map<String, Value>> {
-    payload.get("changes").and_then(Value::as_object)
+pub fn changes_of(payload: &Value) -> Result<SessionChanges, String> {
+    let changes = payload.get("changes").ok_or("has no changes")?;
+    SessionChanges::deserialize(changes).map_err(|e| format!("has unreadable changes: {e}"))
 }

@@ -4,6 +4,7 @@
 //! very deep documents are costly to store and to diff. Both are refused here,
 //! before any write, with the path of the offending value.
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// Deepest nesting accepted in a client document (serde_json stops at 128).
@@ -55,6 +56,64 @@ fn walk(value: &Value, path: &mut String, depth: usize) -> Result<(), JsonProble
     }
 }
 
+/// A field that failed to deserialise: its dotted path, when it has one,
+/// and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: Option<String>,
+    pub detail: String,
+}
+
+/// Deserialise `value`, naming the field at fault as a dotted path below
+/// `root` (e.g. `worker.restart_policy.on[0]`). A missing field is reported
+/// by serde at its parent, so its name is taken from the message.
+pub fn read_at<T: DeserializeOwned>(value: Value, root: Option<&str>) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let named = ["missing field `", "unknown field `"]
+            .iter()
+            .find_map(|prefix| {
+                let name = inner.strip_prefix(prefix)?.split_once('`')?.0;
+                let detail = if prefix.starts_with("missing") {
+                    "is required".to_owned()
+                } else {
+                    inner.split_once(", ").map_or_else(
+                        || "is not a known field".to_owned(),
+                        |(_, expected)| format!("is not a known field; {expected}"),
+                    )
+                };
+                Some((name.to_owned(), detail))
+            });
+        let join = |parts: &[&str]| {
+            let mut field = String::new();
+            for part in parts.iter().filter(|p| !p.is_empty()) {
+                if !field.is_empty() && !part.starts_with('[') {
+                    field.push('.');
+                }
+                field.push_str(part);
+            }
+            (!field.is_empty()).then_some(field)
+        };
+        let at = if path == "." { "" } else { path.as_str() };
+        match named {
+            // An unknown field's path already ends with it.
+            Some((name, detail)) if at == name || at.ends_with(&format!(".{name}")) => FieldError {
+                field: join(&[root.unwrap_or(""), at]),
+                detail,
+            },
+            Some((name, detail)) => FieldError {
+                field: join(&[root.unwrap_or(""), at, &name]),
+                detail,
+            },
+            None => FieldError {
+                field: join(&[root.unwrap_or(""), at]),
+                detail: inner,
+            },
+        }
+    })
+}
+
 fn display(path: &str) -> String {
     if path.is_empty() {
         "/".to_owned()
@@ -67,6 +126,49 @@ fn display(path: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        name: String,
+        #[serde(default)]
+        inner: Vec<Inner>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        n: u8,
+    }
+
+    #[test]
+    fn read_at_names_the_field_at_fault() {
+        let field = |v: Value, root| read_at::<Outer>(v, root).unwrap_err().field;
+        assert_eq!(field(json!({}), None).as_deref(), Some("name"));
+        assert_eq!(field(json!({}), Some("w")).as_deref(), Some("w.name"));
+        assert_eq!(
+            field(json!({"name": "x", "colour": 1}), None).as_deref(),
+            Some("colour")
+        );
+        assert_eq!(
+            field(
+                json!({"name": "x", "inner": [{"n": 1}, {"n": "two"}]}),
+                Some("w")
+            )
+            .as_deref(),
+            Some("w.inner[1].n")
+        );
+        assert_eq!(
+            field(json!({"name": "x", "inner": [{}]}), None).as_deref(),
+            Some("inner[0].n")
+        );
+        assert_eq!(field(json!([]), None), None);
+        assert_eq!(field(json!([]), Some("w")).as_deref(), Some("w"));
+        let e = read_at::<Outer>(json!({}), None).unwrap_err();
+        assert_eq!(e.detail, "is required");
+    }
 
     #[test]
     fn accepts_ordinary_documents() {

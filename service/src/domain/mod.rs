@@ -13,8 +13,8 @@ pub mod worker;
 
 pub use event::{EventKind, EventMetadata};
 pub use session::{
-    CreateSession, DomainError, PatchMode, RuntimeBackend, SessionPatch, SessionState,
-    SessionStatus,
+    CreateSession, DomainError, PatchMode, RuntimeBackend, SessionChanges, SessionPatch,
+    SessionState, SessionStatus,
 };
 pub use usage::Usage;
 pub use worker::WorkerSpec;

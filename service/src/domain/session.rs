@@ -1,13 +1,14 @@
 //! A session's state, its status machine, and how commands change it.
 //!
-//! `SessionState::plan_update` turns a patch into the set of fields whose value
-//! actually changes (nothing changed → no event); `SessionState::apply` applies
-//! such a change set. The write path and replay both go through `apply`.
+//! `SessionState::plan_update` turns a patch into the fields whose value
+//! actually changes (nothing changed → no event), as a typed
+//! `SessionChanges`; `SessionState::apply` applies one. The write path and
+//! replay both go through `apply`, and an event's `changes` is a
+//! `SessionChanges` serialised.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::json::check_storable;
@@ -17,7 +18,7 @@ use super::worker::WorkerSpec;
 /// Longest accepted `session_type`.
 pub const MAX_SESSION_TYPE_LEN: usize = 128;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionStatus {
     Active,
@@ -66,7 +67,7 @@ impl SessionStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeBackend {
     Local,
@@ -122,14 +123,94 @@ pub struct SessionState {
     pub checkpoint: Option<Map<String, Value>>,
     pub runtime_backend: RuntimeBackend,
     pub runtime_metadata: Map<String, Value>,
-    /// The normalised worker spec (defaults filled in), if the session has one.
-    pub worker: Option<Value>,
+    /// The validated worker spec (defaults filled in), if the session has one.
+    pub worker: Option<WorkerSpec>,
     /// Totals derived from the session's message log.
     pub usage: Usage,
     /// Number of events in the session's stream.
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// The new value of each field a change sets; `None` leaves a field as it
+/// is. Serialised, it is the `changes` object of an event payload: only the
+/// fields that are set, `null` for a cleared `checkpoint` or `worker`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<SessionStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Map<String, Value>>,
+    /// `Some(None)` clears the checkpoint.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub checkpoint: Option<Option<Map<String, Value>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_backend: Option<RuntimeBackend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_metadata: Option<Map<String, Value>>,
+    /// `Some(None)` removes the worker spec.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub worker: Option<Option<WorkerSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// A field that is present is `Some`, even when it is `null`.
+fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl SessionChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The names of the fields set, in name order (an event's `updates`).
+    pub fn names(&self) -> Vec<&'static str> {
+        let Self {
+            agent_id,
+            session_type,
+            status,
+            context,
+            checkpoint,
+            runtime_backend,
+            runtime_metadata,
+            worker,
+            usage,
+        } = self;
+        [
+            ("agent_id", agent_id.is_some()),
+            ("checkpoint", checkpoint.is_some()),
+            ("context", context.is_some()),
+            ("runtime_backend", runtime_backend.is_some()),
+            ("runtime_metadata", runtime_metadata.is_some()),
+            ("session_type", session_type.is_some()),
+            ("status", status.is_some()),
+            ("usage", usage.is_some()),
+            ("worker", worker.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
 }
 
 /// A validated create command.
@@ -142,7 +223,7 @@ pub struct CreateSession {
     pub checkpoint: Option<Map<String, Value>>,
     pub runtime_backend: RuntimeBackend,
     pub runtime_metadata: Map<String, Value>,
-    pub worker: Option<Value>,
+    pub worker: Option<WorkerSpec>,
 }
 
 impl CreateSession {
@@ -165,51 +246,41 @@ impl CreateSession {
                 "a new session starts active or paused",
             ));
         }
-        let cmd = Self {
+        let session_type = check_session_type(session_type)?;
+        let worker = worker.map(|w| parse_worker(&w)).transpose()?;
+        let context = storable_object("context", Value::Object(context.unwrap_or_default()))?;
+        let checkpoint = checkpoint
+            .map(|c| storable_object("checkpoint", Value::Object(c)))
+            .transpose()?;
+        let runtime_metadata = storable_object(
+            "runtime_metadata",
+            Value::Object(runtime_metadata.unwrap_or_default()),
+        )?;
+        Ok(Self {
             agent_id,
-            session_type: check_session_type(session_type)?,
+            session_type,
             status,
-            context: context.unwrap_or_default(),
+            context,
             checkpoint,
             runtime_backend: runtime_backend.unwrap_or_default(),
-            runtime_metadata: runtime_metadata.unwrap_or_default(),
-            worker: worker.map(|w| normalise_worker(&w)).transpose()?,
-        };
-        storable("context", &Value::Object(cmd.context.clone()))?;
-        if let Some(c) = &cmd.checkpoint {
-            storable("checkpoint", &Value::Object(c.clone()))?;
-        }
-        storable(
-            "runtime_metadata",
-            &Value::Object(cmd.runtime_metadata.clone()),
-        )?;
-        Ok(cmd)
+            runtime_metadata,
+            worker,
+        })
     }
 
     /// Every field of the new session, as carried in `session.created`.
-    pub fn changes(&self) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("agent_id".into(), Value::String(self.agent_id.to_string()));
-        m.insert(
-            "session_type".into(),
-            Value::String(self.session_type.clone()),
-        );
-        m.insert("status".into(), Value::String(self.status.as_str().into()));
-        m.insert("context".into(), Value::Object(self.context.clone()));
-        m.insert(
-            "checkpoint".into(),
-            self.checkpoint.clone().map_or(Value::Null, Value::Object),
-        );
-        m.insert(
-            "runtime_backend".into(),
-            Value::String(self.runtime_backend.as_str().into()),
-        );
-        m.insert(
-            "runtime_metadata".into(),
-            Value::Object(self.runtime_metadata.clone()),
-        );
-        m.insert("worker".into(), self.worker.clone().unwrap_or(Value::Null));
-        m
+    pub fn changes(&self) -> SessionChanges {
+        SessionChanges {
+            agent_id: Some(self.agent_id),
+            session_type: Some(self.session_type.clone()),
+            status: Some(self.status),
+            context: Some(self.context.clone()),
+            checkpoint: Some(self.checkpoint.clone()),
+            runtime_backend: Some(self.runtime_backend),
+            runtime_metadata: Some(self.runtime_metadata.clone()),
+            worker: Some(self.worker.clone()),
+            usage: None,
+        }
     }
 }
 
@@ -228,10 +299,19 @@ fn storable(field: &str, v: &Value) -> Result<(), DomainError> {
     check_storable(v).map_err(|p| DomainError::invalid(field, p.to_string()))
 }
 
-fn normalise_worker(v: &Value) -> Result<Value, DomainError> {
+/// A JSON object PostgreSQL can store, or the field's 422.
+fn storable_object(field: &str, v: Value) -> Result<Map<String, Value>, DomainError> {
+    storable(field, &v)?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(DomainError::invalid(field, "must be a JSON object")),
+    }
+}
+
+fn parse_worker(v: &Value) -> Result<WorkerSpec, DomainError> {
     let spec = WorkerSpec::from_value(v).map_err(|p| DomainError::invalid(p.field, p.detail))?;
     storable("worker", v)?;
-    Ok(serde_json::to_value(spec).expect("a worker spec always serialises"))
+    Ok(spec)
 }
 
 /// How a PATCH body's object fields are combined with the stored ones.
@@ -243,11 +323,20 @@ pub enum PatchMode {
     Merge,
 }
 
-/// A PATCH body: the fields it names, not yet checked against the state.
+/// A PATCH body, read into the fields it may name but not yet checked
+/// against the state. The object fields stay JSON: how they combine with
+/// the stored value depends on `mode`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionPatch {
     pub mode: PatchMode,
-    pub fields: Map<String, Value>,
+    pub status: Option<SessionStatus>,
+    pub runtime_backend: Option<RuntimeBackend>,
+    pub context: Option<Value>,
+    /// `null` clears the checkpoint.
+    pub checkpoint: Option<Value>,
+    pub runtime_metadata: Option<Value>,
+    /// `null` removes the worker spec.
+    pub worker: Option<Value>,
 }
 
 /// Fields a PATCH may name.
@@ -260,94 +349,41 @@ pub const PATCHABLE: [&str; 6] = [
     "worker",
 ];
 
-impl SessionState {
-    pub fn from_create(
-        id: Uuid,
-        cmd: &CreateSession,
-        at: DateTime<Utc>,
-    ) -> Result<Self, DomainError> {
-        let mut s = Self {
-            id,
-            agent_id: cmd.agent_id,
-            session_type: String::new(),
-            status: cmd.status,
-            context: Map::new(),
+impl SessionPatch {
+    /// Read a PATCH body. An unknown or immutable field, or a status or
+    /// backend that is not one of the known values, is named in the error.
+    pub fn parse(mode: PatchMode, fields: Map<String, Value>) -> Result<Self, DomainError> {
+        let mut patch = Self {
+            mode,
+            status: None,
+            runtime_backend: None,
+            context: None,
             checkpoint: None,
-            runtime_backend: RuntimeBackend::Unknown,
-            runtime_metadata: Map::new(),
+            runtime_metadata: None,
             worker: None,
-            usage: Usage::default(),
-            version: 1,
-            created_at: at,
-            updated_at: at,
         };
-        s.apply(&cmd.changes())?;
-        Ok(s)
-    }
-
-    /// The fields whose value a patch changes, with their new values, or
-    /// `None` when the patch changes nothing.
-    pub fn plan_update(
-        &self,
-        patch: &SessionPatch,
-    ) -> Result<Option<Map<String, Value>>, DomainError> {
-        let mut changes = Map::new();
-        for (field, value) in &patch.fields {
-            let new = match field.as_str() {
+        for (field, value) in fields {
+            match field.as_str() {
                 "status" => {
-                    let to = parse_enum(
-                        field,
-                        value,
+                    patch.status = Some(parse_enum(
+                        &field,
+                        &value,
                         SessionStatus::parse,
-                        &SessionStatus::ALL.map(|s| s.as_str()),
-                    )?;
-                    if !self.status.can_become(to) {
-                        return Err(DomainError::IllegalTransition {
-                            from: self.status,
-                            to,
-                        });
-                    }
-                    Value::String(to.as_str().into())
+                        &SessionStatus::ALL.map(SessionStatus::as_str),
+                    )?)
                 }
                 "runtime_backend" => {
-                    let b = parse_enum(
-                        field,
-                        value,
+                    patch.runtime_backend = Some(parse_enum(
+                        &field,
+                        &value,
                         RuntimeBackend::parse,
-                        &RuntimeBackend::ALL.map(|s| s.as_str()),
-                    )?;
-                    Value::String(b.as_str().into())
+                        &RuntimeBackend::ALL.map(RuntimeBackend::as_str),
+                    )?)
                 }
-                "context" | "runtime_metadata" => {
-                    let current =
-                        Value::Object(self.object_field(field).cloned().unwrap_or_default());
-                    let merged = combine(patch.mode, &current, value);
-                    if !merged.is_object() {
-                        return Err(DomainError::invalid(
-                            field.as_str(),
-                            "must be a JSON object",
-                        ));
-                    }
-                    merged
-                }
-                "checkpoint" => {
-                    let current = self.checkpoint.clone().map_or(Value::Null, Value::Object);
-                    let merged = combine(patch.mode, &current, value);
-                    if !(merged.is_object() || merged.is_null()) {
-                        return Err(DomainError::invalid(
-                            "checkpoint",
-                            "must be a JSON object or null",
-                        ));
-                    }
-                    merged
-                }
-                "worker" => {
-                    let current = self.worker.clone().unwrap_or(Value::Null);
-                    match combine(patch.mode, &current, value) {
-                        Value::Null => Value::Null,
-                        w => normalise_worker(&w)?,
-                    }
-                }
+                "context" => patch.context = Some(value),
+                "checkpoint" => patch.checkpoint = Some(value),
+                "runtime_metadata" => patch.runtime_metadata = Some(value),
+                "worker" => patch.worker = Some(value),
                 other => {
                     let detail = if matches!(
                         other,
@@ -367,100 +403,151 @@ impl SessionState {
                     };
                     return Err(DomainError::invalid(other, detail));
                 }
+            }
+        }
+        Ok(patch)
+    }
+}
+
+impl SessionState {
+    pub fn from_create(id: Uuid, cmd: &CreateSession, at: DateTime<Utc>) -> Self {
+        let mut s = Self {
+            id,
+            agent_id: cmd.agent_id,
+            session_type: String::new(),
+            status: cmd.status,
+            context: Map::new(),
+            checkpoint: None,
+            runtime_backend: RuntimeBackend::Unknown,
+            runtime_metadata: Map::new(),
+            worker: None,
+            usage: Usage::default(),
+            version: 1,
+            created_at: at,
+            updated_at: at,
+        };
+        s.apply(&cmd.changes());
+        s
+    }
+
+    /// The fields whose value a patch changes, with their new values, or
+    /// `None` when the patch changes nothing. Fields are checked in name
+    /// order, so the first bad one is the one reported.
+    pub fn plan_update(&self, patch: &SessionPatch) -> Result<Option<SessionChanges>, DomainError> {
+        let mode = patch.mode;
+        let mut changes = SessionChanges::default();
+        if let Some(value) = &patch.checkpoint {
+            let current = self.checkpoint.clone().map_or(Value::Null, Value::Object);
+            let new = match combine(mode, &current, value) {
+                Value::Null => None,
+                merged @ Value::Object(_) => Some(storable_object("checkpoint", merged)?),
+                _ => {
+                    return Err(DomainError::invalid(
+                        "checkpoint",
+                        "must be a JSON object or null",
+                    ));
+                }
             };
-            storable(field, &new)?;
-            if self.field_value(field) != new {
-                changes.insert(field.clone(), new);
+            if new != self.checkpoint {
+                changes.checkpoint = Some(new);
+            }
+        }
+        if let Some(value) = &patch.context {
+            let new = merged_object("context", mode, &self.context, value)?;
+            if new != self.context {
+                changes.context = Some(new);
+            }
+        }
+        if let Some(backend) = patch.runtime_backend
+            && backend != self.runtime_backend
+        {
+            changes.runtime_backend = Some(backend);
+        }
+        if let Some(value) = &patch.runtime_metadata {
+            let new = merged_object("runtime_metadata", mode, &self.runtime_metadata, value)?;
+            if new != self.runtime_metadata {
+                changes.runtime_metadata = Some(new);
+            }
+        }
+        if let Some(to) = patch.status {
+            if !self.status.can_become(to) {
+                return Err(DomainError::IllegalTransition {
+                    from: self.status,
+                    to,
+                });
+            }
+            if to != self.status {
+                changes.status = Some(to);
+            }
+        }
+        if let Some(value) = &patch.worker {
+            let current = match &self.worker {
+                Some(w) => serde_json::to_value(w)
+                    .map_err(|e| DomainError::invalid("worker", e.to_string()))?,
+                None => Value::Null,
+            };
+            let new = match combine(mode, &current, value) {
+                Value::Null => None,
+                w => Some(parse_worker(&w)?),
+            };
+            if new != self.worker {
+                changes.worker = Some(new);
             }
         }
         Ok((!changes.is_empty()).then_some(changes))
     }
 
     /// Set each field named in `changes` to its value.
-    pub fn apply(&mut self, changes: &Map<String, Value>) -> Result<(), DomainError> {
-        for (field, value) in changes {
-            match field.as_str() {
-                "agent_id" => {
-                    self.agent_id = value
-                        .as_str()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| DomainError::invalid("agent_id", "must be a UUID"))?
-                }
-                "session_type" => {
-                    self.session_type = value
-                        .as_str()
-                        .ok_or_else(|| DomainError::invalid("session_type", "must be a string"))?
-                        .to_owned()
-                }
-                "status" => {
-                    self.status = parse_enum(field, value, SessionStatus::parse, &[])?;
-                }
-                "runtime_backend" => {
-                    self.runtime_backend = parse_enum(field, value, RuntimeBackend::parse, &[])?;
-                }
-                "context" | "runtime_metadata" => {
-                    let Value::Object(m) = value else {
-                        return Err(DomainError::invalid(
-                            field.as_str(),
-                            "must be a JSON object",
-                        ));
-                    };
-                    if field == "context" {
-                        self.context = m.clone();
-                    } else {
-                        self.runtime_metadata = m.clone();
-                    }
-                }
-                "checkpoint" => {
-                    self.checkpoint = match value {
-                        Value::Null => None,
-                        Value::Object(m) => Some(m.clone()),
-                        _ => {
-                            return Err(DomainError::invalid(
-                                "checkpoint",
-                                "must be an object or null",
-                            ));
-                        }
-                    }
-                }
-                "worker" => self.worker = (!value.is_null()).then(|| value.clone()),
-                "usage" => {
-                    self.usage = serde_json::from_value(value.clone())
-                        .map_err(|e| DomainError::invalid("usage", e.to_string()))?
-                }
-                other => return Err(DomainError::invalid(other, "is not a session field")),
-            }
+    pub fn apply(&mut self, changes: &SessionChanges) {
+        let SessionChanges {
+            agent_id,
+            session_type,
+            status,
+            context,
+            checkpoint,
+            runtime_backend,
+            runtime_metadata,
+            worker,
+            usage,
+        } = changes;
+        if let Some(v) = agent_id {
+            self.agent_id = *v;
         }
-        Ok(())
-    }
-
-    fn object_field(&self, field: &str) -> Option<&Map<String, Value>> {
-        match field {
-            "context" => Some(&self.context),
-            "runtime_metadata" => Some(&self.runtime_metadata),
-            "checkpoint" => self.checkpoint.as_ref(),
-            _ => None,
+        if let Some(v) = session_type {
+            self.session_type.clone_from(v);
+        }
+        if let Some(v) = status {
+            self.status = *v;
+        }
+        if let Some(v) = context {
+            self.context.clone_from(v);
+        }
+        if let Some(v) = checkpoint {
+            self.checkpoint.clone_from(v);
+        }
+        if let Some(v) = runtime_backend {
+            self.runtime_backend = *v;
+        }
+        if let Some(v) = runtime_metadata {
+            self.runtime_metadata.clone_from(v);
+        }
+        if let Some(v) = worker {
+            self.worker.clone_from(v);
+        }
+        if let Some(v) = usage {
+            self.usage.clone_from(v);
         }
     }
+}
 
-    fn field_value(&self, field: &str) -> Value {
-        match field {
-            "status" => Value::String(self.status.as_str().into()),
-            "runtime_backend" => Value::String(self.runtime_backend.as_str().into()),
-            "context" => Value::Object(self.context.clone()),
-            "runtime_metadata" => Value::Object(self.runtime_metadata.clone()),
-            "checkpoint" => self.checkpoint.clone().map_or(Value::Null, Value::Object),
-            "worker" => self.worker.clone().unwrap_or(Value::Null),
-            _ => Value::Null,
-        }
-    }
-
-    /// The typed worker spec, if the session has one.
-    pub fn worker_spec(&self) -> Option<WorkerSpec> {
-        self.worker
-            .as_ref()
-            .and_then(|w| serde_json::from_value(w.clone()).ok())
-    }
+/// An object field after a patch: replaced, or merged into the current one.
+fn merged_object(
+    field: &str,
+    mode: PatchMode,
+    current: &Map<String, Value>,
+    patch: &Value,
+) -> Result<Map<String, Value>, DomainError> {
+    storable_object(field, combine(mode, &Value::Object(current.clone()), patch))
 }
 
 fn combine(mode: PatchMode, current: &Value, patch: &Value) -> Value {
@@ -502,14 +589,15 @@ mod tests {
             None,
         )
         .unwrap();
-        SessionState::from_create(Uuid::now_v7(), &cmd, Utc::now()).unwrap()
+        SessionState::from_create(Uuid::now_v7(), &cmd, Utc::now())
     }
 
-    fn patch(mode: PatchMode, v: Value) -> SessionPatch {
-        SessionPatch {
-            mode,
-            fields: v.as_object().unwrap().clone(),
-        }
+    fn plan(
+        s: &SessionState,
+        mode: PatchMode,
+        v: Value,
+    ) -> Result<Option<SessionChanges>, DomainError> {
+        s.plan_update(&SessionPatch::parse(mode, v.as_object().unwrap().clone())?)
     }
 
     #[test]
@@ -526,9 +614,7 @@ mod tests {
     fn illegal_transition_names_from_and_to() {
         let mut s = state();
         s.status = SessionStatus::Completed;
-        let err = s
-            .plan_update(&patch(PatchMode::Replace, json!({"status": "active"})))
-            .unwrap_err();
+        let err = plan(&s, PatchMode::Replace, json!({"status": "active"})).unwrap_err();
         assert_eq!(
             err,
             DomainError::IllegalTransition {
@@ -541,46 +627,46 @@ mod tests {
     #[test]
     fn replace_and_merge_differ_on_objects() {
         let s = state();
-        let replaced = s
-            .plan_update(&patch(
-                PatchMode::Replace,
-                json!({"context": {"b": {"d": 3}}}),
-            ))
+        let replaced = plan(&s, PatchMode::Replace, json!({"context": {"b": {"d": 3}}}))
             .unwrap()
             .unwrap();
-        assert_eq!(replaced["context"], json!({"b": {"d": 3}}));
-        let merged = s
-            .plan_update(&patch(
-                PatchMode::Merge,
-                json!({"context": {"a": null, "b": {"d": 3}}}),
-            ))
-            .unwrap()
-            .unwrap();
-        assert_eq!(merged["context"], json!({"b": {"c": 2, "d": 3}}));
+        assert_eq!(
+            replaced.context,
+            json!({"b": {"d": 3}}).as_object().cloned()
+        );
+        let merged = plan(
+            &s,
+            PatchMode::Merge,
+            json!({"context": {"a": null, "b": {"d": 3}}}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            merged.context,
+            json!({"b": {"c": 2, "d": 3}}).as_object().cloned()
+        );
     }
 
     #[test]
     fn a_patch_that_changes_nothing_plans_nothing() {
         let s = state();
-        let same = patch(
-            PatchMode::Replace,
-            json!({"status": "active", "context": {"a": 1, "b": {"c": 2}}}),
-        );
-        assert_eq!(s.plan_update(&same).unwrap(), None);
+        let same = json!({"status": "active", "context": {"a": 1, "b": {"c": 2}}});
+        assert_eq!(plan(&s, PatchMode::Replace, same).unwrap(), None);
     }
 
     #[test]
     fn apply_of_planned_changes_updates_only_those_fields() {
         let mut s = state();
         let before = s.clone();
-        let changes = s
-            .plan_update(&patch(
-                PatchMode::Replace,
-                json!({"status": "paused", "checkpoint": {"step": 5}}),
-            ))
-            .unwrap()
-            .unwrap();
-        s.apply(&changes).unwrap();
+        let changes = plan(
+            &s,
+            PatchMode::Replace,
+            json!({"status": "paused", "checkpoint": {"step": 5}}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(changes.names(), ["checkpoint", "status"]);
+        s.apply(&changes);
         assert_eq!(s.status, SessionStatus::Paused);
         assert_eq!(
             s.checkpoint,
@@ -590,15 +676,77 @@ mod tests {
     }
 
     #[test]
+    fn clearing_a_checkpoint_or_worker_is_a_change_to_null() {
+        let mut s = state();
+        let set = plan(
+            &s,
+            PatchMode::Replace,
+            json!({"checkpoint": {"step": 1}, "worker": {"prompt": "go"}}),
+        )
+        .unwrap()
+        .unwrap();
+        s.apply(&set);
+        assert_eq!(s.worker.as_ref().map(|w| w.prompt.as_str()), Some("go"));
+        let cleared = plan(
+            &s,
+            PatchMode::Merge,
+            json!({"checkpoint": null, "worker": null}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&cleared).unwrap(),
+            json!({"checkpoint": null, "worker": null})
+        );
+        s.apply(&cleared);
+        assert_eq!((s.checkpoint, s.worker), (None, None));
+    }
+
+    /// The serialised form is an event's `changes`: replay reads it back.
+    #[test]
+    fn changes_round_trip_through_their_json_form() {
+        let cmd = CreateSession::new(
+            Uuid::nil(),
+            "task".into(),
+            Some(SessionStatus::Paused),
+            None,
+            None,
+            None,
+            None,
+            Some(json!({"prompt": "go", "max_budget_usd": 0.1})),
+        )
+        .unwrap();
+        let changes = cmd.changes();
+        let wire = serde_json::to_value(&changes).unwrap();
+        assert_eq!(
+            wire,
+            json!({
+                "agent_id": Uuid::nil(), "session_type": "task", "status": "paused",
+                "context": {}, "checkpoint": null, "runtime_backend": "unknown",
+                "runtime_metadata": {}, "worker": {"prompt": "go", "max_budget_usd": 0.1}
+            })
+        );
+        let names: Vec<&str> = wire
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(changes.names(), names, "updates lists the keys in order");
+        assert_eq!(
+            serde_json::from_value::<SessionChanges>(wire).unwrap(),
+            changes
+        );
+        assert!(serde_json::from_value::<SessionChanges>(json!({"colour": 1})).is_err());
+        assert!(serde_json::from_value::<SessionChanges>(json!({"status": "running"})).is_err());
+    }
+
+    #[test]
     fn unknown_and_immutable_fields_are_named() {
         let s = state();
-        let e = s
-            .plan_update(&patch(PatchMode::Replace, json!({"agent_id": "x"})))
-            .unwrap_err();
+        let e = plan(&s, PatchMode::Replace, json!({"agent_id": "x"})).unwrap_err();
         assert!(matches!(e, DomainError::InvalidField { ref field, .. } if field == "agent_id"));
-        let e = s
-            .plan_update(&patch(PatchMode::Replace, json!({"colour": 1})))
-            .unwrap_err();
+        let e = plan(&s, PatchMode::Replace, json!({"colour": 1})).unwrap_err();
         assert!(matches!(e, DomainError::InvalidField { ref field, .. } if field == "colour"));
     }
 
@@ -610,10 +758,10 @@ mod tests {
             json!({"checkpoint": 3}),
             json!({"status": "running"}),
             json!({"runtime_metadata": null}),
+            json!({"worker": {"prompt": ""}}),
         ] {
             assert!(
-                s.plan_update(&patch(PatchMode::Replace, body.clone()))
-                    .is_err(),
+                plan(&s, PatchMode::Replace, body.clone()).is_err(),
                 "{body}"
             );
         }

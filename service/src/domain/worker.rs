@@ -8,13 +8,12 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// Environment variables the runner hands to workers itself; a session may
 /// neither set nor override them.
 const RESERVED_ENV_PREFIXES: &[&str] = &["ANTHROPIC_", "CLAUDE_CODE_", "CLAUDE_CONFIG_DIR"];
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSpec {
     /// The first prompt given to `claude -p`.
@@ -33,10 +32,8 @@ pub struct WorkerSpec {
     pub append_system_prompt: Option<String>,
     /// MCP server definitions, passed to `--mcp-config` as `{"mcpServers": …}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
     pub mcp_servers: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1)]
     pub max_turns: Option<u32>,
     /// A worker that reaches this spend is paused, not killed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,7 +54,7 @@ pub struct WorkerSpec {
     pub restart_policy: Option<RestartPolicy>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PermissionMode {
     Default,
@@ -79,7 +76,7 @@ impl PermissionMode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -89,7 +86,7 @@ pub struct Resources {
 }
 
 /// What the runner does when the worker crashes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestartPolicy {
     /// Restarts allowed over the session's life; 0 never restarts.
@@ -103,12 +100,15 @@ pub struct RestartPolicy {
     pub on: Vec<CrashReason>,
 }
 
+/// Delay before a first restart when the policy names none.
+pub const DEFAULT_BACKOFF_MS: u64 = 1000;
+
 fn default_backoff_ms() -> u64 {
-    1000
+    DEFAULT_BACKOFF_MS
 }
 
 /// Why a worker ended without success.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CrashReason {
     /// Exited with a non-zero code.
@@ -155,10 +155,11 @@ pub struct SpecProblem {
 impl WorkerSpec {
     /// Parse and validate a spec given as JSON.
     pub fn from_value(value: &serde_json::Value) -> Result<Self, SpecProblem> {
-        let spec: WorkerSpec = serde_json::from_value(value.clone()).map_err(|e| SpecProblem {
-            field: "worker".into(),
-            detail: e.to_string(),
-        })?;
+        let spec: WorkerSpec =
+            super::json::read_at(value.clone(), Some("worker")).map_err(|e| SpecProblem {
+                field: e.field.unwrap_or_else(|| "worker".into()),
+                detail: e.detail,
+            })?;
         spec.validate()?;
         Ok(spec)
     }

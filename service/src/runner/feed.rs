@@ -16,8 +16,7 @@ use tracing::{debug, info, warn};
 use super::backend::Backend;
 use super::controller::Context;
 use crate::backoff::Backoff;
-use crate::contract::{EventEnvelope, WakeHint};
-use crate::domain::EventKind;
+use crate::contract::{EventEnvelope, EventKind, WakeHint};
 use crate::metrics::names;
 
 const PAGE: u32 = 500;

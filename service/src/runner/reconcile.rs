@@ -44,8 +44,12 @@ impl SessionView {
         let rec = WorkerRecord::of(&s.runtime_metadata);
         Self {
             id: s.id,
-            status: s.status,
-            managed: s.worker.clone().filter(|_| s.runtime_backend == backend),
+            status: s.status.into(),
+            managed: s
+                .worker
+                .clone()
+                .map(WorkerSpec::from)
+                .filter(|_| RuntimeBackend::from(s.runtime_backend) == backend),
             generation: rec.generation.unwrap_or(0),
             restarts: rec.restarts.unwrap_or(0),
             crash_reason: rec.crash_reason,

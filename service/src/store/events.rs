@@ -36,7 +36,7 @@ impl StoredEvent {
     pub fn envelope(&self, with_metadata: bool) -> EventEnvelope {
         EventEnvelope {
             event_id: self.event_id,
-            event_type: self.kind,
+            event_type: self.kind.into(),
             aggregate_type: AGGREGATE_TYPE.to_owned(),
             aggregate_id: self.aggregate_id,
             version: self.version,
@@ -45,7 +45,8 @@ impl StoredEvent {
             payload: self.payload.clone(),
             metadata: with_metadata
                 .then(|| serde_json::from_value::<EventMetadata>(self.metadata.clone()).ok())
-                .flatten(),
+                .flatten()
+                .map(Into::into),
         }
     }
 }

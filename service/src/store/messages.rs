@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as Param};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -12,7 +12,7 @@ use super::append::{ANNOUNCE, EventRow};
 use super::sessions::{Appended, Attempt, Written};
 use super::{Store, StoreError};
 use crate::domain::event;
-use crate::domain::{EventKind, EventMetadata};
+use crate::domain::{EventKind, EventMetadata, SessionChanges};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
@@ -59,19 +59,21 @@ impl Store {
             let mut usage = current.usage.clone();
             let first_seq = usage.message_count + 1;
             usage.add_messages(messages);
-            let usage =
+            let usage_json =
                 serde_json::to_value(&usage).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let mut changes = Map::new();
-            changes.insert("usage".into(), usage.clone());
+            let changes = SessionChanges {
+                usage: Some(usage),
+                ..SessionChanges::default()
+            };
             let mut next = current.clone();
-            next.apply(&changes)?;
+            next.apply(&changes);
             next.version += 1;
             let payload = event::updated_payload(&next, &changes);
             let values: Vec<Param> = vec![
                 id.into(),
                 current.version.into(),
                 Uuid::new_v4().into(),
-                Param::Json(Some(Box::new(usage))),
+                Param::Json(Some(Box::new(usage_json))),
                 first_seq.into(),
                 Param::Json(Some(Box::new(batch.clone()))),
                 Param::Json(Some(Box::new(payload.clone()))),

@@ -38,7 +38,6 @@ fn fold(events: &[StoredEvent]) -> Result<Option<SessionState>, String> {
                 i + 1
             ));
         }
-        let changes = changes_of(&e.payload);
         match (e.kind, state.as_mut()) {
             (EventKind::Created, None) if i == 0 => {
                 let mut s = SessionState {
@@ -56,13 +55,11 @@ fn fold(events: &[StoredEvent]) -> Result<Option<SessionState>, String> {
                     created_at: e.occurred_at,
                     updated_at: e.occurred_at,
                 };
-                s.apply(changes.ok_or("session.created without changes")?)
-                    .map_err(|err| err.to_string())?;
+                s.apply(&changes_of(&e.payload).map_err(|err| format!("session.created {err}"))?);
                 state = Some(s);
             }
             (EventKind::Updated, Some(s)) => {
-                s.apply(changes.ok_or("session.updated without changes")?)
-                    .map_err(|err| err.to_string())?;
+                s.apply(&changes_of(&e.payload).map_err(|err| format!("session.updated {err}"))?);
                 s.version = e.version;
                 s.updated_at = e.occurred_at;
             }

@@ -42,7 +42,11 @@ pub(crate) fn session(row: &QueryResult) -> Result<SessionState, StoreError> {
         checkpoint: checkpoint.map(|c| object(c, "checkpoint")).transpose()?,
         runtime_backend: RuntimeBackend::parse(&backend).ok_or_else(|| corrupt(&backend))?,
         runtime_metadata: object(row.try_get("", "runtime_metadata")?, "runtime_metadata")?,
-        worker: row.try_get("", "worker")?,
+        worker: row
+            .try_get::<Option<Value>>("", "worker")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(corrupt)?,
         usage: serde_json::from_value(row.try_get("", "usage")?).map_err(corrupt)?,
         version: row.try_get("", "version")?,
         created_at: row.try_get::<DateTime<Utc>>("", "created_at")?,

@@ -12,7 +12,8 @@
 use base64::Engine as _;
 use chrono::{DateTime, TimeZone, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as Param};
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -22,8 +23,8 @@ use super::{Store, StoreError};
 use crate::contract::WakeHint;
 use crate::domain::event;
 use crate::domain::{
-    CreateSession, EventKind, EventMetadata, RuntimeBackend, SessionPatch, SessionState,
-    SessionStatus,
+    CreateSession, EventKind, EventMetadata, RuntimeBackend, SessionChanges, SessionPatch,
+    SessionState, SessionStatus,
 };
 
 /// Attempts at an update that keeps losing to concurrent writers before 409.
@@ -68,7 +69,7 @@ impl Appended {
             version,
             hint: WakeHint {
                 session_id: session.id,
-                event_type: kind,
+                event_type: kind.into(),
                 version,
                 runtime_backend: session.runtime_backend.as_str().to_owned(),
                 has_worker: session.worker.is_some() && kind != EventKind::Deleted,
@@ -159,6 +160,13 @@ fn nullable_json(v: Option<Value>) -> Param {
     Param::Json(v.filter(|v| !v.is_null()).map(Box::new))
 }
 
+/// A typed value as a `jsonb` parameter (`None` as SQL `NULL`).
+fn typed_json<T: Serialize>(v: &T) -> Result<Param, StoreError> {
+    serde_json::to_value(v)
+        .map(|v| nullable_json(Some(v)))
+        .map_err(|e| StoreError::Corrupt(format!("value does not serialise: {e}")))
+}
+
 fn metadata(meta: &EventMetadata) -> Param {
     json(serde_json::to_value(meta).expect("metadata serialises"))
 }
@@ -184,7 +192,7 @@ impl Store {
                 nullable_json(cmd.checkpoint.clone().map(Value::Object)),
                 cmd.runtime_backend.as_str().into(),
                 json(Value::Object(cmd.runtime_metadata.clone())),
-                nullable_json(cmd.worker.clone()),
+                typed_json(&cmd.worker)?,
                 Uuid::new_v4().into(),
                 json(payload.clone()),
                 metadata(meta),
@@ -223,7 +231,7 @@ impl Store {
             );
             if let Some(row) = self.db.query_one_raw(stmt(&sql, values)).await? {
                 let at: DateTime<Utc> = row.try_get("", "created_at")?;
-                let session = SessionState::from_create(id, cmd, at)?;
+                let session = SessionState::from_create(id, cmd, at);
                 let appended = Appended::new(&session, EventKind::Created, &payload);
                 return Ok(Created {
                     session,
@@ -328,7 +336,7 @@ impl Store {
                 }));
             };
             let mut next = current.clone();
-            next.apply(&changes)?;
+            next.apply(&changes);
             next.version += 1;
             let payload = event::updated_payload(&next, &changes);
             Ok(
@@ -354,7 +362,7 @@ impl Store {
     async fn write_update(
         &self,
         current: &SessionState,
-        changes: &Map<String, Value>,
+        changes: &SessionChanges,
         payload: &Value,
         meta: &EventMetadata,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -366,17 +374,33 @@ impl Store {
             metadata(meta),
         ];
         let mut sets = String::new();
-        for (field, value) in changes {
-            let param = match field.as_str() {
-                "status" | "runtime_backend" => {
-                    Param::from(value.as_str().unwrap_or_default().to_owned())
-                }
-                "context" | "runtime_metadata" => json(value.clone()),
-                "checkpoint" | "worker" => nullable_json(Some(value.clone())),
-                other => return Err(StoreError::Corrupt(format!("unplanned field {other}"))),
-            };
+        let mut set = |column: &str, param: Param| {
             values.push(param);
-            sets.push_str(&format!("{field} = ${}, ", values.len()));
+            sets.push_str(&format!("{column} = ${}, ", values.len()));
+        };
+        if let Some(s) = changes.status {
+            set("status", s.as_str().into());
+        }
+        if let Some(b) = changes.runtime_backend {
+            set("runtime_backend", b.as_str().into());
+        }
+        if let Some(c) = &changes.context {
+            set("context", typed_json(c)?);
+        }
+        if let Some(m) = &changes.runtime_metadata {
+            set("runtime_metadata", typed_json(m)?);
+        }
+        if let Some(c) = &changes.checkpoint {
+            set("checkpoint", typed_json(c)?);
+        }
+        if let Some(w) = &changes.worker {
+            set("worker", typed_json(w)?);
+        }
+        if changes.agent_id.is_some() || changes.session_type.is_some() || changes.usage.is_some() {
+            return Err(StoreError::Corrupt(format!(
+                "an update cannot set {:?}",
+                changes.names()
+            )));
         }
         let event = EventRow {
             source: "u",

@@ -155,6 +155,8 @@ async fn illegal_transitions_are_409_naming_from_and_to() {
     assert_eq!(res.status(), 409);
     let p = problem(res).await;
     assert_eq!(p["type"], "urn:agent-sessions:problem:illegal-transition");
+    assert_eq!(p["field"], "status", "{p}");
+    assert_eq!(p["errors"][0]["field"], "status", "{p}");
     let detail = p["detail"].as_str().unwrap();
     assert!(
         detail.contains("completed") && detail.contains("active"),
@@ -424,6 +426,12 @@ async fn worker_spec_is_validated_stored_and_returned() {
             json!({"prompt": "x", "max_budget_usd": -1}),
             "worker.max_budget_usd",
         ),
+        (json!({"max_turns": 2}), "worker.prompt"),
+        (json!({"prompt": "x", "promt": "y"}), "worker.promt"),
+        (
+            json!({"prompt": "x", "restart_policy": {"on": ["oom", "gremlins"]}}),
+            "worker.restart_policy.on[1]",
+        ),
     ] {
         let res = app
             .post_json(
@@ -445,4 +453,150 @@ async fn worker_spec_is_validated_stored_and_returned() {
     let s: Value = res.json().await.unwrap();
     assert_eq!(s["worker"]["max_turns"], 9);
     assert_eq!(s["worker"]["prompt"], "fix it");
+}
+
+#[tokio::test]
+async fn a_missing_required_field_is_named() {
+    let app = spawn_app().await;
+    for (body, field) in [
+        (json!({"session_type": "task"}), "agent_id"),
+        (json!({"agent_id": AGENT}), "session_type"),
+    ] {
+        let res = app.post_json("/sessions/", &body).await;
+        assert_eq!(res.status(), 422, "{body}");
+        let p = problem(res).await;
+        assert_eq!(p["type"], "urn:agent-sessions:problem:validation");
+        assert_eq!(p["field"], field, "{p}");
+        assert_eq!(p["errors"][0]["field"], field, "{p}");
+    }
+    assert_eq!(app.counts().await, (0, 0), "nothing was written");
+}
+
+/// `If-Match` uses the strong comparison (RFC 9110): a weak tag never
+/// matches, not even the session's own version.
+#[tokio::test]
+async fn a_weak_if_match_is_a_412_and_changes_nothing() {
+    let app = spawn_app().await;
+    let s = app.create_default().await;
+    let id = s["id"].as_str().unwrap();
+    let send = |method: reqwest::Method, tag: &'static str, target: String| {
+        app.client
+            .request(method, app.url(&format!("/sessions/{target}")))
+            .header("if-match", tag)
+            .json(&json!({"status": "paused"}))
+            .send()
+    };
+    for method in [reqwest::Method::PATCH, reqwest::Method::DELETE] {
+        let res = send(method.clone(), "W/\"1\"", id.to_owned())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 412, "{method}");
+        let p = problem(res).await;
+        assert_eq!(p["type"], "urn:agent-sessions:problem:version-mismatch");
+        assert_eq!(p["field"], "If-Match", "{p}");
+    }
+    let after = app.get_json(&format!("/sessions/{id}")).await;
+    assert_eq!(
+        (after["version"].as_i64(), after["status"].as_str()),
+        (Some(1), Some("active"))
+    );
+    assert_eq!(app.counts().await, (1, 1), "no event appended");
+
+    // A session that does not exist stays a 404 whatever the tag.
+    let missing = "660e8400-e29b-41d4-a716-446655440001".to_owned();
+    let res = send(reqwest::Method::PATCH, "W/\"1\"", missing)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    // The strong tag of the same version applies.
+    let res = send(reqwest::Method::PATCH, "\"1\"", id.to_owned())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["etag"], "\"2\"");
+}
+
+/// `If-None-Match` uses the weak comparison: `*`, the tag, or its weak form
+/// answer 304; another version answers the session.
+#[tokio::test]
+async fn if_none_match_answers_304_only_for_the_current_version() {
+    let app = spawn_app().await;
+    let s = app.create_default().await;
+    let id = s["id"].as_str().unwrap();
+    app.patch(id, &json!({"status": "paused"})).await;
+    for (tag, status) in [
+        ("\"2\"", 304),
+        ("W/\"2\"", 304),
+        ("*", 304),
+        ("\"1\", \"2\"", 304),
+        ("\"1\"", 200),
+        ("W/\"3\"", 200),
+    ] {
+        let res = app
+            .client
+            .get(app.url(&format!("/sessions/{id}")))
+            .header("if-none-match", tag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{tag}");
+        assert_eq!(res.headers()["etag"], "\"2\"", "{tag}");
+        let body = res.bytes().await.unwrap();
+        if status == 304 {
+            assert!(body.is_empty(), "{tag}");
+        } else {
+            let s: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(s["version"], 2, "{tag}");
+        }
+    }
+}
+
+/// A header at fault is named like a body field.
+#[tokio::test]
+async fn an_unsupported_content_type_names_the_header() {
+    let app = spawn_app().await;
+    let res = app
+        .client
+        .post(app.url("/sessions/"))
+        .header("content-type", "application/xml")
+        .body("<a/>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 415);
+    let p = problem(res).await;
+    assert_eq!(p["field"], "Content-Type", "{p}");
+}
+
+/// Retrying a create whose session was since deleted is a 409 that names
+/// the key, not a second session.
+#[tokio::test]
+async fn a_key_whose_session_was_deleted_is_a_409_naming_the_key() {
+    let app = spawn_app().await;
+    let body = json!({"agent_id": AGENT, "session_type": "task"});
+    let create = || {
+        app.client
+            .post(app.url("/sessions/"))
+            .header("idempotency-key", "gone-1")
+            .json(&body)
+            .send()
+    };
+    let first: Value = create().await.unwrap().json().await.unwrap();
+    let id = first["id"].as_str().unwrap();
+    let res = app
+        .client
+        .delete(app.url(&format!("/sessions/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let res = create().await.unwrap();
+    assert_eq!(res.status(), 409);
+    let p = problem(res).await;
+    assert_eq!(p["field"], "Idempotency-Key", "{p}");
+    assert_eq!(
+        app.counts().await,
+        (0, 2),
+        "created and deleted, nothing more"
+    );
 }

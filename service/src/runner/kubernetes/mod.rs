@@ -395,7 +395,7 @@ impl Inner {
     async fn release_claim_if_done(&self, id: Uuid, claim: &str) {
         let done = match self.api.session(id).await {
             Ok(None) => true,
-            Ok(Some(s)) => s.status == SessionStatus::Completed,
+            Ok(Some(s)) => SessionStatus::from(s.status) == SessionStatus::Completed,
             Err(e) => {
                 warn!(session_id = %id, error = %e, "cannot read the session of a claim");
                 false
