@@ -3,10 +3,10 @@
 
 mod auth;
 mod guarantees;
-mod helpers;
 mod load;
 mod messages;
 mod openapi;
-mod procs;
 mod relay;
 mod sessions;
+#[path = "../support/mod.rs"]
+mod support;

@@ -11,7 +11,7 @@ use reqwest::header::RETRY_AFTER;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::AGENT;
+use crate::support::AGENT;
 
 /// Updates per session before a writer creates the next one.
 const UPDATES_PER_SESSION: u32 = 5;

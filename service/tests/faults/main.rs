@@ -12,26 +12,11 @@ mod load;
 mod postgres;
 mod redis_restart;
 mod regressions;
-mod service;
 mod sigkill;
 mod sigterm;
+#[path = "../support/mod.rs"]
+mod support;
 mod verify;
-
-// The api suite's private Redis server, subscriber and polling helpers.
-#[allow(dead_code)]
-#[path = "../api/procs.rs"]
-mod procs;
-
-pub const AGENT: &str = "550e8400-e29b-41d4-a716-446655440000";
-pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
-
-/// Once per test process: the TLS provider reqwest is built without.
-pub fn init() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-}
 
 /// A channel prefix of its own, so tests can share one Redis.
 pub fn channel_prefix() -> String {

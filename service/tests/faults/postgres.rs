@@ -3,12 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cluster::{PrivatePostgres, TestDatabase};
+use crate::channel_prefix;
+use crate::cluster::PrivatePostgres;
 use crate::load::{ReadyProbe, Writers};
-use crate::procs::Subscriber;
-use crate::service::{ServeProcess, migrate, replay_verify};
+use crate::support::db::TestDatabase;
+use crate::support::redis_server::Subscriber;
+use crate::support::serve::{ServeProcess, migrate, replay_verify};
+use crate::support::{SHARED_REDIS, init};
 use crate::verify::{await_delivery, lost_acks, secs};
-use crate::{SHARED_REDIS, channel_prefix, init};
 
 /// How long PostgreSQL stays down each time: longer than the pool's acquire
 /// timeout (3 s by default), so requests time out waiting, not only fail on

@@ -4,12 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cluster::{SHARED_ADMIN_URL, TestDatabase};
+use crate::channel_prefix;
 use crate::load::{ReadyProbe, Writers};
-use crate::procs::{RedisServer, Subscriber};
-use crate::service::{ServeProcess, migrate, replay_verify};
+use crate::support::db::{SHARED_ADMIN_URL, TestDatabase};
+use crate::support::redis_server::{RedisServer, Subscriber};
+use crate::support::serve::{ServeProcess, migrate, replay_verify};
+use crate::support::{eventually, init};
 use crate::verify::{await_delivery, lost_acks, received, secs};
-use crate::{channel_prefix, init};
 
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
@@ -29,9 +30,11 @@ async fn redis_restart_under_load() {
     writers
         .wait_for_acks_since(Instant::now(), 100, 30, "load before the fault")
         .await;
-    crate::procs::eventually(10, "events to reach Redis before the fault", || async {
-        before.on(&channel).await.len() >= 50
-    })
+    eventually(
+        "events to reach Redis before the fault",
+        Duration::from_secs(10),
+        || async { (before.on(&channel).await.len() >= 50).then_some(()) },
+    )
     .await;
 
     redis.kill();

@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::cluster::{SHARED_ADMIN_URL, TestDatabase};
-use crate::procs::{Subscriber, eventually};
-use crate::service::{ServeProcess, migrate};
-use crate::{AGENT, SHARED_REDIS, channel_prefix, init};
+use crate::channel_prefix;
+use crate::support::db::{SHARED_ADMIN_URL, TestDatabase};
+use crate::support::eventually;
+use crate::support::redis_server::Subscriber;
+use crate::support::serve::{ServeProcess, migrate};
+use crate::support::{AGENT, SHARED_REDIS, init};
 
 struct Fixture {
     serve: ServeProcess,
@@ -97,8 +99,8 @@ async fn json_numbers_at_the_edges_of_f64_round_trip_and_never_stall_the_relay()
         200,
     )
     .await;
-    eventually(10, "both events on Redis", || async {
-        f.sub.on(&f.channel).await.len() >= 2
+    eventually("both events on Redis", Duration::from_secs(10), || async {
+        (f.sub.on(&f.channel).await.len() >= 2).then_some(())
     })
     .await;
     assert_eq!(

@@ -4,12 +4,13 @@
 
 use std::time::Instant;
 
-use crate::cluster::{SHARED_ADMIN_URL, TestDatabase};
+use crate::channel_prefix;
 use crate::load::Writers;
-use crate::procs::Subscriber;
-use crate::service::{ServeProcess, migrate, replay_verify};
+use crate::support::db::{SHARED_ADMIN_URL, TestDatabase};
+use crate::support::redis_server::Subscriber;
+use crate::support::serve::{ServeProcess, migrate, replay_verify};
+use crate::support::{SHARED_REDIS, init};
 use crate::verify::{await_delivery, lost_acks, secs};
-use crate::{SHARED_REDIS, channel_prefix, init};
 
 #[tokio::test]
 async fn serve_sigkill_under_load() {

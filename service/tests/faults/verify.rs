@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::load::Ack;
-use crate::procs::Subscriber;
+use crate::support::redis_server::Subscriber;
 
 /// One session's events over HTTP, following pages.
 pub async fn session_events(client: &reqwest::Client, base: &str, id: &str) -> Vec<Value> {

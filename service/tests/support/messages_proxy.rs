@@ -6,15 +6,17 @@ use std::sync::{Arc, Mutex};
 
 use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes};
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{HttpRequest, HttpResponse};
 use serde_json::Value;
+
+use super::loopback::LoopbackServer;
 
 type Log = Arc<Mutex<Vec<(String, Vec<Value>)>>>;
 
 pub struct MessagesProxy {
     pub url: String,
     posted: Log,
-    server: actix_web::dev::ServerHandle,
+    server: LoopbackServer,
 }
 
 struct State {
@@ -61,29 +63,16 @@ async fn handle(req: HttpRequest, body: Bytes, st: web::Data<State>) -> HttpResp
 impl MessagesProxy {
     pub async fn start(upstream: &str) -> Self {
         let posted: Log = Arc::default();
-        let state = web::Data::new(State {
+        let state = State {
             upstream: upstream.to_owned(),
             http: reqwest::Client::new(),
             posted: posted.clone(),
-        });
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .app_data(web::PayloadConfig::new(32 * 1024 * 1024))
-                .default_service(web::to(handle))
-        })
-        .workers(1)
-        .disable_signals()
-        .bind(("127.0.0.1", 0))
-        .expect("bind the proxy");
-        let port = server.addrs()[0].port();
-        let server = server.run();
-        let handle = server.handle();
-        tokio::spawn(server);
+        };
+        let server = LoopbackServer::start("the proxy", state, handle);
         Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: server.url.clone(),
             posted,
-            server: handle,
+            server,
         }
     }
 
@@ -99,6 +88,6 @@ impl MessagesProxy {
     }
 
     pub async fn stop(self) {
-        self.server.stop(false).await;
+        self.server.stop().await;
     }
 }

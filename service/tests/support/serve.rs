@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::cluster::tail;
-use crate::procs::free_port;
+use super::{free_port, init, tail};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-sessions");
 
@@ -51,6 +50,7 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub async fn start(database_url: &str, redis_url: &str, channel_prefix: &str) -> Self {
+        init();
         let port = free_port();
         let env = vec![
             ("DATABASE_URL", database_url.to_owned()),
@@ -66,7 +66,7 @@ impl ServeProcess {
             ("RUST_LOG", "warn".to_owned()),
         ];
         let log =
-            std::env::temp_dir().join(format!("as-faults-serve-{}-{port}.log", std::process::id()));
+            std::env::temp_dir().join(format!("as-test-serve-{}-{port}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
         let mut s = Self {
             port,
@@ -80,6 +80,20 @@ impl ServeProcess {
 
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The absolute URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base())
+    }
+
+    /// Whether this process's relay holds the leader lock (from /metrics).
+    pub async fn is_relay_leader(&self, client: &reqwest::Client) -> bool {
+        let Ok(res) = client.get(self.url("/metrics")).send().await else {
+            return false;
+        };
+        let text = res.text().await.unwrap_or_default();
+        text.lines().any(|l| l.trim() == "relay_leader 1")
     }
 
     pub fn pid(&self) -> Option<u32> {
