@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::AGENT;
-use crate::support::app::{Reply, TestApp};
+use crate::support::app::{Reply, TestApp, id_of};
 
 const SECRET: &str = "test-jwt-secret";
 const ISSUER: &str = "https://issuer.test";
@@ -89,7 +89,7 @@ async fn every_route_but_the_open_ones_needs_a_token_with_its_scope() {
         .await
         .expect(201)
         .json();
-    let id = created["id"].as_str().unwrap().to_owned();
+    let id = id_of(&created);
     let doc: Value = serde_json::from_str(include_str!("../../../openapi/openapi.json")).unwrap();
     let mut operations = vec![
         ("get".to_owned(), "/openapi.json".to_owned()),

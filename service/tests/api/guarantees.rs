@@ -7,7 +7,7 @@ use futures_util::future::join_all;
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 
-use crate::support::app::TestApp;
+use crate::support::app::{TestApp, id_of};
 use crate::support::{AGENT, eventually};
 
 /// A mixed workload: creates, updates (some no-ops, some refused), deletes.
@@ -18,7 +18,7 @@ async fn workload(app: &TestApp) -> Vec<String> {
             .create_session(&json!({"agent_id": AGENT, "session_type": "task", "context": {"i": i},
                            "checkpoint": if i % 2 == 0 { json!({"step": 0}) } else { Value::Null }}))
             .await;
-        ids.push(s["id"].as_str().unwrap().to_owned());
+        ids.push(id_of(&s));
     }
     let tasks = ids.iter().enumerate().map(|(i, id)| async move {
         for step in 0..5 {
@@ -142,14 +142,8 @@ async fn g2_replay_reproduces_the_projection_and_reports_a_hand_edit() {
 #[tokio::test]
 async fn g3_feed_never_skips_an_event_that_commits_late() {
     let app = TestApp::spawn().await;
-    let a = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let b = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let a = id_of(&app.create_default().await);
+    let b = id_of(&app.create_default().await);
     let db = app.db.connect().await;
     db.execute_unprepared(&format!(
         "CREATE FUNCTION hold_a() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
@@ -172,17 +166,8 @@ async fn g3_feed_never_skips_an_event_that_commits_late() {
         .unwrap();
 
     let writer_a = {
-        let client = app.http.clone();
-        let url = app.at(&format!("/sessions/{a}"));
-        tokio::spawn(async move {
-            client
-                .patch(url)
-                .json(&json!({"context": {"by": "A"}}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
+        let (api, a) = (app.api.clone(), a.clone());
+        tokio::spawn(async move { api.patch(&a, &json!({"context": {"by": "A"}})).await.status })
     };
     // Wait until A is really inside its transaction (blocked on the lock).
     wait_until(
@@ -262,10 +247,7 @@ async fn wait_until(app: &TestApp, count_sql: &str) {
 #[tokio::test]
 async fn g5_stale_if_match_gets_412_and_changes_nothing() {
     let app = TestApp::spawn().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(&app.create_default().await);
     let patch = |if_match: &'static str, body: Value| {
         app.send(
             app.http
@@ -297,10 +279,7 @@ async fn g5_stale_if_match_gets_412_and_changes_nothing() {
 #[tokio::test]
 async fn g5_concurrent_if_match_increments_lose_no_update() {
     let app = TestApp::spawn().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(&app.create_default().await);
     const CLIENTS: i64 = 8;
     const EACH: i64 = 15;
     let clients = (0..CLIENTS).map(|_| {
@@ -386,10 +365,7 @@ async fn g6_a_retried_create_with_the_same_key_makes_one_session() {
 #[tokio::test]
 async fn g7_bad_input_gets_a_4xx_problem_and_writes_nothing() {
     let app = spawn_app_limited().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(&app.create_default().await);
     let before = app.counts().await;
     let deep = format!(
         "{{\"agent_id\": \"{AGENT}\", \"session_type\": \"t\", \"context\": {{\"x\": {}1{}}}}}",

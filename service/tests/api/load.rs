@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::support::AGENT;
-use crate::support::app::{Reply, TestApp};
+use crate::support::app::{TestApp, id_of};
 
 #[tokio::test]
 async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
@@ -20,18 +20,16 @@ async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
     let (done_tx, done_rx) = watch::channel(0usize);
 
     let reader = {
-        let client = app.http.clone();
-        let base = app.url.clone();
+        let api = app.api.clone();
         tokio::spawn(async move {
             let mut after = 0i64;
             let mut seen: Vec<Value> = Vec::new();
             loop {
-                let res = client
-                    .get(format!("{base}/events?after={after}&limit=100"))
-                    .send()
+                let page: Vec<Value> = api
+                    .fetch(&format!("/events?after={after}&limit=100"))
                     .await
-                    .expect("an answer");
-                let page: Vec<Value> = Reply::read(res).await.expect(200).parse();
+                    .expect(200)
+                    .parse();
                 if page.is_empty() {
                     // Done once every committed event has been read; the
                     // feed may trail commits while transactions are open.
@@ -60,7 +58,7 @@ async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
                     &json!({"agent_id": AGENT, "session_type": "load", "context": {"w": w}}),
                 )
                 .await;
-            let id = s["id"].as_str().unwrap().to_owned();
+            let id = id_of(&s);
             let mut acked = 1;
             for i in 0..WRITES {
                 let res = app.patch(&id, &json!({"context": {"w": w, "i": i}})).await;

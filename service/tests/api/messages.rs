@@ -4,15 +4,12 @@ use agent_sessions::store::Store;
 use sea_orm::Database;
 use serde_json::{Value, json};
 
-use crate::support::app::TestApp;
+use crate::support::app::{TestApp, id_of};
 
 #[tokio::test]
 async fn messages_are_stored_counted_readable_as_jsonl_and_replayed() {
     let app = TestApp::spawn().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(&app.create_default().await);
     let batch = json!([
         {"type": "system", "subtype": "init", "session_id": id, "model": "claude-test"},
         {"type": "assistant", "message": {"content": [{"type": "text", "text": "on it"},

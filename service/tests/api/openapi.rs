@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::support::app::TestApp;
+use crate::support::app::{TestApp, id_of};
 use crate::support::eventually;
 
 #[tokio::test]
@@ -43,10 +43,7 @@ async fn docs_page_renders_the_document() {
 #[tokio::test]
 async fn metrics_expose_requests_events_relay_and_pool() {
     let app = TestApp::spawn().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(&app.create_default().await);
     app.patch(&id, &serde_json::json!({"status": "paused"}))
         .await;
     assert_eq!(app.fetch("/sessions/not-a-session").await.status, 404);

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::support::app::TestApp;
+use crate::support::app::{TestApp, id_of};
 use crate::support::db::TestDatabase;
 use crate::support::redis_server::{RedisServer, Subscriber};
 use crate::support::serve::ServeProcess;
@@ -36,7 +36,7 @@ async fn subscribers_receive_created_updated_deleted_with_the_design_fields() {
             &json!({"agent_id": AGENT, "session_type": "development", "runtime_backend": "local"}),
         )
         .await;
-    let id = s["id"].as_str().unwrap().to_owned();
+    let id = id_of(&s);
     let one = format!("{all}:{id}");
     let sub_one = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&one)).await;
     app.patch(&id, &json!({"status": "paused", "checkpoint": {"step": 5}}))
@@ -125,12 +125,7 @@ async fn events_committed_while_redis_is_down_are_published_when_it_returns() {
     let sub = Subscriber::start(&url, std::slice::from_ref(&channel)).await;
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(
-            app.create_default().await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(id_of(&app.create_default().await));
     }
     eventually("the first four events", SECS_10, || async {
         (sub.on(&channel).await.len() >= 4).then_some(())
@@ -150,12 +145,7 @@ async fn events_committed_while_redis_is_down_are_published_when_it_returns() {
             assert_eq!(res.status, 200, "writes succeed while Redis is down");
         }
     }
-    ids.push(
-        app.create_default().await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned(),
-    );
+    ids.push(id_of(&app.create_default().await));
 
     redis.restart(false).await;
     let sub2 = Subscriber::start(&url, std::slice::from_ref(&channel)).await;
@@ -177,24 +167,6 @@ async fn events_committed_while_redis_is_down_are_published_when_it_returns() {
     .await;
 }
 
-async fn all_events(client: &reqwest::Client, serve: &ServeProcess) -> Vec<Value> {
-    let mut after = 0;
-    let mut all = Vec::new();
-    loop {
-        let page: Vec<Value> = client
-            .get(serve.url(&format!("/events?after={after}&limit=500")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let Some(last) = page.last() else { return all };
-        after = last["position"].as_i64().unwrap();
-        all.extend(page);
-    }
-}
-
 #[tokio::test]
 async fn two_replicas_publish_once_and_the_standby_takes_over() {
     let db = TestDatabase::migrated().await;
@@ -203,28 +175,23 @@ async fn two_replicas_publish_once_and_the_standby_takes_over() {
     let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&channel)).await;
     let mut a = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;
     let mut b = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;
-    let client = reqwest::Client::new();
     eventually("one leader", SECS_10, || async {
-        (a.is_relay_leader(&client).await ^ b.is_relay_leader(&client).await).then_some(())
+        (a.is_relay_leader().await ^ b.is_relay_leader().await).then_some(())
     })
     .await;
     // Writes through both replicas.
     for i in 0..20 {
         let s = if i % 2 == 0 { &a } else { &b };
-        let res = client
-            .post(s.url("/sessions/"))
-            .json(&json!({"agent_id": AGENT, "session_type": "t"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
+        s.api
+            .create_session(&json!({"agent_id": AGENT, "session_type": "t"}))
+            .await;
     }
     eventually("20 messages", SECS_10, || async {
         (sub.on(&channel).await.len() >= 20).then_some(())
     })
     .await;
     // Let any duplicate arrive before counting: both replicas have read past the head.
-    let feed = all_events(&client, &a).await;
+    let feed = a.api.whole_feed().await;
     let last = feed.last().unwrap()["position"].as_i64().unwrap();
     eventually("cursor at the head", SECS_10, || async {
         db.sql_opt_i64("SELECT position FROM relay_cursors WHERE name = 'redis'")
@@ -240,7 +207,7 @@ async fn two_replicas_publish_once_and_the_standby_takes_over() {
         "no event published twice in normal operation"
     );
 
-    let (leader, standby) = if a.is_relay_leader(&client).await {
+    let (leader, standby) = if a.is_relay_leader().await {
         (&mut a, &b)
     } else {
         (&mut b, &a)
@@ -248,13 +215,10 @@ async fn two_replicas_publish_once_and_the_standby_takes_over() {
     leader.sigkill();
     let started = std::time::Instant::now();
     for _ in 0..5 {
-        let res = client
-            .post(standby.url("/sessions/"))
-            .json(&json!({"agent_id": AGENT, "session_type": "t"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
+        standby
+            .api
+            .create_session(&json!({"agent_id": AGENT, "session_type": "t"}))
+            .await;
     }
     eventually(
         "the standby to publish",
@@ -263,7 +227,7 @@ async fn two_replicas_publish_once_and_the_standby_takes_over() {
     )
     .await;
     eprintln!("standby took over and published in {:?}", started.elapsed());
-    let feed = all_events(&client, standby).await;
+    let feed = standby.api.whole_feed().await;
     check_delivery(&sub.on(&channel).await, &feed);
 }
 
@@ -302,10 +266,7 @@ async fn read_sse(res: reqwest::Response, n: usize) -> Vec<(i64, Value)> {
 #[tokio::test]
 async fn sse_resumes_with_last_event_id_without_loss_or_repeat() {
     let app = TestApp::spawn_with(|s| s.relay.sse_heartbeat_secs = 1).await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(&app.create_default().await);
     let res = app.open(app.http.get(app.at("/events/stream"))).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");

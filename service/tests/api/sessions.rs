@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use crate::support::AGENT;
-use crate::support::app::TestApp;
+use crate::support::app::{TestApp, id_of};
 
 /// The seed's curl examples send `-d` bodies, which curl labels
 /// `application/x-www-form-urlencoded`; some send no `-H` at all.
@@ -200,7 +200,7 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
                            "runtime_backend": if i == 6 { "kubernetes" } else { "local" }}),
             )
             .await;
-        ids.push(s["id"].as_str().unwrap().to_owned());
+        ids.push(id_of(&s));
     }
     app.patch(&ids[1], &json!({"status": "paused"})).await;
     app.patch(&ids[2], &json!({"status": "crashed"})).await;
@@ -216,10 +216,7 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
             l[1..l.find('>').unwrap()].to_owned()
         });
         let page: Vec<Value> = res.parse();
-        seen.extend(
-            page.into_iter()
-                .map(|s| s["id"].as_str().unwrap().to_owned()),
-        );
+        seen.extend(page.into_iter().map(|s| id_of(&s)));
     }
     let mut expected = ids.clone();
     expected.reverse();
@@ -234,7 +231,7 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|s| s["id"].as_str().unwrap().to_owned())
+                .map(id_of)
                 .collect::<Vec<String>>()
         }
     };

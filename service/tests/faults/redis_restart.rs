@@ -78,8 +78,7 @@ async fn redis_restart_under_load() {
     drop(probe);
     let still_running = serve.is_running() && serve.pid() == pid;
 
-    let client = reqwest::Client::new();
-    let lost = lost_acks(&client, &serve.base(), &tally.acks).await;
+    let lost = lost_acks(&serve.api, &tally.acks).await;
     let committed = db.committed_events().await;
     let (delivery, waited) = await_delivery(&[&before, &after], &channel, &committed, 30).await;
     let (replay_ok, replay) = replay_verify(&db.url);

@@ -40,8 +40,7 @@ async fn serve_sigkill_under_load() {
         .await;
     let tally = writers.stop().await;
 
-    let client = reqwest::Client::new();
-    let lost = lost_acks(&client, &serve.base(), &tally.acks).await;
+    let lost = lost_acks(&serve.api, &tally.acks).await;
     let committed = db.committed_events().await;
     let (delivery, waited) = await_delivery(&[&sub], &channel, &committed, 30).await;
     let (replay_ok, replay) = replay_verify(&db.url);

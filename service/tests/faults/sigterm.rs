@@ -34,8 +34,7 @@ async fn serve_sigterm_under_load() {
     let first_write = writers.first_ack_since(stopped_at).expect("an ack") - stopped_at;
     let tally = writers.stop().await;
 
-    let client = reqwest::Client::new();
-    let lost = lost_acks(&client, &serve.base(), &tally.acks).await;
+    let lost = lost_acks(&serve.api, &tally.acks).await;
     let committed = db.committed_events().await;
     let (delivery, waited) = await_delivery(&[&sub], &channel, &committed, 30).await;
     let (replay_ok, replay) = replay_verify(&db.url);

@@ -7,22 +7,21 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::load::Ack;
+use crate::support::app::Api;
 use crate::support::redis_server::Subscriber;
 
 /// One session's events over HTTP, following pages.
-pub async fn session_events(client: &reqwest::Client, base: &str, id: &str) -> Vec<Value> {
+pub async fn session_events(api: &Api, id: &str) -> Vec<Value> {
     let mut all: Vec<Value> = Vec::new();
     loop {
         let after = all.last().map_or(0, |e| e["version"].as_i64().unwrap());
-        let res = client
-            .get(format!(
-                "{base}/sessions/{id}/events?after_version={after}&limit=500"
+        let page: Vec<Value> = api
+            .fetch(&format!(
+                "/sessions/{id}/events?after_version={after}&limit=500"
             ))
-            .send()
             .await
-            .expect("session events");
-        assert_eq!(res.status(), 200, "events of {id}");
-        let page: Vec<Value> = res.json().await.expect("events JSON");
+            .expect(200)
+            .parse();
         if page.is_empty() {
             return all;
         }
@@ -32,14 +31,14 @@ pub async fn session_events(client: &reqwest::Client, base: &str, id: &str) -> V
 
 /// Acknowledged writes missing from the log, or present with another
 /// content, as readable lines; read back through the API as a client would.
-pub async fn lost_acks(client: &reqwest::Client, base: &str, acks: &[Ack]) -> Vec<String> {
+pub async fn lost_acks(api: &Api, acks: &[Ack]) -> Vec<String> {
     let mut by_session: HashMap<&str, Vec<&Ack>> = HashMap::new();
     for a in acks {
         by_session.entry(&a.session).or_default().push(a);
     }
     let mut lost = Vec::new();
     for (id, acks) in by_session {
-        let events = session_events(client, base, id).await;
+        let events = session_events(api, id).await;
         let versions: Vec<i64> = events
             .iter()
             .map(|e| e["version"].as_i64().unwrap())

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::app::TestApp;
+use crate::support::app::{TestApp, id_of};
 use crate::support::eventually;
 use crate::support::fake_kube::{FakeKube, NAMESPACE, chart_rbac};
 use crate::support::messages_proxy::MessagesProxy;
@@ -131,7 +131,7 @@ impl KubeRig {
             body["worker"] = w;
         }
         let s = self.api.create_session(&body).await;
-        s["id"].as_str().expect("id").to_owned()
+        id_of(&s)
     }
 
     async fn create_managed(&self) -> String {

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::app::id_of;
 use crate::support::fake_anthropic::{FIRST_PART, REPLY};
 use crate::support::rig::Rig;
 use crate::support::{eventually, group_alive, processes_mentioning};
@@ -231,7 +232,7 @@ async fn runner_never_touches_sessions_without_a_worker_spec() {
                "worker": {"prompt": "not for the local runner"}}),
     ] {
         let s = rig.api.create_session(&body).await;
-        untouched.push(s["id"].as_str().unwrap().to_owned());
+        untouched.push(id_of(&s));
     }
     let managed = rig
         .create_local(json!({"prompt": "Say hello [quick]"}))

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::app::TestApp;
+use crate::support::app::{TestApp, id_of};
 use crate::support::fake_anthropic::FakeAnthropic;
 use crate::support::runner::{RunnerProcess, clean_root, temp_root};
 use crate::support::{eventually, group_alive, processes_mentioning};
@@ -27,7 +27,7 @@ async fn runner_survives_kill_9_with_exactly_one_worker() {
         .create_session(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
             "runtime_backend": "local", "worker": {"prompt": prompt}}))
         .await;
-    let id = s["id"].as_str().unwrap().to_owned();
+    let id = id_of(&s);
     let pid = eventually("the worker to start", Duration::from_secs(30), || async {
         worker_rec(&api.get(&id).await)["pid"].as_i64()
     })
@@ -104,7 +104,7 @@ async fn runner_reports_a_worker_that_ended_while_no_runner_watched() {
         .create_session(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
             "runtime_backend": "local", "worker": {"prompt": prompt}}))
         .await;
-    let id = s["id"].as_str().unwrap().to_owned();
+    let id = id_of(&s);
     let pid = eventually("the worker to start", Duration::from_secs(30), || async {
         worker_rec(&api.get(&id).await)["pid"].as_i64()
     })

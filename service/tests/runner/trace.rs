@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::app::TestApp;
+use crate::support::app::{TestApp, id_of};
 use crate::support::eventually;
 use crate::support::fake_anthropic::FakeAnthropic;
 use crate::support::runner::{RunnerProcess, clean_root, temp_root};
@@ -29,7 +29,7 @@ async fn the_request_id_follows_a_change_into_the_runner() {
         .await
         .expect(201)
         .json();
-    let id = created["id"].as_str().unwrap().to_owned();
+    let id = id_of(&created);
 
     let events: Vec<Value> = eventually(
         "the runner to report the start",

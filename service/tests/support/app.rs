@@ -16,14 +16,31 @@ use uuid::Uuid;
 use super::db::TestDatabase;
 use super::{AGENT, SHARED_REDIS, init};
 
+/// The API in-process; its request helpers are `Api`'s (`app.get(id)`,
+/// `app.patch(...)`, … through `Deref`).
 pub struct TestApp {
-    /// Base URL, `http://127.0.0.1:{port}`.
-    pub url: String,
+    pub api: Api,
     /// What the instance runs with (a runner under test starts from these).
     pub settings: Settings,
-    pub http: reqwest::Client,
     pub db: TestDatabase,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// Request helpers against one service: the in-process `TestApp` and a
+/// `serve` process (`ServeProcess::api`) alike. Paths are relative to `url`.
+#[derive(Clone)]
+pub struct Api {
+    /// Base URL, `http://127.0.0.1:{port}`.
+    pub url: String,
+    pub http: reqwest::Client,
 }
 
 /// An answer read whole.
@@ -106,6 +123,14 @@ impl Reply {
     }
 }
 
+/// A session's id.
+pub fn id_of(session: &Value) -> String {
+    session["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a session with an id: {session}"))
+        .to_owned()
+}
+
 /// Settings for an instance under test on database `db_url`: a free port,
 /// a small pool, authentication off (tests talk without tokens unless they
 /// turn it on), a channel prefix of its own.
@@ -135,14 +160,37 @@ impl TestApp {
         let mut settings = test_settings(&db.url);
         tweak(&mut settings);
         let app = Application::build(&settings).await.expect("build the API");
-        let url = format!("http://127.0.0.1:{}", app.port());
+        let api = Api::new(&format!("http://127.0.0.1:{}", app.port()));
         let server = tokio::spawn(app.run_until_stopped());
         Self {
-            url,
+            api,
             settings,
-            http: reqwest::Client::new(),
             db,
             server,
+        }
+    }
+
+    /// (sessions, events) rows in the database.
+    pub async fn counts(&self) -> (i64, i64) {
+        (
+            self.db.sql_i64("SELECT count(*) FROM sessions").await,
+            self.db.sql_i64("SELECT count(*) FROM events").await,
+        )
+    }
+
+    /// Stop serving and drop the database (what dropping does, said aloud
+    /// at the end of a test).
+    pub async fn teardown(self) {
+        drop(self);
+    }
+}
+
+impl Api {
+    pub fn new(url: &str) -> Self {
+        init();
+        Self {
+            url: url.to_owned(),
+            http: reqwest::Client::new(),
         }
     }
 
@@ -186,6 +234,11 @@ impl TestApp {
     /// `POST /sessions/`, which must create; the session.
     pub async fn create_session(&self, body: &Value) -> Value {
         self.post("/sessions/", body).await.expect(201).json()
+    }
+
+    /// `POST /sessions/`, which must create; the new session's id.
+    pub async fn create_id(&self, body: &Value) -> String {
+        id_of(&self.create_session(body).await)
     }
 
     /// A task session of `AGENT` with context `{"n": 0}`.
@@ -282,22 +335,6 @@ impl TestApp {
             },
         )
         .await
-    }
-
-    /// (sessions, events) rows in the database.
-    pub async fn counts(&self) -> (i64, i64) {
-        (
-            self.db.sql_i64("SELECT count(*) FROM sessions").await,
-            self.db.sql_i64("SELECT count(*) FROM events").await,
-        )
-    }
-}
-
-impl TestApp {
-    /// Stop serving and drop the database (what dropping does, said aloud
-    /// at the end of a test).
-    pub async fn teardown(self) {
-        drop(self);
     }
 }
 

@@ -7,7 +7,7 @@ use agent_sessions::settings::Settings;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::app::TestApp;
+use super::app::{TestApp, id_of};
 use super::eventually;
 use super::fake_anthropic::FakeAnthropic;
 use super::messages_proxy::MessagesProxy;
@@ -68,7 +68,7 @@ impl Rig {
                 "runtime_backend": "local", "worker": worker,
             }))
             .await;
-        s["id"].as_str().expect("id").to_owned()
+        id_of(&s)
     }
 
     /// Wait until the session's status is `status`; the session.

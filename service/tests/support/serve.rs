@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::app::Api;
 use super::{free_port, init, tail};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-sessions");
@@ -43,6 +44,8 @@ pub fn replay_verify(database_url: &str) -> (bool, String) {
 
 pub struct ServeProcess {
     pub port: u16,
+    /// Requests to this process (same port across restarts).
+    pub api: Api,
     env: Vec<(&'static str, String)>,
     log: PathBuf,
     child: Option<Child>,
@@ -70,6 +73,7 @@ impl ServeProcess {
         let _ = std::fs::remove_file(&log);
         let mut s = Self {
             port,
+            api: Api::new(&format!("http://127.0.0.1:{port}")),
             env,
             log,
             child: None,
@@ -79,17 +83,12 @@ impl ServeProcess {
     }
 
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// The absolute URL of `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base())
+        self.api.url.clone()
     }
 
     /// Whether this process's relay holds the leader lock (from /metrics).
-    pub async fn is_relay_leader(&self, client: &reqwest::Client) -> bool {
-        let Ok(res) = client.get(self.url("/metrics")).send().await else {
+    pub async fn is_relay_leader(&self) -> bool {
+        let Ok(res) = self.api.http.get(self.api.at("/metrics")).send().await else {
             return false;
         };
         let text = res.text().await.unwrap_or_default();
