@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::app::Api;
-use super::{free_port, init, tail};
+use super::{eventually, free_port, init, tail};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-sessions");
 
@@ -149,30 +149,20 @@ impl ServeProcess {
             .stderr(log)
             .spawn()
             .expect("agent-sessions serve");
+        // Held by `self` while waiting, so a panic here still kills it.
         self.child = Some(child);
-        let client = reqwest::Client::new();
-        let url = format!("{}/healthz", self.base());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if client
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                return;
+        let (api, log, child) = (&self.api, &self.log, &mut self.child);
+        eventually("serve to answer /healthz", Duration::from_secs(20), || {
+            let exited = !child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            async move {
+                assert!(!exited, "serve exited at start:\n{}", tail(log, 20));
+                let res = api.http.get(api.at("/healthz")).send().await;
+                res.is_ok_and(|r| r.status() == 200).then_some(())
             }
-            assert!(
-                self.is_running(),
-                "serve exited at start:\n{}",
-                tail(&self.log, 20)
-            );
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "serve did not listen within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
     }
 }
 
