@@ -9,7 +9,7 @@ use crate::load::{ReadyProbe, Writers};
 use crate::support::db::TestDatabase;
 use crate::support::redis_server::Subscriber;
 use crate::support::serve::{ServeProcess, migrate, replay_verify};
-use crate::support::{SHARED_REDIS, init};
+use crate::support::{SHARED_REDIS, eventually, init};
 use crate::verify::{await_delivery, lost_acks, secs};
 
 /// How long PostgreSQL stays down each time: longer than the pool's acquire
@@ -178,19 +178,13 @@ async fn published_after(
         .into_iter()
         .map(|(e, _, _)| e)
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = sub.on(channel).await;
-        if got
+    eventually("a new event published", Duration::from_secs(30), || async {
+        sub.on(channel)
+            .await
             .iter()
             .any(|m| !known.contains(m["event_id"].as_str().unwrap()))
-        {
-            return t.elapsed();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing new published within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+            .then_some(())
+    })
+    .await;
+    t.elapsed()
 }

@@ -61,14 +61,12 @@ async fn redis_restart_under_load() {
     let during = probe.within(down_at, up_at);
     let ready_again = probe.wait_ready_after(publish_at, 30).await;
     let first_published = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while after.on(&channel).await.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "nothing published after Redis returned"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(
+            "a publication after Redis returned",
+            Duration::from_secs(30),
+            || async { (!after.on(&channel).await.is_empty()).then_some(()) },
+        )
+        .await;
         publish_at.elapsed()
     };
     writers

@@ -328,20 +328,16 @@ async fn kubernetes_completion_records_usage_from_the_log_and_deletes_pod_and_cl
     eprintln!("pod and claim gone {:?} after the exit", t0.elapsed());
     // The log's stream-json, as the session's messages (posted in batches,
     // so possibly just after the status).
-    let deadline = Instant::now() + std::time::Duration::from_secs(15);
-    loop {
+    eventually("the messages", Duration::from_secs(15), || async {
         let text = rig
             .api
             .messages(&id)
             .await
             .map(|m| m.to_string())
             .unwrap_or_default();
-        if text.contains("Hello from fake") && text.contains("\"result\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "messages never arrived: {text}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        (text.contains("Hello from fake") && text.contains("\"result\"")).then_some(())
+    })
+    .await;
     rig.stop().await;
 }
 

@@ -18,6 +18,7 @@ pub mod rig;
 pub mod runner;
 pub mod serve;
 
+use std::fmt::Display;
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -42,9 +43,10 @@ pub fn init() {
 }
 
 /// Poll `check` every 20 ms until it yields `Some`, or panic after `limit`
-/// saying what was awaited. For a plain condition, yield
+/// saying what was awaited (`what` is rendered only then, so an `Explain`
+/// can describe the state at the deadline). For a plain condition, yield
 /// `cond.then_some(())`.
-pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: impl Display, limit: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -58,6 +60,15 @@ where
             panic!("timed out after {limit:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A description computed when it is shown: `eventually(Explain(|| ...), ..)`.
+pub struct Explain<F>(pub F);
+
+impl<F: Fn() -> String> Display for Explain<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&(self.0)())
     }
 }
 
