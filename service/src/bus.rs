@@ -1,12 +1,21 @@
-//! Redis: the connection the relay publishes on and readiness pings.
+//! Redis: the connection the relay publishes on, wake-up hints and
+//! readiness pings.
 //!
 //! Connections are made lazily and re-made after an error, so the service
 //! starts and keeps serving writes while Redis is down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::contract::{WakeHint, hint_channel};
+use crate::metrics::names;
+
+/// Hints waiting to be published; beyond this they are dropped (a hint is
+/// only a wake-up: the feed carries the event regardless).
+const HINT_QUEUE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -29,10 +38,6 @@ impl Bus {
             conn: Mutex::new(None),
             timeout: Duration::from_secs(2),
         })
-    }
-
-    pub fn client(&self) -> &redis::Client {
-        &self.client
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, BusError> {
@@ -105,5 +110,48 @@ impl Bus {
 
     pub async fn ping(&self) -> Result<(), BusError> {
         self.run::<String>(&redis::cmd("PING")).await.map(|_| ())
+    }
+}
+
+/// The sending side of the hint publisher: never blocks, never fails the
+/// write that sends it.
+#[derive(Clone)]
+pub struct Hints {
+    tx: mpsc::Sender<WakeHint>,
+}
+
+impl Hints {
+    /// Start the publisher task; it ends when every `Hints` is dropped.
+    pub fn start(bus: Arc<Bus>, prefix: &str) -> Self {
+        let (tx, rx) = mpsc::channel(HINT_QUEUE);
+        tokio::spawn(publish_hints(bus, hint_channel(prefix), rx));
+        Self { tx }
+    }
+
+    pub fn send(&self, hint: WakeHint) {
+        if self.tx.try_send(hint).is_err() {
+            metrics::counter!(names::HINTS_DROPPED).increment(1);
+        }
+    }
+}
+
+/// Publish whatever queued while the previous pipeline ran, in one pipeline.
+async fn publish_hints(bus: Arc<Bus>, channel: String, mut rx: mpsc::Receiver<WakeHint>) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        let mut pipe = redis::pipe();
+        for hint in &batch {
+            if let Ok(body) = serde_json::to_string(hint) {
+                pipe.cmd("PUBLISH").arg(&channel).arg(body).ignore();
+            }
+        }
+        match bus.run_pipeline(&pipe).await {
+            Ok(()) => metrics::counter!(names::HINTS_PUBLISHED).increment(batch.len() as u64),
+            Err(e) => {
+                metrics::counter!(names::HINTS_DROPPED).increment(batch.len() as u64);
+                tracing::debug!(error = %e, dropped = batch.len(), "wake-up hints not published");
+            }
+        }
+        batch.clear();
     }
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod contract;
 pub mod domain;
 pub mod metrics;
+pub mod monitor;
 pub mod relay;
 pub mod runner;
 pub mod settings;

@@ -5,6 +5,43 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// Every metric name the service and the runner export, in one place.
+pub mod names {
+    // HTTP edge.
+    pub const HTTP_REQUESTS: &str = "http_requests_total";
+    pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
+    // Store.
+    pub const EVENTS_APPENDED: &str = "events_appended_total";
+    pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
+    pub const DB_POOL_MAX_CONNECTIONS: &str = "db_pool_max_connections";
+    pub const DB_STATEMENT_TIMEOUTS: &str = "db_statement_timeouts_total";
+    // Relay and feed.
+    pub const RELAY_LEADER: &str = "relay_leader";
+    pub const RELAY_PUBLISHED: &str = "relay_published_total";
+    pub const RELAY_PUBLISH_FAILURES: &str = "relay_publish_failures_total";
+    pub const RELAY_COMMIT_TO_PUBLISH: &str = "relay_commit_to_publish_seconds";
+    pub const RELAY_LAG_EVENTS: &str = "relay_lag_events";
+    pub const RELAY_LAG_SECONDS: &str = "relay_lag_seconds";
+    pub const FEED_HELD_EVENTS: &str = "feed_held_events";
+    pub const FEED_HELD_SECONDS: &str = "feed_held_seconds";
+    pub const FEED_BLOCKER_AGE_SECONDS: &str = "feed_blocker_transaction_age_seconds";
+    pub const HINTS_PUBLISHED: &str = "hints_published_total";
+    pub const HINTS_DROPPED: &str = "hints_dropped_total";
+    // Runner.
+    pub const RUNNER_WORKERS: &str = "runner_workers";
+    pub const RUNNER_MAX_WORKERS: &str = "runner_max_workers";
+    pub const RUNNER_WORKER_STARTS: &str = "runner_worker_starts_total";
+    pub const RUNNER_WORKER_START_FAILURES: &str = "runner_worker_start_failures_total";
+    pub const RUNNER_WORKER_RESTARTS: &str = "runner_worker_restarts_total";
+    pub const RUNNER_WORKER_EXITS: &str = "runner_worker_exits_total";
+    pub const RUNNER_WORKER_CRASHES: &str = "runner_worker_crashes_total";
+    pub const RUNNER_COST_USD: &str = "runner_cost_usd_total";
+    pub const RUNNER_RESYNCS: &str = "runner_resyncs_total";
+    pub const RUNNER_HINTS: &str = "runner_hints_total";
+}
+
+use names::*;
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the recorder once; later calls return the same handle.
@@ -32,10 +69,10 @@ pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
         ("route", route.to_owned()),
         ("status", status.to_string()),
     ];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    metrics::counter!(HTTP_REQUESTS, &labels).increment(1);
+    metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
 }
 
 pub fn event_appended(kind: &'static str) {
-    metrics::counter!("events_appended_total", "event_type" => kind).increment(1);
+    metrics::counter!(EVENTS_APPENDED, "event_type" => kind).increment(1);
 }

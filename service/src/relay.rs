@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::bus::Bus;
+use crate::metrics::names;
 use crate::store::{FEED_CHANNEL, FeedFilter, LeaderLock, Store};
 
 /// Cursor name of the Redis relay.
@@ -171,7 +172,7 @@ impl Relay {
     /// Contend for leadership, publish while leader, until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
-        metrics::gauge!("relay_leader").set(0.0);
+        metrics::gauge!(names::RELAY_LEADER).set(0.0);
         loop {
             let lock = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -181,10 +182,10 @@ impl Relay {
                 Ok(Some(lock)) => {
                     backoff.reset();
                     tracing::info!("relay is the leader: publishing events to Redis");
-                    metrics::gauge!("relay_leader").set(1.0);
+                    metrics::gauge!(names::RELAY_LEADER).set(1.0);
                     let span = tracing::info_span!("relay");
                     self.lead(lock, &shutdown).instrument(span).await;
-                    metrics::gauge!("relay_leader").set(0.0);
+                    metrics::gauge!(names::RELAY_LEADER).set(0.0);
                     if shutdown.is_cancelled() {
                         return;
                     }
@@ -282,12 +283,12 @@ impl Relay {
                 Ok(()) => {
                     backoff.reset();
                     let last = batch.last().expect("non-empty").position;
-                    metrics::counter!("relay_published_total").increment(batch.len() as u64);
+                    metrics::counter!(names::RELAY_PUBLISHED).increment(batch.len() as u64);
                     if let Some(e) = batch.last() {
                         let age = (chrono::Utc::now() - e.occurred_at)
                             .num_microseconds()
                             .unwrap_or(0);
-                        metrics::histogram!("relay_commit_to_publish_seconds")
+                        metrics::histogram!(names::RELAY_COMMIT_TO_PUBLISH)
                             .record(age as f64 / 1e6);
                     }
                     cursor = Some(last);
@@ -299,7 +300,7 @@ impl Relay {
                 Err(e) => {
                     let d = backoff.next();
                     tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, pending = batch.len(), "relay cannot publish to Redis; retrying");
-                    metrics::counter!("relay_publish_failures_total").increment(1);
+                    metrics::counter!(names::RELAY_PUBLISH_FAILURES).increment(1);
                     sleep_or_shutdown(d, shutdown).await;
                 }
             }
@@ -313,8 +314,8 @@ impl Relay {
                     .oldest_unpublished
                     .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1e3)
                     .unwrap_or(0.0);
-                metrics::gauge!("relay_lag_events").set(lag.events as f64);
-                metrics::gauge!("relay_lag_seconds").set(seconds);
+                metrics::gauge!(names::RELAY_LAG_EVENTS).set(lag.events as f64);
+                metrics::gauge!(names::RELAY_LAG_SECONDS).set(seconds);
                 if seconds >= self.settings.lag_warn_after.as_secs_f64() {
                     tracing::warn!(
                         lag_events = lag.events,

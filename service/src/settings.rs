@@ -60,6 +60,10 @@ pub struct RelayConfig {
     pub leader_check_interval_ms: u64,
     /// Log a warning when the oldest unpublished event is older than this.
     pub lag_warn_secs: u64,
+    /// A feed held back longer than this by an open event writer is logged
+    /// (with the writer's pid, database, state and times) and shown by
+    /// `/readyz`.
+    pub feed_held_warn_secs: u64,
     /// Seconds between SSE keep-alive comments.
     pub sse_heartbeat_secs: u64,
 }
@@ -87,6 +91,13 @@ pub struct DatabaseSettings {
     pub min_connections: u32,
     /// How long a request waits for a pooled connection before 503.
     pub acquire_timeout_ms: u64,
+    /// `statement_timeout` of the service's connections: a statement that
+    /// runs (or waits for a lock) longer is cancelled and answered 503. An
+    /// event writer holds the feed back while it runs, so this bounds how long
+    /// any writer of ours can hold it.
+    pub statement_timeout_ms: u64,
+    /// `idle_in_transaction_session_timeout` of the service's connections.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,8 +144,9 @@ pub struct RunnerSettings {
     pub max_workers: usize,
     /// Full resync of every managed session, in seconds.
     pub resync_interval_secs: u64,
-    /// How often `/events` is tailed, in milliseconds (Redis wakes it sooner).
-    pub feed_poll_ms: u64,
+    /// Longest wait of one long-poll of `/events` (`wait` parameter), in
+    /// seconds; Redis hints wake sessions sooner.
+    pub feed_wait_secs: u64,
     /// Grace after SIGINT, then after SIGTERM, before the group gets SIGKILL.
     pub interrupt_grace_ms: u64,
     pub terminate_grace_ms: u64,
@@ -200,8 +212,8 @@ impl RunnerSettings {
     pub fn resync_interval(&self) -> Duration {
         Duration::from_secs(self.resync_interval_secs)
     }
-    pub fn feed_poll(&self) -> Duration {
-        Duration::from_millis(self.feed_poll_ms)
+    pub fn feed_wait(&self) -> Duration {
+        Duration::from_secs(self.feed_wait_secs)
     }
     /// `storage_class`, an empty value meaning unset.
     pub fn storage_class(&self) -> Option<&str> {
@@ -283,6 +295,8 @@ url = "postgres://postgres@127.0.0.1:5432/agent_sessions"
 max_connections = 16
 min_connections = 1
 acquire_timeout_ms = 3000
+statement_timeout_ms = 15000
+idle_in_transaction_timeout_ms = 15000
 
 [redis]
 url = "redis://127.0.0.1:6379"
@@ -315,6 +329,7 @@ batch_size = 500
 poll_interval_ms = 100
 leader_check_interval_ms = 1000
 lag_warn_secs = 5
+feed_held_warn_secs = 10
 sse_heartbeat_secs = 15
 
 [runner]
@@ -324,7 +339,7 @@ workspace_root = "/var/lib/agent-sessions/workspaces"
 claude_bin = "claude"
 max_workers = 16
 resync_interval_secs = 30
-feed_poll_ms = 250
+feed_wait_secs = 25
 interrupt_grace_ms = 5000
 terminate_grace_ms = 5000
 message_batch = 100
@@ -419,6 +434,14 @@ impl Settings {
                 "must be between 1 and api.max_page_size",
             );
         }
+        if self.database.statement_timeout_ms < 100
+            || self.database.idle_in_transaction_timeout_ms < 100
+        {
+            return bad(
+                "database.statement_timeout_ms",
+                "statement_timeout_ms and idle_in_transaction_timeout_ms must be at least 100",
+            );
+        }
         if self.relay.batch_size == 0
             || self.relay.poll_interval_ms == 0
             || self.relay.sse_heartbeat_secs == 0
@@ -450,10 +473,10 @@ impl Settings {
         if !(1..=1000).contains(&r.message_batch) {
             return bad("runner.message_batch", "must be between 1 and 1000");
         }
-        if r.feed_poll_ms == 0 || r.resync_interval_secs == 0 {
+        if !(1..=60).contains(&r.feed_wait_secs) || r.resync_interval_secs == 0 {
             return bad(
-                "runner.feed_poll_ms",
-                "feed_poll_ms and resync_interval_secs must be at least 1",
+                "runner.feed_wait_secs",
+                "feed_wait_secs must be between 1 and 60, resync_interval_secs at least 1",
             );
         }
         if r.backend.kubernetes() {
@@ -491,6 +514,11 @@ impl Settings {
     /// The Redis channel carrying every session event.
     pub fn session_channel(&self) -> String {
         format!("{}events:session", self.redis.channel_prefix)
+    }
+
+    /// The Redis channel of wake-up hints (see `contract::WakeHint`).
+    pub fn hint_channel(&self) -> String {
+        crate::contract::hint_channel(&self.redis.channel_prefix)
     }
 
     /// Database URL with any password masked, for logs.

@@ -12,7 +12,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, auth::AuthState, body::BodyLimit, params::PageSizes};
-use crate::bus::Bus;
+use crate::bus::{Bus, Hints};
+use crate::monitor::{self, FeedWatch};
 use crate::relay::{self, FeedSignal, Relay, RelaySettings};
 use crate::settings::Settings;
 use crate::store::{DatabaseOptions, Store};
@@ -29,12 +30,10 @@ impl Application {
     /// Bind the listener (port 0 picks a free port), build the server and
     /// start the background tasks.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let store = Store::connect(&DatabaseOptions {
-            url: settings.database.url.clone(),
-            max_connections: settings.database.max_connections,
-            min_connections: settings.database.min_connections,
-            acquire_timeout: settings.acquire_timeout(),
-        })
+        let store = Store::connect(&database_options(
+            settings,
+            settings.database.max_connections,
+        ))
         .await?;
         let bus = Arc::new(Bus::new(&settings.redis.url)?);
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
@@ -59,13 +58,7 @@ impl Application {
         if settings.relay.enabled {
             // The relay has connections of its own: under write load it must
             // not queue behind requests for the shared pool.
-            let relay_store = Store::connect(&DatabaseOptions {
-                url: settings.database.url.clone(),
-                max_connections: 2,
-                min_connections: 1,
-                acquire_timeout: settings.acquire_timeout(),
-            })
-            .await?;
+            let relay_store = Store::connect(&database_options(settings, 2)).await?;
             let relay = Relay::new(
                 relay_store,
                 bus.clone(),
@@ -84,6 +77,14 @@ impl Application {
             tasks.push(tokio::spawn(relay.run(shutdown.clone())));
         }
 
+        let hints = Hints::start(bus.clone(), &settings.redis.channel_prefix);
+        let feed_watch = FeedWatch::default();
+        tasks.push(tokio::spawn(monitor::watch_feed(
+            store.clone(),
+            feed_watch.clone(),
+            Duration::from_secs(settings.relay.feed_held_warn_secs),
+            shutdown.clone(),
+        )));
         let state = web::Data::new(AppState {
             store: store.clone(),
             bus,
@@ -95,6 +96,8 @@ impl Application {
                 max: settings.api.max_page_size,
             },
             relay_wake,
+            hints,
+            feed_watch,
         });
         let limit = web::Data::new(BodyLimit(
             settings.server.body_limit_bytes,
@@ -190,5 +193,17 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+fn database_options(settings: &Settings, max_connections: u32) -> DatabaseOptions {
+    let db = &settings.database;
+    DatabaseOptions {
+        url: db.url.clone(),
+        max_connections,
+        min_connections: db.min_connections.min(max_connections),
+        acquire_timeout: settings.acquire_timeout(),
+        statement_timeout: Duration::from_millis(db.statement_timeout_ms),
+        idle_in_transaction_timeout: Duration::from_millis(db.idle_in_transaction_timeout_ms),
     }
 }

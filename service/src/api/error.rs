@@ -201,7 +201,7 @@ impl From<StoreError> for ApiError {
                 field: None,
                 detail: format!("the request holds a value that cannot be stored: {m}"),
             },
-            e @ StoreError::Unavailable(_) => Self::Unavailable(e),
+            e @ (StoreError::Unavailable(_) | StoreError::TimedOut(_)) => Self::Unavailable(e),
             e @ (StoreError::Database(_) | StoreError::Corrupt(_)) => Self::Internal(e.into()),
         }
     }

@@ -1,5 +1,7 @@
 //! The event log over HTTP: one session's stream and the global feed.
 
+use std::time::{Duration, Instant};
+
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -83,6 +85,22 @@ pub struct FeedQuery {
     pub event_type: Option<String>,
 }
 
+/// The long-poll parameter of `GET /events`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Seconds to hold the request while no event is there yet (0 to 60,
+    /// default 0): the answer comes as soon as one is released.
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 60)]
+    pub wait: Option<String>,
+}
+
+/// Longest long-poll, in seconds.
+const MAX_WAIT_SECS: i64 = 60;
+/// Re-read even without a signal while waiting (an event held back behind a
+/// writer that then commits on another replica, say).
+const WAIT_POLL: Duration = Duration::from_secs(1);
+
 pub(crate) fn feed_filter(q: &FeedQuery) -> Result<FeedFilter, ApiError> {
     Ok(FeedFilter {
         aggregate_id: q
@@ -113,9 +131,9 @@ pub(crate) fn feed_filter(q: &FeedQuery) -> Result<FeedFilter, ApiError> {
 /// an event never appears below a position already returned.
 #[utoipa::path(
     get, path = "/events", tag = "events",
-    params(FeedQuery),
+    params(FeedQuery, WaitQuery),
     responses(
-        (status = 200, description = "Events after `after`; `Link: rel=\"next\"` carries the last position", body = Vec<EventEnvelope>),
+        (status = 200, description = "Events after `after` (empty when none came within `wait`); `Link: rel=\"next\"` carries the last position", body = Vec<EventEnvelope>),
         (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -128,7 +146,27 @@ pub async fn feed(
     let after = params::non_negative("after", &q.after)?;
     let limit = params::limit(&q.limit, &state.pages)?;
     let filter = feed_filter(&q)?;
-    let events = state.store.feed(after, limit, &filter).await?;
+    let w: WaitQuery = params::query(&req)?;
+    let wait = params::non_negative("wait", &w.wait)?;
+    if wait > MAX_WAIT_SECS {
+        return Err(ApiError::parameter("wait", "must be at most 60 seconds"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(wait as u64);
+    let mut changes = state.feed.subscribe();
+    let events = loop {
+        // Mark the signal seen before reading, so a commit during the read wakes us.
+        changes.borrow_and_update();
+        let events = state.store.feed(after, limit, &filter).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !events.is_empty() || left.is_zero() {
+            break events;
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break events,
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(left.min(WAIT_POLL)) => {}
+        }
+    };
     let last = events.last().map_or(after, |e| e.position);
     let body: Vec<EventEnvelope> = events.iter().map(|e| e.envelope(true)).collect();
     Ok(HttpResponse::Ok()

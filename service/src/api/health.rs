@@ -5,6 +5,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use crate::metrics::names;
+use crate::monitor::FeedHealth;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -19,6 +21,11 @@ pub struct Health {
 pub struct Checks {
     pub database: String,
     pub redis: String,
+    /// Whether committed events are being released to readers; `held` when
+    /// an open event writer has held them back longer than
+    /// `relay.feed_held_warn_secs` (readiness stays true: another replica
+    /// would not help).
+    pub feed: FeedHealth,
 }
 
 /// The process is alive.
@@ -53,7 +60,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let ok = database == "ok" && redis == "ok";
     let body = Health {
         status: if ok { "ok" } else { "unavailable" }.into(),
-        checks: Some(Checks { database, redis }),
+        checks: Some(Checks {
+            database,
+            redis,
+            feed: state.feed_watch.latest(),
+        }),
     };
     if ok {
         HttpResponse::Ok().json(body)
@@ -68,9 +79,10 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let pool = state.store.connection().get_postgres_connection_pool();
     let (size, idle) = (pool.size() as f64, pool.num_idle() as f64);
-    metrics::gauge!("db_pool_connections", "state" => "idle").set(idle);
-    metrics::gauge!("db_pool_connections", "state" => "in_use").set(size - idle);
-    metrics::gauge!("db_pool_max_connections").set(pool.options().get_max_connections() as f64);
+    metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
+    metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "in_use").set(size - idle);
+    metrics::gauge!(names::DB_POOL_MAX_CONNECTIONS)
+        .set(pool.options().get_max_connections() as f64);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(crate::metrics::handle().render())

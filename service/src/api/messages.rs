@@ -112,9 +112,9 @@ pub async fn append(
         ));
     }
     let items: Vec<Value> = items.into_iter().map(without_nul).collect();
-    let s = state.store.append_messages(id, &items, &meta.0).await?;
-    crate::metrics::event_appended("session.updated");
-    state.wake_relay();
+    let written = state.store.append_messages(id, &items, &meta.0).await?;
+    state.after_commit(written.appended.as_ref());
+    let s = written.session;
     Ok(HttpResponse::Ok()
         .insert_header((header::ETAG, format!("\"{}\"", s.version)))
         .json(Session::from(&s)))

@@ -49,9 +49,17 @@ pub async fn request_context(
         .unwrap_or_else(|| "unmatched".to_owned());
     let elapsed = started.elapsed();
     crate::metrics::http_request(&method, &route, status, elapsed);
-    span.in_scope(
-        || tracing::info!(status, elapsed_ms = elapsed.as_secs_f64() * 1e3, %route, "request"),
-    );
+    // Reads that succeed are what pollers and dashboards repeat all day:
+    // `debug`. Writes and every failure are worth a line at `info`.
+    let quiet = (method == "GET" || method == "HEAD") && status < 400;
+    let elapsed_ms = elapsed.as_secs_f64() * 1e3;
+    span.in_scope(|| {
+        if quiet {
+            tracing::debug!(status, elapsed_ms, %route, "request");
+        } else {
+            tracing::info!(status, elapsed_ms, %route, "request");
+        }
+    });
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(REQUEST_ID, v);
     }

@@ -20,9 +20,10 @@ use tokio::sync::Notify;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Hints};
+use crate::monitor::FeedWatch;
 use crate::relay::FeedSignal;
-use crate::store::Store;
+use crate::store::{Appended, Store};
 use error::ApiError;
 use params::PageSizes;
 use tokio_util::sync::CancellationToken;
@@ -39,11 +40,21 @@ pub struct AppState {
     pub pages: PageSizes,
     /// Wakes the relay after a commit, so publishing does not wait for a poll.
     pub relay_wake: Arc<Notify>,
+    /// Best-effort wake-up hints on Redis, sent right after a commit.
+    pub hints: Hints,
+    /// The feed's horizon as last measured, for `/readyz`.
+    pub feed_watch: FeedWatch,
 }
 
 impl AppState {
-    pub fn wake_relay(&self) {
+    /// What follows every committed write, in one place: count the event,
+    /// wake the relay and the long-polls, publish the hint. A write that
+    /// appended nothing does none of it.
+    pub fn after_commit(&self, appended: Option<&Appended>) {
+        let Some(a) = appended else { return };
+        crate::metrics::event_appended(a.kind.as_str());
         self.relay_wake.notify_one();
+        self.hints.send(a.hint.clone());
     }
 }
 

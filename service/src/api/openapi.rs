@@ -27,7 +27,7 @@ use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usa
     components(schemas(
         Session, NewSession, SessionUpdate, SessionStatus, RuntimeBackend, WorkerSpec,
         PermissionMode, Resources, RestartPolicy, CrashReason, EventEnvelope, EventKind,
-        EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks,
+        EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks, crate::monitor::FeedHealth,
     )),
     modifiers(&BearerAuth),
     tags(

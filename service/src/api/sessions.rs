@@ -133,10 +133,7 @@ pub async fn create(
         dto.worker,
     )?;
     let created = state.store.create(&cmd, &meta.0, idem.as_ref()).await?;
-    if !created.replayed {
-        crate::metrics::event_appended("session.created");
-        state.wake_relay();
-    }
+    state.after_commit(created.appended.as_ref());
     let mut res = HttpResponse::Created();
     res.insert_header((
         header::LOCATION,
@@ -227,10 +224,9 @@ pub async fn update(
         mode: body.mode,
         fields,
     };
-    let s = state.store.update(id, &patch, expected, &meta.0).await?;
-    crate::metrics::event_appended("session.updated");
-    state.wake_relay();
-    Ok(with_session(HttpResponse::Ok(), &s))
+    let written = state.store.update(id, &patch, expected, &meta.0).await?;
+    state.after_commit(written.appended.as_ref());
+    Ok(with_session(HttpResponse::Ok(), &written.session))
 }
 
 /// Delete a session (appends `session.deleted`).
@@ -256,9 +252,8 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     let id = session_id(&id)?;
     let expected = if_match(&req)?;
-    state.store.delete(id, expected, &meta.0).await?;
-    crate::metrics::event_appended("session.deleted");
-    state.wake_relay();
+    let written = state.store.delete(id, expected, &meta.0).await?;
+    state.after_commit(written.appended.as_ref());
     Ok(HttpResponse::NoContent().finish())
 }
 

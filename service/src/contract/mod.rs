@@ -2,9 +2,11 @@
 //! them) read. Kept apart from `api/` so a client never imports the server.
 
 mod event;
+mod hint;
 mod problem;
 mod session;
 
 pub use event::EventEnvelope;
+pub use hint::{WakeHint, hint_channel};
 pub use problem::{FieldProblem, Problem};
 pub use session::{NewSession, Session, SessionUpdate, format_time};

@@ -214,13 +214,24 @@ impl ApiClient {
         Ok(all)
     }
 
-    /// One page of the global feed after `after`.
-    pub async fn events(&self, after: i64, limit: u32) -> Result<Vec<EventEnvelope>, ApiError> {
+    /// One page of the global feed after `after`; with a non-zero `wait`
+    /// the API holds the request (a long-poll) until an event is there or
+    /// the wait is over.
+    pub async fn events(
+        &self,
+        after: i64,
+        limit: u32,
+        wait: Duration,
+    ) -> Result<Vec<EventEnvelope>, ApiError> {
         let res = self
             .request(
                 reqwest::Method::GET,
-                &format!("/events?after={after}&limit={limit}"),
+                &format!(
+                    "/events?after={after}&limit={limit}&wait={}",
+                    wait.as_secs()
+                ),
             )
+            .timeout(wait + Duration::from_secs(10))
             .send()
             .await?;
         if !res.status().is_success() {

@@ -1,7 +1,9 @@
 //! What wakes the controller: the API's event feed (`GET /events?after=`),
-//! tailed from a position kept on disk; Redis `events:session` messages,
-//! which only make it sooner (pub/sub drops what arrives while disconnected,
-//! so every reconnect re-reads the feed); and a periodic full resync.
+//! followed by long-polls from a position kept on disk (the durable record);
+//! Redis wake-up hints, published right after each commit, which make it
+//! react in milliseconds even while the feed is held back; Redis
+//! `events:session` messages; and a periodic full resync. Pub/sub drops what
+//! arrives while disconnected, which the feed and the resync make up for.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,13 +11,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::backend::Backend;
 use super::controller::Context;
-use crate::contract::EventEnvelope;
+use crate::contract::{EventEnvelope, WakeHint};
 use crate::domain::EventKind;
+use crate::metrics::names;
 
 const PAGE: u32 = 500;
 
@@ -61,48 +63,84 @@ const DECISIVE: [&str; 5] = [
     "checkpoint",
 ];
 
-fn touches_decisive_field(e: &EventEnvelope) -> bool {
-    match e.payload.get("updates").and_then(Value::as_array) {
-        Some(u) => u
-            .iter()
-            .any(|f| f.as_str().is_some_and(|f| DECISIVE.contains(&f))),
-        // Not the shape we know: look rather than miss it.
-        None => true,
-    }
+/// What a wake-up says about a session, from an event or a hint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signal<'a> {
+    pub id: uuid::Uuid,
+    pub kind: EventKind,
+    /// Fields an update changed; `None` when the shape is unknown.
+    pub updates: Option<Vec<&'a str>>,
+    /// The session's backend, when the signal says.
+    pub backend: Option<&'a str>,
+    /// Whether the session has a worker spec, when the signal says.
+    pub has_worker: Option<bool>,
 }
 
-/// Does this event concern a session the backend manages (or now might)?
-pub fn relevant<B: Backend>(ctx: &Context<B>, e: &EventEnvelope) -> bool {
-    let id = e.aggregate_id;
-    if ctx.is_known(id) || ctx.backend.sessions().contains(&id) {
-        return e.event_type != EventKind::Updated || touches_decisive_field(e);
-    }
-    let backend = ctx.backend.kind().as_str();
-    match e.event_type {
-        EventKind::Created => {
-            let changes = e.payload.get("changes");
-            let has_worker = changes
-                .and_then(|c| c.get("worker"))
-                .is_some_and(|w| !w.is_null());
-            let on_backend = e
+impl<'a> Signal<'a> {
+    pub fn of_event(e: &'a EventEnvelope) -> Self {
+        let changes = e.payload.get("changes");
+        Self {
+            id: e.aggregate_id,
+            kind: e.event_type,
+            updates: e
+                .payload
+                .get("updates")
+                .and_then(Value::as_array)
+                .map(|u| u.iter().filter_map(Value::as_str).collect()),
+            backend: e
                 .payload
                 .get("runtime_backend")
                 .or_else(|| changes.and_then(|c| c.get("runtime_backend")))
-                .and_then(Value::as_str)
-                == Some(backend);
-            has_worker && on_backend
-        }
-        // A session gaining a worker spec or moving to this backend.
-        EventKind::Updated => e
-            .payload
-            .get("updates")
-            .and_then(Value::as_array)
-            .is_some_and(|u| {
-                u.iter()
-                    .any(|f| matches!(f.as_str(), Some("worker" | "runtime_backend")))
+                .and_then(Value::as_str),
+            has_worker: (e.event_type == EventKind::Created).then(|| {
+                changes
+                    .and_then(|c| c.get("worker"))
+                    .is_some_and(|w| !w.is_null())
             }),
-        EventKind::Deleted => false,
+        }
     }
+
+    pub fn of_hint(h: &'a WakeHint) -> Self {
+        Self {
+            id: h.session_id,
+            kind: h.event_type,
+            updates: Some(h.updates.iter().map(String::as_str).collect()),
+            backend: Some(h.runtime_backend.as_str()),
+            has_worker: Some(h.has_worker),
+        }
+    }
+
+    fn touches(&self, fields: &[&str]) -> bool {
+        match &self.updates {
+            Some(u) => u.iter().any(|f| fields.contains(f)),
+            // Not the shape we know: look rather than miss it.
+            None => true,
+        }
+    }
+
+    /// Does this concern a session on `backend` (or one that now might be)?
+    fn relevant(&self, known: bool, backend: &str) -> bool {
+        if known {
+            return self.kind != EventKind::Updated || self.touches(&DECISIVE);
+        }
+        let on_backend = self.backend.is_none_or(|b| b == backend);
+        match self.kind {
+            EventKind::Created => self.has_worker == Some(true) && self.backend == Some(backend),
+            // A session gaining a worker spec or moving to this backend.
+            EventKind::Updated => {
+                self.touches(&["worker", "runtime_backend"])
+                    && self.has_worker != Some(false)
+                    && on_backend
+            }
+            EventKind::Deleted => false,
+        }
+    }
+}
+
+/// Does this signal concern a session the backend manages (or now might)?
+pub fn relevant<B: Backend>(ctx: &Context<B>, s: &Signal<'_>) -> bool {
+    let known = ctx.is_known(s.id) || ctx.backend.sessions().contains(&s.id);
+    s.relevant(known, ctx.backend.kind().as_str())
 }
 
 /// Skip to the end of the feed without acting: the start-up resync covers
@@ -110,7 +148,7 @@ pub fn relevant<B: Backend>(ctx: &Context<B>, e: &EventEnvelope) -> bool {
 pub async fn fast_forward<B: Backend>(ctx: &Context<B>, pos: &mut Position) {
     let mut at = 0;
     loop {
-        match ctx.api.events(at, PAGE).await {
+        match ctx.api.events(at, PAGE, Duration::ZERO).await {
             Ok(page) => {
                 let n = page.len();
                 if let Some(last) = page.last() {
@@ -130,46 +168,40 @@ pub async fn fast_forward<B: Backend>(ctx: &Context<B>, pos: &mut Position) {
     pos.save(at);
 }
 
-/// Tail the feed forever: every `poll`, or at once when `nudge` fires.
-pub async fn tail<B: Backend>(
-    ctx: Arc<Context<B>>,
-    mut pos: Position,
-    poll: Duration,
-    nudge: Arc<Notify>,
-) {
+/// Follow the feed forever with long-polls: each returns as soon as an
+/// event is released, or after `wait` with nothing.
+pub async fn tail<B: Backend>(ctx: Arc<Context<B>>, mut pos: Position, wait: Duration) {
+    let mut backoff = Duration::from_millis(250);
     loop {
         let after = pos.value.unwrap_or(0);
-        match ctx.api.events(after, PAGE).await {
+        match ctx.api.events(after, PAGE, wait).await {
             Ok(page) => {
-                let full = page.len() == PAGE as usize;
+                backoff = Duration::from_millis(250);
                 for e in &page {
-                    if relevant(&ctx, e) {
+                    if relevant(&ctx, &Signal::of_event(e)) {
                         ctx.wake(e.aggregate_id);
                     }
                 }
                 if let Some(last) = page.last() {
                     pos.save(last.position);
                 }
-                if full {
-                    continue;
-                }
             }
-            Err(e) => warn!(error = %e, "reading the event feed failed"),
-        }
-        tokio::select! {
-            _ = nudge.notified() => {}
-            _ = tokio::time::sleep(poll) => {}
+            Err(e) => {
+                warn!(error = %e, "reading the event feed failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }
 
-/// Wake-ups from Redis: reconnect forever; each (re)connect nudges the feed
-/// so whatever was published while away is read from the log.
+/// Wake-ups from Redis: session events and, sooner, commit hints. Reconnect
+/// forever; what was published while away is in the feed.
 pub async fn redis_wakeups<B: Backend>(
     ctx: Arc<Context<B>>,
     url: String,
-    channel: String,
-    nudge: Arc<Notify>,
+    events_channel: String,
+    hints_channel: String,
 ) {
     let client = match redis::Client::open(url.as_str()) {
         Ok(c) => c,
@@ -181,18 +213,34 @@ pub async fn redis_wakeups<B: Backend>(
     let mut backoff = Duration::from_millis(250);
     loop {
         match client.get_async_pubsub().await {
-            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+            Ok(mut pubsub) => match pubsub
+                .subscribe(&[events_channel.as_str(), hints_channel.as_str()])
+                .await
+            {
                 Ok(()) => {
-                    info!(%channel, "subscribed to session events");
+                    info!(%events_channel, %hints_channel, "subscribed to session events and hints");
                     backoff = Duration::from_millis(250);
-                    nudge.notify_one();
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         let Ok(payload) = msg.get_payload::<String>() else {
                             continue;
                         };
+                        if msg.get_channel_name() == hints_channel {
+                            match serde_json::from_str::<WakeHint>(&payload) {
+                                Ok(h) => {
+                                    metrics::counter!(names::RUNNER_HINTS).increment(1);
+                                    if relevant(&ctx, &Signal::of_hint(&h)) {
+                                        ctx.wake(h.session_id);
+                                    }
+                                }
+                                Err(e) => debug!(error = %e, "ignoring a message that is no hint"),
+                            }
+                            continue;
+                        }
                         match serde_json::from_str::<EventEnvelope>(&payload) {
-                            Ok(e) if relevant(&ctx, &e) => ctx.wake(e.aggregate_id),
+                            Ok(e) if relevant(&ctx, &Signal::of_event(&e)) => {
+                                ctx.wake(e.aggregate_id)
+                            }
                             Ok(_) => {}
                             Err(e) => debug!(error = %e, "ignoring a message that is no event"),
                         }
@@ -262,15 +310,57 @@ mod tests {
         .unwrap()
     }
 
+    fn decisive(updates: Value) -> bool {
+        Signal::of_event(&updated(updates)).relevant(true, "local")
+    }
+
     #[test]
     fn only_decisive_updates_wake_the_controller() {
-        assert!(touches_decisive_field(&updated(json!(["status"]))));
-        assert!(touches_decisive_field(&updated(json!([
-            "context",
-            "runtime_metadata"
-        ]))));
-        assert!(!touches_decisive_field(&updated(json!(["usage"]))));
-        assert!(!touches_decisive_field(&updated(json!(["context"]))));
-        assert!(touches_decisive_field(&updated(Value::Null)));
+        assert!(decisive(json!(["status"])));
+        assert!(decisive(json!(["context", "runtime_metadata"])));
+        assert!(!decisive(json!(["usage"])));
+        assert!(!decisive(json!(["context"])));
+        assert!(decisive(Value::Null));
+    }
+
+    fn hint(kind: EventKind, backend: &str, has_worker: bool, updates: &[&str]) -> WakeHint {
+        WakeHint {
+            session_id: uuid::Uuid::nil(),
+            event_type: kind,
+            version: 1,
+            runtime_backend: backend.into(),
+            has_worker,
+            updates: updates.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn hints_wake_only_for_sessions_this_backend_could_run() {
+        let unknown = |h: &WakeHint| Signal::of_hint(h).relevant(false, "local");
+        assert!(unknown(&hint(EventKind::Created, "local", true, &[])));
+        assert!(!unknown(&hint(EventKind::Created, "local", false, &[])));
+        assert!(!unknown(&hint(EventKind::Created, "kubernetes", true, &[])));
+        assert!(unknown(&hint(
+            EventKind::Updated,
+            "local",
+            true,
+            &["runtime_backend"]
+        )));
+        assert!(!unknown(&hint(
+            EventKind::Updated,
+            "kubernetes",
+            true,
+            &["runtime_backend"]
+        )));
+        assert!(!unknown(&hint(
+            EventKind::Updated,
+            "local",
+            true,
+            &["context"]
+        )));
+        let known = |h: &WakeHint| Signal::of_hint(h).relevant(true, "local");
+        assert!(known(&hint(EventKind::Updated, "local", true, &["status"])));
+        assert!(!known(&hint(EventKind::Updated, "local", true, &["usage"])));
+        assert!(known(&hint(EventKind::Deleted, "local", true, &[])));
     }
 }

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -237,7 +237,6 @@ async fn run_controller<B: Backend>(
     for id in ctx.backend.adopt().await {
         ctx.wake(id);
     }
-    let nudge = Arc::new(Notify::new());
     tasks.0.extend([
         tokio::spawn(controller::run_queue(
             ctx.clone(),
@@ -245,12 +244,12 @@ async fn run_controller<B: Backend>(
             r.reconcile_concurrency,
         )),
         tokio::spawn(feed::resync_forever(ctx.clone(), r.resync_interval())),
-        tokio::spawn(feed::tail(ctx.clone(), pos, r.feed_poll(), nudge.clone())),
+        tokio::spawn(feed::tail(ctx.clone(), pos, r.feed_wait())),
         tokio::spawn(feed::redis_wakeups(
             ctx.clone(),
             settings.redis.url.clone(),
             settings.session_channel(),
-            nudge,
+            settings.hint_channel(),
         )),
     ]);
     info!(backend = ctx.backend.kind().as_str(), "controller running");

@@ -25,6 +25,9 @@ pub enum StoreError {
     Unstorable(String),
     #[error("database unavailable")]
     Unavailable(#[source] DbErr),
+    /// Cancelled by `statement_timeout` (a lock wait, a stalled writer).
+    #[error("statement cancelled after the statement timeout")]
+    TimedOut(#[source] DbErr),
     #[error("database error")]
     Database(#[source] DbErr),
     #[error("stored data is corrupt: {0}")]
@@ -46,6 +49,12 @@ impl From<DbErr> for StoreError {
                         // the value, not the service, is at fault.
                         Some(c) if c.starts_with("22") || c.starts_with("54") => {
                             Self::Unstorable(d.message().to_owned())
+                        }
+                        // query_canceled: our statement_timeout cut it.
+                        Some("57014") => {
+                            metrics::counter!(crate::metrics::names::DB_STATEMENT_TIMEOUTS)
+                                .increment(1);
+                            Self::TimedOut(e)
                         }
                         // admin shutdown, cannot connect now, crash shutdown.
                         Some("57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006") => {

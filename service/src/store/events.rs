@@ -1,12 +1,11 @@
 //! Reading the event log: a session's stream and the global feed.
 //!
 //! Gap safety (G3): an event's position is its writing transaction's id ×
-//! 1024. Every transaction whose id is below the snapshot's `xmin` has ended,
-//! so the feed returns only positions below `xmin × 1024`: an event still
-//! being written can only ever appear above what a reader has already seen,
-//! and a rolled-back transaction leaves no hole to wait for. Writers take no
-//! lock for this. A transaction held open anywhere on the PostgreSQL cluster
-//! holds the feed (never the writes) back until it ends.
+//! 1024, and the feed returns only positions below the horizon of
+//! `horizon.rs` (the oldest event writer of ours still open), computed by an
+//! earlier statement than the read. An event still being written can only
+//! ever appear above what a reader has already seen, and a rolled-back
+//! transaction leaves no hole to wait for.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as Param};
@@ -19,9 +18,6 @@ use super::{Store, StoreError};
 use crate::contract::{EventEnvelope, format_time};
 use crate::domain::event::AGGREGATE_TYPE;
 use crate::domain::{EventKind, EventMetadata};
-
-/// The highest position a reader may see: below every open transaction.
-pub(crate) const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint * 1024";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
@@ -70,7 +66,11 @@ impl Store {
         limit: u64,
         filter: &FeedFilter,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut values: Vec<Param> = vec![after.into()];
+        let horizon = self.horizon().await?;
+        if horizon <= after + 1 {
+            return Ok(Vec::new());
+        }
+        let mut values: Vec<Param> = vec![after.into(), horizon.into()];
         let mut cond = String::new();
         if let Some(id) = filter.aggregate_id {
             values.push(id.into());
@@ -87,7 +87,7 @@ impl Store {
         values.push((limit as i64).into());
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE position > $1 AND position < {HORIZON}{cond} \
+             WHERE position > $1 AND position < $2{cond} \
              ORDER BY position LIMIT ${}",
             values.len()
         );
@@ -124,20 +124,6 @@ impl Store {
             ))
             .await?
             .is_some())
-    }
-
-    /// The newest readable position and its time, for lag measurements.
-    pub async fn head(&self) -> Result<Option<(i64, DateTime<Utc>)>, StoreError> {
-        let sql = format!(
-            "SELECT position, occurred_at FROM events WHERE position < {HORIZON} \
-             ORDER BY position DESC LIMIT 1"
-        );
-        let row = self
-            .db
-            .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
-            .await?;
-        row.map(|r| Ok((r.try_get("", "position")?, r.try_get("", "occurred_at")?)))
-            .transpose()
     }
 
     async fn events(

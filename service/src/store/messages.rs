@@ -8,8 +8,10 @@ use serde_json::{Map, Value};
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::append::{ANNOUNCE, EventRow};
+use super::sessions::{Appended, Attempt, Written};
 use super::{Store, StoreError};
-use crate::domain::event::{self, AGGREGATE_TYPE};
+use crate::domain::event;
 use crate::domain::{EventKind, EventMetadata};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -19,8 +21,6 @@ pub struct StoredMessage {
     pub created_at: DateTime<Utc>,
 }
 
-const ATTEMPTS: usize = 64;
-
 impl Store {
     /// Append messages; returns the session after the usage update.
     #[instrument(skip(self, messages, meta), fields(session_id = %id, count = messages.len()))]
@@ -29,60 +29,73 @@ impl Store {
         id: Uuid,
         messages: &[Value],
         meta: &EventMetadata,
-    ) -> Result<crate::domain::SessionState, StoreError> {
+    ) -> Result<Written, StoreError> {
         let batch = Value::Array(messages.to_vec());
-        for _ in 0..ATTEMPTS {
-            let current = self.get(id).await?.ok_or(StoreError::NotFound(id))?;
+        let event = EventRow {
+            source: "u",
+            kind: EventKind::Updated,
+            aggregate_id: "$1",
+            version: "$2 + 1",
+            event_id: "$3",
+            payload: "$7",
+            metadata: "$8",
+            occurred_at: "u.updated_at",
+        }
+        .cte();
+        let sql = format!(
+            "WITH {ANNOUNCE}, \
+             u AS (UPDATE sessions SET usage = $4, version = $2 + 1, updated_at = now() FROM announce \
+                   WHERE id = $1 AND version = $2 RETURNING updated_at), \
+             m AS (INSERT INTO session_messages (session_id, seq, message, created_at) \
+                   SELECT $1, $5 + o.i - 1, o.m, u.updated_at \
+                   FROM u, jsonb_array_elements($6) WITH ORDINALITY AS o(m, i) RETURNING 1), \
+             {event} \
+             SELECT u.updated_at, (SELECT count(*) FROM m) AS stored FROM u, e"
+        );
+        let meta = Param::Json(Some(Box::new(
+            serde_json::to_value(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        )));
+        self.on_version(id, None, async |current| {
             let mut usage = current.usage.clone();
             let first_seq = usage.message_count + 1;
             usage.add_messages(messages);
+            let usage =
+                serde_json::to_value(&usage).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let mut changes = Map::new();
-            changes.insert(
-                "usage".into(),
-                serde_json::to_value(&usage).expect("usage serialises"),
-            );
+            changes.insert("usage".into(), usage.clone());
             let mut next = current.clone();
             next.apply(&changes)?;
             next.version += 1;
-            let sql = format!(
-                "WITH u AS (UPDATE sessions SET usage = $4, version = $2 + 1, updated_at = now() \
-                            WHERE id = $1 AND version = $2 RETURNING updated_at), \
-                 m AS (INSERT INTO session_messages (session_id, seq, message, created_at) \
-                       SELECT $1, $5 + o.i - 1, o.m, u.updated_at \
-                       FROM u, jsonb_array_elements($6) WITH ORDINALITY AS o(m, i) RETURNING 1), \
-                 e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
-                                           event_type, payload, metadata, occurred_at) \
-                       SELECT pg_current_xact_id()::text::bigint * 1024, $3, '{AGGREGATE_TYPE}', $1, $2 + 1, \
-                              '{kind}', $7, $8, u.updated_at FROM u RETURNING position) \
-                 SELECT u.updated_at, (SELECT count(*) FROM m) AS stored FROM u, e",
-                kind = EventKind::Updated.as_str(),
-            );
+            let payload = event::updated_payload(&next, &changes);
             let values: Vec<Param> = vec![
                 id.into(),
                 current.version.into(),
                 Uuid::new_v4().into(),
-                Param::Json(Some(Box::new(changes["usage"].clone()))),
+                Param::Json(Some(Box::new(usage))),
                 first_seq.into(),
                 Param::Json(Some(Box::new(batch.clone()))),
-                Param::Json(Some(Box::new(event::updated_payload(&next, &changes)))),
-                Param::Json(Some(Box::new(
-                    serde_json::to_value(meta).expect("metadata serialises"),
-                ))),
+                Param::Json(Some(Box::new(payload.clone()))),
+                meta.clone(),
             ];
-            if let Some(row) = self
+            let Some(row) = self
                 .db
                 .query_one_raw(Statement::from_sql_and_values(
                     DbBackend::Postgres,
-                    sql,
+                    sql.as_str(),
                     values,
                 ))
                 .await?
-            {
-                next.updated_at = row.try_get("", "updated_at")?;
-                return Ok(next);
-            }
-        }
-        Err(StoreError::Contended(id))
+            else {
+                return Ok(Attempt::LostRace);
+            };
+            next.updated_at = row.try_get("", "updated_at")?;
+            let appended = Appended::new(&next, EventKind::Updated, &payload);
+            Ok(Attempt::Done(Written {
+                session: next,
+                appended: Some(appended),
+            }))
+        })
+        .await
     }
 
     /// Messages after `after_seq`, in order.

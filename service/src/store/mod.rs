@@ -5,8 +5,10 @@
 //! change and its event commit or vanish as one (G1). See `events.rs` for why
 //! feed positions are gap-safe.
 
+mod append;
 mod error;
 mod events;
+mod horizon;
 mod messages;
 mod relay;
 mod replay;
@@ -15,10 +17,11 @@ mod sessions;
 
 pub use error::StoreError;
 pub use events::{FeedFilter, StoredEvent};
+pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};
 pub use messages::StoredMessage;
 pub use relay::{FEED_CHANNEL, LeaderLock, RelayLag};
 pub use replay::{ReplayDifference, ReplayReport};
-pub use sessions::{Created, IdempotencyRequest, ListCursor, ListFilter};
+pub use sessions::{Appended, Created, IdempotencyRequest, ListCursor, ListFilter, Written};
 
 use std::time::Duration;
 
@@ -31,6 +34,10 @@ pub struct DatabaseOptions {
     pub max_connections: u32,
     pub min_connections: u32,
     pub acquire_timeout: Duration,
+    /// `statement_timeout` of every connection (bounds how long a writer of
+    /// ours can hold the feed's horizon).
+    pub statement_timeout: Duration,
+    pub idle_in_transaction_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -43,6 +50,18 @@ impl Store {
     /// (and reports not-ready) while PostgreSQL is still down.
     pub async fn connect(opts: &DatabaseOptions) -> Result<Self, StoreError> {
         let mut co = ConnectOptions::new(opts.url.clone());
+        let session_settings = [
+            ("application_name", "agent-sessions".to_owned()),
+            (
+                "statement_timeout",
+                opts.statement_timeout.as_millis().to_string(),
+            ),
+            (
+                "idle_in_transaction_session_timeout",
+                opts.idle_in_transaction_timeout.as_millis().to_string(),
+            ),
+        ];
+        co.map_sqlx_postgres_opts(move |o| o.options(session_settings.clone()));
         co.max_connections(opts.max_connections)
             .min_connections(opts.min_connections)
             .connect_timeout(Duration::from_secs(5))

@@ -5,7 +5,6 @@ use chrono::{DateTime, Utc};
 use sea_orm::sqlx::{self, Connection, PgConnection};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-use super::events::HORIZON;
 use super::{Store, StoreError};
 
 /// `NOTIFY` channel that tells every replica the log has grown.
@@ -64,11 +63,14 @@ impl Store {
         Ok(())
     }
 
+    /// Released events the relay has not published yet (the feed's horizon
+    /// bounds them; what waits behind it is in [`Store::horizon_report`]).
     pub async fn relay_lag(&self, cursor: i64) -> Result<RelayLag, StoreError> {
+        let horizon = self.horizon().await?;
         let sql = format!(
-            "SELECT (SELECT count(*) FROM (SELECT 1 FROM events WHERE position > $1 AND position < {HORIZON} \
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM events WHERE position > $1 AND position < $2 \
                      LIMIT {LAG_COUNT_CAP}) x) AS events, \
-                    (SELECT occurred_at FROM events WHERE position > $1 AND position < {HORIZON} \
+                    (SELECT occurred_at FROM events WHERE position > $1 AND position < $2 \
                      ORDER BY position LIMIT 1) AS oldest"
         );
         let row = self
@@ -76,7 +78,7 @@ impl Store {
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 sql,
-                vec![cursor.into()],
+                vec![cursor.into(), horizon.into()],
             ))
             .await?
             .ok_or_else(|| StoreError::Corrupt("lag query returned nothing".into()))?;

@@ -1,12 +1,13 @@
 //! Session writes and reads.
 //!
-//! Each write is a single autocommit statement: a CTE that changes the
-//! `sessions` row only if it is still at the version the change was planned
-//! against, and appends the event only if the row changed. Losing that race
-//! re-plans against the new state, or answers 412 when the client asked for
-//! a specific version. The transaction id, and so the event's position, is
-//! taken only after the state it was planned on was read, so positions follow
-//! each session's version order.
+//! Each write is a single autocommit statement: a CTE that announces the
+//! writer (`append.rs`), changes the `sessions` row only if it is still at the
+//! version the change was planned against, and appends the event only if the
+//! row changed. Losing that race re-plans against the new state, or answers
+//! 412 when the client asked for a specific version ([`Store::on_version`]).
+//! The transaction id, and so the event's position, is taken only after the
+//! state it was planned on was read, so positions follow each session's
+//! version order.
 
 use base64::Engine as _;
 use chrono::{DateTime, TimeZone, Utc};
@@ -15,9 +16,11 @@ use serde_json::{Map, Value};
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::append::{ANNOUNCE, EventRow};
 use super::rows::{self, INSERT_COLUMNS, SESSION_COLUMNS};
 use super::{Store, StoreError};
-use crate::domain::event::{self, AGGREGATE_TYPE};
+use crate::contract::WakeHint;
+use crate::domain::event;
 use crate::domain::{
     CreateSession, EventKind, EventMetadata, RuntimeBackend, SessionPatch, SessionState,
     SessionStatus,
@@ -26,9 +29,6 @@ use crate::domain::{
 /// Attempts at an update that keeps losing to concurrent writers before 409.
 const MAX_ATTEMPTS: usize = 64;
 
-/// The position expression: transaction id × 1024 (+ index in the transaction).
-const POSITION: &str = "pg_current_xact_id()::text::bigint * 1024";
-
 /// `Idempotency-Key` of a create, scoped to its actor, and a hash of the body.
 #[derive(Debug, Clone)]
 pub struct IdempotencyRequest {
@@ -36,11 +36,70 @@ pub struct IdempotencyRequest {
     pub request_hash: String,
 }
 
+/// What a committed write appended to the log: the input of the effects
+/// that follow a commit (metrics, waking the relay, the wake-up hint).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    pub session_id: Uuid,
+    pub kind: EventKind,
+    pub version: i64,
+    pub hint: WakeHint,
+}
+
+impl Appended {
+    /// `session` is the state after the write, `payload` the event's.
+    pub(crate) fn new(session: &SessionState, kind: EventKind, payload: &Value) -> Self {
+        let updates = payload
+            .get("updates")
+            .and_then(Value::as_array)
+            .map(|u| {
+                u.iter()
+                    .filter_map(|f| f.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let version = match kind {
+            EventKind::Deleted => session.version + 1,
+            _ => session.version,
+        };
+        Self {
+            session_id: session.id,
+            kind,
+            version,
+            hint: WakeHint {
+                session_id: session.id,
+                event_type: kind,
+                version,
+                runtime_backend: session.runtime_backend.as_str().to_owned(),
+                has_worker: session.worker.is_some() && kind != EventKind::Deleted,
+                updates,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Created {
     pub session: SessionState,
     /// True when an earlier request with the same key created it.
     pub replayed: bool,
+    /// `None` when replayed.
+    pub appended: Option<Appended>,
+}
+
+/// The session after a write, and the event it appended (`None` when the
+/// write changed nothing).
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub session: SessionState,
+    pub appended: Option<Appended>,
+}
+
+/// One try of a write planned against a session's current state.
+pub(crate) enum Attempt<T> {
+    Done(T),
+    /// The session moved on between reading and writing.
+    LostRace,
 }
 
 /// Filters of `GET /sessions/`; all optional, combined with AND.
@@ -112,6 +171,7 @@ impl Store {
         meta: &EventMetadata,
         idem: Option<&IdempotencyRequest>,
     ) -> Result<Created, StoreError> {
+        let payload = event::created_payload(cmd);
         for _ in 0..MAX_ATTEMPTS {
             let id = Uuid::now_v7();
             tracing::Span::current().record("session_id", tracing::field::display(id));
@@ -126,7 +186,7 @@ impl Store {
                 json(Value::Object(cmd.runtime_metadata.clone())),
                 nullable_json(cmd.worker.clone()),
                 Uuid::new_v4().into(),
-                json(event::created_payload(cmd)),
+                json(payload.clone()),
                 metadata(meta),
             ];
             let (key_cte, from_key) = match idem {
@@ -135,30 +195,40 @@ impl Store {
                     values.push(k.request_hash.clone().into());
                     (
                         "k AS (INSERT INTO idempotency_keys (key, request_hash, session_id) \
-                         VALUES ($13, $14, $1) ON CONFLICT (key) DO NOTHING RETURNING session_id),",
+                         SELECT $13, $14, $1 FROM announce \
+                         ON CONFLICT (key) DO NOTHING RETURNING session_id),",
                         "FROM k",
                     )
                 }
-                None => ("", ""),
+                None => ("", "FROM announce"),
             };
+            let event = EventRow {
+                source: "s",
+                kind: EventKind::Created,
+                aggregate_id: "$1",
+                version: "1",
+                event_id: "$10",
+                payload: "$11",
+                metadata: "$12",
+                occurred_at: "s.created_at",
+            }
+            .cte();
             let sql = format!(
-                "WITH {key_cte} \
+                "WITH {ANNOUNCE}, {key_cte} \
                  s AS (INSERT INTO sessions ({INSERT_COLUMNS}) \
                        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 1, now(), now() {from_key} \
                        RETURNING created_at), \
-                 e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
-                                           event_type, payload, metadata, occurred_at) \
-                       SELECT {POSITION}, $10, '{AGGREGATE_TYPE}', $1, 1, '{kind}', $11, $12, s.created_at \
-                       FROM s RETURNING position) \
-                 SELECT s.created_at FROM s, e",
-                kind = EventKind::Created.as_str(),
+                 {event} \
+                 SELECT s.created_at FROM s, e"
             );
             if let Some(row) = self.db.query_one_raw(stmt(&sql, values)).await? {
                 let at: DateTime<Utc> = row.try_get("", "created_at")?;
                 let session = SessionState::from_create(id, cmd, at)?;
+                let appended = Appended::new(&session, EventKind::Created, &payload);
                 return Ok(Created {
                     session,
                     replayed: false,
+                    appended: Some(appended),
                 });
             }
             // Only an idempotency key already taken inserts nothing.
@@ -184,6 +254,7 @@ impl Store {
                 Some(session) => Ok(Created {
                     session,
                     replayed: true,
+                    appended: None,
                 }),
                 None => Err(StoreError::IdempotentTargetGone(session_id)),
             };
@@ -203,9 +274,44 @@ impl Store {
             .transpose()
     }
 
-    /// Apply a patch. With `expected_version`, a session at another version
-    /// is refused; without, the patch is re-applied to the latest state until
-    /// it wins. Returns the session after the change (or unchanged).
+    /// Run `attempt` against the session's current state until it wins the
+    /// version race. With `expected_version`, a session at another version is
+    /// refused (412), and so is losing the race; without, the write is
+    /// re-planned against the newer state.
+    pub(crate) async fn on_version<T>(
+        &self,
+        id: Uuid,
+        expected_version: Option<i64>,
+        mut attempt: impl AsyncFnMut(SessionState) -> Result<Attempt<T>, StoreError>,
+    ) -> Result<T, StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.get(id).await?.ok_or(StoreError::NotFound(id))?;
+            let planned = current.version;
+            if let Some(expected) = expected_version
+                && expected != planned
+            {
+                return Err(StoreError::VersionMismatch {
+                    expected,
+                    actual: planned,
+                });
+            }
+            match attempt(current).await? {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::LostRace if expected_version.is_some() => {
+                    let actual = self.get(id).await?.ok_or(StoreError::NotFound(id))?.version;
+                    return Err(StoreError::VersionMismatch {
+                        expected: planned,
+                        actual,
+                    });
+                }
+                Attempt::LostRace => continue,
+            }
+        }
+        Err(StoreError::Contended(id))
+    }
+
+    /// Apply a patch (see [`Store::on_version`] for `expected_version`).
+    /// Returns the session after the change, or unchanged with no event.
     #[instrument(skip(self, patch, meta), fields(session_id = %id))]
     pub async fn update(
         &self,
@@ -213,53 +319,50 @@ impl Store {
         patch: &SessionPatch,
         expected_version: Option<i64>,
         meta: &EventMetadata,
-    ) -> Result<SessionState, StoreError> {
-        for _ in 0..MAX_ATTEMPTS {
-            let current = self.get(id).await?.ok_or(StoreError::NotFound(id))?;
-            if let Some(expected) = expected_version
-                && expected != current.version
-            {
-                return Err(StoreError::VersionMismatch {
-                    expected,
-                    actual: current.version,
-                });
-            }
+    ) -> Result<Written, StoreError> {
+        self.on_version(id, expected_version, async |current| {
             let Some(changes) = current.plan_update(patch)? else {
-                return Ok(current);
+                return Ok(Attempt::Done(Written {
+                    session: current,
+                    appended: None,
+                }));
             };
             let mut next = current.clone();
             next.apply(&changes)?;
             next.version += 1;
-            match self.write_update(&current, &next, &changes, meta).await? {
-                Some(updated_at) => {
-                    next.updated_at = updated_at;
-                    return Ok(next);
-                }
-                None if expected_version.is_some() => {
-                    let actual = self.get(id).await?.ok_or(StoreError::NotFound(id))?.version;
-                    return Err(StoreError::VersionMismatch {
-                        expected: current.version,
-                        actual,
-                    });
-                }
-                None => continue,
-            }
-        }
-        Err(StoreError::Contended(id))
+            let payload = event::updated_payload(&next, &changes);
+            Ok(
+                match self
+                    .write_update(&current, &changes, &payload, meta)
+                    .await?
+                {
+                    Some(updated_at) => {
+                        next.updated_at = updated_at;
+                        let appended = Appended::new(&next, EventKind::Updated, &payload);
+                        Attempt::Done(Written {
+                            session: next,
+                            appended: Some(appended),
+                        })
+                    }
+                    None => Attempt::LostRace,
+                },
+            )
+        })
+        .await
     }
 
     async fn write_update(
         &self,
         current: &SessionState,
-        next: &SessionState,
         changes: &Map<String, Value>,
+        payload: &Value,
         meta: &EventMetadata,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let mut values: Vec<Param> = vec![
             current.id.into(),
             current.version.into(),
             Uuid::new_v4().into(),
-            json(event::updated_payload(next, changes)),
+            json(payload.clone()),
             metadata(meta),
         ];
         let mut sets = String::new();
@@ -275,15 +378,23 @@ impl Store {
             values.push(param);
             sets.push_str(&format!("{field} = ${}, ", values.len()));
         }
+        let event = EventRow {
+            source: "u",
+            kind: EventKind::Updated,
+            aggregate_id: "$1",
+            version: "$2 + 1",
+            event_id: "$3",
+            payload: "$4",
+            metadata: "$5",
+            occurred_at: "u.updated_at",
+        }
+        .cte();
         let sql = format!(
-            "WITH u AS (UPDATE sessions SET {sets}version = $2 + 1, updated_at = now() \
-                        WHERE id = $1 AND version = $2 RETURNING updated_at), \
-             e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
-                                       event_type, payload, metadata, occurred_at) \
-                   SELECT {POSITION}, $3, '{AGGREGATE_TYPE}', $1, $2 + 1, '{kind}', $4, $5, u.updated_at \
-                   FROM u RETURNING position) \
-             SELECT u.updated_at FROM u, e",
-            kind = EventKind::Updated.as_str(),
+            "WITH {ANNOUNCE}, \
+             u AS (UPDATE sessions SET {sets}version = $2 + 1, updated_at = now() FROM announce \
+                   WHERE id = $1 AND version = $2 RETURNING updated_at), \
+             {event} \
+             SELECT u.updated_at FROM u, e"
         );
         match self.db.query_one_raw(stmt(&sql, values)).await? {
             Some(row) => Ok(Some(row.try_get("", "updated_at")?)),
@@ -298,46 +409,44 @@ impl Store {
         id: Uuid,
         expected_version: Option<i64>,
         meta: &EventMetadata,
-    ) -> Result<SessionState, StoreError> {
-        for _ in 0..MAX_ATTEMPTS {
-            let current = self.get(id).await?.ok_or(StoreError::NotFound(id))?;
-            if let Some(expected) = expected_version
-                && expected != current.version
-            {
-                return Err(StoreError::VersionMismatch {
-                    expected,
-                    actual: current.version,
-                });
-            }
-            let sql = format!(
-                "WITH d AS (DELETE FROM sessions WHERE id = $1 AND version = $2 RETURNING id), \
-                 m AS (DELETE FROM session_messages WHERE session_id IN (SELECT id FROM d)), \
-                 e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
-                                           event_type, payload, metadata, occurred_at) \
-                       SELECT {POSITION}, $3, '{AGGREGATE_TYPE}', $1, $2 + 1, '{kind}', $4, $5, now() \
-                       FROM d RETURNING position) \
-                 SELECT position FROM e",
-                kind = EventKind::Deleted.as_str(),
-            );
+    ) -> Result<Written, StoreError> {
+        let event = EventRow {
+            source: "d",
+            kind: EventKind::Deleted,
+            aggregate_id: "$1",
+            version: "$2 + 1",
+            event_id: "$3",
+            payload: "$4",
+            metadata: "$5",
+            occurred_at: "now()",
+        }
+        .cte();
+        let sql = format!(
+            "WITH {ANNOUNCE}, \
+             d AS (DELETE FROM sessions USING announce WHERE id = $1 AND version = $2 RETURNING id), \
+             m AS (DELETE FROM session_messages WHERE session_id IN (SELECT id FROM d)), \
+             {event} \
+             SELECT position FROM e"
+        );
+        self.on_version(id, expected_version, async |current| {
+            let payload = event::deleted_payload(&current);
             let values: Vec<Param> = vec![
                 id.into(),
                 current.version.into(),
                 Uuid::new_v4().into(),
-                json(event::deleted_payload(&current)),
+                json(payload.clone()),
                 metadata(meta),
             ];
-            if self.db.query_one_raw(stmt(&sql, values)).await?.is_some() {
-                return Ok(current);
+            if self.db.query_one_raw(stmt(&sql, values)).await?.is_none() {
+                return Ok(Attempt::LostRace);
             }
-            if expected_version.is_some() {
-                let actual = self.get(id).await?.ok_or(StoreError::NotFound(id))?.version;
-                return Err(StoreError::VersionMismatch {
-                    expected: current.version,
-                    actual,
-                });
-            }
-        }
-        Err(StoreError::Contended(id))
+            let appended = Appended::new(&current, EventKind::Deleted, &payload);
+            Ok(Attempt::Done(Written {
+                session: current,
+                appended: Some(appended),
+            }))
+        })
+        .await
     }
 
     /// Newest first, `limit` rows after `cursor`.

@@ -3,6 +3,7 @@
 
 mod auth;
 mod guarantees;
+mod horizon;
 mod load;
 mod messages;
 mod openapi;

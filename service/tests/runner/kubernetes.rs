@@ -59,7 +59,6 @@ fn kube_settings(api: &TestApp, kube: &FakeKube) -> Settings {
     s.runner.worker_image = "agent-sessions-worker:test".to_owned();
     s.runner.api_key_secret = "anthropic".to_owned();
     s.runner.api_key_secret_key = "ANTHROPIC_API_KEY".to_owned();
-    s.runner.feed_poll_ms = 100;
     s.runner.resync_interval_secs = 1;
     s.runner.delete_claim_on_completion = true;
     s

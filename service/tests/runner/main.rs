@@ -1,7 +1,8 @@
 //! The runner's integration tests: the local backend with the real Claude
 //! Code CLI against a fake Anthropic API (`local`, `policies`), the real
 //! `agent-sessions runner` binary killed and restarted (`restart`), request
-//! ids followed into the runner (`trace`), and the Kubernetes backend
+//! ids followed into the runner (`trace`), workers driven by wake-up hints
+//! while the event feed is held (`wake`), and the Kubernetes backend
 //! against a fake Kubernetes API (`kubernetes`); each with the API service
 //! in-process on its own database.
 
@@ -12,3 +13,4 @@ mod restart;
 #[path = "../support/mod.rs"]
 mod support;
 mod trace;
+mod wake;

@@ -46,7 +46,6 @@ pub fn runner_settings(api: &TestApp, root: &Path) -> Settings {
     s.runner.api_url = api.url.clone();
     s.runner.workspace_root = root.to_path_buf();
     s.runner.claude_bin = claude_bin();
-    s.runner.feed_poll_ms = 100;
     s.runner.resync_interval_secs = 2;
     s.runner.interrupt_grace_ms = 3000;
     s.runner.terminate_grace_ms = 2000;

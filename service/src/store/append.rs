@@ -1,0 +1,70 @@
+//! The one way an event enters the log, shared by every write statement.
+//!
+//! Every statement that appends an event opens with [`ANNOUNCE`]: a shared,
+//! transaction-level advisory lock on a key of our own. The statement's
+//! modifying parts read from that CTE, so the lock is held before the
+//! transaction's id is assigned (ids are assigned lazily, at the first row
+//! written) and until it commits or rolls back. Readers bound the feed by the
+//! oldest *announced* writer (see `horizon.rs`), so a transaction of anyone
+//! else, in this database or another one of the cluster, never holds the feed
+//! back. Shared locks never wait for each other: writers do not serialise.
+
+use crate::domain::EventKind;
+use crate::domain::event::AGGREGATE_TYPE;
+
+/// The advisory lock key of event writers, as PostgreSQL's two-int4 form
+/// (`pg_locks.classid`, `objid`, `objsubid = 2`): "agse", "writ".
+pub(crate) const WRITER_KEY: (i64, i64) = (0x6167_7365, 0x7772_6974);
+
+/// The CTE every event-writing statement starts with; modifying CTEs select
+/// `FROM announce` (or from a CTE that did), never from nothing.
+pub(crate) const ANNOUNCE: &str = "announce AS MATERIALIZED \
+     (SELECT pg_advisory_xact_lock_shared(1634169701, 2003986804)::text AS held)";
+
+/// An event's position: the writing transaction's id × 1024.
+const POSITION: &str = "pg_current_xact_id()::text::bigint * 1024";
+
+/// The `e` CTE: one `events` row per row of `source`, whose `version` and
+/// `occurred_at` are expressions over it. `$id`, `$event_id`, `$payload` and
+/// `$metadata` name the statement's parameters.
+pub(crate) struct EventRow<'a> {
+    pub source: &'a str,
+    pub kind: EventKind,
+    pub aggregate_id: &'a str,
+    pub version: &'a str,
+    pub event_id: &'a str,
+    pub payload: &'a str,
+    pub metadata: &'a str,
+    pub occurred_at: &'a str,
+}
+
+impl EventRow<'_> {
+    pub(crate) fn cte(&self) -> String {
+        format!(
+            "e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
+                                      event_type, payload, metadata, occurred_at) \
+                   SELECT {POSITION}, {event_id}, '{AGGREGATE_TYPE}', {aggregate_id}, {version}, \
+                          '{kind}', {payload}, {metadata}, {occurred_at} \
+                   FROM {source} RETURNING position)",
+            event_id = self.event_id,
+            aggregate_id = self.aggregate_id,
+            version = self.version,
+            kind = self.kind.as_str(),
+            payload = self.payload,
+            metadata = self.metadata,
+            occurred_at = self.occurred_at,
+            source = self.source,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announce_cte_locks_the_writer_key() {
+        let (a, b) = WRITER_KEY;
+        assert!(ANNOUNCE.contains(&format!("pg_advisory_xact_lock_shared({a}, {b})")));
+    }
+}

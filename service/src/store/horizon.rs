@@ -1,0 +1,125 @@
+//! The feed's horizon: the highest position a reader may pass.
+//!
+//! A position is its writer's transaction id × 1024. A reader must not pass
+//! the position of an event writer that is still open, or that writer's event
+//! would later commit below where the reader already is (G3). The horizon is
+//! therefore the smallest transaction id among *our own* open event writers —
+//! those holding the shared advisory lock of `append.rs` — or, when none is
+//! open, the snapshot's `xmax` (no transaction id at or above it had been
+//! handed out when the snapshot was taken).
+//!
+//! Why it is safe. The horizon is computed in one statement (snapshot S) and
+//! the feed is read in a later one. Take a writer W still open when the feed
+//! is read. If W's id was assigned after S was taken, it is at least S's
+//! `xmax`, which bounds the horizon. Otherwise W was running when S was taken,
+//! so its id is in S's list of running ids, and since W announces itself
+//! before its id exists, its lock and its `backend_xid` are both visible when
+//! the statement reads `pg_locks` and `pg_stat_activity` (after S): the
+//! horizon is at most W's id. Writers that committed before the read are
+//! visible to it. A transaction that is not an event writer (another
+//! database, an operator's `UPDATE`, a long `pg_dump`) holds nothing back.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+use super::append::WRITER_KEY;
+use super::{Store, StoreError};
+
+/// Our open event writers that were running when the snapshot was taken,
+/// with their full (epoch-extended) transaction ids.
+fn writers_cte() -> String {
+    let (class, obj) = WRITER_KEY;
+    format!(
+        "snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s), \
+         writers AS MATERIALIZED ( \
+           SELECT x::text::bigint AS xid, a.pid, a.datname, a.state, a.xact_start, a.query_start \
+           FROM snap, pg_snapshot_xip(snap.s) AS x \
+           JOIN pg_stat_activity a ON a.backend_xid::text::bigint = x::text::bigint % 4294967296 \
+           JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory' AND l.granted \
+                          AND l.classid = {class} AND l.objid = {obj} AND l.objsubid = 2 \
+                          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+    )
+}
+
+/// The oldest event writer still holding the horizon back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HorizonBlocker {
+    pub pid: i32,
+    pub database: Option<String>,
+    pub state: Option<String>,
+    pub transaction_started: Option<DateTime<Utc>>,
+    pub query_started: Option<DateTime<Utc>>,
+}
+
+/// What holds the feed back, for metrics, logs and readiness.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HorizonReport {
+    pub horizon: i64,
+    /// Committed events at or above the horizon (capped at [`HELD_COUNT_CAP`]).
+    pub held_events: i64,
+    /// When the oldest of them committed (its `occurred_at`).
+    pub oldest_held: Option<DateTime<Utc>>,
+    pub blocker: Option<HorizonBlocker>,
+}
+
+pub const HELD_COUNT_CAP: i64 = 100_000;
+
+impl Store {
+    /// The exclusive upper bound of positions a reader may see now. Read the
+    /// feed with a later statement than the one that computed it.
+    pub async fn horizon(&self) -> Result<i64, StoreError> {
+        let sql = format!(
+            "WITH {} SELECT LEAST(pg_snapshot_xmax(snap.s)::text::bigint, \
+                                  (SELECT min(xid) FROM writers)) * 1024 AS horizon FROM snap",
+            writers_cte()
+        );
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("horizon query returned nothing".into()))?;
+        Ok(row.try_get("", "horizon")?)
+    }
+
+    /// The horizon, the events waiting behind it and who holds it.
+    pub async fn horizon_report(&self) -> Result<HorizonReport, StoreError> {
+        let horizon = self.horizon().await?;
+        let sql = format!(
+            "WITH {writers}, oldest AS (SELECT * FROM writers ORDER BY xid LIMIT 1) \
+             SELECT (SELECT count(*) FROM (SELECT 1 FROM events WHERE position >= $1 \
+                                           LIMIT {HELD_COUNT_CAP}) x) AS held, \
+                    (SELECT min(occurred_at) FROM (SELECT occurred_at FROM events \
+                     WHERE position >= $1 ORDER BY position LIMIT {HELD_COUNT_CAP}) y) AS oldest_held, \
+                    o.pid, o.datname, o.state, o.xact_start, o.query_start \
+             FROM (SELECT 1) one LEFT JOIN oldest o ON o.xid * 1024 <= $1",
+            writers = writers_cte()
+        );
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                vec![horizon.into()],
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("horizon report returned nothing".into()))?;
+        let pid: Option<i32> = row.try_get("", "pid")?;
+        let held_events: i64 = row.try_get("", "held")?;
+        let blocker = match pid {
+            Some(pid) if held_events > 0 => Some(HorizonBlocker {
+                pid,
+                database: row.try_get("", "datname")?,
+                state: row.try_get("", "state")?,
+                transaction_started: row.try_get("", "xact_start")?,
+                query_started: row.try_get("", "query_start")?,
+            }),
+            _ => None,
+        };
+        Ok(HorizonReport {
+            horizon,
+            held_events,
+            oldest_held: row.try_get("", "oldest_held")?,
+            blocker,
+        })
+    }
+}
