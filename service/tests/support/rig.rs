@@ -80,33 +80,6 @@ impl Rig {
         .await
     }
 
-    /// Session lists the API has answered. Tests do not list, so these are
-    /// the runner's: one each resync (every `resync_interval_secs`).
-    pub async fn lists_answered(&self) -> u64 {
-        let text = self.api.fetch("/metrics").await.expect(200).text();
-        text.lines()
-            .filter(|l| {
-                l.starts_with("http_requests_total{")
-                    && l.contains("method=\"GET\"")
-                    && (l.contains("route=\"/sessions\"") || l.contains("route=\"/sessions/\""))
-                    && l.contains("status=\"200\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    }
-
-    /// Wait until the runner has resynced `n` more times: whatever a resync
-    /// would do (start, resume, restart) it has had the chance to do.
-    pub async fn resyncs_pass(&self, n: u64) {
-        let from = self.lists_answered().await;
-        eventually(
-            &format!("{n} more resyncs"),
-            Duration::from_secs(5 * (n + 1)),
-            || async { (self.lists_answered().await >= from + n).then_some(()) },
-        )
-        .await;
-    }
-
     /// The worker's pid once the runner has recorded it.
     pub async fn worker_pid(&self, id: &str) -> i32 {
         eventually("the worker to start", Duration::from_secs(30), || async {
