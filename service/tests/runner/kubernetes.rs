@@ -327,16 +327,20 @@ async fn kubernetes_completion_records_usage_from_the_log_and_deletes_pod_and_cl
     eprintln!("pod and claim gone {:?} after the exit", t0.elapsed());
     // The log's stream-json, as the session's messages (posted in batches,
     // so possibly just after the status).
-    eventually("the messages", Duration::from_secs(15), || async {
+    let deadline = Instant::now() + std::time::Duration::from_secs(15);
+    loop {
         let text = rig
             .api
             .messages(&id)
             .await
             .map(|m| m.to_string())
             .unwrap_or_default();
-        (text.contains("Hello from fake") && text.contains("\"result\"")).then_some(())
-    })
-    .await;
+        if text.contains("Hello from fake") && text.contains("\"result\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "messages never arrived: {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     rig.stop().await;
 }
 
