@@ -1,4 +1,5 @@
-//! DESIGN §3: each guarantee is a test that fails when it is broken.
+//! The guarantees (`docs/design.md`, "Guarantees"): each is a test that
+//! fails when it is broken.
 
 use std::time::Duration;
 

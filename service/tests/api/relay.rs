@@ -55,7 +55,7 @@ async fn subscribers_receive_created_updated_deleted_with_the_design_fields() {
         assert_eq!(
             keys,
             FIELDS.into_iter().collect(),
-            "exactly DESIGN §2's fields: {m}"
+            "exactly an event's published fields: {m}"
         );
         for f in FIELDS {
             assert_eq!(m[f], e[f], "{f} matches the log");

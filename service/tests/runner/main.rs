@@ -6,6 +6,9 @@
 //! against a fake Kubernetes API (`kubernetes`); each with the API service
 //! in-process on its own database.
 
+// A test fails by panicking: unwrap and expect are how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod kubernetes;
 mod local;
 mod policies;
