@@ -9,6 +9,7 @@ use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 
 use crate::support::app::{TestApp, id_of};
+use crate::support::serve::replay_verify;
 use crate::support::{AGENT, eventually};
 
 /// A mixed workload: creates, updates (some no-ops, some refused), deletes.
@@ -101,17 +102,8 @@ async fn g2_replay_reproduces_the_projection_and_reports_a_hand_edit() {
     assert_eq!(report.events_read, 6 + 6 * 15 + 2);
 
     // Also through the CLI, as an operator would run it.
-    let bin = env!("CARGO_BIN_EXE_agent-sessions");
-    let out = std::process::Command::new(bin)
-        .args(["replay", "--verify"])
-        .env("DATABASE_URL", &app.db.url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (ok, out) = replay_verify(&app.db.url);
+    assert!(ok, "{out}");
 
     let db = app.db.connect().await;
     db.execute_unprepared(&format!(
@@ -124,16 +116,9 @@ async fn g2_replay_reproduces_the_projection_and_reports_a_hand_edit() {
     assert_eq!(report.differences.len(), 1);
     assert_eq!(report.differences[0].session_id.to_string(), ids[2]);
     assert!(report.differences[0].detail.contains("context"));
-    let out = std::process::Command::new(bin)
-        .args(["replay", "--verify"])
-        .env("DATABASE_URL", &app.db.url)
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "replay --verify must fail on a difference"
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&ids[2]));
+    let (ok, out) = replay_verify(&app.db.url);
+    assert!(!ok, "replay --verify must fail on a difference");
+    assert!(out.contains(&ids[2]), "{out}");
 }
 
 /// Writer A's real HTTP write is held open inside its transaction (a

@@ -1,6 +1,6 @@
 //! Event delivery (issue 3): the relay to Redis and the SSE stream.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::support::app::{TestApp, id_of};
 use crate::support::db::TestDatabase;
-use crate::support::redis_server::{RedisServer, Subscriber};
+use crate::support::redis_server::{RedisServer, Subscriber, delivery};
 use crate::support::serve::ServeProcess;
 use crate::support::{AGENT, SHARED_REDIS, eventually};
 
@@ -88,32 +88,17 @@ async fn subscribers_receive_created_updated_deleted_with_the_design_fields() {
 
 /// Dedupe by event_id, then check per-session version order and completeness.
 fn check_delivery(received: &[Value], committed: &[Value]) {
-    let mut seen = HashSet::new();
-    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
-    for m in received {
-        if seen.insert(m["event_id"].as_str().unwrap().to_owned()) {
-            versions
-                .entry(m["aggregate_id"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(m["version"].as_i64().unwrap());
-        }
-    }
-    for (id, v) in &versions {
-        assert!(
-            v.windows(2).all(|w| w[0] < w[1]),
-            "session {id} out of order: {v:?}"
-        );
-    }
-    let missing: Vec<&Value> = committed
+    let rows: Vec<(String, String, i64)> = committed
         .iter()
-        .filter(|e| !seen.contains(e["event_id"].as_str().unwrap()))
+        .map(|e| {
+            (
+                e["event_id"].as_str().unwrap().to_owned(),
+                e["aggregate_id"].as_str().unwrap().to_owned(),
+                e["version"].as_i64().unwrap(),
+            )
+        })
         .collect();
-    assert!(
-        missing.is_empty(),
-        "{} committed events never published, e.g. {}",
-        missing.len(),
-        missing[0]
-    );
+    delivery(received, &rows).assert_complete();
 }
 
 #[tokio::test]

@@ -21,6 +21,38 @@ mod sigterm;
 mod support;
 mod verify;
 
+use support::db::{SHARED_ADMIN_URL, TestDatabase};
+use support::redis_server::Subscriber;
+use support::serve::{ServeProcess, migrate};
+use support::{SHARED_REDIS, init};
+
+/// A migrated database of its own on the shared cluster, `serve` on it, and
+/// a subscriber to its event channel on the shared Redis.
+pub struct Stage {
+    pub db: TestDatabase,
+    pub channel: String,
+    pub sub: Subscriber,
+    pub serve: ServeProcess,
+}
+
+impl Stage {
+    pub async fn start() -> Self {
+        init();
+        let db = TestDatabase::create(SHARED_ADMIN_URL).await;
+        migrate(&db.url);
+        let prefix = channel_prefix();
+        let channel = format!("{prefix}events:session");
+        let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&channel)).await;
+        let serve = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;
+        Self {
+            db,
+            channel,
+            sub,
+            serve,
+        }
+    }
+}
+
 /// A channel prefix of its own, so tests can share one Redis.
 pub fn channel_prefix() -> String {
     format!("faults:{}:", uuid::Uuid::new_v4().simple())

@@ -5,43 +5,14 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::channel_prefix;
-use crate::support::db::{SHARED_ADMIN_URL, TestDatabase};
-use crate::support::eventually;
-use crate::support::redis_server::Subscriber;
-use crate::support::serve::{ServeProcess, migrate};
-use crate::support::{AGENT, SHARED_REDIS, init};
+use crate::Stage;
+use crate::support::{AGENT, eventually};
 
-struct Fixture {
-    serve: ServeProcess,
-    sub: Subscriber,
-    channel: String,
-    _db: TestDatabase,
-}
-
-async fn start() -> Fixture {
-    init();
-    let db = TestDatabase::create(SHARED_ADMIN_URL).await;
-    migrate(&db.url);
-    let prefix = channel_prefix();
-    let channel = format!("{prefix}events:session");
-    let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&channel)).await;
-    let serve = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;
-    Fixture {
-        serve,
-        sub,
-        channel,
-        _db: db,
-    }
-}
-
-impl Fixture {
-    async fn create(&self, context: Value) -> String {
-        self.serve
-            .api
-            .create_id(&json!({"agent_id": AGENT, "session_type": "fuzz", "context": context}))
-            .await
-    }
+async fn create(f: &Stage, context: Value) -> String {
+    f.serve
+        .api
+        .create_id(&json!({"agent_id": AGENT, "session_type": "fuzz", "context": context}))
+        .await
 }
 
 /// PostgreSQL prints a `jsonb` number near `f64::MAX` as a 309-digit
@@ -49,12 +20,12 @@ impl Fixture {
 /// failed, so reading the session, the feed, and the relay (forever) failed.
 #[tokio::test]
 async fn json_numbers_at_the_edges_of_f64_round_trip_and_never_stall_the_relay() {
-    let f = start().await;
+    let f = Stage::start().await;
     let context = json!({
         "max": f64::MAX, "lowest": f64::MIN, "tiny": 5e-324,
         "u64": u64::MAX, "i64": i64::MIN
     });
-    let id = f.create(context.clone()).await;
+    let id = create(&f, context.clone()).await;
     let api = &f.serve.api;
     assert_eq!(api.get(&id).await["context"], context);
     let listed = api.get_json(&format!("/sessions/?agent_id={AGENT}")).await;
@@ -80,8 +51,8 @@ async fn json_numbers_at_the_edges_of_f64_round_trip_and_never_stall_the_relay()
 /// release) and an infinite cost made the usage unstorable.
 #[tokio::test]
 async fn usage_totals_saturate() {
-    let f = start().await;
-    let id = f.create(json!({})).await;
+    let f = Stage::start().await;
+    let id = create(&f, json!({})).await;
     let api = &f.serve.api;
     let result = json!([{
         "type": "result", "num_turns": i64::MAX, "total_cost_usd": f64::MAX,

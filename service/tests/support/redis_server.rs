@@ -1,7 +1,8 @@
 //! Redis for tests: a private server on a free loopback port that a test
-//! may stop and start (the machine's own is never touched), and a
-//! subscriber collecting what is published.
+//! may stop and start (the machine's own is never touched), a subscriber
+//! collecting what is published, and what it got against what committed.
 
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -146,5 +147,74 @@ impl Subscriber {
 impl Drop for Subscriber {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// What a subscriber got, against what committed.
+#[derive(Debug)]
+pub struct Delivery {
+    pub committed: usize,
+    pub received_unique: usize,
+    pub duplicates: usize,
+    /// Committed events never received.
+    pub lost: usize,
+    /// Sessions whose events first arrived out of version order.
+    pub out_of_order: Vec<String>,
+}
+
+impl Delivery {
+    /// Every committed event arrived, each session's in version order.
+    pub fn assert_complete(&self) {
+        assert_eq!(self.lost, 0, "events never published: {}", self.line());
+        assert!(
+            self.out_of_order.is_empty(),
+            "sessions out of order: {:?}",
+            self.out_of_order
+        );
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "events committed {}, received {} (+{} duplicates), lost {}, sessions out of order {}",
+            self.committed,
+            self.received_unique,
+            self.duplicates,
+            self.lost,
+            self.out_of_order.len()
+        )
+    }
+}
+
+/// Compare messages (in arrival order, subscribers concatenated) with the
+/// committed (event_id, session, version) rows, dropping duplicates by
+/// `event_id` as a consumer would.
+pub fn delivery(received: &[Value], committed: &[(String, String, i64)]) -> Delivery {
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
+    for m in received {
+        if seen.insert(m["event_id"].as_str().unwrap().to_owned()) {
+            versions
+                .entry(m["aggregate_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(m["version"].as_i64().unwrap());
+        } else {
+            duplicates += 1;
+        }
+    }
+    let out_of_order = versions
+        .into_iter()
+        .filter(|(_, v)| !v.windows(2).all(|w| w[0] < w[1]))
+        .map(|(id, v)| format!("{id}: {v:?}"))
+        .collect();
+    Delivery {
+        committed: committed.len(),
+        received_unique: seen.len(),
+        duplicates,
+        lost: committed
+            .iter()
+            .filter(|(e, _, _)| !seen.contains(e))
+            .count(),
+        out_of_order,
     }
 }
