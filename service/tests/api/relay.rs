@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 use crate::support::app::{TestApp, id_of};
 use crate::support::db::TestDatabase;
 use crate::support::redis_server::{RedisServer, Subscriber, delivery};
 use crate::support::serve::ServeProcess;
-use crate::support::{AGENT, SHARED_REDIS, eventually};
+use crate::support::{AGENT, SHARED_REDIS, channel_prefix, eventually};
 
 const SECS_10: Duration = Duration::from_secs(10);
 
@@ -155,7 +154,7 @@ async fn events_committed_while_redis_is_down_are_published_when_it_returns() {
 #[tokio::test]
 async fn two_replicas_publish_once_and_the_standby_takes_over() {
     let db = TestDatabase::migrated().await;
-    let prefix = format!("test:{}:", Uuid::new_v4().simple());
+    let prefix = channel_prefix();
     let channel = format!("{prefix}events:session");
     let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&channel)).await;
     let mut a = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;

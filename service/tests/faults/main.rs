@@ -24,7 +24,7 @@ mod verify;
 use support::db::{SHARED_ADMIN_URL, TestDatabase};
 use support::redis_server::Subscriber;
 use support::serve::{ServeProcess, migrate};
-use support::{SHARED_REDIS, init};
+use support::{SHARED_REDIS, channel_prefix, init};
 
 /// A migrated database of its own on the shared cluster, `serve` on it, and
 /// a subscriber to its event channel on the shared Redis.
@@ -51,9 +51,4 @@ impl Stage {
             serve,
         }
     }
-}
-
-/// A channel prefix of its own, so tests can share one Redis.
-pub fn channel_prefix() -> String {
-    format!("faults:{}:", uuid::Uuid::new_v4().simple())
 }

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::channel_prefix;
 use crate::cluster::PrivatePostgres;
 use crate::load::{ReadyProbe, Writers};
+use crate::support::channel_prefix;
 use crate::support::db::TestDatabase;
 use crate::support::redis_server::Subscriber;
 use crate::support::serve::{ServeProcess, migrate, replay_verify};

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::channel_prefix;
 use crate::load::{ReadyProbe, Writers};
+use crate::support::channel_prefix;
 use crate::support::db::{SHARED_ADMIN_URL, TestDatabase};
 use crate::support::redis_server::{RedisServer, Subscriber};
 use crate::support::serve::{ServeProcess, migrate, replay_verify};

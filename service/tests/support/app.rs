@@ -11,10 +11,9 @@ use reqwest::RequestBuilder;
 use reqwest::header::HeaderMap;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 use super::db::TestDatabase;
-use super::{AGENT, SHARED_REDIS, init};
+use super::{AGENT, SHARED_REDIS, channel_prefix, init};
 
 /// The API in-process; its request helpers are `Api`'s (`app.get(id)`,
 /// `app.patch(...)`, … through `Deref`).
@@ -143,7 +142,7 @@ pub fn test_settings(db_url: &str) -> Settings {
     s.database.url = db_url.to_owned();
     s.database.max_connections = 6;
     s.redis.url = SHARED_REDIS.into();
-    s.redis.channel_prefix = format!("test:{}:", Uuid::new_v4().simple());
+    s.redis.channel_prefix = channel_prefix();
     s.auth.enabled = false;
     s
 }

@@ -72,6 +72,11 @@ impl<F: Fn() -> String> Display for Explain<F> {
     }
 }
 
+/// A Redis channel prefix of its own, so tests can share one Redis.
+pub fn channel_prefix() -> String {
+    format!("test:{}:", uuid::Uuid::new_v4().simple())
+}
+
 /// A loopback port free when asked.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
