@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backoff;
 pub mod bus;
 pub mod cli;
 pub mod contract;
@@ -15,6 +16,7 @@ pub mod monitor;
 pub mod relay;
 pub mod runner;
 pub mod settings;
+pub mod signals;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

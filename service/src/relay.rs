@@ -14,14 +14,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sea_orm::sqlx::postgres::PgListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::bus::Bus;
 use crate::metrics::names;
-use crate::store::{FEED_CHANNEL, FeedFilter, LeaderLock, Store};
+use crate::store::{FeedFilter, FeedListener, LeaderLock, Store};
 
 /// Cursor name of the Redis relay.
 pub const CURSOR: &str = "redis";
@@ -88,13 +88,13 @@ pub async fn listen_for_commits(
     signal: FeedSignal,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
-        let mut listener = match connect_listener(&database_url).await {
+        let mut listener = match FeedListener::connect(&database_url).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(error = %e, "feed listener cannot connect; retrying");
-                if sleep_or_shutdown(backoff.next(), &shutdown).await {
+                if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
                     return;
                 }
                 continue;
@@ -105,20 +105,15 @@ pub async fn listen_for_commits(
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                msg = listener.try_recv() => match msg {
-                    Ok(Some(_)) => signal.bump(),
-                    Ok(None) | Err(_) => { signal.bump(); break; }
-                },
+                alive = listener.next() => {
+                    signal.bump();
+                    if !alive {
+                        break;
+                    }
+                }
             }
         }
     }
-}
-
-async fn connect_listener(url: &str) -> Result<PgListener, sea_orm::sqlx::Error> {
-    let mut l = PgListener::connect(url).await?;
-    l.eager_reconnect(false);
-    l.listen(FEED_CHANNEL).await?;
-    Ok(l)
 }
 
 /// Returns true when shutdown was requested during the sleep.
@@ -126,29 +121,6 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => true,
         _ = tokio::time::sleep(d) => false,
-    }
-}
-
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(50);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
     }
 }
 
@@ -171,7 +143,7 @@ impl Relay {
 
     /// Contend for leadership, publish while leader, until shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         metrics::gauge!(names::RELAY_LEADER).set(0.0);
         loop {
             let lock = tokio::select! {
@@ -198,7 +170,7 @@ impl Relay {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "relay cannot reach PostgreSQL for its lock; retrying");
-                    if sleep_or_shutdown(backoff.next(), &shutdown).await {
+                    if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
                         return;
                     }
                 }
@@ -212,7 +184,7 @@ impl Relay {
         let mut cursor = None;
         let mut checked = Instant::now();
         let mut lag_checked = Instant::now() - Duration::from_secs(10);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut fast_retries = 0u32;
         loop {
             if shutdown.is_cancelled() {
@@ -235,7 +207,7 @@ impl Relay {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "relay cannot read its cursor; retrying");
-                        sleep_or_shutdown(backoff.next(), shutdown).await;
+                        sleep_or_shutdown(backoff.next_delay(), shutdown).await;
                         continue;
                     }
                 },
@@ -254,7 +226,7 @@ impl Relay {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay cannot read the log; retrying");
-                    sleep_or_shutdown(backoff.next(), shutdown).await;
+                    sleep_or_shutdown(backoff.next_delay(), shutdown).await;
                     continue;
                 }
             };
@@ -298,7 +270,7 @@ impl Relay {
                     }
                 }
                 Err(e) => {
-                    let d = backoff.next();
+                    let d = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, pending = batch.len(), "relay cannot publish to Redis; retrying");
                     metrics::counter!(names::RELAY_PUBLISH_FAILURES).increment(1);
                     sleep_or_shutdown(d, shutdown).await;

@@ -165,7 +165,7 @@ impl Application {
     pub async fn run_until_signalled(self) -> std::io::Result<()> {
         let stopper = self.stopper();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            crate::signals::shutdown_requested().await;
             tracing::info!("shutdown signal received: draining");
             stopper.stop().await;
         });
@@ -185,17 +185,6 @@ impl Stopper {
         self.handle.stop(true).await;
     }
 }
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}
-
 fn database_options(settings: &Settings, max_connections: u32) -> DatabaseOptions {
     let db = &settings.database;
     DatabaseOptions {

@@ -77,12 +77,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    let pool = state.store.connection().get_postgres_connection_pool();
-    let (size, idle) = (pool.size() as f64, pool.num_idle() as f64);
-    metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
-    metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "in_use").set(size - idle);
-    metrics::gauge!(names::DB_POOL_MAX_CONNECTIONS)
-        .set(pool.options().get_max_connections() as f64);
+    let pool = state.store.pool_stats();
+    let in_use = pool.size.saturating_sub(pool.idle);
+    metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(pool.idle));
+    metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "in_use").set(f64::from(in_use));
+    metrics::gauge!(names::DB_POOL_MAX_CONNECTIONS).set(f64::from(pool.max));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(crate::metrics::handle().render())

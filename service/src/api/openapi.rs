@@ -7,7 +7,10 @@ use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{events, health, messages, sessions, stream};
-use crate::contract::{EventEnvelope, FieldProblem, NewSession, Problem, Session, SessionUpdate};
+use crate::contract::{
+    EventEnvelope, FieldProblem, NewSession, PausedReason, PodPhase, Problem, Session,
+    SessionUpdate, WorkerLaunch, WorkerRecord,
+};
 use crate::domain::worker::{CrashReason, PermissionMode, Resources, RestartPolicy};
 use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usage, WorkerSpec};
 
@@ -28,6 +31,7 @@ use crate::domain::{EventKind, EventMetadata, RuntimeBackend, SessionStatus, Usa
         Session, NewSession, SessionUpdate, SessionStatus, RuntimeBackend, WorkerSpec,
         PermissionMode, Resources, RestartPolicy, CrashReason, EventEnvelope, EventKind,
         EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks, crate::monitor::FeedHealth,
+        WorkerRecord, WorkerLaunch, PodPhase, PausedReason,
     )),
     modifiers(&BearerAuth),
     tags(

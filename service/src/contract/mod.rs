@@ -5,8 +5,10 @@ mod event;
 mod hint;
 mod problem;
 mod session;
+mod worker;
 
 pub use event::EventEnvelope;
 pub use hint::{WakeHint, hint_channel};
 pub use problem::{FieldProblem, Problem};
 pub use session::{NewSession, Session, SessionUpdate, format_time};
+pub use worker::{PausedReason, PodPhase, WorkerField, WorkerLaunch, WorkerPatch, WorkerRecord};

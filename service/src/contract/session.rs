@@ -26,6 +26,8 @@ pub struct Session {
     #[schema(value_type = Option<Object>)]
     pub checkpoint: Option<Map<String, Value>>,
     pub runtime_backend: RuntimeBackend,
+    /// Free-form; its `worker` member is the runner's record of the
+    /// session's worker (`WorkerRecord`).
     #[schema(value_type = Object)]
     pub runtime_metadata: Map<String, Value>,
     /// What the runner starts for this session; absent for sessions agents keep themselves.

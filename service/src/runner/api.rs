@@ -9,7 +9,7 @@ use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
 
-use crate::contract::{EventEnvelope, Session};
+use crate::contract::{EventEnvelope, Session, WorkerPatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -53,7 +53,7 @@ impl std::fmt::Debug for ApiClient {
     }
 }
 
-/// reqwest is built without a TLS provider (STACK.md); install ring's once.
+/// reqwest is built without a TLS provider; install ring's once.
 pub fn install_tls_provider() {
     // Already installed (by an earlier call or another component) is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -185,6 +185,16 @@ impl ApiClient {
             return Err(Self::fail(res).await);
         }
         Ok(res.json().await?)
+    }
+
+    /// Write the worker record (and maybe the status) as a merge patch.
+    pub async fn patch_worker(
+        &self,
+        id: Uuid,
+        patch: &WorkerPatch,
+        if_match: Option<i64>,
+    ) -> Result<Session, ApiError> {
+        self.merge_patch(id, &patch.to_json(), if_match).await
     }
 
     /// Every session with a worker spec on `backend` whose status is one of

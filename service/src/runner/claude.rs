@@ -8,6 +8,7 @@
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::contract::WorkerLaunch;
 use crate::domain::WorkerSpec;
 use crate::domain::worker::CrashReason;
 
@@ -29,6 +30,14 @@ impl Launch {
         match self {
             Self::New => "new",
             Self::Resume { .. } => "resume",
+        }
+    }
+
+    /// As the worker record names it.
+    pub fn kind(&self) -> WorkerLaunch {
+        match self {
+            Self::New => WorkerLaunch::New,
+            Self::Resume { .. } => WorkerLaunch::Resume,
         }
     }
 }

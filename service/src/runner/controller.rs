@@ -8,15 +8,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
+use super::RunnerStats;
 use super::api::{ApiClient, ApiError};
 use super::backend::{Backend, StartRequest, WorkerExit};
+use super::claude::{Launch, Outcome};
 use super::reconcile::{self, Action, ReportStatus, SessionView};
-use crate::contract::{Session, format_time};
+use super::workers::lock;
+use crate::contract::{PausedReason, Session, WorkerField, WorkerPatch, WorkerRecord};
+use crate::domain::SessionStatus;
+use crate::domain::worker::CrashReason;
 
 /// What a reconcile asks of the queue afterwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub struct Context<B> {
     /// wakes the controller for these (and for new specs).
     known: Mutex<HashSet<Uuid>>,
     wake: mpsc::UnboundedSender<Uuid>,
+    /// Shared by the runner's controllers.
+    pub stats: Arc<RunnerStats>,
 }
 
 impl<B: Backend> Context<B> {
@@ -49,6 +55,7 @@ impl<B: Backend> Context<B> {
         backend: B,
         max_workers: usize,
         wake: mpsc::UnboundedSender<Uuid>,
+        stats: Arc<RunnerStats>,
     ) -> Self {
         Self {
             api,
@@ -58,6 +65,7 @@ impl<B: Backend> Context<B> {
             starting: Mutex::new(0),
             known: Mutex::new(HashSet::new()),
             wake,
+            stats,
         }
     }
 
@@ -123,10 +131,6 @@ impl<B: Backend> Drop for SlotGuard<'_, B> {
         // A start that failed leaves its slot to whoever waits.
         self.0.release_waiting();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The queue: ids arrive on `rx`; each is reconciled by at most one task at
@@ -204,23 +208,10 @@ pub async fn reconcile_one<B: Backend>(ctx: &Context<B>, id: Uuid) -> Next {
     .await
 }
 
+/// Read the session, observe the backend, decide, act.
 async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> {
-    let session = ctx.api.session(id).await?;
-    let Some(session) = session else {
-        // Deleted: a worker it had is unmanaged now.
-        ctx.remember(id, false);
-        let observed = ctx.backend.observe(id);
-        return Ok(match reconcile::decide_deleted(&observed) {
-            Action::Stop(reason) => {
-                ctx.backend.stop(id, reason);
-                Next::Done
-            }
-            Action::Forget => {
-                forget_exited(ctx, id, &observed);
-                Next::Done
-            }
-            _ => Next::Done,
-        });
+    let Some(session) = ctx.api.session(id).await? else {
+        return Ok(on_deleted(ctx, id));
     };
     let view = SessionView::new(&session, ctx.backend.kind());
     ctx.remember(id, view.managed.is_some());
@@ -241,112 +232,177 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
             forget_exited(ctx, id, &observed);
             Ok(Next::Done)
         }
-        Action::Start { generation, launch } => {
-            let Some(spec) = view.managed.clone() else {
-                return Ok(Next::Done);
-            };
-            let Some(_slot) = ctx.reserve_slot() else {
-                debug!("every worker slot is taken; queued");
-                ctx.wait_for_slot(id);
-                return Ok(Next::Done);
-            };
-            // Follow the request that asked for this worker: in the logs of
-            // everything below, and in the events of the runner's reports.
-            let request_id = ctx.api.cause_of(id, view.version).await;
-            if let Some(r) = &request_id {
-                tracing::Span::current().record("request_id", r.as_str());
-            }
-            let api = ctx.api.for_request(request_id);
-            info!(generation, launch = launch.as_str(), "starting worker");
-            // Claim the generation first: of two runners racing, one wins
-            // the If-Match and the other re-reads and sees it taken.
-            let claim = json!({"runtime_metadata": {"worker": {
-                "generation": generation,
-                "pid": null, "started_at": null, "stopped_at": null, "exit_code": null,
-                "signal": null, "crash_reason": null, "last_error": null,
-                "launch": launch.as_str(),
-            }}});
-            api.merge_patch(id, &claim, Some(view.version)).await?;
-            let launch_kind = launch.as_str();
-            let req = StartRequest {
-                session_id: id,
-                generation,
-                spec: spec.clone(),
-                launch,
-            };
-            match ctx.backend.start(req).await {
-                Ok(started) => {
-                    let patch = json!({"runtime_metadata": {"worker": {
-                        "pid": started.pid,
-                        "pod": started.pod,
-                        "started_at": format_time(&started.started_at),
-                        "claude_session_id": id.to_string(),
-                        "model": spec.model,
-                    }}});
-                    metrics::counter!("runner_worker_starts_total", "backend" => ctx.backend.kind().as_str(), "launch" => launch_kind).increment(1);
-                    api.merge_patch(id, &patch, None).await?;
-                    Ok(Next::Done)
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot start the worker");
-                    metrics::counter!("runner_worker_start_failures_total", "backend" => ctx.backend.kind().as_str()).increment(1);
-                    let patch = json!({
-                        "status": "crashed",
-                        "runtime_metadata": {"worker": {
-                            "stopped_at": format_time(&Utc::now()),
-                            "crash_reason": "exit_code",
-                            "last_error": format!("cannot start the worker: {e}"),
-                        }}
-                    });
-                    ctx.api.merge_patch(id, &patch, None).await?;
-                    Ok(Next::Done)
-                }
-            }
-        }
+        Action::Start { generation, launch } => start_worker(ctx, &view, generation, launch).await,
         Action::Report { generation, status } => {
-            let Some(exit) = ctx.backend.exit_of(id, generation) else {
-                return Ok(Next::Done);
-            };
-            let patch = report_patch(&session, &exit, status);
-            info!(?status, outcome = ?exit.outcome, "reporting the worker's end");
-            record_exit(ctx.backend.kind().as_str(), &exit, view.cost_usd);
-            match ctx.api.merge_patch(id, &patch, Some(view.version)).await {
-                Ok(_) => {}
-                Err(ApiError::Conflict(detail)) => {
-                    // The status moved where ours cannot follow: record the worker only.
-                    debug!(%detail, "status change refused; recording the worker only");
-                    let patch = report_patch(&session, &exit, ReportStatus::Unchanged);
-                    ctx.api.merge_patch(id, &patch, None).await?;
-                }
-                Err(e) => return Err(e),
-            }
-            ctx.backend.forget(id, generation);
-            ctx.release_waiting();
-            Ok(Next::Retry)
+            report_exit(ctx, &session, &view, generation, status).await
         }
-        Action::Recover => {
-            metrics::counter!("runner_worker_restarts_total", "backend" => ctx.backend.kind().as_str()).increment(1);
-            info!(
-                restarts = view.restarts + 1,
-                "restart policy: recovering the crashed session"
-            );
-            let patch = json!({
-                "status": "active",
-                "runtime_metadata": {"worker": {"restarts": view.restarts + 1}},
-            });
-            ctx.api.merge_patch(id, &patch, Some(view.version)).await?;
-            Ok(Next::Retry)
+        Action::Recover => recover(ctx, &view).await,
+        Action::PauseForBudget => pause_for_budget(ctx, &view).await,
+    }
+}
+
+/// The session is gone: a worker it had is unmanaged now.
+fn on_deleted<B: Backend>(ctx: &Context<B>, id: Uuid) -> Next {
+    ctx.remember(id, false);
+    let observed = ctx.backend.observe(id);
+    match reconcile::decide_deleted(&observed) {
+        Action::Stop(reason) => ctx.backend.stop(id, reason),
+        Action::Forget => forget_exited(ctx, id, &observed),
+        _ => {}
+    }
+    Next::Done
+}
+
+/// Claim `generation` on the session, then start its worker and record it
+/// (or record why it could not start).
+async fn start_worker<B: Backend>(
+    ctx: &Context<B>,
+    view: &SessionView,
+    generation: u64,
+    launch: Launch,
+) -> Result<Next, ApiError> {
+    let id = view.id;
+    let Some(spec) = view.managed.clone() else {
+        return Ok(Next::Done);
+    };
+    let Some(_slot) = ctx.reserve_slot() else {
+        debug!("every worker slot is taken; queued");
+        ctx.wait_for_slot(id);
+        return Ok(Next::Done);
+    };
+    // Follow the request that asked for this worker: in the logs of
+    // everything below, and in the events of the runner's reports.
+    let request_id = ctx.api.cause_of(id, view.version).await;
+    if let Some(r) = &request_id {
+        tracing::Span::current().record("request_id", r.as_str());
+    }
+    let api = ctx.api.for_request(request_id);
+    info!(generation, launch = launch.as_str(), "starting worker");
+    // Claim the generation first: of two runners racing, one wins the
+    // If-Match and the other re-reads and sees it taken.
+    let claim = WorkerPatch::new(WorkerRecord {
+        generation: Some(generation),
+        launch: Some(launch.kind()),
+        ..WorkerRecord::default()
+    })
+    .clearing(&WorkerField::OF_A_RUN);
+    api.patch_worker(id, &claim, Some(view.version)).await?;
+    let launch_kind = launch.as_str();
+    let backend = ctx.backend.kind().as_str();
+    let req = StartRequest {
+        session_id: id,
+        generation,
+        spec: spec.clone(),
+        launch,
+    };
+    match ctx.backend.start(req).await {
+        Ok(started) => {
+            let patch = WorkerPatch::new(WorkerRecord {
+                pid: started.pid,
+                pod: started.pod,
+                started_at: Some(started.started_at),
+                claude_session_id: Some(id.to_string()),
+                model: spec.model,
+                ..WorkerRecord::default()
+            })
+            .clearing(&[WorkerField::Pid, WorkerField::Pod, WorkerField::Model]);
+            metrics::counter!("runner_worker_starts_total", "backend" => backend, "launch" => launch_kind).increment(1);
+            api.patch_worker(id, &patch, None).await?;
         }
-        Action::PauseForBudget => {
-            info!(cost_usd = view.cost_usd, "max_budget_usd reached: pausing");
-            let patch = json!({
-                "status": "paused",
-                "runtime_metadata": {"worker": {"paused_reason": "budget"}},
-            });
-            ctx.api.merge_patch(id, &patch, Some(view.version)).await?;
-            Ok(Next::Done)
+        Err(e) => {
+            warn!(error = %e, "cannot start the worker");
+            metrics::counter!("runner_worker_start_failures_total", "backend" => backend)
+                .increment(1);
+            let patch = WorkerPatch::new(WorkerRecord {
+                stopped_at: Some(Utc::now()),
+                crash_reason: Some(CrashReason::ExitCode),
+                last_error: Some(format!("cannot start the worker: {e}")),
+                ..WorkerRecord::default()
+            })
+            .status(SessionStatus::Crashed);
+            ctx.api.patch_worker(id, &patch, None).await?;
         }
     }
+    Ok(Next::Done)
+}
+
+/// Record the ended worker of `generation` on the session, then let it go.
+async fn report_exit<B: Backend>(
+    ctx: &Context<B>,
+    session: &Session,
+    view: &SessionView,
+    generation: u64,
+    status: ReportStatus,
+) -> Result<Next, ApiError> {
+    let id = view.id;
+    let Some(exit) = ctx.backend.exit_of(id, generation) else {
+        return Ok(Next::Done);
+    };
+    let before = WorkerRecord::of(&session.runtime_metadata);
+    info!(?status, outcome = ?exit.outcome, "reporting the worker's end");
+    record_exit(ctx.backend.kind().as_str(), &exit, view.cost_usd);
+    let patch = report_patch(&before, &exit, status);
+    match ctx.api.patch_worker(id, &patch, Some(view.version)).await {
+        Ok(_) => {}
+        Err(ApiError::Conflict(detail)) => {
+            // The status moved where ours cannot follow: record the worker only.
+            debug!(%detail, "status change refused; recording the worker only");
+            let patch = report_patch(&before, &exit, ReportStatus::Unchanged);
+            ctx.api.patch_worker(id, &patch, None).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    ctx.backend.forget(id, generation);
+    ctx.release_waiting();
+    Ok(Next::Retry)
+}
+
+/// Restart policy: move the crashed session back to active.
+async fn recover<B: Backend>(ctx: &Context<B>, view: &SessionView) -> Result<Next, ApiError> {
+    metrics::counter!("runner_worker_restarts_total", "backend" => ctx.backend.kind().as_str())
+        .increment(1);
+    let restarts = view.restarts.saturating_add(1);
+    info!(restarts, "restart policy: recovering the crashed session");
+    let worker = WorkerRecord {
+        restarts: Some(restarts),
+        ..WorkerRecord::default()
+    };
+    move_session(ctx, view, SessionStatus::Active, worker).await?;
+    Ok(Next::Retry)
+}
+
+async fn pause_for_budget<B: Backend>(
+    ctx: &Context<B>,
+    view: &SessionView,
+) -> Result<Next, ApiError> {
+    info!(cost_usd = view.cost_usd, "max_budget_usd reached: pausing");
+    let budget = Some(PausedReason::Budget);
+    move_session(
+        ctx,
+        view,
+        SessionStatus::Paused,
+        WorkerRecord {
+            paused_reason: budget,
+            ..WorkerRecord::default()
+        },
+    )
+    .await?;
+    Ok(Next::Done)
+}
+
+/// Move the session to `status` with `worker` written beside it, only if it
+/// is still the version the decision read.
+async fn move_session<B: Backend>(
+    ctx: &Context<B>,
+    view: &SessionView,
+    status: SessionStatus,
+    worker: WorkerRecord,
+) -> Result<(), ApiError> {
+    let patch = WorkerPatch::new(worker).status(status);
+    ctx.api
+        .patch_worker(view.id, &patch, Some(view.version))
+        .await?;
+    Ok(())
 }
 
 fn forget_exited<B: Backend>(ctx: &Context<B>, id: Uuid, observed: &reconcile::Observed) {
@@ -356,19 +412,8 @@ fn forget_exited<B: Backend>(ctx: &Context<B>, id: Uuid, observed: &reconcile::O
     }
 }
 
-fn prev_u64(rec: Option<&Map<String, Value>>, key: &str) -> u64 {
-    rec.and_then(|r| r.get(key))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
-}
-
-/// The merge patch recording an ended worker: its exit, what it spent, and
-/// the status it leaves the session in. Turns and tokens add up over the
-/// session's workers; cost is Claude Code's own running total, which it
-/// carries across `--resume`.
 /// Count a worker's end by outcome, and the spend it added.
 fn record_exit(backend: &'static str, exit: &WorkerExit, cost_before: f64) {
-    use super::claude::Outcome;
     let outcome = match &exit.outcome {
         Outcome::Succeeded => "succeeded",
         Outcome::Stopped => "stopped",
@@ -391,47 +436,42 @@ fn record_exit(backend: &'static str, exit: &WorkerExit, cost_before: f64) {
     }
 }
 
-pub fn report_patch(session: &Session, exit: &WorkerExit, status: ReportStatus) -> Value {
-    let rec = reconcile::worker_record(&session.runtime_metadata);
+/// The patch recording an ended worker: its exit, what it spent, and the
+/// status it leaves the session in. Turns and tokens add up over the
+/// session's workers (`before` is the record so far); cost is Claude Code's
+/// own running total, which it carries across `--resume`.
+pub fn report_patch(before: &WorkerRecord, exit: &WorkerExit, status: ReportStatus) -> WorkerPatch {
     let run = exit.summary.result.clone().unwrap_or_default();
-    let prev_cost = rec
-        .and_then(|r| r.get("cost_usd"))
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0);
-    let cost = run.total_cost_usd.map_or(prev_cost, |c| c.max(prev_cost));
-    let mut worker = json!({
-        "pid": exit.pid,
-        "started_at": format_time(&exit.started_at),
-        "stopped_at": format_time(&exit.stopped_at),
-        "exit_code": exit.exit.code,
-        "signal": exit.exit.signal,
-        "crash_reason": exit.outcome.crash_reason(),
-        "last_error": exit.outcome.detail(),
-        "turns": prev_u64(rec, "turns") + run.num_turns,
-        "input_tokens": prev_u64(rec, "input_tokens") + run.input_tokens,
-        "output_tokens": prev_u64(rec, "output_tokens") + run.output_tokens,
-        "cost_usd": cost,
-    });
-    if let Some(obj) = worker.as_object_mut() {
-        if let Some(sid) = &exit.summary.claude_session_id {
-            obj.insert("claude_session_id".into(), json!(sid));
-        }
-        if let Some(model) = &exit.summary.model {
-            obj.insert("model".into(), json!(model));
-        }
-        if matches!(exit.outcome, super::claude::Outcome::BudgetReached { .. }) {
-            obj.insert("paused_reason".into(), json!("budget"));
-        }
-    }
-    let mut patch = json!({"runtime_metadata": {"worker": worker}});
-    let status = match status {
-        ReportStatus::Unchanged => None,
-        ReportStatus::Completed => Some("completed"),
-        ReportStatus::Crashed => Some("crashed"),
-        ReportStatus::Paused => Some("paused"),
+    let prev_cost = before.cost_usd.unwrap_or(0.0);
+    let budget = matches!(exit.outcome, Outcome::BudgetReached { .. });
+    let worker = WorkerRecord {
+        pid: exit.pid,
+        started_at: Some(exit.started_at),
+        stopped_at: Some(exit.stopped_at),
+        exit_code: exit.exit.code,
+        signal: exit.exit.signal,
+        crash_reason: exit.outcome.crash_reason(),
+        last_error: exit.outcome.detail().map(str::to_owned),
+        turns: Some(before.turns.unwrap_or(0) + run.num_turns),
+        input_tokens: Some(before.input_tokens.unwrap_or(0) + run.input_tokens),
+        output_tokens: Some(before.output_tokens.unwrap_or(0) + run.output_tokens),
+        cost_usd: Some(run.total_cost_usd.map_or(prev_cost, |c| c.max(prev_cost))),
+        claude_session_id: exit.summary.claude_session_id.clone(),
+        model: exit.summary.model.clone(),
+        paused_reason: budget.then_some(PausedReason::Budget),
+        ..WorkerRecord::default()
     };
-    if let (Some(s), Some(obj)) = (status, patch.as_object_mut()) {
-        obj.insert("status".into(), json!(s));
+    let patch = WorkerPatch::new(worker).clearing(&[
+        WorkerField::Pid,
+        WorkerField::ExitCode,
+        WorkerField::Signal,
+        WorkerField::CrashReason,
+        WorkerField::LastError,
+    ]);
+    match status {
+        ReportStatus::Unchanged => patch,
+        ReportStatus::Completed => patch.status(SessionStatus::Completed),
+        ReportStatus::Crashed => patch.status(SessionStatus::Crashed),
+        ReportStatus::Paused => patch.status(SessionStatus::Paused),
     }
-    patch
 }

@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::backend::Backend;
 use super::controller::Context;
+use crate::backoff::Backoff;
 use crate::contract::{EventEnvelope, WakeHint};
 use crate::domain::EventKind;
 use crate::metrics::names;
@@ -147,6 +148,7 @@ pub fn relevant<B: Backend>(ctx: &Context<B>, s: &Signal<'_>) -> bool {
 /// everything before it. Used when no position was saved.
 pub async fn fast_forward<B: Backend>(ctx: &Context<B>, pos: &mut Position) {
     let mut at = 0;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     loop {
         match ctx.api.events(at, PAGE, Duration::ZERO).await {
             Ok(page) => {
@@ -160,7 +162,7 @@ pub async fn fast_forward<B: Backend>(ctx: &Context<B>, pos: &mut Position) {
             }
             Err(e) => {
                 warn!(error = %e, "cannot read the event feed yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                backoff.wait().await;
             }
         }
     }
@@ -171,12 +173,12 @@ pub async fn fast_forward<B: Backend>(ctx: &Context<B>, pos: &mut Position) {
 /// Follow the feed forever with long-polls: each returns as soon as an
 /// event is released, or after `wait` with nothing.
 pub async fn tail<B: Backend>(ctx: Arc<Context<B>>, mut pos: Position, wait: Duration) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         let after = pos.value.unwrap_or(0);
         match ctx.api.events(after, PAGE, wait).await {
             Ok(page) => {
-                backoff = Duration::from_millis(250);
+                backoff.reset();
                 for e in &page {
                     if relevant(&ctx, &Signal::of_event(e)) {
                         ctx.wake(e.aggregate_id);
@@ -188,8 +190,7 @@ pub async fn tail<B: Backend>(ctx: Arc<Context<B>>, mut pos: Position, wait: Dur
             }
             Err(e) => {
                 warn!(error = %e, "reading the event feed failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         }
     }
@@ -210,7 +211,7 @@ pub async fn redis_wakeups<B: Backend>(
             return;
         }
     };
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => match pubsub
@@ -219,7 +220,7 @@ pub async fn redis_wakeups<B: Backend>(
             {
                 Ok(()) => {
                     info!(%events_channel, %hints_channel, "subscribed to session events and hints");
-                    backoff = Duration::from_millis(250);
+                    backoff.reset();
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         let Ok(payload) = msg.get_payload::<String>() else {
@@ -251,8 +252,7 @@ pub async fn redis_wakeups<B: Backend>(
             },
             Err(e) => debug!(error = %e, "Redis unreachable; the feed keeps the runner going"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff.wait().await;
     }
 }
 
@@ -274,6 +274,7 @@ pub async fn resync<B: Backend>(ctx: &Context<B>) -> bool {
             for id in ctx.backend.sessions() {
                 ctx.wake(id);
             }
+            ctx.stats.resynced(backend);
             true
         }
         Err(e) => {

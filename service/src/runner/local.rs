@@ -8,27 +8,28 @@
 //! into a `RunSummary`, posts the lines to the API in batches, notices the
 //! exit and wakes the controller.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, instrument, warn};
 use uuid::Uuid;
 
-use super::api::{ApiClient, ApiError, Posted};
+use super::api::ApiClient;
 use super::backend::{Backend, BackendError, StartRequest, Started, Wake, WorkerExit};
 use super::claude::{self, ExitInfo, RunSummary};
-use super::reconcile::{Observed, StopReason, WorkerState};
+use super::poster::Poster;
+use super::reconcile::{Observed, StopReason};
+use super::workers::{Ended, Slot, WorkerTable};
 use super::workspace::{self, Pidfile, Workspace};
 use crate::domain::RuntimeBackend;
+use crate::signals;
 
 /// How the local backend is set up.
 #[derive(Clone)]
@@ -43,13 +44,9 @@ pub struct LocalConfig {
     pub message_batch: usize,
 }
 
-struct Slot {
-    generation: u64,
-    pid: i32,
+/// What the local backend keeps of a worker beside the common slot.
+struct Group {
     pgid: i32,
-    started_at: chrono::DateTime<Utc>,
-    stopping: bool,
-    exit: Option<WorkerExit>,
     /// Flips to true when the worker has exited.
     exited: watch::Receiver<bool>,
 }
@@ -58,7 +55,7 @@ struct Inner {
     cfg: LocalConfig,
     api: ApiClient,
     wake: Wake,
-    slots: Mutex<HashMap<Uuid, Slot>>,
+    workers: WorkerTable<Group>,
 }
 
 #[derive(Clone)]
@@ -82,35 +79,10 @@ impl LocalBackend {
                 cfg,
                 api,
                 wake,
-                slots: Mutex::new(HashMap::new()),
+                workers: WorkerTable::default(),
             }),
         }
     }
-}
-
-impl Inner {
-    fn slots(&self) -> MutexGuard<'_, HashMap<Uuid, Slot>> {
-        // A panic while holding the lock leaves plain data behind; keep going.
-        self.slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-fn signal_group(pgid: i32, sig: Signal) -> bool {
-    match killpg(Pid::from_raw(pgid), sig) {
-        Ok(()) => true,
-        Err(nix::errno::Errno::ESRCH) => false,
-        Err(e) => {
-            warn!(pgid, signal = %sig, error = %e, "cannot signal worker group");
-            false
-        }
-    }
-}
-
-/// Any process left in the group?
-fn group_alive(pgid: i32) -> bool {
-    killpg(Pid::from_raw(pgid), None).is_ok()
 }
 
 impl Backend for LocalBackend {
@@ -119,42 +91,23 @@ impl Backend for LocalBackend {
     }
 
     fn observe(&self, session_id: Uuid) -> Observed {
-        let worker = match self.inner.slots().get(&session_id) {
-            None => WorkerState::None,
-            Some(s) => match &s.exit {
-                Some(e) => WorkerState::Exited {
-                    generation: s.generation,
-                    outcome: e.outcome.clone(),
-                },
-                None => WorkerState::Running {
-                    generation: s.generation,
-                    stopping: s.stopping,
-                },
-            },
-        };
         Observed {
-            worker,
+            worker: self.inner.workers.state(session_id),
             has_transcript: Workspace::at(&self.inner.cfg.root, session_id).has_transcript(),
         }
     }
 
     fn exit_of(&self, session_id: Uuid, generation: u64) -> Option<WorkerExit> {
-        self.inner
-            .slots()
-            .get(&session_id)
-            .filter(|s| s.generation == generation)
-            .and_then(|s| s.exit.clone())
+        self.inner.workers.exit_of(session_id, generation)
     }
 
     #[instrument(skip(self, req), fields(session_id = %req.session_id, generation = req.generation, launch = req.launch.as_str()))]
     async fn start(&self, req: StartRequest) -> Result<Started, BackendError> {
         let cfg = &self.inner.cfg;
-        if self
-            .inner
-            .slots()
-            .get(&req.session_id)
-            .is_some_and(|s| s.exit.is_none())
-        {
+        if matches!(
+            self.inner.workers.state(req.session_id),
+            super::reconcile::WorkerState::Running { .. }
+        ) {
             return Err(BackendError::AlreadyRunning(req.session_id));
         }
         let ws = Workspace::open(&cfg.root, req.session_id)?;
@@ -198,7 +151,7 @@ impl Backend for LocalBackend {
         };
         if let Err(e) = ws.write_pidfile(&pidfile) {
             // Without a pidfile a restarted runner could not find it: do not run it.
-            signal_group(pid, Signal::SIGKILL);
+            signals::signal_group(pid, Signal::SIGKILL);
             return Err(e.into());
         }
         info!(pid, "worker started");
@@ -211,16 +164,12 @@ impl Backend for LocalBackend {
     }
 
     fn stop(&self, session_id: Uuid, reason: StopReason) {
-        let (pgid, mut exited) = {
-            let mut slots = self.inner.slots();
-            let Some(s) = slots.get_mut(&session_id) else {
-                return;
-            };
-            if s.stopping || s.exit.is_some() {
-                return;
-            }
-            s.stopping = true;
-            (s.pgid, s.exited.clone())
+        let Some((pgid, mut exited)) = self
+            .inner
+            .workers
+            .begin_stop(session_id, |s| (s.handle.pgid, s.handle.exited.clone()))
+        else {
+            return;
         };
         let cfg = self.inner.cfg.clone();
         let span = info_span!("stop_worker", session_id = %session_id, pgid, reason = ?reason);
@@ -232,7 +181,7 @@ impl Backend for LocalBackend {
                     (Signal::SIGTERM, cfg.terminate_grace),
                     (Signal::SIGKILL, Duration::from_secs(5)),
                 ] {
-                    if !signal_group(pgid, sig) {
+                    if !signals::signal_group(pgid, sig) {
                         return;
                     }
                     debug!(signal = %sig, "signalled worker group");
@@ -248,26 +197,17 @@ impl Backend for LocalBackend {
     }
 
     fn forget(&self, session_id: Uuid, generation: u64) {
-        let mut slots = self.inner.slots();
-        if slots
-            .get(&session_id)
-            .is_some_and(|s| s.generation == generation && s.exit.is_some())
-        {
-            slots.remove(&session_id);
+        if self.inner.workers.forget(session_id, generation).is_some() {
             Workspace::at(&self.inner.cfg.root, session_id).clear_pidfile(generation);
         }
     }
 
     fn running(&self) -> usize {
-        self.inner
-            .slots()
-            .values()
-            .filter(|s| s.exit.is_none())
-            .count()
+        self.inner.workers.running()
     }
 
     fn sessions(&self) -> Vec<Uuid> {
-        self.inner.slots().keys().copied().collect()
+        self.inner.workers.sessions()
     }
 
     async fn adopt(&self) -> Vec<Uuid> {
@@ -300,7 +240,7 @@ impl Backend for LocalBackend {
                     pgid,
                     "a worker without a pidfile under the workspace root; killing its group"
                 );
-                signal_group(pgid, Signal::SIGKILL);
+                signals::signal_group(pgid, Signal::SIGKILL);
             }
         }
         found
@@ -311,18 +251,15 @@ impl LocalBackend {
     /// Register the worker and spawn the task that watches it.
     fn supervise(&self, ws: Workspace, p: Pidfile, proc: Proc) {
         let (tx, rx) = watch::channel(false);
-        self.inner.slots().insert(
-            p.session_id,
-            Slot {
-                generation: p.generation,
-                pid: p.pid,
-                pgid: p.pgid,
-                started_at: p.started_at,
-                stopping: false,
-                exit: None,
-                exited: rx,
-            },
-        );
+        let group = Group {
+            pgid: p.pgid,
+            exited: rx,
+        };
+        // The start checked for a live worker; an adopted one is the first.
+        self.inner
+            .workers
+            .lock()
+            .insert(p.session_id, Slot::new(p.generation, p.started_at, group));
         let inner = self.inner.clone();
         let span = info_span!("worker", session_id = %p.session_id, generation = p.generation, pid = p.pid);
         tokio::spawn(supervise(inner, ws, p, proc, tx).instrument(span));
@@ -383,74 +320,6 @@ impl Tail {
     }
 }
 
-/// Batches of lines on their way to `POST /sessions/{id}/messages`.
-struct Poster {
-    api: ApiClient,
-    ws: Workspace,
-    generation: u64,
-    batch: usize,
-    pending: Vec<Value>,
-    /// Offset just past the last pending line.
-    pending_end: u64,
-    last_post: Instant,
-    /// The service refused the endpoint (not deployed yet): stop trying.
-    disabled: bool,
-}
-
-impl Poster {
-    async fn flush(&mut self, force: bool) {
-        if self.pending.is_empty() || self.disabled {
-            self.pending.clear();
-            return;
-        }
-        if !force
-            && self.pending.len() < self.batch
-            && self.last_post.elapsed() < Duration::from_millis(300)
-        {
-            return;
-        }
-        let mut size = self.batch;
-        while !self.pending.is_empty() {
-            let n = self.pending.len().min(size);
-            match self
-                .api
-                .post_messages(self.ws.session_id, &self.pending[..n])
-                .await
-            {
-                Ok(Posted::Stored) => {
-                    self.pending.drain(..n);
-                }
-                Ok(Posted::NotAccepted) => {
-                    info!("the API does not take worker messages (404); not posting them");
-                    self.disabled = true;
-                    self.pending.clear();
-                    return;
-                }
-                Err(ApiError::Status { status, .. })
-                    if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE && n > 1 =>
-                {
-                    size = (n / 2).max(1);
-                }
-                Err(ApiError::Status { status, body }) if status.is_client_error() => {
-                    // Retrying cannot help; the output file keeps the lines.
-                    warn!(%status, %body, count = n, "the API refused worker messages; skipped");
-                    self.pending.drain(..n);
-                }
-                Err(e) => {
-                    warn!(error = %e, "posting worker messages failed; will retry");
-                    // Bound memory if the API stays away; the file keeps everything.
-                    if self.pending.len() > 10_000 {
-                        self.pending.drain(..self.pending.len() - 10_000);
-                    }
-                    return;
-                }
-            }
-        }
-        self.last_post = Instant::now();
-        self.ws.set_posted_offset(self.generation, self.pending_end);
-    }
-}
-
 async fn supervise(
     inner: Arc<Inner>,
     ws: Workspace,
@@ -462,33 +331,29 @@ async fn supervise(
     let posted_from = ws.posted_offset(p.generation);
     let mut tail = Tail::new(ws.output_path(p.generation));
     let mut summary = RunSummary::default();
-    let mut poster = Poster {
-        api: inner.api.clone(),
-        ws: ws.clone(),
-        generation: p.generation,
-        batch: inner.cfg.message_batch,
-        pending: Vec::new(),
-        pending_end: posted_from,
-        last_post: Instant::now(),
-        disabled: false,
-    };
+    let mut poster = Poster::new(inner.api.clone(), id, inner.cfg.message_batch);
     let mut take_lines = |summary: &mut RunSummary, poster: &mut Poster| {
         for (line, end) in tail.read() {
             match serde_json::from_slice::<Value>(&line) {
                 Ok(v) => {
                     summary.observe(&v);
                     if end > posted_from {
-                        poster.pending.push(v);
-                        poster.pending_end = end;
+                        poster.push(v, end);
                     }
                 }
                 Err(_) => debug!("skipping a non-JSON output line"),
             }
         }
     };
+    let post = |poster: &mut Poster| {
+        if let Some(end) = poster.take_progress() {
+            ws.set_posted_offset(p.generation, end);
+        }
+    };
     let exit = loop {
         take_lines(&mut summary, &mut poster);
         poster.flush(false).await;
+        post(&mut poster);
         match &mut proc {
             Proc::Child(child) => {
                 tokio::select! {
@@ -519,37 +384,25 @@ async fn supervise(
         }
     };
     // Whatever the worker started in its group goes with it.
-    if group_alive(p.pgid) {
-        signal_group(p.pgid, Signal::SIGKILL);
+    if signals::group_alive(p.pgid) {
+        signals::signal_group(p.pgid, Signal::SIGKILL);
     }
     take_lines(&mut summary, &mut poster);
-    for _ in 0..3 {
-        poster.flush(true).await;
-        if poster.pending.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let stopping = inner
-        .slots()
-        .get(&id)
-        .is_some_and(|s| s.stopping && s.generation == p.generation);
+    poster.finish().await;
+    post(&mut poster);
+    let stopping = inner.workers.stopping(id, p.generation);
     let outcome = claude::classify(exit, &summary, stopping);
     info!(?exit, ?outcome, "worker ended");
-    {
-        let mut slots = inner.slots();
-        if let Some(s) = slots.get_mut(&id).filter(|s| s.generation == p.generation) {
-            s.exit = Some(WorkerExit {
-                generation: p.generation,
-                outcome,
-                exit,
-                summary,
-                pid: Some(s.pid),
-                started_at: s.started_at,
-                stopped_at: Utc::now(),
-            });
-        }
-    }
+    inner.workers.ended(
+        id,
+        p.generation,
+        Ended {
+            outcome,
+            exit,
+            summary,
+            pid: Some(p.pid),
+        },
+    );
     let _ = exited_tx.send(true);
     let _ = inner.wake.send(id);
 }

@@ -4,9 +4,10 @@
 //! `reconcile` decides (pure), `controller` acts, `backend` is the trait the
 //! local backend (`local`, child processes in per-session `workspace`s) and
 //! the Kubernetes backend (`kubernetes`, pods over per-session claims)
-//! implement, `claude` knows the CLI, `feed` brings the wake-ups, `api` is
-//! the HTTP client. Each backend the settings choose gets its own
-//! controller. Start-up: find the end of the feed, adopt workers an earlier
+//! implement, both over one `workers` table and one `poster` of the
+//! workers' output as messages; `claude` knows the CLI, `feed` brings the
+//! wake-ups, `api` is the HTTP client. Each backend the settings choose gets
+//! its own controller. Start-up: find the end of the feed, adopt workers an earlier
 //! runner left, resync every managed session, then follow the feed, Redis
 //! and a periodic resync.
 
@@ -17,18 +18,22 @@ pub mod controller;
 pub mod feed;
 pub mod kubernetes;
 pub mod local;
+pub mod poster;
 pub mod reconcile;
+pub mod workers;
 pub mod workspace;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::settings::{RunnerSecrets, Settings};
+use crate::settings::{RunnerSecrets, RunnerSettings, Settings};
 use api::ApiClient;
 use backend::Backend;
 use controller::Context;
@@ -49,10 +54,38 @@ pub enum RunnerError {
     Kubernetes(#[from] kubernetes::KubeError),
 }
 
+/// What the runner has done so far, for whoever holds the runner (tests
+/// wait on it instead of sleeping) and for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RunnerStats {
+    resyncs: AtomicU64,
+}
+
+impl RunnerStats {
+    /// Full resyncs completed: every managed session listed and woken.
+    pub fn resyncs_done(&self) -> u64 {
+        self.resyncs.load(Ordering::SeqCst)
+    }
+
+    fn resynced(&self, backend: &'static str) {
+        self.resyncs.fetch_add(1, Ordering::SeqCst);
+        metrics::counter!("runner_resyncs_total", "backend" => backend).increment(1);
+    }
+}
+
 /// A configured runner, not yet running.
 pub struct Runner {
     settings: Settings,
     secrets: RunnerSecrets,
+    stats: Arc<RunnerStats>,
+}
+
+/// The controllers started so far: their tasks (aborted when this is
+/// dropped) and how to count each one's live workers.
+#[derive(Default)]
+struct Controllers {
+    tasks: AbortOnDrop,
+    running: Vec<Box<dyn Fn() -> usize + Send + Sync>>,
 }
 
 impl Runner {
@@ -60,113 +93,148 @@ impl Runner {
         Self {
             settings: settings.clone(),
             secrets,
+            stats: Arc::default(),
         }
     }
 
+    pub fn stats(&self) -> Arc<RunnerStats> {
+        self.stats.clone()
+    }
+
     /// Run until `shutdown` resolves. Workers are left running: they are
-    /// adopted by the next runner (DESIGN G8), not orphaned.
+    /// adopted by the next runner, not orphaned.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), RunnerError> {
         let r = &self.settings.runner;
-        let root = if r.backend.local() {
-            std::fs::create_dir_all(&r.workspace_root).map_err(|source| {
-                RunnerError::WorkspaceRoot {
-                    path: r.workspace_root.clone(),
-                    source,
-                }
-            })?;
-            r.workspace_root
-                .canonicalize()
-                .map_err(|source| RunnerError::WorkspaceRoot {
-                    path: r.workspace_root.clone(),
-                    source,
-                })?
-        } else {
-            // Only the feed position lives there (best effort: without
-            // it a restart fast-forwards and the resync covers the gap).
-            r.workspace_root.clone()
-        };
+        let root = workspace_root(r)?;
         let api = ApiClient::new(&r.api_url, self.secrets.api_token.clone())?;
-        let mut running: Vec<Box<dyn Fn() -> usize + Send + Sync>> = Vec::new();
-        // One task per controller; dropping it (abort) drops its tasks.
-        let mut controllers = AbortOnDrop(Vec::new());
+        let mut controllers = Controllers::default();
         if r.backend.local() {
-            let (wake_tx, wake_rx) = mpsc::unbounded_channel();
-            let backend = LocalBackend::new(
-                LocalConfig {
-                    root: root.clone(),
-                    claude_bin: r.claude_bin.clone(),
-                    bare: r.bare,
-                    worker_env: self.secrets.worker_env.clone(),
-                    interrupt_grace: Duration::from_millis(r.interrupt_grace_ms),
-                    terminate_grace: Duration::from_millis(r.terminate_grace_ms),
-                    message_batch: r.message_batch,
-                },
-                api.clone(),
-                wake_tx.clone(),
-            );
-            let ctx = Arc::new(Context::new(api.clone(), backend, r.max_workers, wake_tx));
-            info!(
-                api = %r.api_url,
-                root = %root.display(),
-                claude = %r.claude_bin,
-                max_workers = r.max_workers,
-                passes_env = ?self.secrets,
-                "local backend starting"
-            );
-            let c = ctx.clone();
-            running.push(Box::new(move || c.backend.running()));
-            controllers.0.push(tokio::spawn(run_controller(
-                ctx,
-                wake_rx,
-                feed::Position::load(&root),
-                self.settings.clone(),
-                AbortOnDrop(Vec::new()),
-            )));
+            self.start_local(&api, &root, &mut controllers);
         }
         if r.backend.kubernetes() {
-            let (wake_tx, wake_rx) = mpsc::unbounded_channel();
-            let client = kubernetes::client(r).await?;
-            let cfg = KubeConfig::from_settings(r, &self.secrets.worker_env);
-            info!(
-                namespace = %cfg.namespace,
-                image = %cfg.worker_image,
-                api_key_secret = %cfg.api_key_secret,
-                max_workers = r.max_workers,
-                "kubernetes backend starting"
-            );
-            let backend = KubernetesBackend::new(cfg, client, api.clone(), wake_tx.clone());
-            // The pod watch runs before adoption, so no change is missed.
-            let extra = AbortOnDrop(backend.spawn_tasks());
-            let ctx = Arc::new(Context::new(api.clone(), backend, r.max_workers, wake_tx));
-            let c = ctx.clone();
-            running.push(Box::new(move || c.backend.running()));
-            controllers.0.push(tokio::spawn(run_controller(
-                ctx,
-                wake_rx,
-                feed::Position::load_named(&root, "feed-position-kubernetes"),
-                self.settings.clone(),
-                extra,
-            )));
+            self.start_kubernetes(&api, &root, &mut controllers).await?;
         }
-        let running = Arc::new(running);
+        let running = Arc::new(controllers.running);
         let server = serve_metrics(&r.metrics_listen, running.clone(), r.max_workers);
         info!("runner running");
         shutdown.await;
         if let Some(handle) = server {
             handle.stop(false).await;
         }
-        drop(controllers);
+        drop(controllers.tasks);
         info!(
             workers_left = running.iter().map(|f| f()).sum::<usize>(),
             "runner stopped; workers keep running"
         );
         Ok(())
     }
+
+    fn start_local(&self, api: &ApiClient, root: &std::path::Path, into: &mut Controllers) {
+        let r = &self.settings.runner;
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        let backend = LocalBackend::new(
+            LocalConfig {
+                root: root.to_path_buf(),
+                claude_bin: r.claude_bin.clone(),
+                bare: r.bare,
+                worker_env: self.secrets.worker_env.clone(),
+                interrupt_grace: Duration::from_millis(r.interrupt_grace_ms),
+                terminate_grace: Duration::from_millis(r.terminate_grace_ms),
+                message_batch: r.message_batch,
+            },
+            api.clone(),
+            wake_tx.clone(),
+        );
+        info!(
+            api = %r.api_url,
+            root = %root.display(),
+            claude = %r.claude_bin,
+            max_workers = r.max_workers,
+            passes_env = ?self.secrets,
+            "local backend starting"
+        );
+        let position = feed::Position::load(root);
+        self.start_controller(
+            api,
+            backend,
+            (wake_tx, wake_rx),
+            position,
+            AbortOnDrop::default(),
+            into,
+        );
+    }
+
+    async fn start_kubernetes(
+        &self,
+        api: &ApiClient,
+        root: &std::path::Path,
+        into: &mut Controllers,
+    ) -> Result<(), RunnerError> {
+        let r = &self.settings.runner;
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        let client = kubernetes::client(r).await?;
+        let cfg = KubeConfig::from_settings(r, &self.secrets.worker_env);
+        info!(
+            namespace = %cfg.namespace,
+            image = %cfg.worker_image,
+            api_key_secret = %cfg.api_key_secret,
+            max_workers = r.max_workers,
+            "kubernetes backend starting"
+        );
+        let backend = KubernetesBackend::new(cfg, client, api.clone(), wake_tx.clone());
+        // The pod watch runs before adoption, so no change is missed.
+        let extra = AbortOnDrop(backend.spawn_tasks());
+        let position = feed::Position::load_named(root, "feed-position-kubernetes");
+        self.start_controller(api, backend, (wake_tx, wake_rx), position, extra, into);
+        Ok(())
+    }
+
+    /// One controller for `backend`, with its own queue and place in the feed.
+    fn start_controller<B: Backend>(
+        &self,
+        api: &ApiClient,
+        backend: B,
+        (wake_tx, wake_rx): (mpsc::UnboundedSender<Uuid>, mpsc::UnboundedReceiver<Uuid>),
+        position: feed::Position,
+        extra: AbortOnDrop,
+        into: &mut Controllers,
+    ) {
+        let r = &self.settings.runner;
+        let ctx = Arc::new(Context::new(
+            api.clone(),
+            backend,
+            r.max_workers,
+            wake_tx,
+            self.stats.clone(),
+        ));
+        let c = ctx.clone();
+        into.running.push(Box::new(move || c.backend.running()));
+        into.tasks.0.push(tokio::spawn(run_controller(
+            ctx,
+            wake_rx,
+            position,
+            self.settings.clone(),
+            extra,
+        )));
+    }
 }
 
-/// One backend's controller until aborted: position in the feed, adopt
-/// what an earlier runner left, then the queue, the resync, the feed and
-/// Redis (and the backend's own `tasks`).
+/// Where workspaces (local) and the feed position live. The local backend
+/// needs it to exist, canonical; the Kubernetes one only keeps its feed
+/// position there (best effort: without it a restart fast-forwards and the
+/// resync covers the gap).
+fn workspace_root(r: &RunnerSettings) -> Result<PathBuf, RunnerError> {
+    if !r.backend.local() {
+        return Ok(r.workspace_root.clone());
+    }
+    let failed = |source| RunnerError::WorkspaceRoot {
+        path: r.workspace_root.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&r.workspace_root).map_err(failed)?;
+    r.workspace_root.canonicalize().map_err(failed)
+}
+
 type RunningCounts = Arc<Vec<Box<dyn Fn() -> usize + Send + Sync>>>;
 
 /// `/metrics` (the process's Prometheus recorder, with live worker gauges)
@@ -222,6 +290,9 @@ fn serve_metrics(
     }
 }
 
+/// One backend's controller until aborted: position in the feed, adopt
+/// what an earlier runner left, then the queue, the resync, the feed and
+/// Redis (and the backend's own `tasks`).
 async fn run_controller<B: Backend>(
     ctx: Arc<Context<B>>,
     wake_rx: mpsc::UnboundedReceiver<Uuid>,
@@ -257,6 +328,7 @@ async fn run_controller<B: Backend>(
     drop(tasks);
 }
 
+#[derive(Default)]
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
@@ -270,21 +342,6 @@ impl Drop for AbortOnDrop {
 /// `agent-sessions runner`: until SIGINT or SIGTERM.
 pub async fn run(settings: &Settings) -> Result<(), RunnerError> {
     Runner::new(settings, RunnerSecrets::from_env())
-        .run_until(shutdown_signal())
+        .run_until(crate::signals::shutdown_requested())
         .await
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

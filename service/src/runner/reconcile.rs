@@ -1,6 +1,6 @@
 //! The runner's decision, as a pure function: from what the session asks for
 //! and what worker the backend actually has, the one action to take now
-//! (DESIGN §4's table). Level-triggered: calling it again after the action
+//! (the runner's table of session status against worker). Level-triggered: calling it again after the action
 //! took effect yields `Nothing`, so duplicate wake-ups are harmless.
 //!
 //! No I/O here; `controller` fetches the inputs and carries the action out.
@@ -8,11 +8,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::claude::{DEFAULT_RESUME_PROMPT, Launch, Outcome};
-use crate::contract::Session;
+use crate::contract::{Session, WorkerRecord};
 use crate::domain::worker::{CrashReason, RestartPolicy};
 use crate::domain::{RuntimeBackend, SessionStatus, WorkerSpec};
 
@@ -38,30 +38,19 @@ pub struct SessionView {
     pub version: i64,
 }
 
-/// `runtime_metadata.worker`, the runner's record on the session.
-pub fn worker_record(runtime_metadata: &Map<String, Value>) -> Option<&Map<String, Value>> {
-    runtime_metadata.get("worker").and_then(Value::as_object)
-}
-
 impl SessionView {
     /// Read a session; `backend` is the runtime backend this runner serves.
     pub fn new(s: &Session, backend: RuntimeBackend) -> Self {
-        let rec = worker_record(&s.runtime_metadata);
-        let get = |k: &str| rec.and_then(|r| r.get(k));
+        let rec = WorkerRecord::of(&s.runtime_metadata);
         Self {
             id: s.id,
             status: s.status,
             managed: s.worker.clone().filter(|_| s.runtime_backend == backend),
-            generation: get("generation").and_then(Value::as_u64).unwrap_or(0),
-            restarts: get("restarts")
-                .and_then(Value::as_u64)
-                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
-            crash_reason: get("crash_reason").and_then(|v| serde_json::from_value(v.clone()).ok()),
-            stopped_at: get("stopped_at")
-                .and_then(Value::as_str)
-                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.with_timezone(&Utc)),
-            cost_usd: get("cost_usd").and_then(Value::as_f64).unwrap_or(0.0),
+            generation: rec.generation.unwrap_or(0),
+            restarts: rec.restarts.unwrap_or(0),
+            crash_reason: rec.crash_reason,
+            stopped_at: rec.stopped_at,
+            cost_usd: rec.cost_usd.unwrap_or(0.0),
             resume_prompt: s
                 .checkpoint
                 .as_ref()
@@ -142,7 +131,8 @@ pub enum Action {
     RequeueAfter(Duration),
 }
 
-/// DESIGN §4's table, plus the generation rule and the restart policy.
+/// The table of session status against worker, plus the generation rule
+/// and the restart policy.
 pub fn decide(s: &SessionView, o: &Observed, now: DateTime<Utc>) -> Action {
     let Some(spec) = &s.managed else {
         return match o.worker {

@@ -19,7 +19,7 @@ pub use error::StoreError;
 pub use events::{FeedFilter, StoredEvent};
 pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};
 pub use messages::StoredMessage;
-pub use relay::{FEED_CHANNEL, LeaderLock, RelayLag};
+pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, RelayLag};
 pub use replay::{ReplayDifference, ReplayReport};
 pub use sessions::{Appended, Created, IdempotencyRequest, ListCursor, ListFilter, Written};
 
@@ -38,6 +38,13 @@ pub struct DatabaseOptions {
     /// ours can hold the feed's horizon).
     pub statement_timeout: Duration,
     pub idle_in_transaction_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub size: u32,
+    pub idle: u32,
+    pub max: u32,
 }
 
 #[derive(Clone)]
@@ -77,8 +84,14 @@ impl Store {
         Self { db }
     }
 
-    pub fn connection(&self) -> &DatabaseConnection {
-        &self.db
+    /// Connections open, idle and allowed, for `/metrics`.
+    pub fn pool_stats(&self) -> PoolStats {
+        let pool = self.db.get_postgres_connection_pool();
+        PoolStats {
+            size: pool.size(),
+            idle: pool.num_idle() as u32,
+            max: pool.options().get_max_connections(),
+        }
     }
 
     /// One round trip, for readiness.

@@ -2,6 +2,7 @@
 //! the cross-replica wake-up (`NOTIFY`), and lag figures.
 
 use chrono::{DateTime, Utc};
+use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::sqlx::{self, Connection, PgConnection};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
@@ -127,5 +128,26 @@ impl LeaderLock {
 
     pub async fn release(self) {
         let _ = self.conn.close().await;
+    }
+}
+
+/// `LISTEN` on [`FEED_CHANNEL`] over a connection of its own: other replicas'
+/// commits. It does not reconnect by itself; the caller makes a new one
+/// (and assumes it missed notifications meanwhile).
+pub struct FeedListener {
+    listener: PgListener,
+}
+
+impl FeedListener {
+    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        let mut listener = PgListener::connect(url).await?;
+        listener.eager_reconnect(false);
+        listener.listen(FEED_CHANNEL).await?;
+        Ok(Self { listener })
+    }
+
+    /// The next notification; `false` when the connection is gone.
+    pub async fn next(&mut self) -> bool {
+        matches!(self.listener.try_recv().await, Ok(Some(_)))
     }
 }

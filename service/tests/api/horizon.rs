@@ -98,10 +98,16 @@ async fn metric(app: &TestApp, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The writer is held until the statement timeout cuts it: 4 s here, or
+/// `HELD_WRITER_TIMEOUT_MS` (the acceptance run uses 31000).
 #[tokio::test]
 async fn an_open_writer_of_ours_holds_the_feed_visibly_until_the_timeout_cuts_it() {
+    let timeout_ms = std::env::var("HELD_WRITER_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
     let app = TestApp::spawn_with(|s| {
-        s.database.statement_timeout_ms = 4000;
+        s.database.statement_timeout_ms = timeout_ms;
         s.relay.feed_held_warn_secs = 1;
     })
     .await;
@@ -169,6 +175,12 @@ async fn an_open_writer_of_ours_holds_the_feed_visibly_until_the_timeout_cuts_it
     // The statement timeout cuts A: a 503 the client may retry, nothing of A
     // committed, and B released to the feed.
     let (status, retry_after) = writer_a.await.unwrap();
+    eprintln!(
+        "held: feed_held_events {} feed_held_seconds {} blocker age {} at the cut",
+        metric(&app, "feed_held_events").await,
+        metric(&app, "feed_held_seconds").await,
+        metric(&app, "feed_blocker_transaction_age_seconds").await
+    );
     assert_eq!(status, 503);
     assert!(retry_after.is_some());
     lock.commit().await.unwrap();

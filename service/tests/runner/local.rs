@@ -207,8 +207,8 @@ async fn runner_marks_api_errors_crashed_and_retries_by_policy() {
         "{statuses:?}"
     );
 
-    // Without a policy it stays crashed.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Without a policy it stays crashed, however often the runner looks.
+    rig.runner.until_resyncs(2).await;
     assert_eq!(rig.api.get(&plain).await["status"], "crashed");
     assert!(
         rig.fake
@@ -239,8 +239,8 @@ async fn runner_never_touches_sessions_without_a_worker_spec() {
         .await;
     rig.until_status(&managed, "completed", Duration::from_secs(60))
         .await;
-    // Let two more resyncs pass.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Whatever a resync would do to them has had two chances.
+    rig.runner.until_resyncs(2).await;
     for id in &untouched {
         let s = rig.api.get(id).await;
         assert_eq!(s["version"], 1, "session {id} was written to: {s}");
@@ -252,5 +252,55 @@ async fn runner_never_touches_sessions_without_a_worker_spec() {
         1,
         "only the managed session reached the model"
     );
+    rig.stop().await;
+}
+
+/// The line the API refuses in the tests of a refused batch.
+const REFUSED: &str = "\"type\":\"assistant\"";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_skips_a_refused_message_batch_and_posts_the_later_ones() {
+    let rig = Rig::start_with(true, |_| {}).await;
+    let proxy = rig.proxy.as_ref().expect("the rig's proxy");
+    // The API takes no assistant line: a batch holding one is too large
+    // (413) until the line stands alone, and then unprocessable (422).
+    proxy.refuse_lines_containing(REFUSED);
+    // Posts wait until the worker has printed its result, so the assistant
+    // line shares a batch with the lines around it.
+    proxy.hold();
+    let id = rig
+        .create_local(json!({"prompt": "Say hello [quick]"}))
+        .await;
+    let output = rig.runner.root.join(&id).join("runner/gen-1.jsonl");
+    eventually(
+        "the worker's result line",
+        Duration::from_secs(60),
+        || async {
+            let out = std::fs::read_to_string(&output).unwrap_or_default();
+            out.contains("\"type\":\"result\"").then_some(())
+        },
+    )
+    .await;
+    proxy.release();
+    rig.until_status(&id, "completed", Duration::from_secs(60))
+        .await;
+    let printed: Vec<Value> = std::fs::read_to_string(&output)
+        .expect("the worker's output")
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let want: Vec<Value> = printed
+        .iter()
+        .filter(|l| !l.to_string().contains(REFUSED))
+        .cloned()
+        .collect();
+    assert!(want.len() < printed.len(), "an assistant line was printed");
+    assert!(
+        want.last().is_some_and(|l| l["type"] == "result"),
+        "the result comes after the refused line: {want:?}"
+    );
+    proxy
+        .assert_refused_line_skipped(&rig.api, &id, &want)
+        .await;
     rig.stop().await;
 }

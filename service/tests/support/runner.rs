@@ -4,9 +4,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
-use agent_sessions::runner::Runner;
 use agent_sessions::runner::workspace;
+use agent_sessions::runner::{Runner, RunnerStats};
 use agent_sessions::settings::{RunnerSecrets, Settings};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -14,7 +16,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::app::TestApp;
-use super::{claude_bin, free_port};
+use super::{claude_bin, eventually, free_port};
 
 pub fn temp_root() -> PathBuf {
     let p = std::env::temp_dir().join(format!("as-runner-test-{}", Uuid::new_v4().simple()));
@@ -64,6 +66,8 @@ pub fn clean_root(root: &Path) {
 
 pub struct InProcessRunner {
     pub root: PathBuf,
+    /// What the runner has done so far (resyncs, …).
+    pub stats: Arc<RunnerStats>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -76,8 +80,10 @@ impl InProcessRunner {
             api_token: None,
             worker_env,
         };
+        let runner = Runner::new(&settings, secrets);
+        let stats = runner.stats();
         let task = tokio::spawn(async move {
-            Runner::new(&settings, secrets)
+            runner
                 .run_until(async {
                     let _ = rx.await;
                 })
@@ -86,9 +92,23 @@ impl InProcessRunner {
         });
         Self {
             root,
+            stats,
             stop: Some(tx),
             task,
         }
+    }
+
+    /// Wait until `more` full resyncs have completed after this call: each
+    /// looked at every managed session, so whatever a resync would do has
+    /// had its chance.
+    pub async fn until_resyncs(&self, more: u64) {
+        let target = self.stats.resyncs_done() + more;
+        eventually(
+            &format!("{more} more resyncs"),
+            Duration::from_secs(30),
+            || async { (self.stats.resyncs_done() >= target).then_some(()) },
+        )
+        .await;
     }
 
     pub async fn stop(mut self) {

@@ -110,6 +110,49 @@ fn is_status(e: &kube::Error, check: impl Fn(&kube::core::Status) -> bool) -> bo
     matches!(e, kube::Error::Api(s) if check(s))
 }
 
+/// What the calls below need of a kind of object.
+trait Object:
+    kube::Resource<Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+{
+}
+
+impl<K> Object for K where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+{
+}
+
+async fn create<K: Object>(api: &Api<K>, g: Grant, obj: &K) -> Result<Created<K>, KubeError> {
+    match api.create(&PostParams::default(), obj).await {
+        Ok(o) => Ok(Created::New(o)),
+        Err(e) if is_status(&e, kube::core::Status::is_already_exists) => {
+            Ok(Created::AlreadyExists)
+        }
+        Err(e) => Err(failed(g)(e)),
+    }
+}
+
+async fn list_managed<K: Object>(api: &Api<K>, g: Grant) -> Result<Vec<K>, KubeError> {
+    let lp = ListParams::default().labels(&managed_selector());
+    Ok(api.list(&lp).await.map_err(failed(g))?.items)
+}
+
+/// Delete; `false` when it was not there.
+async fn delete<K: Object>(api: &Api<K>, g: Grant, name: &str) -> Result<bool, KubeError> {
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_status(&e, kube::core::Status::is_not_found) => Ok(false),
+        Err(e) => Err(failed(g)(e)),
+    }
+}
+
 impl Kube {
     pub fn new(client: kube::Client, namespace: &str) -> Self {
         Self {
@@ -129,13 +172,7 @@ impl Kube {
 
     pub async fn create_pod(&self, pod: &Pod) -> Result<Created<Pod>, KubeError> {
         self.call(CREATE_POD, pod.metadata.name.as_deref().unwrap_or_default());
-        match self.pods.create(&PostParams::default(), pod).await {
-            Ok(p) => Ok(Created::New(p)),
-            Err(e) if is_status(&e, kube::core::Status::is_already_exists) => {
-                Ok(Created::AlreadyExists)
-            }
-            Err(e) => Err(failed(CREATE_POD)(e)),
-        }
+        create(&self.pods, CREATE_POD, pod).await
     }
 
     pub async fn get_pod(&self, name: &str) -> Result<Option<Pod>, KubeError> {
@@ -145,8 +182,7 @@ impl Kube {
 
     pub async fn list_pods(&self) -> Result<Vec<Pod>, KubeError> {
         self.call(LIST_PODS, "");
-        let lp = ListParams::default().labels(&managed_selector());
-        Ok(self.pods.list(&lp).await.map_err(failed(LIST_PODS))?.items)
+        list_managed(&self.pods, LIST_PODS).await
     }
 
     /// The managed pods as they change: list, then watch (both granted).
@@ -162,11 +198,7 @@ impl Kube {
     /// Delete; `false` when it was not there.
     pub async fn delete_pod(&self, name: &str) -> Result<bool, KubeError> {
         self.call(DELETE_POD, name);
-        match self.pods.delete(name, &DeleteParams::background()).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_status(&e, kube::core::Status::is_not_found) => Ok(false),
-            Err(e) => Err(failed(DELETE_POD)(e)),
-        }
+        delete(&self.pods, DELETE_POD, name).await
     }
 
     /// The worker container's log so far.
@@ -204,13 +236,7 @@ impl Kube {
             CREATE_CLAIM,
             claim.metadata.name.as_deref().unwrap_or_default(),
         );
-        match self.claims.create(&PostParams::default(), claim).await {
-            Ok(c) => Ok(Created::New(c)),
-            Err(e) if is_status(&e, kube::core::Status::is_already_exists) => {
-                Ok(Created::AlreadyExists)
-            }
-            Err(e) => Err(failed(CREATE_CLAIM)(e)),
-        }
+        create(&self.claims, CREATE_CLAIM, claim).await
     }
 
     pub async fn get_claim(&self, name: &str) -> Result<Option<PersistentVolumeClaim>, KubeError> {
@@ -220,23 +246,13 @@ impl Kube {
 
     pub async fn list_claims(&self) -> Result<Vec<PersistentVolumeClaim>, KubeError> {
         self.call(LIST_CLAIMS, "");
-        let lp = ListParams::default().labels(&managed_selector());
-        Ok(self
-            .claims
-            .list(&lp)
-            .await
-            .map_err(failed(LIST_CLAIMS))?
-            .items)
+        list_managed(&self.claims, LIST_CLAIMS).await
     }
 
     /// Delete; `false` when it was not there.
     pub async fn delete_claim(&self, name: &str) -> Result<bool, KubeError> {
         self.call(DELETE_CLAIM, name);
-        match self.claims.delete(name, &DeleteParams::background()).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_status(&e, kube::core::Status::is_not_found) => Ok(false),
-            Err(e) => Err(failed(DELETE_CLAIM)(e)),
-        }
+        delete(&self.claims, DELETE_CLAIM, name).await
     }
 }
 

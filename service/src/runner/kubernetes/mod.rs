@@ -15,7 +15,7 @@ pub mod pod;
 mod supervise;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -29,7 +29,9 @@ use uuid::Uuid;
 
 use super::api::ApiClient;
 use super::backend::{Backend, BackendError, StartRequest, Started, Wake, WorkerExit};
-use super::reconcile::{Observed, SessionView, StopReason, WorkerState};
+use super::reconcile::{Observed, SessionView, StopReason};
+use super::workers::{Slot, WorkerTable, lock};
+use crate::backoff::Backoff;
 use crate::domain::worker::Resources;
 use crate::domain::{RuntimeBackend, SessionStatus};
 use crate::settings::{RunnerSettings, WORKER_PASSTHROUGH_ENV};
@@ -112,12 +114,10 @@ struct Seen {
     gone: bool,
 }
 
-struct Slot {
-    generation: u64,
+/// What the Kubernetes backend keeps of a worker beside the common slot.
+struct PodHandle {
     pod: String,
-    started_at: DateTime<Utc>,
-    stopping: bool,
-    exit: Option<WorkerExit>,
+    /// Feeds the worker's supervisor what the watch sees of its pod.
     seen: watch::Sender<Seen>,
 }
 
@@ -126,7 +126,7 @@ struct Inner {
     kube: Kube,
     api: ApiClient,
     wake: Wake,
-    slots: Mutex<HashMap<Uuid, Slot>>,
+    workers: WorkerTable<PodHandle>,
     /// Sessions with a workspace claim, and whether it holds a transcript
     /// (a worker printed its `system/init`, or an earlier runner's claim).
     claims: Mutex<HashMap<Uuid, bool>>,
@@ -135,11 +135,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct KubernetesBackend {
     inner: Arc<Inner>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data behind; keep going.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A kube client for the settings: `kube_api_url` (plain HTTP allowed, for
@@ -171,7 +166,7 @@ impl KubernetesBackend {
                 kube,
                 api,
                 wake,
-                slots: Mutex::new(HashMap::new()),
+                workers: WorkerTable::default(),
                 claims: Mutex::new(HashMap::new()),
             }),
         }
@@ -224,8 +219,7 @@ impl KubernetesBackend {
                         continue;
                     };
                     lock(&inner.claims).entry(id).or_insert(true);
-                    if inner.cfg.delete_claim_on_completion && !lock(&inner.slots).contains_key(&id)
-                    {
+                    if inner.cfg.delete_claim_on_completion && !inner.workers.contains(id) {
                         inner.release_claim_if_done(id, &name).await;
                     }
                 }
@@ -242,7 +236,7 @@ impl KubernetesBackend {
             warn!(pod = %name, "a managed pod without a session label; leaving it alone");
             return None;
         };
-        if lock(&inner.slots).contains_key(&id) {
+        if inner.workers.contains(id) {
             return None;
         }
         let session = match inner.api.session(id).await {
@@ -275,28 +269,20 @@ impl KubernetesBackend {
             .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
             .unwrap_or_else(Utc::now);
         info!(session_id = %id, pod = %name, generation, "adopting a worker pod");
-        let rx = {
-            let mut slots = lock(&inner.slots);
-            if slots.contains_key(&id) {
-                return None;
-            }
-            let (tx, rx) = watch::channel(Seen {
-                pod: Some(p),
-                gone: false,
-            });
-            slots.insert(
-                id,
-                Slot {
-                    generation,
-                    pod: name.clone(),
-                    started_at,
-                    stopping: false,
-                    exit: None,
-                    seen: tx,
-                },
-            );
-            rx
+        let (tx, rx) = watch::channel(Seen {
+            pod: Some(p),
+            gone: false,
+        });
+        let handle = PodHandle {
+            pod: name.clone(),
+            seen: tx,
         };
+        if !inner
+            .workers
+            .insert_if_absent(id, Slot::new(generation, started_at, handle))
+        {
+            return None;
+        }
         lock(&inner.claims).entry(id).or_insert(true);
         supervise::spawn(inner.clone(), id, generation, name, rx, true);
         Some(id)
@@ -309,12 +295,12 @@ impl Inner {
         let Some((id, Some(generation))) = pod::session_of(&pod.metadata) else {
             return;
         };
-        let slots = lock(&self.slots);
+        let slots = self.workers.lock();
         if let Some(s) = slots.get(&id)
             && s.generation == generation
-            && pod.metadata.name.as_deref() == Some(s.pod.as_str())
+            && pod.metadata.name.as_deref() == Some(s.handle.pod.as_str())
         {
-            s.seen.send_if_modified(|cur| {
+            s.handle.seen.send_if_modified(|cur| {
                 if cur.gone {
                     return false;
                 }
@@ -328,9 +314,9 @@ impl Inner {
     }
 
     fn saw_gone(&self, id: Uuid, generation: u64) {
-        let slots = lock(&self.slots);
+        let slots = self.workers.lock();
         if let Some(s) = slots.get(&id).filter(|s| s.generation == generation) {
-            s.seen.send_modify(|cur| cur.gone = true);
+            s.handle.seen.send_modify(|cur| cur.gone = true);
         }
     }
 
@@ -434,21 +420,8 @@ impl Backend for KubernetesBackend {
     }
 
     fn observe(&self, session_id: Uuid) -> Observed {
-        let worker = match lock(&self.inner.slots).get(&session_id) {
-            None => WorkerState::None,
-            Some(s) => match &s.exit {
-                Some(e) => WorkerState::Exited {
-                    generation: s.generation,
-                    outcome: e.outcome.clone(),
-                },
-                None => WorkerState::Running {
-                    generation: s.generation,
-                    stopping: s.stopping,
-                },
-            },
-        };
         Observed {
-            worker,
+            worker: self.inner.workers.state(session_id),
             has_transcript: lock(&self.inner.claims)
                 .get(&session_id)
                 .copied()
@@ -457,10 +430,7 @@ impl Backend for KubernetesBackend {
     }
 
     fn exit_of(&self, session_id: Uuid, generation: u64) -> Option<WorkerExit> {
-        lock(&self.inner.slots)
-            .get(&session_id)
-            .filter(|s| s.generation == generation)
-            .and_then(|s| s.exit.clone())
+        self.inner.workers.exit_of(session_id, generation)
     }
 
     #[instrument(skip(self, req), fields(session_id = %req.session_id, generation = req.generation, launch = req.launch.as_str()))]
@@ -469,25 +439,17 @@ impl Backend for KubernetesBackend {
         let id = req.session_id;
         let name = pod::pod_name(id);
         // The slot first, so a sweep meanwhile does not adopt the new pod.
-        let rx = {
-            let mut slots = lock(&inner.slots);
-            if slots.get(&id).is_some_and(|s| s.exit.is_none()) {
-                return Err(BackendError::AlreadyRunning(id));
-            }
-            let (tx, rx) = watch::channel(Seen::default());
-            slots.insert(
-                id,
-                Slot {
-                    generation: req.generation,
-                    pod: name.clone(),
-                    started_at: Utc::now(),
-                    stopping: false,
-                    exit: None,
-                    seen: tx,
-                },
-            );
-            rx
+        let (tx, rx) = watch::channel(Seen::default());
+        let handle = PodHandle {
+            pod: name.clone(),
+            seen: tx,
         };
+        if !inner
+            .workers
+            .claim(id, Slot::new(req.generation, Utc::now(), handle))
+        {
+            return Err(BackendError::AlreadyRunning(id));
+        }
         let created = async {
             inner.ensure_claim(id).await?;
             inner.create_pod(&req).await
@@ -496,14 +458,14 @@ impl Backend for KubernetesBackend {
         let pod = match created {
             Ok(p) => p,
             Err(e) => {
-                lock(&inner.slots).remove(&id);
+                inner.workers.remove(id);
                 return Err(e.into());
             }
         };
         let started_at = Utc::now();
-        if let Some(s) = lock(&inner.slots).get_mut(&id) {
+        if let Some(s) = inner.workers.lock().get_mut(&id) {
             s.started_at = started_at;
-            s.seen.send_modify(|cur| {
+            s.handle.seen.send_modify(|cur| {
                 if cur.pod.is_none() {
                     cur.pod = Some(pod);
                 }
@@ -519,16 +481,12 @@ impl Backend for KubernetesBackend {
     }
 
     fn stop(&self, session_id: Uuid, reason: StopReason) {
-        let (name, generation) = {
-            let mut slots = lock(&self.inner.slots);
-            let Some(s) = slots.get_mut(&session_id) else {
-                return;
-            };
-            if s.stopping || s.exit.is_some() {
-                return;
-            }
-            s.stopping = true;
-            (s.pod.clone(), s.generation)
+        let Some((name, generation)) = self
+            .inner
+            .workers
+            .begin_stop(session_id, |s| (s.handle.pod.clone(), s.generation))
+        else {
+            return;
         };
         let inner = self.inner.clone();
         let span =
@@ -536,7 +494,7 @@ impl Backend for KubernetesBackend {
         tokio::spawn(
             async move {
                 // Deleting sends SIGTERM, then SIGKILL after the grace period.
-                let mut backoff = Duration::from_millis(200);
+                let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
                 for _ in 0..6 {
                     match inner.kube.delete_pod(&name).await {
                         Ok(true) => return info!("worker pod deleted"),
@@ -546,13 +504,10 @@ impl Backend for KubernetesBackend {
                         }
                         Err(e) => warn!(error = %e, "cannot delete the worker pod; retrying"),
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    backoff.wait().await;
                 }
                 // Let the controller decide again.
-                if let Some(s) = lock(&inner.slots).get_mut(&session_id) {
-                    s.stopping = false;
-                }
+                inner.workers.stop_failed(session_id);
                 let _ = inner.wake.send(session_id);
             }
             .instrument(span),
@@ -560,17 +515,14 @@ impl Backend for KubernetesBackend {
     }
 
     fn forget(&self, session_id: Uuid, generation: u64) {
-        let name = {
-            let mut slots = lock(&self.inner.slots);
-            if !slots
-                .get(&session_id)
-                .is_some_and(|s| s.generation == generation && s.exit.is_some())
-            {
-                return;
-            }
-            slots.remove(&session_id).map(|s| s.pod)
+        let Some(name) = self
+            .inner
+            .workers
+            .forget(session_id, generation)
+            .map(|s| s.handle.pod)
+        else {
+            return;
         };
-        let Some(name) = name else { return };
         let inner = self.inner.clone();
         let span = info_span!("forget_worker", session_id = %session_id, pod = %name);
         tokio::spawn(
@@ -590,14 +542,11 @@ impl Backend for KubernetesBackend {
     }
 
     fn running(&self) -> usize {
-        lock(&self.inner.slots)
-            .values()
-            .filter(|s| s.exit.is_none())
-            .count()
+        self.inner.workers.running()
     }
 
     fn sessions(&self) -> Vec<Uuid> {
-        lock(&self.inner.slots).keys().copied().collect()
+        self.inner.workers.sessions()
     }
 
     async fn adopt(&self) -> Vec<Uuid> {

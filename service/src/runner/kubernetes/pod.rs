@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use uuid::Uuid;
 
 use super::KubeConfig;
+use crate::contract::PodPhase;
 use crate::domain::worker::{CrashReason, Resources};
 use crate::runner::backend::StartRequest;
 use crate::runner::claude::{self, ExitInfo, Outcome, RunSummary};
@@ -241,13 +242,14 @@ pub enum Progress {
 }
 
 impl Progress {
-    pub fn label(&self) -> &'static str {
+    /// The phase as the worker record names it.
+    pub fn phase(&self) -> PodPhase {
         match self {
-            Self::Pending => "pending",
-            Self::Scheduled { .. } => "scheduled",
-            Self::Running { .. } => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
+            Self::Pending => PodPhase::Pending,
+            Self::Scheduled { .. } => PodPhase::Scheduled,
+            Self::Running { .. } => PodPhase::Running,
+            Self::Succeeded => PodPhase::Succeeded,
+            Self::Failed => PodPhase::Failed,
         }
     }
 
@@ -518,7 +520,7 @@ mod tests {
         );
         let mut p = pod(json!({"phase": "Pending"}));
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
-        assert_eq!(progress(&p).label(), "scheduled");
+        assert_eq!(progress(&p).phase(), PodPhase::Scheduled);
         assert_eq!(
             progress(&terminated_with("Completed", 0, "Succeeded")),
             Progress::Succeeded

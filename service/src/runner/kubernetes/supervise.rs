@@ -5,19 +5,21 @@
 //! controller.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{AsyncBufReadExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use super::pod::{self, Progress};
-use super::{Inner, Seen, lock};
-use crate::runner::api::{ApiClient, Posted};
-use crate::runner::backend::WorkerExit;
+use super::{Inner, Seen};
+use crate::backoff::Backoff;
+use crate::contract::{PodPhase, WorkerPatch, WorkerRecord};
 use crate::runner::claude::RunSummary;
+use crate::runner::poster::Poster;
+use crate::runner::workers::{Ended, lock};
 
 /// How often a supervisor that heard nothing asks for its pod (the watch
 /// may be reconnecting).
@@ -88,12 +90,13 @@ impl Worker {
 
     /// Record where the pod is on the session (scheduled, running, …).
     async fn report(&self, progress: &Progress) {
-        let mut worker = json!({"pod": self.pod_name, "pod_phase": progress.label()});
-        if let (Some(node), Some(obj)) = (progress.node(), worker.as_object_mut()) {
-            obj.insert("node".into(), json!(node));
-        }
-        let patch = json!({"runtime_metadata": {"worker": worker}});
-        if let Err(e) = self.inner.api.merge_patch(self.id, &patch, None).await {
+        let patch = WorkerPatch::new(WorkerRecord {
+            pod: Some(self.pod_name.clone()),
+            pod_phase: Some(progress.phase()),
+            node: progress.node().map(str::to_owned),
+            ..WorkerRecord::default()
+        });
+        if let Err(e) = self.inner.api.patch_worker(self.id, &patch, None).await {
             warn!(error = %e, "cannot record the pod's progress");
         }
     }
@@ -120,21 +123,21 @@ async fn supervise(mut w: Worker, adopted: bool) {
     };
     let mut summary = RunSummary::default();
     let mut poster = Poster::new(w.inner.api.clone(), w.id, w.inner.cfg.message_batch);
-    let mut reported: Option<&'static str> = None;
+    let mut reported: Option<PodPhase> = None;
     // Until the container runs (so there is a log), or the pod is over.
     loop {
         let seen = w.seen();
         if let Some(p) = &seen.pod {
             let progress = pod::progress(p);
-            let label = progress.label();
+            let phase = progress.phase();
             if matches!(
                 progress,
                 Progress::Scheduled { .. } | Progress::Running { .. }
-            ) && reported != Some(label)
+            ) && reported != Some(phase)
             {
-                info!(phase = label, "worker pod {label}");
+                info!(?phase, "worker pod progressed");
                 w.report(&progress).await;
-                reported = Some(label);
+                reported = Some(phase);
             }
         }
         if ended(&seen) || seen.pod.as_ref().is_some_and(pod::container_started) {
@@ -153,44 +156,32 @@ async fn supervise(mut w: Worker, adopted: bool) {
     while !ended(&w.seen()) {
         w.wait().await;
     }
-    for _ in 0..3 {
-        poster.flush(true).await;
-        if poster.pending.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poster.finish().await;
     let seen = w.seen();
-    let stopping = lock(&w.inner.slots)
-        .get(&w.id)
-        .is_some_and(|s| s.stopping && s.generation == w.generation);
+    let stopping = w.inner.workers.stopping(w.id, w.generation);
     let (outcome, exit) = pod::outcome(seen.pod.as_ref(), &summary, stopping);
     let final_phase = match seen.pod.as_ref().map(pod::progress) {
-        Some(p @ (Progress::Succeeded | Progress::Failed)) => p.label(),
-        _ => "deleted",
+        Some(p @ (Progress::Succeeded | Progress::Failed)) => p.phase(),
+        _ => PodPhase::Deleted,
     };
-    info!(?exit, ?outcome, phase = final_phase, "worker pod ended");
-    let patch = json!({"runtime_metadata": {"worker": {"pod_phase": final_phase}}});
-    if let Err(e) = w.inner.api.merge_patch(w.id, &patch, None).await {
+    info!(?exit, ?outcome, phase = ?final_phase, "worker pod ended");
+    let patch = WorkerPatch::new(WorkerRecord {
+        pod_phase: Some(final_phase),
+        ..WorkerRecord::default()
+    });
+    if let Err(e) = w.inner.api.patch_worker(w.id, &patch, None).await {
         warn!(error = %e, "cannot record the pod's end");
     }
-    {
-        let mut slots = lock(&w.inner.slots);
-        if let Some(s) = slots
-            .get_mut(&w.id)
-            .filter(|s| s.generation == w.generation)
-        {
-            s.exit = Some(WorkerExit {
-                generation: w.generation,
-                outcome,
-                exit,
-                summary,
-                pid: None,
-                started_at: s.started_at,
-                stopped_at: chrono::Utc::now(),
-            });
-        }
-    }
+    w.inner.workers.ended(
+        w.id,
+        w.generation,
+        Ended {
+            outcome,
+            exit,
+            summary,
+            pid: None,
+        },
+    );
     let _ = w.inner.wake.send(w.id);
 }
 
@@ -200,7 +191,7 @@ async fn supervise(mut w: Worker, adopted: bool) {
 async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster, post_from: usize) {
     // Lines already taken, across reconnects (each one reads from the start).
     let mut taken = 0usize;
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match w.inner.kube.follow_pod_log(&w.pod_name).await {
             Ok(reader) => {
@@ -212,8 +203,20 @@ async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster,
                         let _ = rx.wait_for(ended).await;
                         tokio::time::sleep(LOG_DRAIN).await;
                     };
+                    // A batch that is due goes even while the log is quiet.
+                    let due = poster.due_at();
+                    let linger = async move {
+                        match due {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     let line = tokio::select! {
                         line = lines.next() => line,
+                        _ = linger => {
+                            poster.flush(false).await;
+                            continue;
+                        }
                         _ = drained => {
                             debug!("the pod ended but its log did not; leaving it");
                             None
@@ -246,8 +249,7 @@ async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster,
         if ended(&w.rx.borrow()) {
             return;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff.wait().await;
     }
 }
 
@@ -271,66 +273,6 @@ fn take(
         lock(&inner.claims).insert(id, true);
     }
     if post {
-        poster.pending.push(v);
-    }
-}
-
-/// Batches of lines on their way to `POST /sessions/{id}/messages`.
-struct Poster {
-    api: ApiClient,
-    id: Uuid,
-    batch: usize,
-    pending: Vec<Value>,
-    last_post: Instant,
-    /// The service refused the endpoint (not deployed yet): stop trying.
-    disabled: bool,
-}
-
-impl Poster {
-    fn new(api: ApiClient, id: Uuid, batch: usize) -> Self {
-        Self {
-            api,
-            id,
-            batch,
-            pending: Vec::new(),
-            last_post: Instant::now(),
-            disabled: false,
-        }
-    }
-
-    async fn flush(&mut self, force: bool) {
-        if self.pending.is_empty() || self.disabled {
-            self.pending.clear();
-            return;
-        }
-        if !force
-            && self.pending.len() < self.batch
-            && self.last_post.elapsed() < Duration::from_millis(300)
-        {
-            return;
-        }
-        while !self.pending.is_empty() {
-            let n = self.pending.len().min(self.batch);
-            match self.api.post_messages(self.id, &self.pending[..n]).await {
-                Ok(Posted::Stored) => {
-                    self.pending.drain(..n);
-                }
-                Ok(Posted::NotAccepted) => {
-                    info!("the API does not take worker messages (404); not posting them");
-                    self.disabled = true;
-                    self.pending.clear();
-                    return;
-                }
-                Err(e) => {
-                    warn!(error = %e, "posting worker messages failed; will retry");
-                    // Bound memory if the API stays away; the pod log keeps everything.
-                    if self.pending.len() > 10_000 {
-                        self.pending.drain(..self.pending.len() - 10_000);
-                    }
-                    return;
-                }
-            }
-        }
-        self.last_post = Instant::now();
+        poster.push(v, 0);
     }
 }
