@@ -6,7 +6,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{AGENT, TestApp, problem, spawn_app_with};
+use crate::support::AGENT;
+use crate::support::app::{Reply, TestApp, id_of};
 
 const SECRET: &str = "test-jwt-secret";
 const ISSUER: &str = "https://issuer.test";
@@ -23,7 +24,7 @@ fn tokens() -> String {
 }
 
 async fn secured(rate: u32) -> TestApp {
-    spawn_app_with(move |s| {
+    TestApp::spawn_with(move |s| {
         s.auth.enabled = true;
         s.auth.tokens_json = tokens();
         s.auth.jwt_hs256_secret = SECRET.into();
@@ -61,10 +62,10 @@ fn scope_of(method: &str, path: &str) -> Option<&'static str> {
     }
 }
 
-async fn call(app: &TestApp, method: &str, path: &str, token: Option<&str>) -> reqwest::Response {
-    let mut req = app.client.request(
+async fn call(app: &TestApp, method: &str, path: &str, token: Option<&str>) -> Reply {
+    let mut req = app.http.request(
         method.to_uppercase().parse::<Method>().unwrap(),
-        app.url(path),
+        app.at(path),
     );
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -72,25 +73,23 @@ async fn call(app: &TestApp, method: &str, path: &str, token: Option<&str>) -> r
     if method != "get" && method != "delete" {
         req = req.json(&json!([{"type": "x"}]));
     }
-    req.send().await.unwrap()
+    app.send(req).await
 }
 
 #[tokio::test]
 async fn every_route_but_the_open_ones_needs_a_token_with_its_scope() {
     let app = secured(10_000).await;
     let created = app
-        .client
-        .post(app.url("/sessions/"))
-        .bearer_auth("all-scopes")
-        .json(&json!({"agent_id": AGENT, "session_type": "t"}))
-        .send()
+        .send(
+            app.http
+                .post(app.at("/sessions/"))
+                .bearer_auth("all-scopes")
+                .json(&json!({"agent_id": AGENT, "session_type": "t"})),
+        )
         .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let id = created.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .expect(201)
+        .json();
+    let id = id_of(&created);
     let doc: Value = serde_json::from_str(include_str!("../../../openapi/openapi.json")).unwrap();
     let mut operations = vec![
         ("get".to_owned(), "/openapi.json".to_owned()),
@@ -108,28 +107,23 @@ async fn every_route_but_the_open_ones_needs_a_token_with_its_scope() {
         if ["/healthz", "/readyz", "/metrics"].contains(&path.as_str()) {
             let res = call(&app, method, &concrete, None).await;
             assert!(
-                res.status().is_success(),
+                (200..300).contains(&res.status),
                 "{method} {path} is open: {}",
-                res.status()
+                res.status
             );
             continue;
         }
         let res = call(&app, method, &concrete, None).await;
-        assert_eq!(res.status(), 401, "{method} {path} without a token");
-        assert!(
-            res.headers()["www-authenticate"]
-                .to_str()
-                .unwrap()
-                .starts_with("Bearer")
-        );
-        problem(res).await;
+        assert_eq!(res.status, 401, "{method} {path} without a token");
+        assert!(res.header("www-authenticate").starts_with("Bearer"));
+        res.problem();
         let res = call(&app, method, &concrete, Some("not-a-token")).await;
-        assert_eq!(res.status(), 401, "{method} {path} with an unknown token");
+        assert_eq!(res.status, 401, "{method} {path} with an unknown token");
         match scope_of(method, path) {
             None => {
                 let res = call(&app, method, &concrete, Some("no-scopes")).await;
                 assert!(
-                    res.status().is_success(),
+                    (200..300).contains(&res.status),
                     "{method} {path} with any valid token"
                 );
             }
@@ -140,15 +134,14 @@ async fn every_route_but_the_open_ones_needs_a_token_with_its_scope() {
                     "write-only"
                 };
                 let res = call(&app, method, &concrete, Some(lacking)).await;
-                assert_eq!(res.status(), 403, "{method} {path} without {scope}");
-                let p = problem(res).await;
-                assert!(p["detail"].as_str().unwrap().contains(scope));
+                assert_eq!(res.status, 403, "{method} {path} without {scope}");
+                assert!(res.problem().detail.contains(scope));
             }
         }
     }
     // And the right scope gets through (the delete last).
     let res = call(&app, "get", &format!("/sessions/{id}"), Some("read-only")).await;
-    assert_eq!(res.status(), 200);
+    assert_eq!(res.status, 200);
     let res = call(
         &app,
         "delete",
@@ -156,7 +149,7 @@ async fn every_route_but_the_open_ones_needs_a_token_with_its_scope() {
         Some("write-only"),
     )
     .await;
-    assert_eq!(res.status(), 204);
+    assert_eq!(res.status, 204);
 }
 
 #[tokio::test]
@@ -165,78 +158,65 @@ async fn jwts_are_checked_for_signature_expiry_and_audience() {
     let get = |token: String| {
         let app = &app;
         async move {
-            app.client
-                .get(app.url("/sessions/"))
-                .bearer_auth(token)
-                .send()
+            app.send(app.http.get(app.at("/sessions/")).bearer_auth(token))
                 .await
-                .unwrap()
         }
     };
     assert_eq!(
-        get(jwt(claims(600), SECRET)).await.status(),
+        get(jwt(claims(600), SECRET)).await.status,
         200,
         "a valid JWT"
     );
     let res = get(jwt(claims(-3600), SECRET)).await;
-    assert_eq!(res.status(), 401, "expired");
-    assert!(
-        problem(res).await["detail"]
-            .as_str()
-            .unwrap()
-            .contains("expired")
-    );
+    assert_eq!(res.status, 401, "expired");
+    assert!(res.problem().detail.contains("expired"));
     assert_eq!(
-        get(jwt(claims(600), "another-secret")).await.status(),
+        get(jwt(claims(600), "another-secret")).await.status,
         401,
         "wrongly signed"
     );
     let mut aud = claims(600);
     aud["aud"] = json!("someone-else");
-    assert_eq!(get(jwt(aud, SECRET)).await.status(), 401, "wrong audience");
+    assert_eq!(get(jwt(aud, SECRET)).await.status, 401, "wrong audience");
     let mut iss = claims(600);
     iss["iss"] = json!("https://other.test");
-    assert_eq!(get(jwt(iss, SECRET)).await.status(), 401, "wrong issuer");
+    assert_eq!(get(jwt(iss, SECRET)).await.status, 401, "wrong issuer");
     let mut narrow = claims(600);
     narrow["scope"] = json!("sessions:read");
     let res = app
-        .client
-        .post(app.url("/sessions/"))
-        .bearer_auth(jwt(narrow, SECRET))
-        .json(&json!({"agent_id": AGENT, "session_type": "t"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 403, "a JWT without sessions:write");
+        .send(
+            app.http
+                .post(app.at("/sessions/"))
+                .bearer_auth(jwt(narrow, SECRET))
+                .json(&json!({"agent_id": AGENT, "session_type": "t"})),
+        )
+        .await;
+    assert_eq!(res.status, 403, "a JWT without sessions:write");
 }
 
 #[tokio::test]
 async fn events_record_the_token_subject_and_request_id() {
     let app = secured(10_000).await;
     let res = app
-        .client
-        .post(app.url("/sessions/"))
-        .bearer_auth(jwt(claims(600), SECRET))
-        .header("x-request-id", "req-from-platform-42")
-        .json(&json!({"agent_id": AGENT, "session_type": "t"}))
-        .send()
+        .send(
+            app.http
+                .post(app.at("/sessions/"))
+                .bearer_auth(jwt(claims(600), SECRET))
+                .header("x-request-id", "req-from-platform-42")
+                .json(&json!({"agent_id": AGENT, "session_type": "t"})),
+        )
+        .await;
+    assert_eq!(res.header("x-request-id"), "req-from-platform-42");
+    let id = res.json()["id"].as_str().unwrap().to_owned();
+    let events = app
+        .send(
+            app.http
+                .get(app.at(&format!("/sessions/{id}/events")))
+                .bearer_auth("all-scopes"),
+        )
         .await
-        .unwrap();
-    assert_eq!(res.headers()["x-request-id"], "req-from-platform-42");
-    let id = res.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let events: Value = app
-        .client
-        .get(app.url(&format!("/sessions/{id}/events")))
-        .bearer_auth("all-scopes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .expect(200)
+        .json();
     assert_eq!(
         events[0]["metadata"],
         json!({"actor": "svc-jwt", "request_id": "req-from-platform-42"})
@@ -249,28 +229,20 @@ async fn each_token_is_rate_limited_with_429_and_retry_after() {
     let mut statuses = Vec::new();
     for _ in 0..6 {
         let res = app
-            .client
-            .get(app.url("/sessions/"))
-            .bearer_auth("read-only")
-            .send()
-            .await
-            .unwrap();
-        statuses.push(res.status().as_u16());
-        if res.status() == 429 {
-            assert!(res.headers().contains_key("retry-after"));
-            problem(res).await;
+            .send(app.http.get(app.at("/sessions/")).bearer_auth("read-only"))
+            .await;
+        statuses.push(res.status);
+        if res.status == 429 {
+            assert!(res.headers.contains_key("retry-after"));
+            res.problem();
         }
     }
     assert_eq!(&statuses[..3], [200, 200, 200], "the burst is allowed");
     assert!(statuses[3..].contains(&429), "then limited: {statuses:?}");
     // Another token has its own budget; probes are never limited.
     let res = app
-        .client
-        .get(app.url("/sessions/"))
-        .bearer_auth("all-scopes")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    assert_eq!(app.get("/healthz").await.status(), 200);
+        .send(app.http.get(app.at("/sessions/")).bearer_auth("all-scopes"))
+        .await;
+    assert_eq!(res.status, 200);
+    assert_eq!(app.fetch("/healthz").await.status, 200);
 }

@@ -1,4 +1,5 @@
-//! DESIGN §3: each guarantee is a test that fails when it is broken.
+//! The guarantees (`docs/design.md`, "Guarantees"): each is a test that
+//! fails when it is broken.
 
 use std::time::Duration;
 
@@ -7,17 +8,19 @@ use futures_util::future::join_all;
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{Value, json};
 
-use crate::helpers::{AGENT, TestApp, problem, spawn_app};
+use crate::support::app::{TestApp, id_of};
+use crate::support::serve::replay_verify;
+use crate::support::{AGENT, eventually};
 
 /// A mixed workload: creates, updates (some no-ops, some refused), deletes.
 async fn workload(app: &TestApp) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..6 {
         let s = app
-            .create(json!({"agent_id": AGENT, "session_type": "task", "context": {"i": i},
+            .create_session(&json!({"agent_id": AGENT, "session_type": "task", "context": {"i": i},
                            "checkpoint": if i % 2 == 0 { json!({"step": 0}) } else { Value::Null }}))
             .await;
-        ids.push(s["id"].as_str().unwrap().to_owned());
+        ids.push(id_of(&s));
     }
     let tasks = ids.iter().enumerate().map(|(i, id)| async move {
         for step in 0..5 {
@@ -31,32 +34,27 @@ async fn workload(app: &TestApp) -> Vec<String> {
             )
             .await;
             app.patch(id, &json!({"status": "bogus"})).await; // refused
-            app.client
-                .patch(app.url(&format!("/sessions/{id}")))
-                .header("content-type", "application/merge-patch+json")
-                .body(format!(r#"{{"runtime_metadata": {{"s{step}": {step}}}}}"#))
-                .send()
-                .await
-                .unwrap();
+            app.merge_patch(
+                id,
+                &json!({"runtime_metadata": {(format!("s{step}")): step}}),
+            )
+            .await;
         }
     });
     join_all(tasks).await;
     app.patch(&ids[0], &json!({"status": "completed"})).await;
     app.patch(&ids[0], &json!({"status": "active"})).await; // illegal
-    app.client
-        .delete(app.url(&format!("/sessions/{}", ids[1])))
-        .send()
-        .await
-        .unwrap();
+    app.delete(&ids[1]).await;
     ids
 }
 
 #[tokio::test]
 async fn g1_every_change_has_exactly_one_event_and_versions_are_contiguous() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     workload(&app).await;
     // Each live session's version equals its number of events, 1..n without gaps.
     let bad = app
+        .db
         .sql_i64(
             "SELECT count(*) FROM sessions s WHERE s.version <> \
                (SELECT count(*) FROM events e WHERE e.aggregate_id = s.id) \
@@ -65,6 +63,7 @@ async fn g1_every_change_has_exactly_one_event_and_versions_are_contiguous() {
         .await;
     assert_eq!(bad, 0, "a session whose version disagrees with its events");
     let gaps = app
+        .db
         .sql_i64(
             "SELECT count(*) FROM (SELECT aggregate_id, count(*) c, max(version) m, min(version) lo \
              FROM events GROUP BY aggregate_id) x WHERE c <> m OR lo <> 1",
@@ -73,17 +72,17 @@ async fn g1_every_change_has_exactly_one_event_and_versions_are_contiguous() {
     assert_eq!(gaps, 0, "versions must be 1..n");
     // Exactly the accepted changes: 6 creates + 6×(5 context + 5 status + 5 metadata) + complete + delete.
     assert_eq!(
-        app.sql_i64("SELECT count(*) FROM events").await,
+        app.db.sql_i64("SELECT count(*) FROM events").await,
         6 + 6 * 15 + 2
     );
     assert_eq!(
-        app.sql_i64("SELECT count(*) FROM events WHERE event_type = 'session.updated' AND payload->'changes' = '{}'::jsonb")
+        app.db.sql_i64("SELECT count(*) FROM events WHERE event_type = 'session.updated' AND payload->'changes' = '{}'::jsonb")
             .await,
         0,
         "no event without a change"
     );
     // The log is append-only.
-    let db = app.db().await;
+    let db = app.db.connect().await;
     assert!(
         db.execute_unprepared("UPDATE events SET payload = '{}'")
             .await
@@ -94,28 +93,19 @@ async fn g1_every_change_has_exactly_one_event_and_versions_are_contiguous() {
 
 #[tokio::test]
 async fn g2_replay_reproduces_the_projection_and_reports_a_hand_edit() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let ids = workload(&app).await;
-    let store = Store::from_connection(Database::connect(&app.db_url).await.unwrap());
+    let store = Store::from_connection(Database::connect(&app.db.url).await.unwrap());
     let report = store.replay_verify().await.unwrap();
     assert_eq!(report.differences, vec![], "replay after the workload");
     assert_eq!(report.sessions_checked, 6);
     assert_eq!(report.events_read, 6 + 6 * 15 + 2);
 
     // Also through the CLI, as an operator would run it.
-    let bin = env!("CARGO_BIN_EXE_agent-sessions");
-    let out = std::process::Command::new(bin)
-        .args(["replay", "--verify"])
-        .env("DATABASE_URL", &app.db_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (ok, out) = replay_verify(&app.db.url);
+    assert!(ok, "{out}");
 
-    let db = app.db().await;
+    let db = app.db.connect().await;
     db.execute_unprepared(&format!(
         "UPDATE sessions SET context = '{{\"edited\": true}}' WHERE id = '{}'",
         ids[2]
@@ -126,16 +116,9 @@ async fn g2_replay_reproduces_the_projection_and_reports_a_hand_edit() {
     assert_eq!(report.differences.len(), 1);
     assert_eq!(report.differences[0].session_id.to_string(), ids[2]);
     assert!(report.differences[0].detail.contains("context"));
-    let out = std::process::Command::new(bin)
-        .args(["replay", "--verify"])
-        .env("DATABASE_URL", &app.db_url)
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "replay --verify must fail on a difference"
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&ids[2]));
+    let (ok, out) = replay_verify(&app.db.url);
+    assert!(!ok, "replay --verify must fail on a difference");
+    assert!(out.contains(&ids[2]), "{out}");
 }
 
 /// Writer A's real HTTP write is held open inside its transaction (a
@@ -144,16 +127,10 @@ async fn g2_replay_reproduces_the_projection_and_reports_a_hand_edit() {
 /// A commits.
 #[tokio::test]
 async fn g3_feed_never_skips_an_event_that_commits_late() {
-    let app = spawn_app().await;
-    let a = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let b = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let db = app.db().await;
+    let app = TestApp::spawn().await;
+    let a = id_of(&app.create_default().await);
+    let b = id_of(&app.create_default().await);
+    let db = app.db.connect().await;
     db.execute_unprepared(&format!(
         "CREATE FUNCTION hold_a() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
            IF NEW.aggregate_id = '{a}' THEN PERFORM pg_advisory_xact_lock(4242); END IF; \
@@ -168,24 +145,15 @@ async fn g3_feed_never_skips_an_event_that_commits_late() {
     let head = before.last().unwrap()["position"].as_i64().unwrap();
 
     // The lock holder: a transaction on its own connection.
-    let holder = Database::connect(&app.db_url).await.unwrap();
+    let holder = Database::connect(&app.db.url).await.unwrap();
     let lock = sea_orm::TransactionTrait::begin(&holder).await.unwrap();
     lock.execute_unprepared("SELECT pg_advisory_xact_lock(4242)")
         .await
         .unwrap();
 
     let writer_a = {
-        let client = app.client.clone();
-        let url = app.url(&format!("/sessions/{a}"));
-        tokio::spawn(async move {
-            client
-                .patch(url)
-                .json(&json!({"context": {"by": "A"}}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
+        let (api, a) = (app.api.clone(), a.clone());
+        tokio::spawn(async move { api.patch(&a, &json!({"context": {"by": "A"}})).await.status })
     };
     // Wait until A is really inside its transaction (blocked on the lock).
     wait_until(
@@ -194,7 +162,7 @@ async fn g3_feed_never_skips_an_event_that_commits_late() {
     )
     .await;
     let res = app.patch(&b, &json!({"context": {"by": "B"}})).await;
-    assert_eq!(res.status(), 200, "B commits while A is open");
+    assert_eq!(res.status, 200, "B commits while A is open");
 
     let first = app.get_json(&format!("/events?after={head}")).await;
     let first = first.as_array().unwrap().clone();
@@ -242,7 +210,7 @@ async fn g3_feed_never_skips_an_event_that_commits_late() {
     // A rolled-back writer leaves a gap that never blocks the feed.
     let res = app.patch(&a, &json!({"context": {"fail": true}})).await;
     assert!(
-        res.status().is_server_error(),
+        (500..600).contains(&res.status),
         "the trigger aborts A's transaction"
     );
     app.patch(&b, &json!({"context": {"by": "B", "again": true}}))
@@ -256,71 +224,48 @@ async fn g3_feed_never_skips_an_event_that_commits_late() {
 }
 
 async fn wait_until(app: &TestApp, count_sql: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.sql_i64(count_sql).await == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {count_sql}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(count_sql, Duration::from_secs(10), || async {
+        (app.db.sql_i64(count_sql).await != 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn g5_stale_if_match_gets_412_and_changes_nothing() {
-    let app = spawn_app().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let ok = app
-        .client
-        .patch(app.url(&format!("/sessions/{id}")))
-        .header("if-match", "\"1\"")
-        .json(&json!({"context": {"n": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200);
-    assert_eq!(ok.headers()["etag"], "\"2\"");
-    let stale = app
-        .client
-        .patch(app.url(&format!("/sessions/{id}")))
-        .header("if-match", "\"1\"")
-        .json(&json!({"context": {"n": 99}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stale.status(), 412);
+    let app = TestApp::spawn().await;
+    let id = id_of(&app.create_default().await);
+    let patch = |if_match: &'static str, body: Value| {
+        app.send(
+            app.http
+                .patch(app.at(&format!("/sessions/{id}")))
+                .header("if-match", if_match)
+                .json(&body),
+        )
+    };
+    let ok = patch("\"1\"", json!({"context": {"n": 1}})).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("etag"), "\"2\"");
+    let stale = patch("\"1\"", json!({"context": {"n": 99}})).await;
+    assert_eq!(stale.status, 412);
     assert_eq!(
-        problem(stale).await["type"],
+        stale.problem().kind,
         "urn:agent-sessions:problem:version-mismatch"
     );
-    let s = app.get_json(&format!("/sessions/{id}")).await;
+    let s = app.get(&id).await;
     assert_eq!(
         (s["version"].clone(), s["context"].clone()),
         (json!(2), json!({"n": 1}))
     );
     assert_eq!(app.counts().await.1, 2);
-    let bad = app
-        .client
-        .patch(app.url(&format!("/sessions/{id}")))
-        .header("if-match", "yesterday")
-        .json(&json!({"context": {}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status(), 400);
+    let bad = patch("yesterday", json!({"context": {}})).await;
+    assert_eq!(bad.status, 400);
 }
 
 /// 8 clients increment one counter with read → If-Match write → retry on 412.
 #[tokio::test]
 async fn g5_concurrent_if_match_increments_lose_no_update() {
-    let app = spawn_app().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let app = TestApp::spawn().await;
+    let id = id_of(&app.create_default().await);
     const CLIENTS: i64 = 8;
     const EACH: i64 = 15;
     let clients = (0..CLIENTS).map(|_| {
@@ -330,19 +275,17 @@ async fn g5_concurrent_if_match_increments_lose_no_update() {
             let mut retries = 0;
             for _ in 0..EACH {
                 loop {
-                    let res = app.get(&format!("/sessions/{id}")).await;
-                    let etag = res.headers()["etag"].to_str().unwrap().to_owned();
-                    let s: Value = res.json().await.unwrap();
-                    let n = s["context"]["n"].as_i64().unwrap();
+                    let res = app.fetch(&format!("/sessions/{id}")).await.expect(200);
+                    let n = res.json()["context"]["n"].as_i64().unwrap();
                     let res = app
-                        .client
-                        .patch(app.url(&format!("/sessions/{id}")))
-                        .header("if-match", etag)
-                        .json(&json!({"context": {"n": n + 1}}))
-                        .send()
-                        .await
-                        .unwrap();
-                    match res.status().as_u16() {
+                        .send(
+                            app.http
+                                .patch(app.at(&format!("/sessions/{id}")))
+                                .header("if-match", res.header("etag"))
+                                .json(&json!({"context": {"n": n + 1}})),
+                        )
+                        .await;
+                    match res.status {
                         200 => break,
                         412 => retries += 1,
                         other => panic!("unexpected {other}"),
@@ -353,7 +296,7 @@ async fn g5_concurrent_if_match_increments_lose_no_update() {
         }
     });
     let retries: i64 = join_all(clients).await.into_iter().sum();
-    let s = app.get_json(&format!("/sessions/{id}")).await;
+    let s = app.get(&id).await;
     assert_eq!(
         s["context"]["n"],
         CLIENTS * EACH,
@@ -364,18 +307,18 @@ async fn g5_concurrent_if_match_increments_lose_no_update() {
 
 #[tokio::test]
 async fn g6_a_retried_create_with_the_same_key_makes_one_session() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let body = json!({"agent_id": AGENT, "session_type": "task", "context": {"k": 1}});
     let send = |key: &'static str, body: Value| {
         let app = &app;
         async move {
-            app.client
-                .post(app.url("/sessions/"))
-                .header("idempotency-key", key)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
+            app.send(
+                app.http
+                    .post(app.at("/sessions/"))
+                    .header("idempotency-key", key)
+                    .json(&body),
+            )
+            .await
         }
     };
     // Concurrent retries of one request.
@@ -383,14 +326,9 @@ async fn g6_a_retried_create_with_the_same_key_makes_one_session() {
     let mut ids = Vec::new();
     let mut replays = 0;
     for r in results {
-        assert_eq!(r.status(), 201);
-        replays += r.headers().contains_key("idempotent-replayed") as usize;
-        ids.push(
-            r.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        assert_eq!(r.status, 201);
+        replays += r.headers.contains_key("idempotent-replayed") as usize;
+        ids.push(r.json()["id"].as_str().unwrap().to_owned());
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "one session for one key");
@@ -398,32 +336,22 @@ async fn g6_a_retried_create_with_the_same_key_makes_one_session() {
     assert_eq!(app.counts().await, (1, 1));
     // Same key, another body: refused, nothing written.
     let res = send("key-1", json!({"agent_id": AGENT, "session_type": "other"})).await;
-    assert_eq!(res.status(), 422);
+    assert_eq!(res.status, 422);
     assert_eq!(
-        problem(res).await["type"],
+        res.problem().kind,
         "urn:agent-sessions:problem:idempotency-key-reused"
     );
     // Another key makes another session.
-    assert_eq!(send("key-2", body.clone()).await.status(), 201);
+    assert_eq!(send("key-2", body.clone()).await.status, 201);
     assert_eq!(app.counts().await, (2, 2));
-    let res = app
-        .client
-        .post(app.url("/sessions/"))
-        .header("idempotency-key", "")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 400);
+    let res = send("", body.clone()).await;
+    assert_eq!(res.status, 400);
 }
 
 #[tokio::test]
 async fn g7_bad_input_gets_a_4xx_problem_and_writes_nothing() {
     let app = spawn_app_limited().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = id_of(&app.create_default().await);
     let before = app.counts().await;
     let deep = format!(
         "{{\"agent_id\": \"{AGENT}\", \"session_type\": \"t\", \"context\": {{\"x\": {}1{}}}}}",
@@ -641,23 +569,22 @@ async fn g7_bad_input_gets_a_4xx_problem_and_writes_nothing() {
     for (method, path, ct, body, expected) in cases {
         let path = path.replace("{id}", &id);
         let mut req = app
-            .client
-            .request(method.parse().unwrap(), app.url(&path))
+            .http
+            .request(method.parse().unwrap(), app.at(&path))
             .body(body.clone());
         if let Some(ct) = ct {
             req = req.header("content-type", ct);
         }
-        let res = req.send().await.unwrap();
-        let status = res.status().as_u16();
+        let res = app.send(req).await;
         let short: String = body.chars().take(80).collect();
-        assert_eq!(status, expected, "{method} {path} {short}");
-        problem(res).await;
+        assert_eq!(res.status, expected, "{method} {path} {short}");
+        res.problem();
     }
     assert_eq!(app.counts().await, before, "nothing written");
-    let s = app.get_json(&format!("/sessions/{id}")).await;
+    let s = app.get(&id).await;
     assert_eq!(s["version"], 1);
 }
 
 async fn spawn_app_limited() -> TestApp {
-    crate::helpers::spawn_app_with(|s| s.server.body_limit_bytes = 64 * 1024).await
+    TestApp::spawn_with(|s| s.server.body_limit_bytes = 64 * 1024).await
 }

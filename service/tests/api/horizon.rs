@@ -12,12 +12,17 @@ use sea_orm::{ConnectionTrait, Database, TransactionTrait};
 use serde_json::{Map, json};
 use uuid::Uuid;
 
-use crate::helpers::{ADMIN_URL, AGENT, TestApp, spawn_app, spawn_app_with};
-use crate::procs::Subscriber;
+use crate::support::app::{TestApp, id_of};
+use crate::support::db::{SHARED_ADMIN_URL, TestDatabase};
+use crate::support::redis_server::Subscriber;
+use crate::support::{AGENT, SHARED_REDIS, eventually};
+
+const SECS_10: Duration = Duration::from_secs(10);
 
 /// The position the old, cluster-wide horizon would have allowed.
 async fn cluster_horizon(app: &TestApp) -> i64 {
-    app.sql_i64("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint * 1024")
+    app.db
+        .sql_i64("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint * 1024")
         .await
 }
 
@@ -36,42 +41,30 @@ async fn stranger_in(url: &str, setup: &str, write: &str) -> Stranger {
 
 #[tokio::test]
 async fn transactions_of_strangers_do_not_hold_the_feed() {
-    let app = spawn_app().await;
-    let other_db = format!("stranger_{}", Uuid::new_v4().simple());
-    let admin = Database::connect(ADMIN_URL).await.unwrap();
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {other_db}"))
-        .await
-        .unwrap();
-    let other_url = format!("postgres://postgres@127.0.0.1:5432/{other_db}");
+    let app = TestApp::spawn().await;
+    let other_db = TestDatabase::create(SHARED_ADMIN_URL).await;
     {
         // One open transaction in another database of the cluster, one on an
         // unrelated table of the service's own database; both hold an xid.
         let _elsewhere = stranger_in(
-            &other_url,
+            &other_db.url,
             "CREATE TABLE batch (n int)",
             "INSERT INTO batch VALUES (1)",
         )
         .await;
         let _beside = stranger_in(
-            &app.db_url,
+            &app.db.url,
             "CREATE TABLE unrelated (n int)",
             "INSERT INTO unrelated VALUES (1)",
         )
         .await;
-        let channel = format!("{}events:session", app.channel_prefix);
-        let sub = Subscriber::start("redis://127.0.0.1:6379", std::slice::from_ref(&channel)).await;
-        let mut sse = app
-            .client
-            .get(app.url("/events/stream"))
-            .send()
-            .await
-            .unwrap();
+        let channel = format!("{}events:session", app.settings.redis.channel_prefix);
+        let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&channel)).await;
+        let mut sse = app.open(app.http.get(app.at("/events/stream"))).await;
 
-        let created = app.create_default().await;
-        let id = created["id"].as_str().unwrap().to_owned();
+        let id = id_of(&app.create_default().await);
         let res = app.patch(&id, &json!({"status": "paused"})).await;
-        assert_eq!(res.status(), 200);
+        assert_eq!(res.status, 200);
 
         let feed = app.feed_with(2).await;
         let newest = feed.last().unwrap()["position"].as_i64().unwrap();
@@ -91,21 +84,15 @@ async fn transactions_of_strangers_do_not_hold_the_feed() {
         }
         assert!(text.contains(&id));
         // Redis gets both.
-        crate::procs::eventually(10, "both events on Redis", || {
-            let sub = &sub;
-            let channel = &channel;
-            async move { sub.on(channel).await.len() >= 2 }
+        eventually("both events on Redis", SECS_10, || async {
+            (sub.on(&channel).await.len() >= 2).then_some(())
         })
         .await;
     }
-    admin
-        .execute_unprepared(&format!("DROP DATABASE {other_db} WITH (FORCE)"))
-        .await
-        .unwrap();
 }
 
 async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app.get("/metrics").await.text().await.unwrap();
+    let text = app.fetch("/metrics").await.text();
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
@@ -119,20 +106,14 @@ async fn an_open_writer_of_ours_holds_the_feed_visibly_until_the_timeout_cuts_it
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4000);
-    let app = spawn_app_with(|s| {
+    let app = TestApp::spawn_with(|s| {
         s.database.statement_timeout_ms = timeout_ms;
         s.relay.feed_held_warn_secs = 1;
     })
     .await;
-    let a = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let b = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let db = app.db().await;
+    let a = id_of(&app.create_default().await);
+    let b = id_of(&app.create_default().await);
+    let db = app.db.connect().await;
     // Writer A, once its event row is being inserted (it has announced itself
     // and holds its transaction id), waits for a lock the test holds.
     db.execute_unprepared(&format!(
@@ -146,55 +127,44 @@ async fn an_open_writer_of_ours_holds_the_feed_visibly_until_the_timeout_cuts_it
     let head = app.feed_with(2).await.last().unwrap()["position"]
         .as_i64()
         .unwrap();
-    let holder = Database::connect(&app.db_url).await.unwrap();
+    let holder = app.db.connect().await;
     let lock = holder.begin().await.unwrap();
     lock.execute_unprepared("SELECT pg_advisory_xact_lock(4243)")
         .await
         .unwrap();
 
     let writer_a = {
-        let client = app.client.clone();
-        let url = app.url(&format!("/sessions/{a}"));
+        let (api, a) = (app.api.clone(), a.clone());
         tokio::spawn(async move {
-            let res = client
-                .patch(url)
-                .json(&json!({"context": {"by": "A"}}))
-                .send()
-                .await
-                .unwrap();
-            (res.status(), res.headers().get("retry-after").cloned())
+            let res = api.patch(&a, &json!({"context": {"by": "A"}})).await;
+            (res.status, res.headers.get("retry-after").cloned())
         })
     };
-    crate::procs::eventually(10, "writer A waiting inside its statement", || {
-        let app = &app;
-        async move {
-            app.sql_i64("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-                .await
-                > 0
-        }
+    eventually("writer A waiting inside its statement", SECS_10, || async {
+        (app.db
+            .sql_i64("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            .await
+            > 0)
+        .then_some(())
     })
     .await;
     let res = app.patch(&b, &json!({"context": {"by": "B"}})).await;
-    assert_eq!(res.status(), 200, "B commits while A is open");
+    assert_eq!(res.status, 200, "B commits while A is open");
 
     // The feed waits for A (G3), and says so.
-    crate::procs::eventually(10, "held-back metrics above zero", || {
-        let app = &app;
-        async move {
-            metric(app, "feed_held_events").await >= 1.0
-                && metric(app, "feed_blocker_transaction_age_seconds").await > 0.0
-        }
+    eventually("held-back metrics above zero", SECS_10, || async {
+        (metric(&app, "feed_held_events").await >= 1.0
+            && metric(&app, "feed_blocker_transaction_age_seconds").await > 0.0)
+            .then_some(())
     })
     .await;
     let page = app.get_json(&format!("/events?after={head}")).await;
     assert_eq!(page, json!([]), "B waits behind A");
     let ready = app.get_json("/readyz").await;
-    crate::procs::eventually(10, "/readyz reporting the held feed", || {
-        let app = &app;
-        async move {
-            let r = app.get_json("/readyz").await;
-            r["checks"]["feed"]["status"] == "held" && r["checks"]["feed"]["blocker_pid"].is_i64()
-        }
+    eventually("/readyz reporting the held feed", SECS_10, || async {
+        let r = app.get_json("/readyz").await;
+        (r["checks"]["feed"]["status"] == "held" && r["checks"]["feed"]["blocker_pid"].is_i64())
+            .then_some(())
     })
     .await;
     assert_eq!(
@@ -222,12 +192,11 @@ async fn an_open_writer_of_ours_holds_the_feed_visibly_until_the_timeout_cuts_it
         .map(|e| e["aggregate_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec![b.as_str()], "B is there, A never committed");
-    let a_now = app.get_json(&format!("/sessions/{a}")).await;
+    let a_now = app.get(&a).await;
     assert_eq!(a_now["version"], 1);
     assert!(metric(&app, "db_statement_timeouts_total").await >= 1.0);
-    crate::procs::eventually(10, "the feed reported moving again", || {
-        let app = &app;
-        async move { app.get_json("/readyz").await["checks"]["feed"]["status"] == "ok" }
+    eventually("the feed reported moving again", SECS_10, || async {
+        (app.get_json("/readyz").await["checks"]["feed"]["status"] == "ok").then_some(())
     })
     .await;
 }
@@ -256,9 +225,9 @@ async fn readers_never_pass_an_announced_writer_over_ten_thousand_writes() {
     const WRITERS: usize = 16;
     const PER_WRITER: usize = 625;
     const READERS: usize = 3;
-    let (db_name, db_url) = crate::helpers::fresh_database().await;
-    let _drop = crate::helpers::DropDatabase(db_name);
-    let db = Database::connect(&db_url).await.unwrap();
+    let test_db = TestDatabase::migrated().await;
+    let db_url = test_db.url.clone();
+    let db = test_db.connect().await;
     // Stalls between announcing and taking the id (BEFORE INSERT on
     // sessions, before the row is written) and between taking it and
     // committing (BEFORE INSERT on events).

@@ -9,30 +9,27 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::helpers::{AGENT, spawn_app};
+use crate::support::AGENT;
+use crate::support::app::{TestApp, id_of};
 
 #[tokio::test]
 async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     const WRITERS: usize = 16;
     const WRITES: usize = 25;
     let (done_tx, done_rx) = watch::channel(0usize);
 
     let reader = {
-        let client = app.client.clone();
-        let base = app.address.clone();
+        let api = app.api.clone();
         tokio::spawn(async move {
             let mut after = 0i64;
             let mut seen: Vec<Value> = Vec::new();
             loop {
-                let page: Vec<Value> = client
-                    .get(format!("{base}/events?after={after}&limit=100"))
-                    .send()
+                let page: Vec<Value> = api
+                    .fetch(&format!("/events?after={after}&limit=100"))
                     .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                    .expect(200)
+                    .parse();
                 if page.is_empty() {
                     // Done once every committed event has been read; the
                     // feed may trail commits while transactions are open.
@@ -57,20 +54,22 @@ async fn sixteen_writers_and_a_tailing_reader_see_every_event_once() {
         let app = &app;
         async move {
             let s = app
-                .create(json!({"agent_id": AGENT, "session_type": "load", "context": {"w": w}}))
+                .create_session(
+                    &json!({"agent_id": AGENT, "session_type": "load", "context": {"w": w}}),
+                )
                 .await;
-            let id = s["id"].as_str().unwrap().to_owned();
+            let id = id_of(&s);
             let mut acked = 1;
             for i in 0..WRITES {
                 let res = app.patch(&id, &json!({"context": {"w": w, "i": i}})).await;
-                assert_eq!(res.status(), 200);
+                assert_eq!(res.status, 200);
                 acked += 1;
             }
             acked
         }
     });
     let acked: usize = join_all(writers).await.into_iter().sum();
-    let committed = app.sql_i64("SELECT count(*) FROM events").await as usize;
+    let committed = app.db.sql_i64("SELECT count(*) FROM events").await as usize;
     done_tx.send(committed).unwrap();
     let seen = tokio::time::timeout(Duration::from_secs(30), reader)
         .await

@@ -1,13 +1,16 @@
 //! Integration tests: the real service over HTTP against real PostgreSQL
 //! (a fresh database per test) and Redis (a unique channel prefix per test).
 
+// A test fails by panicking: unwrap and expect are how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod auth;
 mod guarantees;
-mod helpers;
 mod horizon;
 mod load;
 mod messages;
 mod openapi;
-mod procs;
 mod relay;
 mod sessions;
+#[path = "../support/mod.rs"]
+mod support;

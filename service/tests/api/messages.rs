@@ -4,15 +4,12 @@ use agent_sessions::store::Store;
 use sea_orm::Database;
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app};
+use crate::support::app::{TestApp, id_of};
 
 #[tokio::test]
 async fn messages_are_stored_counted_readable_as_jsonl_and_replayed() {
-    let app = spawn_app().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let app = TestApp::spawn().await;
+    let id = id_of(&app.create_default().await);
     let batch = json!([
         {"type": "system", "subtype": "init", "session_id": id, "model": "claude-test"},
         {"type": "assistant", "message": {"content": [{"type": "text", "text": "on it"},
@@ -21,24 +18,24 @@ async fn messages_are_stored_counted_readable_as_jsonl_and_replayed() {
         {"type": "result", "subtype": "success", "num_turns": 2, "total_cost_usd": 0.0125,
          "usage": {"input_tokens": 120, "output_tokens": 30, "cache_read_input_tokens": 7}}
     ]);
-    let res = app
-        .post_json(&format!("/sessions/{id}/messages"), &batch)
-        .await;
-    assert_eq!(res.status(), 200);
-    let s: Value = res.json().await.unwrap();
+    let s = app
+        .post(&format!("/sessions/{id}/messages"), &batch)
+        .await
+        .expect(200)
+        .json();
     assert_eq!(
         s["usage"],
         json!({"message_count": 4, "tool_call_count": 1, "turns": 2, "input_tokens": 120,
         "output_tokens": 30, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 7, "total_cost_usd": 0.0125})
     );
     assert_eq!(s["version"], 2);
-    let res = app
-        .post_json(
+    let s = app
+        .post(
             &format!("/sessions/{id}/messages"),
             &json!([{"type": "result", "num_turns": 1, "total_cost_usd": 0.5}]),
         )
-        .await;
-    let s: Value = res.json().await.unwrap();
+        .await
+        .json();
     assert_eq!(s["usage"]["message_count"], 5);
     assert_eq!(s["usage"]["total_cost_usd"], 0.5125);
 
@@ -59,10 +56,10 @@ async fn messages_are_stored_counted_readable_as_jsonl_and_replayed() {
         "NUL replaced"
     );
     let res = app
-        .get(&format!("/sessions/{id}/messages?after=2&format=jsonl"))
+        .fetch(&format!("/sessions/{id}/messages?after=2&format=jsonl"))
         .await;
-    assert_eq!(res.headers()["content-type"], "application/x-ndjson");
-    let text = res.text().await.unwrap();
+    assert_eq!(res.header("content-type"), "application/x-ndjson");
+    let text = res.text();
     let lines: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -73,29 +70,25 @@ async fn messages_are_stored_counted_readable_as_jsonl_and_replayed() {
     // The usage change is an event like any other: replay rebuilds it.
     let events = app.get_json(&format!("/sessions/{id}/events")).await;
     assert_eq!(events[1]["payload"]["updates"], json!(["usage"]));
-    let store = Store::from_connection(Database::connect(&app.db_url).await.unwrap());
+    let store = Store::from_connection(Database::connect(&app.db.url).await.unwrap());
     assert_eq!(store.replay_verify().await.unwrap().differences, vec![]);
 
     for bad in [json!([]), json!({"type": "x"}), json!([1, 2])] {
-        let res = app
-            .post_json(&format!("/sessions/{id}/messages"), &bad)
-            .await;
-        assert_eq!(res.status(), 422, "{bad}");
-        problem(res).await;
+        let res = app.post(&format!("/sessions/{id}/messages"), &bad).await;
+        assert_eq!(res.status, 422, "{bad}");
+        res.problem();
     }
     let res = app
-        .post_json(
+        .post(
             "/sessions/660e8400-e29b-41d4-a716-446655440001/messages",
             &json!([{}]),
         )
         .await;
-    assert_eq!(res.status(), 404);
+    assert_eq!(res.status, 404);
     assert_eq!(
-        app.get("/sessions/660e8400-e29b-41d4-a716-446655440001/messages")
-            .await
-            .status(),
-        404
+        app.messages("660e8400-e29b-41d4-a716-446655440001").await,
+        None
     );
     // Clients cannot write the derived totals.
-    assert_eq!(app.patch(&id, &json!({"usage": {}})).await.status(), 422);
+    assert_eq!(app.patch(&id, &json!({"usage": {}})).await.status, 422);
 }

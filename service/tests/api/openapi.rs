@@ -2,11 +2,12 @@
 
 use serde_json::Value;
 
-use crate::helpers::spawn_app;
+use crate::support::app::{TestApp, id_of};
+use crate::support::eventually;
 
 #[tokio::test]
 async fn committed_openapi_matches_the_served_document() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let served: Value = app.get_json("/openapi.json").await;
     let committed: Value = serde_json::from_str(include_str!("../../../openapi/openapi.json"))
         .expect("openapi/openapi.json is JSON");
@@ -27,17 +28,12 @@ async fn committed_openapi_matches_the_served_document() {
 
 #[tokio::test]
 async fn docs_page_renders_the_document() {
-    let app = spawn_app().await;
-    let res = app.get("/docs").await;
-    assert_eq!(res.status(), 200, "redirect followed to /docs/");
-    let html = res.text().await.unwrap();
+    let app = TestApp::spawn().await;
+    let res = app.fetch("/docs").await;
+    assert_eq!(res.status, 200, "redirect followed to /docs/");
+    let html = res.text();
     assert!(html.contains("swagger-ui"), "Swagger UI page");
-    let init = app
-        .get("/docs/swagger-initializer.js")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let init = app.fetch("/docs/swagger-initializer.js").await.text();
     assert!(
         init.contains("/openapi.json"),
         "points at the document: {init}"
@@ -46,15 +42,12 @@ async fn docs_page_renders_the_document() {
 
 #[tokio::test]
 async fn metrics_expose_requests_events_relay_and_pool() {
-    let app = spawn_app().await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let app = TestApp::spawn().await;
+    let id = id_of(&app.create_default().await);
     app.patch(&id, &serde_json::json!({"status": "paused"}))
         .await;
-    assert_eq!(app.get("/sessions/not-a-session").await.status(), 404);
-    let text = app.get("/metrics").await.text().await.unwrap();
+    assert_eq!(app.fetch("/sessions/not-a-session").await.status, 404);
+    let text = app.fetch("/metrics").await.text();
     for series in [
         "http_requests_total{method=\"POST\",route=\"/sessions\",status=\"201\"}",
         "http_requests_total{method=\"GET\",route=\"/sessions/{id}\",status=\"404\"}",
@@ -68,11 +61,16 @@ async fn metrics_expose_requests_events_relay_and_pool() {
         assert!(text.contains(series), "missing {series} in\n{text}");
     }
     // The relay reports its lag once it leads.
-    crate::procs::eventually(10, "relay lag gauges", || async {
-        let t = app.get("/metrics").await.text().await.unwrap();
-        t.contains("relay_lag_events")
-            && t.contains("relay_lag_seconds")
-            && t.contains("relay_published_total")
-    })
+    eventually(
+        "relay lag gauges",
+        std::time::Duration::from_secs(10),
+        || async {
+            let t = app.fetch("/metrics").await.text();
+            (t.contains("relay_lag_events")
+                && t.contains("relay_lag_seconds")
+                && t.contains("relay_published_total"))
+            .then_some(())
+        },
+    )
     .await;
 }

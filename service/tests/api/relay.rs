@@ -1,14 +1,18 @@
 //! Event delivery (issue 3): the relay to Redis and the SSE stream.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
-use crate::helpers::{AGENT, fresh_database, spawn_app, spawn_app_with};
-use crate::procs::{RedisServer, Serve, Subscriber, eventually};
+use crate::support::app::{TestApp, id_of};
+use crate::support::db::TestDatabase;
+use crate::support::redis_server::{RedisServer, Subscriber, delivery};
+use crate::support::serve::ServeProcess;
+use crate::support::{AGENT, SHARED_REDIS, channel_prefix, eventually};
+
+const SECS_10: Duration = Duration::from_secs(10);
 
 const FIELDS: [&str; 8] = [
     "event_id",
@@ -23,27 +27,23 @@ const FIELDS: [&str; 8] = [
 
 #[tokio::test]
 async fn subscribers_receive_created_updated_deleted_with_the_design_fields() {
-    let app = spawn_app().await;
-    let all = format!("{}events:session", app.channel_prefix);
-    let sub = Subscriber::start("redis://127.0.0.1:6379", std::slice::from_ref(&all)).await;
+    let app = TestApp::spawn().await;
+    let all = format!("{}events:session", app.settings.redis.channel_prefix);
+    let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&all)).await;
     let s = app
-        .create(
-            json!({"agent_id": AGENT, "session_type": "development", "runtime_backend": "local"}),
+        .create_session(
+            &json!({"agent_id": AGENT, "session_type": "development", "runtime_backend": "local"}),
         )
         .await;
-    let id = s["id"].as_str().unwrap().to_owned();
+    let id = id_of(&s);
     let one = format!("{all}:{id}");
-    let sub_one = Subscriber::start("redis://127.0.0.1:6379", std::slice::from_ref(&one)).await;
+    let sub_one = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&one)).await;
     app.patch(&id, &json!({"status": "paused", "checkpoint": {"step": 5}}))
         .await;
-    app.client
-        .delete(app.url(&format!("/sessions/{id}")))
-        .send()
-        .await
-        .unwrap();
+    app.delete(&id).await;
 
-    eventually(10, "three messages", || async {
-        sub.on(&all).await.len() >= 3
+    eventually("three messages", SECS_10, || async {
+        (sub.on(&all).await.len() >= 3).then_some(())
     })
     .await;
     let msgs = sub.on(&all).await;
@@ -54,7 +54,7 @@ async fn subscribers_receive_created_updated_deleted_with_the_design_fields() {
         assert_eq!(
             keys,
             FIELDS.into_iter().collect(),
-            "exactly DESIGN §2's fields: {m}"
+            "exactly an event's published fields: {m}"
         );
         for f in FIELDS {
             assert_eq!(m[f], e[f], "{f} matches the log");
@@ -77,8 +77,8 @@ async fn subscribers_receive_created_updated_deleted_with_the_design_fields() {
     assert_eq!(msgs[2]["version"], 3);
     assert!(msgs[0]["position"].as_i64() < msgs[1]["position"].as_i64());
     // The per-session channel carries the same messages for that session.
-    eventually(10, "per-session messages", || async {
-        sub_one.on(&one).await.len() >= 2
+    eventually("per-session messages", SECS_10, || async {
+        (sub_one.on(&one).await.len() >= 2).then_some(())
     })
     .await;
     // (It may also carry the created event, if it was published after subscribing.)
@@ -87,155 +87,101 @@ async fn subscribers_receive_created_updated_deleted_with_the_design_fields() {
 
 /// Dedupe by event_id, then check per-session version order and completeness.
 fn check_delivery(received: &[Value], committed: &[Value]) {
-    let mut seen = HashSet::new();
-    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
-    for m in received {
-        if seen.insert(m["event_id"].as_str().unwrap().to_owned()) {
-            versions
-                .entry(m["aggregate_id"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(m["version"].as_i64().unwrap());
-        }
-    }
-    for (id, v) in &versions {
-        assert!(
-            v.windows(2).all(|w| w[0] < w[1]),
-            "session {id} out of order: {v:?}"
-        );
-    }
-    let missing: Vec<&Value> = committed
+    let rows: Vec<(String, String, i64)> = committed
         .iter()
-        .filter(|e| !seen.contains(e["event_id"].as_str().unwrap()))
+        .map(|e| {
+            (
+                e["event_id"].as_str().unwrap().to_owned(),
+                e["aggregate_id"].as_str().unwrap().to_owned(),
+                e["version"].as_i64().unwrap(),
+            )
+        })
         .collect();
-    assert!(
-        missing.is_empty(),
-        "{} committed events never published, e.g. {}",
-        missing.len(),
-        missing[0]
-    );
+    delivery(received, &rows).assert_complete();
 }
 
 #[tokio::test]
 async fn events_committed_while_redis_is_down_are_published_when_it_returns() {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
-    let app = spawn_app_with(|s| s.redis.url = url.clone()).await;
-    let channel = format!("{}events:session", app.channel_prefix);
+    let app = TestApp::spawn_with(|s| s.redis.url = url.clone()).await;
+    let channel = format!("{}events:session", app.settings.redis.channel_prefix);
     let sub = Subscriber::start(&url, std::slice::from_ref(&channel)).await;
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(
-            app.create_default().await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(id_of(&app.create_default().await));
     }
-    eventually(10, "the first four events", || async {
-        sub.on(&channel).await.len() >= 4
+    eventually("the first four events", SECS_10, || async {
+        (sub.on(&channel).await.len() >= 4).then_some(())
     })
     .await;
     let before = sub.on(&channel).await;
 
     redis.kill();
-    eventually(10, "readyz to report redis down", || async {
-        let r = app.get("/readyz").await;
-        r.status() == 503 && r.json::<Value>().await.unwrap()["checks"]["database"] == "ok"
+    eventually("readyz to report redis down", SECS_10, || async {
+        let r = app.fetch("/readyz").await;
+        (r.status == 503 && r.json()["checks"]["database"] == "ok").then_some(())
     })
     .await;
     for step in 0..5 {
         for id in &ids {
             let res = app.patch(id, &json!({"context": {"step": step}})).await;
-            assert_eq!(res.status(), 200, "writes succeed while Redis is down");
+            assert_eq!(res.status, 200, "writes succeed while Redis is down");
         }
     }
-    ids.push(
-        app.create_default().await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned(),
-    );
+    ids.push(id_of(&app.create_default().await));
 
     redis.restart(false).await;
     let sub2 = Subscriber::start(&url, std::slice::from_ref(&channel)).await;
     redis.allow_publish().await;
-    eventually(30, "the backlog after Redis returns", || async {
-        sub2.on(&channel).await.len() >= 21
-    })
+    eventually(
+        "the backlog after Redis returns",
+        Duration::from_secs(30),
+        || async { (sub2.on(&channel).await.len() >= 21).then_some(()) },
+    )
     .await;
     let mut received = before;
     received.extend(sub2.on(&channel).await);
     let committed = app.feed_with(4 + 20 + 1).await;
     assert_eq!(committed.len(), 4 + 20 + 1);
     check_delivery(&received, &committed);
-    eventually(10, "readyz to recover", || async {
-        app.get("/readyz").await.status() == 200
+    eventually("readyz to recover", SECS_10, || async {
+        (app.fetch("/readyz").await.status == 200).then_some(())
     })
     .await;
 }
 
-async fn all_events(client: &reqwest::Client, serve: &Serve) -> Vec<Value> {
-    let mut after = 0;
-    let mut all = Vec::new();
-    loop {
-        let page: Vec<Value> = client
-            .get(serve.url(&format!("/events?after={after}&limit=500")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let Some(last) = page.last() else { return all };
-        after = last["position"].as_i64().unwrap();
-        all.extend(page);
-    }
-}
-
 #[tokio::test]
 async fn two_replicas_publish_once_and_the_standby_takes_over() {
-    let (db_name, db_url) = fresh_database().await;
-    let _cleanup = crate::helpers::DropDatabase(db_name);
-    let prefix = format!("test:{}:", Uuid::new_v4().simple());
+    let db = TestDatabase::migrated().await;
+    let prefix = channel_prefix();
     let channel = format!("{prefix}events:session");
-    let sub = Subscriber::start("redis://127.0.0.1:6379", std::slice::from_ref(&channel)).await;
-    let mut a = Serve::start(&db_url, "redis://127.0.0.1:6379", &prefix).await;
-    let mut b = Serve::start(&db_url, "redis://127.0.0.1:6379", &prefix).await;
-    let client = reqwest::Client::new();
-    eventually(10, "one leader", || async {
-        a.is_relay_leader(&client).await ^ b.is_relay_leader(&client).await
+    let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&channel)).await;
+    let mut a = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;
+    let mut b = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;
+    eventually("one leader", SECS_10, || async {
+        (a.is_relay_leader().await ^ b.is_relay_leader().await).then_some(())
     })
     .await;
     // Writes through both replicas.
     for i in 0..20 {
         let s = if i % 2 == 0 { &a } else { &b };
-        let res = client
-            .post(s.url("/sessions/"))
-            .json(&json!({"agent_id": AGENT, "session_type": "t"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
+        s.api
+            .create_session(&json!({"agent_id": AGENT, "session_type": "t"}))
+            .await;
     }
-    eventually(10, "20 messages", || async {
-        sub.on(&channel).await.len() >= 20
+    eventually("20 messages", SECS_10, || async {
+        (sub.on(&channel).await.len() >= 20).then_some(())
     })
     .await;
     // Let any duplicate arrive before counting: both replicas have read past the head.
-    let feed = all_events(&client, &a).await;
+    let feed = a.api.whole_feed().await;
     let last = feed.last().unwrap()["position"].as_i64().unwrap();
-    eventually(10, "cursor at the head", || async {
-        use sea_orm::ConnectionTrait;
-        let db = sea_orm::Database::connect(&db_url).await.unwrap();
-        let r = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Postgres,
-                "SELECT position FROM relay_cursors WHERE name = 'redis'",
-            ))
+    eventually("cursor at the head", SECS_10, || async {
+        db.sql_opt_i64("SELECT position FROM relay_cursors WHERE name = 'redis'")
             .await
-            .unwrap();
-        db.close().await.ok();
-        r.is_some_and(|r| r.try_get_by_index::<i64>(0).unwrap() >= last)
+            .is_some_and(|p| p >= last)
+            .then_some(())
     })
     .await;
     let msgs = sub.on(&channel).await;
@@ -245,7 +191,7 @@ async fn two_replicas_publish_once_and_the_standby_takes_over() {
         "no event published twice in normal operation"
     );
 
-    let (leader, standby) = if a.is_relay_leader(&client).await {
+    let (leader, standby) = if a.is_relay_leader().await {
         (&mut a, &b)
     } else {
         (&mut b, &a)
@@ -253,20 +199,19 @@ async fn two_replicas_publish_once_and_the_standby_takes_over() {
     leader.sigkill();
     let started = std::time::Instant::now();
     for _ in 0..5 {
-        let res = client
-            .post(standby.url("/sessions/"))
-            .json(&json!({"agent_id": AGENT, "session_type": "t"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
+        standby
+            .api
+            .create_session(&json!({"agent_id": AGENT, "session_type": "t"}))
+            .await;
     }
-    eventually(15, "the standby to publish", || async {
-        sub.on(&channel).await.len() >= 25
-    })
+    eventually(
+        "the standby to publish",
+        Duration::from_secs(15),
+        || async { (sub.on(&channel).await.len() >= 25).then_some(()) },
+    )
     .await;
     eprintln!("standby took over and published in {:?}", started.elapsed());
-    let feed = all_events(&client, standby).await;
+    let feed = standby.api.whole_feed().await;
     check_delivery(&sub.on(&channel).await, &feed);
 }
 
@@ -304,30 +249,14 @@ async fn read_sse(res: reqwest::Response, n: usize) -> Vec<(i64, Value)> {
 
 #[tokio::test]
 async fn sse_resumes_with_last_event_id_without_loss_or_repeat() {
-    let app = spawn_app_with(|s| s.relay.sse_heartbeat_secs = 1).await;
-    let id = app.create_default().await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let res = app
-        .client
-        .get(app.url("/events/stream"))
-        .send()
-        .await
-        .unwrap();
+    let app = TestApp::spawn_with(|s| s.relay.sse_heartbeat_secs = 1).await;
+    let id = id_of(&app.create_default().await);
+    let res = app.open(app.http.get(app.at("/events/stream"))).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
-    let writer = {
-        let (client, url) = (app.client.clone(), app.url(&format!("/sessions/{id}")));
-        async move {
-            for i in 1..=4 {
-                client
-                    .patch(&url)
-                    .json(&json!({"context": {"n": i}}))
-                    .send()
-                    .await
-                    .unwrap();
-            }
+    let writer = async {
+        for i in 1..=4 {
+            app.patch(&id, &json!({"context": {"n": i}})).await;
         }
     };
     let (first, ()) = tokio::join!(read_sse(res, 5), writer);
@@ -340,12 +269,12 @@ async fn sse_resumes_with_last_event_id_without_loss_or_repeat() {
     }
     app.create_default().await;
     let res = app
-        .client
-        .get(app.url("/events/stream"))
-        .header("last-event-id", last_id.to_string())
-        .send()
-        .await
-        .unwrap();
+        .open(
+            app.http
+                .get(app.at("/events/stream"))
+                .header("last-event-id", last_id.to_string()),
+        )
+        .await;
     let second = read_sse(res, 4).await;
     let feed = app.feed_with(9).await;
     let expected: Vec<i64> = feed
@@ -362,24 +291,21 @@ async fn sse_resumes_with_last_event_id_without_loss_or_repeat() {
 
     // Filtered by session and type; keep-alives flow while idle.
     let res = app
-        .client
-        .get(app.url(&format!(
+        .open(app.http.get(app.at(&format!(
             "/events/stream?session_id={id}&event_type=session.updated"
-        )))
-        .send()
-        .await
-        .unwrap();
+        ))))
+        .await;
     let only = read_sse(res, 7).await;
     assert!(
         only.iter()
             .all(|(_, d)| d["aggregate_id"] == id.as_str() && d["event_type"] == "session.updated")
     );
     let res = app
-        .client
-        .get(app.url(&format!("/events/stream?after={}", i64::MAX - 1)))
-        .send()
-        .await
-        .unwrap();
+        .open(
+            app.http
+                .get(app.at(&format!("/events/stream?after={}", i64::MAX - 1))),
+        )
+        .await;
     let mut s = res.bytes_stream();
     let mut text = String::new();
     while !text.contains(": keep-alive") {
@@ -391,11 +317,11 @@ async fn sse_resumes_with_last_event_id_without_loss_or_repeat() {
         text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
     let bad = app
-        .client
-        .get(app.url("/events/stream"))
-        .header("last-event-id", "abc")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status(), 400);
+        .send(
+            app.http
+                .get(app.at("/events/stream"))
+                .header("last-event-id", "abc"),
+        )
+        .await;
+    assert_eq!(bad.status, 400);
 }

@@ -2,28 +2,31 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{AGENT, problem, spawn_app};
+use crate::support::AGENT;
+use crate::support::app::{TestApp, id_of};
 
 /// The seed's curl examples send `-d` bodies, which curl labels
 /// `application/x-www-form-urlencoded`; some send no `-H` at all.
 #[tokio::test]
 async fn seed_examples_work_with_the_content_types_curl_sends() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let res = app
-        .client
-        .post(app.url("/sessions/"))
-        .header("content-type", "application/json")
-        .body(r#"{"agent_id": "550e8400-e29b-41d4-a716-446655440000", "session_type": "development",
+        .send(
+            app.http
+                .post(app.at("/sessions/"))
+                .header("content-type", "application/json")
+                .body(r#"{"agent_id": "550e8400-e29b-41d4-a716-446655440000", "session_type": "development",
                  "context": {"working_directory": "/project", "files_open": ["SteamModal.tsx"]},
-                 "runtime_backend": "local", "runtime_metadata": {"terminal_id": "term-123", "pid": 12345}}"#)
-        .send()
+                 "runtime_backend": "local", "runtime_metadata": {"terminal_id": "term-123", "pid": 12345}}"#),
+        )
         .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let location = res.headers()["location"].to_str().unwrap().to_owned();
-    assert_eq!(res.headers()["etag"], "\"1\"");
-    let s: Value = res.json().await.unwrap();
-    assert_eq!(location, format!("/sessions/{}", s["id"].as_str().unwrap()));
+        .expect(201);
+    assert_eq!(res.header("etag"), "\"1\"");
+    let s = res.json();
+    assert_eq!(
+        res.header("location"),
+        format!("/sessions/{}", s["id"].as_str().unwrap())
+    );
     assert_eq!(s["status"], "active");
     assert_eq!(s["runtime_backend"], "local");
     assert_eq!(s["checkpoint"], Value::Null);
@@ -43,31 +46,30 @@ async fn seed_examples_work_with_the_content_types_curl_sends() {
         (r#"{"status": "completed"}"#, ("status", json!("completed"))),
     ] {
         let res = app
-            .client
-            .patch(app.url(&format!("/sessions/{id}")))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200, "{body}");
-        let s: Value = res.json().await.unwrap();
-        assert_eq!(s[check.0], check.1);
+            .send(
+                app.http
+                    .patch(app.at(&format!("/sessions/{id}")))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body),
+            )
+            .await;
+        assert_eq!(res.status, 200, "{body}");
+        assert_eq!(res.json()[check.0], check.1);
     }
     // And with no Content-Type header at all.
     let other = app.create_default().await;
     let res = app
-        .client
-        .patch(app.url(&format!("/sessions/{}", other["id"].as_str().unwrap())))
-        .body(r#"{"status": "crashed"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+        .send(
+            app.http
+                .patch(app.at(&format!("/sessions/{}", other["id"].as_str().unwrap())))
+                .body(r#"{"status": "crashed"}"#),
+        )
+        .await;
+    assert_eq!(res.status, 200);
 
     // Conversation example: no runtime_backend → unknown.
     let conv = app
-        .create(json!({"agent_id": AGENT, "session_type": "conversation",
+        .create_session(&json!({"agent_id": AGENT, "session_type": "conversation",
                        "context": {"user_id": "user-456", "topic": "code review", "message_count": 0}}))
         .await;
     assert_eq!(conv["runtime_backend"], "unknown");
@@ -78,113 +80,102 @@ async fn seed_examples_work_with_the_content_types_curl_sends() {
         .await;
     assert_eq!(list.as_array().unwrap().len(), 3);
     assert_eq!(list[0]["id"], conv["id"], "newest first");
-    let got = app.get_json(&format!("/sessions/{id}")).await;
+    let got = app.get(id).await;
     assert_eq!(got["status"], "completed");
     assert_eq!(got["version"], 5);
 }
 
 #[tokio::test]
 async fn plain_patch_replaces_and_merge_patch_merges() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let s = app
-        .create(
-            json!({"agent_id": AGENT, "session_type": "task", "context": {"a": 1, "b": {"c": 2}}}),
+        .create_session(
+            &json!({"agent_id": AGENT, "session_type": "task", "context": {"a": 1, "b": {"c": 2}}}),
         )
         .await;
     let id = s["id"].as_str().unwrap();
-    let merged: Value = app
-        .client
-        .patch(app.url(&format!("/sessions/{id}")))
-        .header("content-type", "application/merge-patch+json")
-        .body(r#"{"context": {"a": null, "b": {"d": 3}}, "checkpoint": {"step": 1}}"#)
-        .send()
+    let merged = app
+        .merge_patch(
+            id,
+            &json!({"context": {"a": null, "b": {"d": 3}}, "checkpoint": {"step": 1}}),
+        )
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .expect(200)
+        .json();
     assert_eq!(merged["context"], json!({"b": {"c": 2, "d": 3}}));
     assert_eq!(merged["checkpoint"], json!({"step": 1}));
-    let replaced: Value = app
+    let replaced = app
         .patch(id, &json!({"context": {"z": true}}))
         .await
-        .json()
-        .await
-        .unwrap();
+        .expect(200)
+        .json();
     assert_eq!(replaced["context"], json!({"z": true}));
     assert_eq!(
         replaced["checkpoint"],
         json!({"step": 1}),
         "unnamed fields stay"
     );
-    let cleared: Value = app
+    let cleared = app
         .patch(id, &json!({"checkpoint": null}))
         .await
-        .json()
-        .await
-        .unwrap();
+        .expect(200)
+        .json();
     assert_eq!(cleared["checkpoint"], Value::Null);
 }
 
 #[tokio::test]
 async fn a_patch_that_changes_nothing_appends_no_event() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let s = app.create_default().await;
     let id = s["id"].as_str().unwrap();
     let res = app
         .patch(id, &json!({"status": "active", "context": {"n": 0}}))
         .await;
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.headers()["etag"], "\"1\"");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("etag"), "\"1\"");
     let events = app.get_json(&format!("/sessions/{id}/events")).await;
     assert_eq!(events.as_array().unwrap().len(), 1);
 }
 
 #[tokio::test]
 async fn illegal_transitions_are_409_naming_from_and_to() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let s = app.create_default().await;
     let id = s["id"].as_str().unwrap();
-    assert_eq!(
-        app.patch(id, &json!({"status": "completed"}))
-            .await
-            .status(),
-        200
-    );
-    let res = app.patch(id, &json!({"status": "active"})).await;
-    assert_eq!(res.status(), 409);
-    let p = problem(res).await;
-    assert_eq!(p["type"], "urn:agent-sessions:problem:illegal-transition");
-    assert_eq!(p["field"], "status", "{p}");
-    assert_eq!(p["errors"][0]["field"], "status", "{p}");
-    let detail = p["detail"].as_str().unwrap();
+    app.patch(id, &json!({"status": "completed"}))
+        .await
+        .expect(200);
+    let p = app
+        .patch(id, &json!({"status": "active"}))
+        .await
+        .expect(409)
+        .problem();
+    assert_eq!(p.kind, "urn:agent-sessions:problem:illegal-transition");
+    assert_eq!(p.field.as_deref(), Some("status"), "{p:?}");
+    assert_eq!(p.errors[0].field, "status", "{p:?}");
     assert!(
-        detail.contains("completed") && detail.contains("active"),
-        "{detail}"
+        p.detail.contains("completed") && p.detail.contains("active"),
+        "{}",
+        p.detail
     );
 }
 
 #[tokio::test]
 async fn delete_appends_an_event_and_the_stream_stays_readable() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let s = app.create_default().await;
     let id = s["id"].as_str().unwrap();
     let res = app
-        .client
-        .delete(app.url(&format!("/sessions/{id}")))
-        .header("if-match", "\"7\"")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 412);
-    let res = app
-        .client
-        .delete(app.url(&format!("/sessions/{id}/")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 204);
-    assert_eq!(app.get(&format!("/sessions/{id}")).await.status(), 404);
+        .send(
+            app.http
+                .delete(app.at(&format!("/sessions/{id}")))
+                .header("if-match", "\"7\""),
+        )
+        .await;
+    assert_eq!(res.status, 412);
+    let res = app.delete(&format!("{id}/")).await;
+    assert_eq!(res.status, 204);
+    assert_eq!(app.fetch(&format!("/sessions/{id}")).await.status, 404);
     let events = app.get_json(&format!("/sessions/{id}/events")).await;
     let kinds: Vec<&str> = events
         .as_array()
@@ -195,29 +186,23 @@ async fn delete_appends_an_event_and_the_stream_stays_readable() {
     assert_eq!(kinds, ["session.created", "session.deleted"]);
     assert_eq!(events[1]["version"], 2);
     assert_eq!(events[1]["payload"]["agent_id"], AGENT);
-    let res = app
-        .client
-        .delete(app.url(&format!("/sessions/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 404);
+    assert_eq!(app.delete(id).await.status, 404);
 }
 
 #[tokio::test]
 async fn list_filters_and_paginates_with_a_keyset_cursor() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let other_agent = "11111111-2222-3333-4444-555555555555";
     let mut ids = Vec::new();
     for i in 0..7 {
         let s = app
-            .create(
-                json!({"agent_id": if i % 2 == 0 { AGENT } else { other_agent },
+            .create_session(
+                &json!({"agent_id": if i % 2 == 0 { AGENT } else { other_agent },
                            "session_type": if i < 4 { "task" } else { "batch" },
                            "runtime_backend": if i == 6 { "kubernetes" } else { "local" }}),
             )
             .await;
-        ids.push(s["id"].as_str().unwrap().to_owned());
+        ids.push(id_of(&s));
     }
     app.patch(&ids[1], &json!({"status": "paused"})).await;
     app.patch(&ids[2], &json!({"status": "crashed"})).await;
@@ -226,18 +211,14 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
     let mut seen = Vec::new();
     let mut next = Some("/sessions/?limit=2".to_owned());
     while let Some(path) = next {
-        let res = app.get(&path).await;
-        assert_eq!(res.status(), 200);
-        next = res.headers().get("link").map(|l| {
+        let res = app.fetch(&path).await.expect(200);
+        next = res.headers.get("link").map(|l| {
             let l = l.to_str().unwrap();
             assert!(l.ends_with("; rel=\"next\""));
             l[1..l.find('>').unwrap()].to_owned()
         });
-        let page: Vec<Value> = res.json().await.unwrap();
-        seen.extend(
-            page.into_iter()
-                .map(|s| s["id"].as_str().unwrap().to_owned()),
-        );
+        let page: Vec<Value> = res.parse();
+        seen.extend(page.into_iter().map(|s| id_of(&s)));
     }
     let mut expected = ids.clone();
     expected.reverse();
@@ -252,7 +233,7 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|s| s["id"].as_str().unwrap().to_owned())
+                .map(id_of)
                 .collect::<Vec<String>>()
         }
     };
@@ -272,7 +253,7 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
         q("/sessions/?runtime_backend=kubernetes").await,
         [ids[6].as_str()]
     );
-    let mid = app.get_json(&format!("/sessions/{}", ids[3])).await;
+    let mid = app.get(&ids[3]).await;
     let t = mid["created_at"].as_str().unwrap().replace('+', "%2B");
     assert_eq!(
         q(&format!("/sessions/?created_before={t}")).await,
@@ -282,7 +263,7 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
         q(&format!("/sessions/?created_after={t}&limit=2")).await,
         [ids[6].as_str(), ids[5].as_str()]
     );
-    let updated = app.get_json(&format!("/sessions/{}", ids[2])).await["updated_at"]
+    let updated = app.get(&ids[2]).await["updated_at"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -302,57 +283,60 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
         "created_after=yesterday",
         "has_worker=maybe",
     ] {
-        let res = app.get(&format!("/sessions/?{bad}")).await;
-        assert_eq!(res.status(), 400, "{bad}");
-        let p = problem(res).await;
-        assert!(p["field"].is_string(), "{bad}: {p}");
+        let p = app
+            .fetch(&format!("/sessions/?{bad}"))
+            .await
+            .expect(400)
+            .problem();
+        assert!(p.field.is_some(), "{bad}: {p:?}");
     }
 }
 
 #[tokio::test]
 async fn get_supports_etags_and_unknown_ids_are_404_problems() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let s = app.create_default().await;
     let id = s["id"].as_str().unwrap();
     let res = app
-        .client
-        .get(app.url(&format!("/sessions/{id}")))
-        .header("if-none-match", "\"1\"")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 304);
+        .send(
+            app.http
+                .get(app.at(&format!("/sessions/{id}")))
+                .header("if-none-match", "\"1\""),
+        )
+        .await;
+    assert_eq!(res.status, 304);
     for path in [
         "/sessions/660e8400-e29b-41d4-a716-446655440001",
         "/sessions/not-a-uuid",
         "/nowhere",
         "/sessions/660e8400-e29b-41d4-a716-446655440001/events",
     ] {
-        let res = app.get(path).await;
-        assert_eq!(res.status(), 404, "{path}");
-        problem(res).await;
+        let res = app.fetch(path).await;
+        assert_eq!(res.status, 404, "{path}");
+        res.problem();
     }
-    let res = app.client.put(app.url("/sessions/")).send().await.unwrap();
-    assert_eq!(res.status(), 405);
-    problem(res).await;
+    let res = app.send(app.http.put(app.at("/sessions/"))).await;
+    assert_eq!(res.status, 405);
+    res.problem();
 }
 
 #[tokio::test]
 async fn events_carry_the_seed_shape_plus_changes_and_metadata() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let s = app
-        .create(
-            json!({"agent_id": AGENT, "session_type": "development", "runtime_backend": "local"}),
+        .create_session(
+            &json!({"agent_id": AGENT, "session_type": "development", "runtime_backend": "local"}),
         )
         .await;
     let id = s["id"].as_str().unwrap();
-    app.client
-        .patch(app.url(&format!("/sessions/{id}")))
-        .header("x-request-id", "req-abc-123")
-        .json(&json!({"status": "paused", "checkpoint": {"step": 5}}))
-        .send()
-        .await
-        .unwrap();
+    app.send(
+        app.http
+            .patch(app.at(&format!("/sessions/{id}")))
+            .header("x-request-id", "req-abc-123")
+            .json(&json!({"status": "paused", "checkpoint": {"step": 5}})),
+    )
+    .await
+    .expect(200);
     let events = app.get_json(&format!("/sessions/{id}/events")).await;
     let created = &events[0];
     assert_eq!(created["event_type"], "session.created");
@@ -396,15 +380,15 @@ async fn events_carry_the_seed_shape_plus_changes_and_metadata() {
         "/events?event_type=x",
         "/events?session_id=1",
     ] {
-        assert_eq!(app.get(bad).await.status(), 400, "{bad}");
+        assert_eq!(app.fetch(bad).await.status, 400, "{bad}");
     }
 }
 
 #[tokio::test]
 async fn worker_spec_is_validated_stored_and_returned() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let s = app
-        .create(json!({"agent_id": AGENT, "session_type": "task", "runtime_backend": "local",
+        .create_session(&json!({"agent_id": AGENT, "session_type": "task", "runtime_backend": "local",
                        "worker": {"prompt": "fix it", "max_turns": 3, "restart_policy": {"max_restarts": 1}}}))
         .await;
     assert_eq!(s["worker"]["prompt"], "fix it");
@@ -433,41 +417,39 @@ async fn worker_spec_is_validated_stored_and_returned() {
             "worker.restart_policy.on[1]",
         ),
     ] {
-        let res = app
-            .post_json(
+        let p = app
+            .post(
                 "/sessions/",
                 &json!({"agent_id": AGENT, "session_type": "task", "worker": worker}),
             )
-            .await;
-        assert_eq!(res.status(), 422, "{worker}");
-        assert_eq!(problem(res).await["field"], field);
+            .await
+            .expect(422)
+            .problem();
+        assert_eq!(p.field.as_deref(), Some(field), "{worker}");
     }
-    let res = app
-        .client
-        .patch(app.url(&format!("/sessions/{}", s["id"].as_str().unwrap())))
-        .header("content-type", "application/merge-patch+json")
-        .body(r#"{"worker": {"max_turns": 9}}"#)
-        .send()
+    let s = app
+        .merge_patch(
+            s["id"].as_str().unwrap(),
+            &json!({"worker": {"max_turns": 9}}),
+        )
         .await
-        .unwrap();
-    let s: Value = res.json().await.unwrap();
+        .expect(200)
+        .json();
     assert_eq!(s["worker"]["max_turns"], 9);
     assert_eq!(s["worker"]["prompt"], "fix it");
 }
 
 #[tokio::test]
 async fn a_missing_required_field_is_named() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     for (body, field) in [
         (json!({"session_type": "task"}), "agent_id"),
         (json!({"agent_id": AGENT}), "session_type"),
     ] {
-        let res = app.post_json("/sessions/", &body).await;
-        assert_eq!(res.status(), 422, "{body}");
-        let p = problem(res).await;
-        assert_eq!(p["type"], "urn:agent-sessions:problem:validation");
-        assert_eq!(p["field"], field, "{p}");
-        assert_eq!(p["errors"][0]["field"], field, "{p}");
+        let p = app.post("/sessions/", &body).await.expect(422).problem();
+        assert_eq!(p.kind, "urn:agent-sessions:problem:validation");
+        assert_eq!(p.field.as_deref(), Some(field), "{p:?}");
+        assert_eq!(p.errors[0].field, field, "{p:?}");
     }
     assert_eq!(app.counts().await, (0, 0), "nothing was written");
 }
@@ -476,26 +458,24 @@ async fn a_missing_required_field_is_named() {
 /// matches, not even the session's own version.
 #[tokio::test]
 async fn a_weak_if_match_is_a_412_and_changes_nothing() {
-    let app = spawn_app().await;
-    let s = app.create_default().await;
-    let id = s["id"].as_str().unwrap();
+    let app = TestApp::spawn().await;
+    let id = id_of(&app.create_default().await);
     let send = |method: reqwest::Method, tag: &'static str, target: String| {
-        app.client
-            .request(method, app.url(&format!("/sessions/{target}")))
-            .header("if-match", tag)
-            .json(&json!({"status": "paused"}))
-            .send()
+        app.send(
+            app.http
+                .request(method, app.at(&format!("/sessions/{target}")))
+                .header("if-match", tag)
+                .json(&json!({"status": "paused"})),
+        )
     };
     for method in [reqwest::Method::PATCH, reqwest::Method::DELETE] {
-        let res = send(method.clone(), "W/\"1\"", id.to_owned())
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 412, "{method}");
-        let p = problem(res).await;
-        assert_eq!(p["type"], "urn:agent-sessions:problem:version-mismatch");
-        assert_eq!(p["field"], "If-Match", "{p}");
+        let res = send(method.clone(), "W/\"1\"", id.clone()).await;
+        assert_eq!(res.status, 412, "{method}");
+        let p = res.problem();
+        assert_eq!(p.kind, "urn:agent-sessions:problem:version-mismatch");
+        assert_eq!(p.field.as_deref(), Some("If-Match"), "{p:?}");
     }
-    let after = app.get_json(&format!("/sessions/{id}")).await;
+    let after = app.get(&id).await;
     assert_eq!(
         (after["version"].as_i64(), after["status"].as_str()),
         (Some(1), Some("active"))
@@ -504,26 +484,23 @@ async fn a_weak_if_match_is_a_412_and_changes_nothing() {
 
     // A session that does not exist stays a 404 whatever the tag.
     let missing = "660e8400-e29b-41d4-a716-446655440001".to_owned();
-    let res = send(reqwest::Method::PATCH, "W/\"1\"", missing)
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 404);
+    let res = send(reqwest::Method::PATCH, "W/\"1\"", missing).await;
+    assert_eq!(res.status, 404);
     // The strong tag of the same version applies.
-    let res = send(reqwest::Method::PATCH, "\"1\"", id.to_owned())
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.headers()["etag"], "\"2\"");
+    let res = send(reqwest::Method::PATCH, "\"1\"", id.clone()).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("etag"), "\"2\"");
 }
 
 /// `If-None-Match` uses the weak comparison: `*`, the tag, or its weak form
 /// answer 304; another version answers the session.
 #[tokio::test]
 async fn if_none_match_answers_304_only_for_the_current_version() {
-    let app = spawn_app().await;
-    let s = app.create_default().await;
-    let id = s["id"].as_str().unwrap();
-    app.patch(id, &json!({"status": "paused"})).await;
+    let app = TestApp::spawn().await;
+    let id = id_of(&app.create_default().await);
+    app.patch(&id, &json!({"status": "paused"}))
+        .await
+        .expect(200);
     for (tag, status) in [
         ("\"2\"", 304),
         ("W/\"2\"", 304),
@@ -533,67 +510,59 @@ async fn if_none_match_answers_304_only_for_the_current_version() {
         ("W/\"3\"", 200),
     ] {
         let res = app
-            .client
-            .get(app.url(&format!("/sessions/{id}")))
-            .header("if-none-match", tag)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), status, "{tag}");
-        assert_eq!(res.headers()["etag"], "\"2\"", "{tag}");
-        let body = res.bytes().await.unwrap();
+            .send(
+                app.http
+                    .get(app.at(&format!("/sessions/{id}")))
+                    .header("if-none-match", tag),
+            )
+            .await;
+        assert_eq!(res.status, status, "{tag}");
+        assert_eq!(res.header("etag"), "\"2\"", "{tag}");
         if status == 304 {
-            assert!(body.is_empty(), "{tag}");
+            assert!(res.body.is_empty(), "{tag}");
         } else {
-            let s: Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(s["version"], 2, "{tag}");
+            assert_eq!(res.json()["version"], 2, "{tag}");
         }
     }
 }
 
-/// A header at fault is named like a body field.
 #[tokio::test]
 async fn an_unsupported_content_type_names_the_header() {
-    let app = spawn_app().await;
-    let res = app
-        .client
-        .post(app.url("/sessions/"))
-        .header("content-type", "application/xml")
-        .body("<a/>")
-        .send()
+    let app = TestApp::spawn().await;
+    let p = app
+        .send(
+            app.http
+                .post(app.at("/sessions/"))
+                .header("content-type", "application/xml")
+                .body("<a/>"),
+        )
         .await
-        .unwrap();
-    assert_eq!(res.status(), 415);
-    let p = problem(res).await;
-    assert_eq!(p["field"], "Content-Type", "{p}");
+        .expect(415)
+        .problem();
+    assert_eq!(p.field.as_deref(), Some("Content-Type"), "{p:?}");
 }
 
 /// Retrying a create whose session was since deleted is a 409 that names
 /// the key, not a second session.
 #[tokio::test]
 async fn a_key_whose_session_was_deleted_is_a_409_naming_the_key() {
-    let app = spawn_app().await;
+    let app = TestApp::spawn().await;
     let body = json!({"agent_id": AGENT, "session_type": "task"});
     let create = || {
-        app.client
-            .post(app.url("/sessions/"))
-            .header("idempotency-key", "gone-1")
-            .json(&body)
-            .send()
+        app.send(
+            app.http
+                .post(app.at("/sessions/"))
+                .header("idempotency-key", "gone-1")
+                .json(&body),
+        )
     };
-    let first: Value = create().await.unwrap().json().await.unwrap();
-    let id = first["id"].as_str().unwrap();
-    let res = app
-        .client
-        .delete(app.url(&format!("/sessions/{id}")))
-        .send()
+    let first = create().await.expect(201).json();
+    let id = id_of(&first);
+    app.send(app.http.delete(app.at(&format!("/sessions/{id}"))))
         .await
-        .unwrap();
-    assert_eq!(res.status(), 204);
-    let res = create().await.unwrap();
-    assert_eq!(res.status(), 409);
-    let p = problem(res).await;
-    assert_eq!(p["field"], "Idempotency-Key", "{p}");
+        .expect(204);
+    let p = create().await.expect(409).problem();
+    assert_eq!(p.field.as_deref(), Some("Idempotency-Key"), "{p:?}");
     assert_eq!(
         app.counts().await,
         (0, 2),

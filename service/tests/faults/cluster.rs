@@ -1,5 +1,5 @@
 //! PostgreSQL for fault tests: a private cluster the test may stop and start
-//! (so the machine's own at 5432 is never touched), and throwaway databases.
+//! (so the machine's own at 5432 is never touched).
 //!
 //! The cluster lives in a temp directory named after the test process; a
 //! guard stops and deletes it on drop, panics included, and a later run
@@ -8,12 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
-
-use crate::procs::free_port;
-
-/// The machine's own cluster, for tests that do not restart PostgreSQL.
-pub const SHARED_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+use crate::support::{free_port, tail};
 
 const DIR_PREFIX: &str = "as-faults-pg-";
 
@@ -209,84 +204,4 @@ fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// A database of its own on some cluster, dropped with the guard.
-pub struct TestDatabase {
-    admin_url: String,
-    pub name: String,
-    pub url: String,
-}
-
-impl TestDatabase {
-    pub async fn create(admin_url: &str) -> Self {
-        let name = format!("faults_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(admin_url)
-            .await
-            .expect("admin connection");
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        admin.close().await.ok();
-        let base = admin_url.rsplit_once('/').expect("URL with a database").0;
-        Self {
-            admin_url: admin_url.to_owned(),
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-
-    /// Every committed event as (event_id, session id, version), in position
-    /// order, straight from the table: the ground truth a subscriber is
-    /// compared with.
-    pub async fn committed_events(&self) -> Vec<(String, String, i64)> {
-        let db = Database::connect(&self.url).await.expect("database");
-        let rows = db
-            .query_all_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT event_id::text AS e, aggregate_id::text AS a, version \
-                 FROM events ORDER BY position",
-            ))
-            .await
-            .expect("events");
-        db.close().await.ok();
-        rows.iter()
-            .map(|r| {
-                (
-                    r.try_get("", "e").unwrap(),
-                    r.try_get("", "a").unwrap(),
-                    r.try_get("", "version").unwrap(),
-                )
-            })
-            .collect()
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop runs inside the test's runtime: do the async work on a thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(admin) = Database::connect(&admin_url).await {
-                    let _ = admin
-                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                    admin.close().await.ok();
-                }
-            });
-        })
-        .join();
-    }
 }

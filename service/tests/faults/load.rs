@@ -11,7 +11,7 @@ use reqwest::header::RETRY_AFTER;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::AGENT;
+use crate::support::{AGENT, Explain, eventually};
 
 /// Updates per session before a writer creates the next one.
 const UPDATES_PER_SESSION: u32 = 5;
@@ -128,16 +128,17 @@ impl Writers {
 
     /// Wait until `n` more writes were acknowledged after `t`.
     pub async fn wait_for_acks_since(&self, t: Instant, n: usize, secs: u64, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while self.acked_since(t) < n {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: only {} of {n} writes acknowledged in {secs} s ({})",
+        let explain = Explain(|| {
+            format!(
+                "{what}: {n} writes acknowledged (got {}; {})",
                 self.acked_since(t),
                 self.tally.lock().unwrap().statuses_line()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            )
+        });
+        eventually(explain, Duration::from_secs(secs), || async {
+            (self.acked_since(t) >= n).then_some(())
+        })
+        .await;
     }
 
     pub async fn stop(self) -> Tally {
@@ -322,14 +323,12 @@ impl ReadyProbe {
     }
 
     pub async fn wait_ready_after(&self, t: Instant, secs: u64) -> Duration {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(d) = self.ready_after(t) {
-                return d;
-            }
-            assert!(Instant::now() < deadline, "/readyz not 200 within {secs} s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            "/readyz to answer 200",
+            Duration::from_secs(secs),
+            || async { self.ready_after(t) },
+        )
+        .await
     }
 
     /// Wait for an answer to a request sent after `t` that `unready` accepts.
@@ -339,17 +338,17 @@ impl ReadyProbe {
         secs: u64,
         unready: impl Fn(&Sample) -> bool,
     ) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if self.within(t, Instant::now()).iter().any(&unready) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz did not report the outage within {secs} s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            "/readyz to report the outage",
+            Duration::from_secs(secs),
+            || async {
+                self.within(t, Instant::now())
+                    .iter()
+                    .any(&unready)
+                    .then_some(())
+            },
+        )
+        .await;
     }
 }
 

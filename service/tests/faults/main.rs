@@ -1,39 +1,54 @@
-//! The fault suite (DESIGN §3: G4, G9): real `agent-sessions serve` processes
-//! under write load while PostgreSQL restarts, Redis restarts, or `serve`
-//! itself is SIGKILLed. Each test prints its figures (acknowledged writes
+//! The fault suite (guarantees G4 and G9, `docs/design.md`): real
+//! `agent-sessions serve` processes under write load while PostgreSQL
+//! restarts, Redis restarts, or `serve` itself is SIGKILLed. Each test prints its figures (acknowledged writes
 //! lost, events lost at a Redis subscriber, seconds to recover) and asserts
 //! none are lost and the service recovers without being restarted.
 //!
 //! `regressions` keeps the inputs the fuzzer (`scripts/fuzz.sh`) found
 //! breaking the service.
 
+// A test fails by panicking: unwrap and expect are how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cluster;
 mod load;
 mod postgres;
 mod redis_restart;
 mod regressions;
-mod service;
 mod sigkill;
 mod sigterm;
+#[path = "../support/mod.rs"]
+mod support;
 mod verify;
 
-// The api suite's private Redis server, subscriber and polling helpers.
-#[allow(dead_code)]
-#[path = "../api/procs.rs"]
-mod procs;
+use support::db::{SHARED_ADMIN_URL, TestDatabase};
+use support::redis_server::Subscriber;
+use support::serve::{ServeProcess, migrate};
+use support::{SHARED_REDIS, channel_prefix, init};
 
-pub const AGENT: &str = "550e8400-e29b-41d4-a716-446655440000";
-pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
-
-/// Once per test process: the TLS provider reqwest is built without.
-pub fn init() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
+/// A migrated database of its own on the shared cluster, `serve` on it, and
+/// a subscriber to its event channel on the shared Redis.
+pub struct Stage {
+    pub db: TestDatabase,
+    pub channel: String,
+    pub sub: Subscriber,
+    pub serve: ServeProcess,
 }
 
-/// A channel prefix of its own, so tests can share one Redis.
-pub fn channel_prefix() -> String {
-    format!("faults:{}:", uuid::Uuid::new_v4().simple())
+impl Stage {
+    pub async fn start() -> Self {
+        init();
+        let db = TestDatabase::create(SHARED_ADMIN_URL).await;
+        migrate(&db.url);
+        let prefix = channel_prefix();
+        let channel = format!("{prefix}events:session");
+        let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&channel)).await;
+        let serve = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;
+        Self {
+            db,
+            channel,
+            sub,
+            serve,
+        }
+    }
 }

@@ -4,12 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cluster::{SHARED_ADMIN_URL, TestDatabase};
 use crate::load::{ReadyProbe, Writers};
-use crate::procs::{RedisServer, Subscriber};
-use crate::service::{ServeProcess, migrate, replay_verify};
+use crate::support::channel_prefix;
+use crate::support::db::{SHARED_ADMIN_URL, TestDatabase};
+use crate::support::redis_server::{RedisServer, Subscriber};
+use crate::support::serve::{ServeProcess, migrate, replay_verify};
+use crate::support::{eventually, init};
 use crate::verify::{await_delivery, lost_acks, received, secs};
-use crate::{channel_prefix, init};
 
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
@@ -29,9 +30,11 @@ async fn redis_restart_under_load() {
     writers
         .wait_for_acks_since(Instant::now(), 100, 30, "load before the fault")
         .await;
-    crate::procs::eventually(10, "events to reach Redis before the fault", || async {
-        before.on(&channel).await.len() >= 50
-    })
+    eventually(
+        "events to reach Redis before the fault",
+        Duration::from_secs(10),
+        || async { (before.on(&channel).await.len() >= 50).then_some(()) },
+    )
     .await;
 
     redis.kill();
@@ -58,14 +61,12 @@ async fn redis_restart_under_load() {
     let during = probe.within(down_at, up_at);
     let ready_again = probe.wait_ready_after(publish_at, 30).await;
     let first_published = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while after.on(&channel).await.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "nothing published after Redis returned"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(
+            "a publication after Redis returned",
+            Duration::from_secs(30),
+            || async { (!after.on(&channel).await.is_empty()).then_some(()) },
+        )
+        .await;
         publish_at.elapsed()
     };
     writers
@@ -75,8 +76,7 @@ async fn redis_restart_under_load() {
     drop(probe);
     let still_running = serve.is_running() && serve.pid() == pid;
 
-    let client = reqwest::Client::new();
-    let lost = lost_acks(&client, &serve.base(), &tally.acks).await;
+    let lost = lost_acks(&serve.api, &tally.acks).await;
     let committed = db.committed_events().await;
     let (delivery, waited) = await_delivery(&[&before, &after], &channel, &committed, 30).await;
     let (replay_ok, replay) = replay_verify(&db.url);
@@ -119,12 +119,7 @@ async fn redis_restart_under_load() {
         during.iter().all(|s| s.status == Some(503)),
         "/readyz not 503 while Redis was down"
     );
-    assert_eq!(delivery.lost, 0, "events never published");
-    assert!(
-        delivery.out_of_order.is_empty(),
-        "{:?}",
-        delivery.out_of_order
-    );
+    delivery.assert_complete();
     assert!(replay_ok, "replay --verify: {replay}");
     assert!(still_running, "serve must recover without a restart");
     drop(serve);

@@ -3,22 +3,19 @@
 
 use std::time::Instant;
 
-use crate::cluster::{SHARED_ADMIN_URL, TestDatabase};
+use crate::Stage;
 use crate::load::Writers;
-use crate::procs::Subscriber;
-use crate::service::{ServeProcess, migrate, replay_verify};
+use crate::support::serve::replay_verify;
 use crate::verify::{await_delivery, lost_acks, secs};
-use crate::{SHARED_REDIS, channel_prefix, init};
 
 #[tokio::test]
 async fn serve_sigterm_under_load() {
-    init();
-    let db = TestDatabase::create(SHARED_ADMIN_URL).await;
-    migrate(&db.url);
-    let prefix = channel_prefix();
-    let channel = format!("{prefix}events:session");
-    let sub = Subscriber::start(SHARED_REDIS, std::slice::from_ref(&channel)).await;
-    let mut serve = ServeProcess::start(&db.url, SHARED_REDIS, &prefix).await;
+    let Stage {
+        db,
+        channel,
+        sub,
+        mut serve,
+    } = Stage::start().await;
     let writers = Writers::start(&serve.base(), 6);
     writers
         .wait_for_acks_since(Instant::now(), 100, 30, "load before the fault")
@@ -33,8 +30,7 @@ async fn serve_sigterm_under_load() {
     let first_write = writers.first_ack_since(stopped_at).expect("an ack") - stopped_at;
     let tally = writers.stop().await;
 
-    let client = reqwest::Client::new();
-    let lost = lost_acks(&client, &serve.base(), &tally.acks).await;
+    let lost = lost_acks(&serve.api, &tally.acks).await;
     let committed = db.committed_events().await;
     let (delivery, waited) = await_delivery(&[&sub], &channel, &committed, 30).await;
     let (replay_ok, replay) = replay_verify(&db.url);
@@ -70,11 +66,6 @@ async fn serve_sigterm_under_load() {
         tally.statuses_line(),
         tally.unexpected
     );
-    assert_eq!(delivery.lost, 0, "events never published");
-    assert!(
-        delivery.out_of_order.is_empty(),
-        "{:?}",
-        delivery.out_of_order
-    );
+    delivery.assert_complete();
     assert!(replay_ok, "replay --verify: {replay}");
 }

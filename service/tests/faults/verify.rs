@@ -1,28 +1,27 @@
 //! After a fault: was every acknowledged write kept with its event, and did
 //! every committed event reach the Redis subscriber?
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::load::Ack;
-use crate::procs::Subscriber;
+use crate::support::app::Api;
+use crate::support::redis_server::{Delivery, Subscriber, delivery};
 
 /// One session's events over HTTP, following pages.
-pub async fn session_events(client: &reqwest::Client, base: &str, id: &str) -> Vec<Value> {
+pub async fn session_events(api: &Api, id: &str) -> Vec<Value> {
     let mut all: Vec<Value> = Vec::new();
     loop {
         let after = all.last().map_or(0, |e| e["version"].as_i64().unwrap());
-        let res = client
-            .get(format!(
-                "{base}/sessions/{id}/events?after_version={after}&limit=500"
+        let page: Vec<Value> = api
+            .fetch(&format!(
+                "/sessions/{id}/events?after_version={after}&limit=500"
             ))
-            .send()
             .await
-            .expect("session events");
-        assert_eq!(res.status(), 200, "events of {id}");
-        let page: Vec<Value> = res.json().await.expect("events JSON");
+            .expect(200)
+            .parse();
         if page.is_empty() {
             return all;
         }
@@ -32,14 +31,14 @@ pub async fn session_events(client: &reqwest::Client, base: &str, id: &str) -> V
 
 /// Acknowledged writes missing from the log, or present with another
 /// content, as readable lines; read back through the API as a client would.
-pub async fn lost_acks(client: &reqwest::Client, base: &str, acks: &[Ack]) -> Vec<String> {
+pub async fn lost_acks(api: &Api, acks: &[Ack]) -> Vec<String> {
     let mut by_session: HashMap<&str, Vec<&Ack>> = HashMap::new();
     for a in acks {
         by_session.entry(&a.session).or_default().push(a);
     }
     let mut lost = Vec::new();
     for (id, acks) in by_session {
-        let events = session_events(client, base, id).await;
+        let events = session_events(api, id).await;
         let versions: Vec<i64> = events
             .iter()
             .map(|e| e["version"].as_i64().unwrap())
@@ -60,65 +59,6 @@ pub async fn lost_acks(client: &reqwest::Client, base: &str, acks: &[Ack]) -> Ve
         }
     }
     lost
-}
-
-/// What a subscriber got, against what committed.
-#[derive(Debug)]
-pub struct Delivery {
-    pub committed: usize,
-    pub received_unique: usize,
-    pub duplicates: usize,
-    /// Committed events never received.
-    pub lost: usize,
-    /// Sessions whose events first arrived out of version order.
-    pub out_of_order: Vec<String>,
-}
-
-impl Delivery {
-    pub fn line(&self) -> String {
-        format!(
-            "events committed {}, received {} (+{} duplicates), lost {}, sessions out of order {}",
-            self.committed,
-            self.received_unique,
-            self.duplicates,
-            self.lost,
-            self.out_of_order.len()
-        )
-    }
-}
-
-/// Compare messages (in arrival order, subscribers concatenated) with the
-/// committed (event_id, session, version) rows, dropping duplicates by
-/// `event_id` as a consumer would.
-pub fn delivery(received: &[Value], committed: &[(String, String, i64)]) -> Delivery {
-    let mut seen = HashSet::new();
-    let mut duplicates = 0;
-    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
-    for m in received {
-        if seen.insert(m["event_id"].as_str().unwrap().to_owned()) {
-            versions
-                .entry(m["aggregate_id"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(m["version"].as_i64().unwrap());
-        } else {
-            duplicates += 1;
-        }
-    }
-    let out_of_order = versions
-        .into_iter()
-        .filter(|(_, v)| !v.windows(2).all(|w| w[0] < w[1]))
-        .map(|(id, v)| format!("{id}: {v:?}"))
-        .collect();
-    Delivery {
-        committed: committed.len(),
-        received_unique: seen.len(),
-        duplicates,
-        lost: committed
-            .iter()
-            .filter(|(e, _, _)| !seen.contains(e))
-            .count(),
-        out_of_order,
-    }
 }
 
 /// Everything the subscribers got on `channel`, in order.

@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_web::web::{self, Bytes};
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{HttpRequest, HttpResponse};
 use serde_json::{Value, json};
+
+use super::loopback::LoopbackServer;
 
 pub const REPLY: &str = "Hello from the fake model.";
 /// A slow reply's first content block, complete at once: the CLI prints it
@@ -86,7 +88,7 @@ fn text_of(content: &Value) -> String {
 pub struct FakeAnthropic {
     pub url: String,
     requests: Arc<Mutex<Vec<Recorded>>>,
-    server: actix_web::dev::ServerHandle,
+    server: LoopbackServer,
 }
 
 fn sse(event: &str, data: Value) -> Bytes {
@@ -200,25 +202,11 @@ async fn messages(
 impl FakeAnthropic {
     pub async fn start() -> Self {
         let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
-        let data = web::Data::new(requests.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .app_data(web::PayloadConfig::new(32 * 1024 * 1024))
-                .default_service(web::to(messages))
-        })
-        .workers(1)
-        .disable_signals()
-        .bind(("127.0.0.1", 0))
-        .expect("bind the fake API");
-        let port = server.addrs()[0].port();
-        let server = server.run();
-        let handle = server.handle();
-        tokio::spawn(server);
+        let server = LoopbackServer::start("the fake Anthropic API", requests.clone(), messages);
         Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: server.url.clone(),
             requests,
-            server: handle,
+            server,
         }
     }
 
@@ -239,6 +227,6 @@ impl FakeAnthropic {
     }
 
     pub async fn stop(self) {
-        self.server.stop(false).await;
+        self.server.stop().await;
     }
 }

@@ -19,10 +19,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use actix_web::web::{self, Bytes};
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{HttpRequest, HttpResponse};
 use futures_util::stream;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
+
+use super::loopback::LoopbackServer;
 
 pub const NAMESPACE: &str = "workers";
 
@@ -64,7 +66,7 @@ impl Shared {
 pub struct FakeKube {
     pub url: String,
     shared: Arc<Shared>,
-    server: actix_web::dev::ServerHandle,
+    server: LoopbackServer,
 }
 
 /// The chart's runner Role as (resource, verb) pairs.
@@ -467,29 +469,16 @@ impl FakeKube {
             events,
             allowed: chart_rbac(),
         });
-        let data = web::Data::new(shared.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .default_service(web::to(handle))
-        })
-        .workers(1)
-        .disable_signals()
-        .bind(("127.0.0.1", 0))
-        .expect("bind the fake Kubernetes API");
-        let port = server.addrs()[0].port();
-        let server = server.run();
-        let handle = server.handle();
-        tokio::spawn(server);
+        let server = LoopbackServer::start("the fake Kubernetes API", shared.clone(), handle);
         Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: server.url.clone(),
             shared,
-            server: handle,
+            server,
         }
     }
 
     pub async fn stop(self) {
-        self.server.stop(false).await;
+        self.server.stop().await;
     }
 
     pub fn pod(&self, name: &str) -> Option<Value> {

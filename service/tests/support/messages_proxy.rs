@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes};
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{HttpRequest, HttpResponse};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::api::TestApi;
+use super::app::TestApp;
 use super::eventually;
+use super::loopback::LoopbackServer;
 
 type Log = Arc<Mutex<Vec<(String, Vec<Value>)>>>;
 /// Each refused batch: its session, the status it got and its lines.
@@ -25,7 +26,7 @@ pub struct MessagesProxy {
     refused: Refusals,
     refuse: Arc<Mutex<Option<String>>>,
     held: watch::Sender<bool>,
-    server: actix_web::dev::ServerHandle,
+    server: LoopbackServer,
 }
 
 struct State {
@@ -95,35 +96,22 @@ impl MessagesProxy {
         let refused: Refusals = Arc::default();
         let refuse: Arc<Mutex<Option<String>>> = Arc::default();
         let (held, held_rx) = watch::channel(false);
-        let state = web::Data::new(State {
+        let state = State {
             upstream: upstream.to_owned(),
             http: reqwest::Client::new(),
             posted: posted.clone(),
             refused: refused.clone(),
             refuse: refuse.clone(),
             held: held_rx,
-        });
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .app_data(web::PayloadConfig::new(32 * 1024 * 1024))
-                .default_service(web::to(handle))
-        })
-        .workers(1)
-        .disable_signals()
-        .bind(("127.0.0.1", 0))
-        .expect("bind the proxy");
-        let port = server.addrs()[0].port();
-        let server = server.run();
-        let handle = server.handle();
-        tokio::spawn(server);
+        };
+        let server = LoopbackServer::start("the proxy", state, handle);
         Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: server.url.clone(),
             posted,
             refused,
             refuse,
             held,
-            server: handle,
+            server,
         }
     }
 
@@ -148,7 +136,7 @@ impl MessagesProxy {
     /// worker's lines but the refused one), and the refused line was first
     /// in a batch that the runner halved (413) until it stood alone and was
     /// skipped (422).
-    pub async fn assert_refused_line_skipped(&self, api: &TestApi, session: &str, want: &[Value]) {
+    pub async fn assert_refused_line_skipped(&self, api: &TestApp, session: &str, want: &[Value]) {
         let stored = eventually(
             "every line but the refused one to be stored",
             std::time::Duration::from_secs(20),
@@ -197,6 +185,6 @@ impl MessagesProxy {
     }
 
     pub async fn stop(self) {
-        self.server.stop(false).await;
+        self.server.stop().await;
     }
 }

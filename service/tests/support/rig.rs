@@ -7,14 +7,14 @@ use agent_sessions::settings::Settings;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::api::TestApi;
+use super::app::{TestApp, id_of};
 use super::eventually;
 use super::fake_anthropic::FakeAnthropic;
 use super::messages_proxy::MessagesProxy;
 use super::runner::{InProcessRunner, runner_settings, temp_root, worker_env};
 
 pub struct Rig {
-    pub api: TestApi,
+    pub api: TestApp,
     pub fake: FakeAnthropic,
     pub runner: InProcessRunner,
     pub proxy: Option<MessagesProxy>,
@@ -28,7 +28,7 @@ impl Rig {
     /// `proxied`: the runner reaches the API through a `MessagesProxy`;
     /// `tune` adjusts the runner's settings.
     pub async fn start_with(proxied: bool, tune: impl FnOnce(&mut Settings)) -> Self {
-        let api = TestApi::spawn().await;
+        let api = TestApp::spawn().await;
         let fake = FakeAnthropic::start().await;
         let proxy = if proxied {
             Some(MessagesProxy::start(&api.url).await)
@@ -63,12 +63,12 @@ impl Rig {
     pub async fn create_local(&self, worker: Value) -> String {
         let s = self
             .api
-            .create(json!({
+            .create_session(&json!({
                 "agent_id": Uuid::new_v4(), "session_type": "task",
                 "runtime_backend": "local", "worker": worker,
             }))
             .await;
-        s["id"].as_str().expect("id").to_owned()
+        id_of(&s)
     }
 
     /// Wait until the session's status is `status`; the session.

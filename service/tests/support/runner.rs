@@ -1,5 +1,5 @@
 //! The runner under test: in-process (`InProcessRunner`) or as the real
-//! `agent-sessions runner` binary (`RunnerProcess`), pointed at a `TestApi`,
+//! `agent-sessions runner` binary (`RunnerProcess`), pointed at a `TestApp`,
 //! a fake Anthropic API and a fresh workspace root.
 
 use std::path::{Path, PathBuf};
@@ -15,8 +15,8 @@ use nix::unistd::Pid;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::api::TestApi;
-use super::{claude_bin, eventually};
+use super::app::TestApp;
+use super::{claude_bin, eventually, free_port};
 
 pub fn temp_root() -> PathBuf {
     let p = std::env::temp_dir().join(format!("as-runner-test-{}", Uuid::new_v4().simple()));
@@ -43,7 +43,7 @@ pub fn worker_env(fake_url: &str) -> Vec<(String, String)> {
     env
 }
 
-pub fn runner_settings(api: &TestApi, root: &Path) -> Settings {
+pub fn runner_settings(api: &TestApp, root: &Path) -> Settings {
     let mut s = api.settings.clone();
     s.runner.api_url = api.url.clone();
     s.runner.workspace_root = root.to_path_buf();
@@ -129,13 +129,10 @@ pub struct RunnerProcess {
 }
 
 impl RunnerProcess {
-    pub fn spawn(api: &TestApi, root: &Path, fake_url: &str, log_name: &str) -> Self {
+    pub fn spawn(api: &TestApp, root: &Path, fake_url: &str, log_name: &str) -> Self {
         let log = root.join(log_name);
         let out = std::fs::File::create(&log).expect("runner log");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let metrics = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent-sessions"));
         cmd.arg("runner")
@@ -176,6 +173,14 @@ impl RunnerProcess {
     pub fn terminate(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
+    }
+
+    /// The runner's `/metrics` text, once it answers.
+    pub async fn metrics(&self) -> Option<String> {
+        let res = reqwest::get(format!("{}/metrics", self.metrics_url))
+            .await
+            .ok()?;
+        res.text().await.ok()
     }
 
     pub fn log_text(&self) -> String {

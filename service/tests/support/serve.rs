@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::cluster::tail;
-use crate::procs::free_port;
+use super::app::Api;
+use super::{eventually, free_port, init, tail};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agent-sessions");
 
@@ -44,6 +44,8 @@ pub fn replay_verify(database_url: &str) -> (bool, String) {
 
 pub struct ServeProcess {
     pub port: u16,
+    /// Requests to this process (same port across restarts).
+    pub api: Api,
     env: Vec<(&'static str, String)>,
     log: PathBuf,
     child: Option<Child>,
@@ -51,6 +53,7 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub async fn start(database_url: &str, redis_url: &str, channel_prefix: &str) -> Self {
+        init();
         let port = free_port();
         let env = vec![
             ("DATABASE_URL", database_url.to_owned()),
@@ -66,10 +69,11 @@ impl ServeProcess {
             ("RUST_LOG", "warn".to_owned()),
         ];
         let log =
-            std::env::temp_dir().join(format!("as-faults-serve-{}-{port}.log", std::process::id()));
+            std::env::temp_dir().join(format!("as-test-serve-{}-{port}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
         let mut s = Self {
             port,
+            api: Api::new(&format!("http://127.0.0.1:{port}")),
             env,
             log,
             child: None,
@@ -79,7 +83,16 @@ impl ServeProcess {
     }
 
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.api.url.clone()
+    }
+
+    /// Whether this process's relay holds the leader lock (from /metrics).
+    pub async fn is_relay_leader(&self) -> bool {
+        let Ok(res) = self.api.http.get(self.api.at("/metrics")).send().await else {
+            return false;
+        };
+        let text = res.text().await.unwrap_or_default();
+        text.lines().any(|l| l.trim() == "relay_leader 1")
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -136,30 +149,20 @@ impl ServeProcess {
             .stderr(log)
             .spawn()
             .expect("agent-sessions serve");
+        // Held by `self` while waiting, so a panic here still kills it.
         self.child = Some(child);
-        let client = reqwest::Client::new();
-        let url = format!("{}/healthz", self.base());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if client
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                return;
+        let (api, log, child) = (&self.api, &self.log, &mut self.child);
+        eventually("serve to answer /healthz", Duration::from_secs(20), || {
+            let exited = !child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            async move {
+                assert!(!exited, "serve exited at start:\n{}", tail(log, 20));
+                let res = api.http.get(api.at("/healthz")).send().await;
+                res.is_ok_and(|r| r.status() == 200).then_some(())
             }
-            assert!(
-                self.is_running(),
-                "serve exited at start:\n{}",
-                tail(&self.log, 20)
-            );
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "serve did not listen within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
     }
 }
 

@@ -2,17 +2,15 @@
 //! messages posted unmodified, a killed worker marked crashed within a
 //! second (G8), the concurrency cap, the budget, and stale generations.
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::support::rig::Rig;
+use crate::support::{eventually, group_alive, processes_mentioning};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use support::rig::Rig;
-use support::{eventually, group_alive, processes_mentioning};
 
 fn worker_rec(s: &Value) -> &Value {
     &s["runtime_metadata"]["worker"]
@@ -124,7 +122,11 @@ async fn runner_pauses_a_session_that_reaches_its_budget() {
     assert!(w["cost_usd"].as_f64().unwrap() >= 0.00001, "{w}");
     assert_eq!(rig.fake.requests_for(prompt).len(), 1);
     // Resumed without raising the budget: paused again, no worker started.
-    let (code, _) = rig.api.patch(&id, json!({"status": "active"})).await;
+    let code = rig
+        .api
+        .merge_patch(&id, &json!({"status": "active"}))
+        .await
+        .status;
     assert_eq!(code, 200);
     let s = rig
         .until_status(&id, "paused", Duration::from_secs(10))
@@ -145,13 +147,14 @@ async fn runner_stops_a_worker_of_an_older_generation() {
     })
     .await;
     // Someone else claims generation 5 (another runner, say).
-    let (code, _) = rig
+    let code = rig
         .api
-        .patch(
+        .merge_patch(
             &id,
-            json!({"runtime_metadata": {"worker": {"generation": 5}}}),
+            &json!({"runtime_metadata": {"worker": {"generation": 5}}}),
         )
-        .await;
+        .await
+        .status;
     assert_eq!(code, 200);
     eventually(
         "the stale worker to be stopped",

@@ -1,39 +1,15 @@
-//! Real processes for fault tests: a private Redis server and `agent-sessions
-//! serve` binaries, each on a free loopback port, killed on drop.
+//! Redis for tests: a private server on a free loopback port that a test
+//! may stop and start (the machine's own is never touched), a subscriber
+//! collecting what is published, and what it got against what committed.
 
-use std::net::TcpListener;
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Poll `check` every 20 ms until it holds or `secs` pass.
-pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use super::{eventually, free_port};
 
 pub struct RedisServer {
     pub port: u16,
@@ -82,9 +58,9 @@ impl RedisServer {
                 .expect("redis-server"),
         );
         let url = self.url();
-        eventually(10, "redis to start", || {
+        eventually("redis to start", Duration::from_secs(10), || {
             let url = url.clone();
-            async move { ping(&url).await }
+            async move { ping(&url).await.then_some(()) }
         })
         .await;
     }
@@ -129,72 +105,6 @@ async fn ping(url: &str) -> bool {
         .is_ok()
 }
 
-/// A real `agent-sessions serve` process.
-pub struct Serve {
-    pub port: u16,
-    child: Child,
-}
-
-impl Serve {
-    pub async fn start(db_url: &str, redis_url: &str, prefix: &str) -> Self {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_agent-sessions"))
-            .arg("serve")
-            .env("DATABASE_URL", db_url)
-            .env("REDIS_URL", redis_url)
-            .env("PORT", port.to_string())
-            .env("APP__REDIS__CHANNEL_PREFIX", prefix)
-            .env("APP__RELAY__LEADER_CHECK_INTERVAL_MS", "200")
-            .env("APP__DATABASE__MAX_CONNECTIONS", "6")
-            .env("APP__SERVER__WORKERS", "2")
-            .env("APP__AUTH__ENABLED", "false")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("agent-sessions serve");
-        let s = Self { port, child };
-        let url = s.url("/healthz");
-        let client = reqwest::Client::new();
-        eventually(20, "serve to listen", || {
-            let (client, url) = (client.clone(), url.clone());
-            async move {
-                client
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-            }
-        })
-        .await;
-        s
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    pub fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Whether this process's relay holds the leader lock (from /metrics).
-    pub async fn is_relay_leader(&self, client: &reqwest::Client) -> bool {
-        let Ok(res) = client.get(self.url("/metrics")).send().await else {
-            return false;
-        };
-        let text = res.text().await.unwrap_or_default();
-        text.lines().any(|l| l.trim() == "relay_leader 1")
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
 /// A Redis subscriber collecting every message on some channels.
 pub struct Subscriber {
     pub messages: std::sync::Arc<tokio::sync::Mutex<Vec<(String, Value)>>>,
@@ -237,5 +147,74 @@ impl Subscriber {
 impl Drop for Subscriber {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// What a subscriber got, against what committed.
+#[derive(Debug)]
+pub struct Delivery {
+    pub committed: usize,
+    pub received_unique: usize,
+    pub duplicates: usize,
+    /// Committed events never received.
+    pub lost: usize,
+    /// Sessions whose events first arrived out of version order.
+    pub out_of_order: Vec<String>,
+}
+
+impl Delivery {
+    /// Every committed event arrived, each session's in version order.
+    pub fn assert_complete(&self) {
+        assert_eq!(self.lost, 0, "events never published: {}", self.line());
+        assert!(
+            self.out_of_order.is_empty(),
+            "sessions out of order: {:?}",
+            self.out_of_order
+        );
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "events committed {}, received {} (+{} duplicates), lost {}, sessions out of order {}",
+            self.committed,
+            self.received_unique,
+            self.duplicates,
+            self.lost,
+            self.out_of_order.len()
+        )
+    }
+}
+
+/// Compare messages (in arrival order, subscribers concatenated) with the
+/// committed (event_id, session, version) rows, dropping duplicates by
+/// `event_id` as a consumer would.
+pub fn delivery(received: &[Value], committed: &[(String, String, i64)]) -> Delivery {
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
+    for m in received {
+        if seen.insert(m["event_id"].as_str().unwrap().to_owned()) {
+            versions
+                .entry(m["aggregate_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(m["version"].as_i64().unwrap());
+        } else {
+            duplicates += 1;
+        }
+    }
+    let out_of_order = versions
+        .into_iter()
+        .filter(|(_, v)| !v.windows(2).all(|w| w[0] < w[1]))
+        .map(|(id, v)| format!("{id}: {v:?}"))
+        .collect();
+    Delivery {
+        committed: committed.len(),
+        received_unique: seen.len(),
+        duplicates,
+        lost: committed
+            .iter()
+            .filter(|(e, _, _)| !seen.contains(e))
+            .count(),
+        out_of_order,
     }
 }

@@ -2,15 +2,13 @@
 //! while a real Claude Code worker runs; the next runner adopts the worker
 //! instead of starting a second one, and the session still completes.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::app::{TestApp, id_of};
+use crate::support::fake_anthropic::FakeAnthropic;
+use crate::support::runner::{RunnerProcess, clean_root, temp_root};
+use crate::support::{eventually, group_alive, processes_mentioning};
 use serde_json::{Value, json};
-use support::api::TestApi;
-use support::fake_anthropic::FakeAnthropic;
-use support::runner::{RunnerProcess, clean_root, temp_root};
-use support::{eventually, group_alive, processes_mentioning};
 use uuid::Uuid;
 
 fn worker_rec(s: &Value) -> &Value {
@@ -19,17 +17,17 @@ fn worker_rec(s: &Value) -> &Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_survives_kill_9_with_exactly_one_worker() {
-    let api = TestApi::spawn().await;
+    let api = TestApp::spawn().await;
     let fake = FakeAnthropic::start().await;
     let root = temp_root();
     let mut first = RunnerProcess::spawn(&api, &root, &fake.url, "runner-1.log");
 
     let prompt = "A long job [slow:8]";
     let s = api
-        .create(json!({"agent_id": Uuid::new_v4(), "session_type": "task",
+        .create_session(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
             "runtime_backend": "local", "worker": {"prompt": prompt}}))
         .await;
-    let id = s["id"].as_str().unwrap().to_owned();
+    let id = id_of(&s);
     let pid = eventually("the worker to start", Duration::from_secs(30), || async {
         worker_rec(&api.get(&id).await)["pid"].as_i64()
     })
@@ -97,16 +95,16 @@ async fn runner_survives_kill_9_with_exactly_one_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_reports_a_worker_that_ended_while_no_runner_watched() {
-    let api = TestApi::spawn().await;
+    let api = TestApp::spawn().await;
     let fake = FakeAnthropic::start().await;
     let root = temp_root();
     let mut first = RunnerProcess::spawn(&api, &root, &fake.url, "runner-1.log");
     let prompt = "A short job [slow:2]";
     let s = api
-        .create(json!({"agent_id": Uuid::new_v4(), "session_type": "task",
+        .create_session(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
             "runtime_backend": "local", "worker": {"prompt": prompt}}))
         .await;
-    let id = s["id"].as_str().unwrap().to_owned();
+    let id = id_of(&s);
     let pid = eventually("the worker to start", Duration::from_secs(30), || async {
         worker_rec(&api.get(&id).await)["pid"].as_i64()
     })

@@ -2,52 +2,44 @@
 //! that made it to the worker the runner starts for it — in the runner's
 //! logs and in the events of the runner's own reports.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::app::{TestApp, id_of};
+use crate::support::eventually;
+use crate::support::fake_anthropic::FakeAnthropic;
+use crate::support::runner::{RunnerProcess, clean_root, temp_root};
 use serde_json::{Value, json};
-use support::api::TestApi;
-use support::eventually;
-use support::fake_anthropic::FakeAnthropic;
-use support::runner::{RunnerProcess, clean_root, temp_root};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_id_follows_a_change_into_the_runner() {
-    let api = TestApi::spawn().await;
+    let api = TestApp::spawn().await;
     let fake = FakeAnthropic::start().await;
     let root = temp_root();
     let runner = RunnerProcess::spawn(&api, &root, &fake.url, "runner.log");
     let request_id = format!("req-trace-{}", Uuid::new_v4().simple());
-    let res = api
-        .http
-        .post(format!("{}/sessions/", api.url))
-        .header("x-request-id", &request_id)
-        .json(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
-                      "runtime_backend": "local", "worker": {"prompt": "Say hello"}}))
-        .send()
+    let created = api
+        .send(
+            api.http
+                .post(api.at("/sessions/"))
+                .header("x-request-id", &request_id)
+                .json(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
+                      "runtime_backend": "local", "worker": {"prompt": "Say hello"}})),
+        )
         .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let id = res.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .expect(201)
+        .json();
+    let id = id_of(&created);
 
     let events: Vec<Value> = eventually(
         "the runner to report the start",
         Duration::from_secs(30),
         || async {
             let events: Vec<Value> = api
-                .http
-                .get(format!("{}/sessions/{id}/events?limit=100", api.url))
-                .send()
+                .get_json(&format!("/sessions/{id}/events?limit=100"))
                 .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+                .as_array()?
+                .clone();
             events
                 .iter()
                 .any(|e| e["payload"]["changes"]["runtime_metadata"]["worker"]["pid"].is_i64())
@@ -91,15 +83,7 @@ async fn the_request_id_follows_a_change_into_the_runner() {
         "the runner to report the worker's end",
         Duration::from_secs(30),
         || async {
-            let text = api
-                .http
-                .get(format!("{}/metrics", runner.metrics_url))
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
+            let text = runner.metrics().await?;
             text.contains("runner_worker_exits_total").then_some(text)
         },
     )

@@ -2,14 +2,13 @@
 //! Code CLI (`tools/claude`) against a fake Anthropic API, with the API
 //! service in-process on its own database.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::app::id_of;
+use crate::support::fake_anthropic::{FIRST_PART, REPLY};
+use crate::support::rig::Rig;
+use crate::support::{eventually, group_alive, processes_mentioning};
 use serde_json::{Value, json};
-use support::fake_anthropic::{FIRST_PART, REPLY};
-use support::rig::Rig;
-use support::{eventually, group_alive, processes_mentioning};
 use uuid::Uuid;
 
 fn worker_rec(s: &Value) -> &Value {
@@ -81,7 +80,11 @@ async fn runner_pauses_mid_run_and_resumes_the_conversation() {
     .await;
     assert!(group_alive(pid));
 
-    let (code, _) = rig.api.patch(&id, json!({"status": "paused"})).await;
+    let code = rig
+        .api
+        .merge_patch(&id, &json!({"status": "paused"}))
+        .await
+        .status;
     assert_eq!(code, 200);
     let t0 = Instant::now();
     eventually(
@@ -109,13 +112,14 @@ async fn runner_pauses_mid_run_and_resumes_the_conversation() {
     }
 
     let resume_prompt = "Please continue where you stopped";
-    let (code, _) = rig
+    let code = rig
         .api
-        .patch(
+        .merge_patch(
             &id,
-            json!({"status": "active", "checkpoint": {"resume_prompt": resume_prompt}}),
+            &json!({"status": "active", "checkpoint": {"resume_prompt": resume_prompt}}),
         )
-        .await;
+        .await
+        .status;
     assert_eq!(code, 200);
     let s = rig
         .until_status(&id, "completed", Duration::from_secs(60))
@@ -189,17 +193,10 @@ async fn runner_marks_api_errors_crashed_and_retries_by_policy() {
     // Its history has the crash.
     let events: Vec<Value> = rig
         .api
-        .http
-        .get(format!(
-            "{}/sessions/{retried}/events?limit=100",
-            rig.api.url
-        ))
-        .send()
+        .fetch(&format!("/sessions/{retried}/events?limit=100"))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .expect(200)
+        .parse();
     let statuses: Vec<&str> = events
         .iter()
         .filter_map(|e| e["payload"]["changes"]["status"].as_str())
@@ -234,8 +231,8 @@ async fn runner_never_touches_sessions_without_a_worker_spec() {
         json!({"agent_id": Uuid::new_v4(), "session_type": "task", "runtime_backend": "kubernetes",
                "worker": {"prompt": "not for the local runner"}}),
     ] {
-        let s = rig.api.create(body).await;
-        untouched.push(s["id"].as_str().unwrap().to_owned());
+        let s = rig.api.create_session(&body).await;
+        untouched.push(id_of(&s));
     }
     let managed = rig
         .create_local(json!({"prompt": "Say hello [quick]"}))

@@ -2,14 +2,12 @@
 //! hints published right after each commit reach it before the feed
 //! releases the event.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::rig::Rig;
+use crate::support::{eventually, group_alive};
 use sea_orm::{ConnectionTrait, Database, TransactionTrait};
 use serde_json::json;
-use support::rig::Rig;
-use support::{eventually, group_alive};
 
 /// An open transaction that looks exactly like an event writer of the
 /// service to the feed's horizon: it announces itself with the writers'
@@ -33,18 +31,13 @@ async fn hold_the_feed(db_url: &str) -> sea_orm::DatabaseTransaction {
 async fn runner_starts_pauses_and_stops_workers_while_the_feed_is_held() {
     // A resync far away: only the hints can make the runner act in time.
     let rig = Rig::start_with(false, |s| s.runner.resync_interval_secs = 3600).await;
-    let http = reqwest::Client::new();
     let feed = |after: i64| {
-        let http = http.clone();
-        let url = format!("{}/events?after={after}&limit=500", rig.api.url);
+        let api = &rig.api;
         async move {
-            http.get(url)
-                .send()
+            api.fetch(&format!("/events?after={after}&limit=500"))
                 .await
-                .unwrap()
-                .json::<Vec<serde_json::Value>>()
-                .await
-                .unwrap()
+                .expect(200)
+                .parse::<Vec<serde_json::Value>>()
         }
     };
     let head = feed(0)
@@ -65,7 +58,11 @@ async fn runner_starts_pauses_and_stops_workers_while_the_feed_is_held() {
     );
 
     let t1 = Instant::now();
-    let (status, _) = rig.api.patch(&id, json!({"status": "paused"})).await;
+    let status = rig
+        .api
+        .merge_patch(&id, &json!({"status": "paused"}))
+        .await
+        .status;
     assert_eq!(status, 200);
     eventually(
         "the worker to be stopped",
@@ -76,7 +73,11 @@ async fn runner_starts_pauses_and_stops_workers_while_the_feed_is_held() {
     let paused = t1.elapsed();
 
     let t2 = Instant::now();
-    let (status, _) = rig.api.patch(&id, json!({"status": "active"})).await;
+    let status = rig
+        .api
+        .merge_patch(&id, &json!({"status": "active"}))
+        .await
+        .status;
     assert_eq!(status, 200);
     let resumed_pid = eventually("the worker to resume", Duration::from_secs(30), || async {
         let s = rig.api.get(&id).await;
@@ -87,7 +88,11 @@ async fn runner_starts_pauses_and_stops_workers_while_the_feed_is_held() {
     let resumed = t2.elapsed();
 
     let t3 = Instant::now();
-    let (status, _) = rig.api.patch(&id, json!({"status": "completed"})).await;
+    let status = rig
+        .api
+        .merge_patch(&id, &json!({"status": "completed"}))
+        .await
+        .status;
     assert_eq!(status, 200);
     eventually(
         "the resumed worker to be stopped",

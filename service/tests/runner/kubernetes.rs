@@ -6,10 +6,13 @@
 //! Every Kubernetes call must be one the chart's runner Role grants: the
 //! fake refuses anything else, and each test checks nothing was refused.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::app::{TestApp, id_of};
+use crate::support::eventually;
+use crate::support::fake_kube::{FakeKube, NAMESPACE, chart_rbac};
+use crate::support::messages_proxy::MessagesProxy;
+use crate::support::runner::{InProcessRunner, temp_root};
 use agent_sessions::domain::WorkerSpec;
 use agent_sessions::runner::api::ApiClient;
 use agent_sessions::runner::backend::{Backend, StartRequest};
@@ -17,11 +20,6 @@ use agent_sessions::runner::claude::Launch;
 use agent_sessions::runner::kubernetes::{self, KubeConfig, KubernetesBackend};
 use agent_sessions::settings::{BackendChoice, Settings};
 use serde_json::{Value, json};
-use support::api::TestApi;
-use support::eventually;
-use support::fake_kube::{FakeKube, NAMESPACE, chart_rbac};
-use support::messages_proxy::MessagesProxy;
-use support::runner::{InProcessRunner, temp_root};
 use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -40,8 +38,8 @@ fn lines(fixture: &str, id: &str) -> Vec<String> {
         .collect()
 }
 
-const SUCCESS: &str = include_str!("../src/runner/testdata/success.jsonl");
-const INTERRUPTED: &str = include_str!("../src/runner/testdata/interrupted.jsonl");
+const SUCCESS: &str = include_str!("../../src/runner/testdata/success.jsonl");
+const INTERRUPTED: &str = include_str!("../../src/runner/testdata/interrupted.jsonl");
 
 fn pod_name(id: &str) -> String {
     format!("as-worker-{id}")
@@ -51,7 +49,7 @@ fn claim_name(id: &str) -> String {
     format!("as-ws-{id}")
 }
 
-fn kube_settings(api: &TestApi, kube: &FakeKube) -> Settings {
+fn kube_settings(api: &TestApp, kube: &FakeKube) -> Settings {
     let mut s = api.settings.clone();
     s.runner.api_url = api.url.clone();
     s.runner.workspace_root = temp_root();
@@ -67,7 +65,7 @@ fn kube_settings(api: &TestApi, kube: &FakeKube) -> Settings {
 }
 
 struct KubeRig {
-    api: TestApi,
+    api: TestApp,
     kube: FakeKube,
     /// The runner reaches the API through it; it records posted messages.
     proxy: MessagesProxy,
@@ -77,7 +75,7 @@ struct KubeRig {
 impl KubeRig {
     /// The API and the fake cluster, without a runner yet.
     async fn prepare() -> Self {
-        let api = TestApi::spawn().await;
+        let api = TestApp::spawn().await;
         let kube = FakeKube::start().await;
         let proxy = MessagesProxy::start(&api.url).await;
         Self {
@@ -131,8 +129,8 @@ impl KubeRig {
         if let Some(w) = worker {
             body["worker"] = w;
         }
-        let s = self.api.create(body).await;
-        s["id"].as_str().expect("id").to_owned()
+        let s = self.api.create_session(&body).await;
+        id_of(&s)
     }
 
     async fn create_managed(&self) -> String {
@@ -349,7 +347,11 @@ async fn kubernetes_pause_deletes_the_pod_keeps_the_claim_and_resume_recreates_i
     let claim_uid = rig.kube.claim(&claim_name(&id)).expect("claim")["metadata"]["uid"].clone();
 
     let t0 = Instant::now();
-    let (code, _) = rig.api.patch(&id, json!({"status": "paused"})).await;
+    let code = rig
+        .api
+        .merge_patch(&id, &json!({"status": "paused"}))
+        .await
+        .status;
     assert_eq!(code, 200);
     rig.until_no_pod(&pod_name(&id)).await;
     eprintln!("pod deleted {:?} after the pause", t0.elapsed());
@@ -364,13 +366,14 @@ async fn kubernetes_pause_deletes_the_pod_keeps_the_claim_and_resume_recreates_i
     assert_eq!(claim["metadata"]["uid"], claim_uid);
 
     let t1 = Instant::now();
-    let (code, _) = rig
+    let code = rig
         .api
-        .patch(
+        .merge_patch(
             &id,
-            json!({"status": "active", "checkpoint": {"resume_prompt": "Pick up at step 2"}}),
+            &json!({"status": "active", "checkpoint": {"resume_prompt": "Pick up at step 2"}}),
         )
-        .await;
+        .await
+        .status;
     assert_eq!(code, 200);
     let pod = rig.until_pod(&id, 2).await;
     eprintln!("pod recreated {:?} after the resume", t1.elapsed());
@@ -534,7 +537,9 @@ async fn kubernetes_orphan_pods_are_deleted_on_resync() {
         .await;
     let paused = rig.create_managed().await;
     rig.until_pod(&paused, 1).await;
-    rig.api.patch(&paused, json!({"status": "paused"})).await;
+    rig.api
+        .merge_patch(&paused, &json!({"status": "paused"}))
+        .await;
     rig.until_no_pod(&pod_name(&paused)).await;
     rig.until_worker(&paused, "the pause recorded", |w| {
         w["stopped_at"].is_string()
@@ -561,9 +566,9 @@ async fn kubernetes_runner_adopts_the_pod_of_an_active_session() {
     let id = rig.create_managed().await;
     // An earlier runner claimed generation 1 and started its pod, then died.
     rig.api
-        .patch(
+        .merge_patch(
             &id,
-            json!({"runtime_metadata": {"worker": {"generation": 1, "launch": "new"}}}),
+            &json!({"runtime_metadata": {"worker": {"generation": 1, "launch": "new"}}}),
         )
         .await;
     rig.kube.insert_pod(stray_pod(&id, 1));
@@ -599,11 +604,11 @@ async fn kubernetes_runner_adopts_the_pod_of_an_active_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_creating_the_pod_twice_is_harmless() {
-    let api = TestApi::spawn().await;
+    let api = TestApp::spawn().await;
     let kube = FakeKube::start().await;
     let settings = kube_settings(&api, &kube);
     let id = Uuid::parse_str(
-        api.create(json!({"agent_id": Uuid::new_v4(), "session_type": "task",
+        api.create_session(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
             "runtime_backend": "kubernetes"}))
             .await["id"]
             .as_str()

@@ -1,0 +1,19 @@
+//! The runner's integration tests: the local backend with the real Claude
+//! Code CLI against a fake Anthropic API (`local`, `policies`), the real
+//! `agent-sessions runner` binary killed and restarted (`restart`), request
+//! ids followed into the runner (`trace`), workers driven by wake-up hints
+//! while the event feed is held (`wake`), and the Kubernetes backend
+//! against a fake Kubernetes API (`kubernetes`); each with the API service
+//! in-process on its own database.
+
+// A test fails by panicking: unwrap and expect are how it says so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod kubernetes;
+mod local;
+mod policies;
+mod restart;
+#[path = "../support/mod.rs"]
+mod support;
+mod trace;
+mod wake;
