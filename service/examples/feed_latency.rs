@@ -7,6 +7,8 @@
 //!
 //!   feed_latency API_URL REDIS_URL PREFIX SERVICE_DB_URL [RATE] [BEFORE_S] [DURING_S]
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark tool: failing loudly is right
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

@@ -8,6 +8,8 @@
 //!
 //!   cargo run --release --example p3_latency -- http://127.0.0.1:18012 redis://127.0.0.1:6379 bench:p3:
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark tool: failing loudly is right
+
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};

@@ -23,6 +23,8 @@ pub enum BusError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("an event does not serialise: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 pub struct Bus {
@@ -98,7 +100,7 @@ impl Bus {
         let all = format!("{prefix}events:session");
         let mut pipe = redis::pipe();
         for e in events {
-            let body = serde_json::to_string(&e.envelope(false)).expect("envelope serialises");
+            let body = serde_json::to_string(&e.envelope(false))?;
             pipe.cmd("PUBLISH").arg(&all).arg(&body).ignore();
             pipe.cmd("PUBLISH")
                 .arg(format!("{all}:{}", e.aggregate_id))

@@ -14,8 +14,16 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => {
-            print!("{}", api::openapi::document());
-            return ExitCode::SUCCESS;
+            return match api::openapi::document() {
+                Ok(doc) => {
+                    print!("{doc}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agent-sessions: the OpenAPI document does not serialise: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::HashToken => {
             let mut token = String::new();

@@ -45,6 +45,7 @@ use names::*;
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the recorder once; later calls return the same handle.
+#[expect(clippy::expect_used, reason = "the bucket list is a non-empty constant")]
 pub fn handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {

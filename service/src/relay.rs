@@ -254,7 +254,7 @@ impl Relay {
             {
                 Ok(()) => {
                     backoff.reset();
-                    let last = batch.last().expect("non-empty").position;
+                    let last = batch.last().map_or(position, |e| e.position);
                     metrics::counter!(names::RELAY_PUBLISHED).increment(batch.len() as u64);
                     if let Some(e) = batch.last() {
                         let age = (chrono::Utc::now() - e.occurred_at)

@@ -186,7 +186,9 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        res.body(serde_json::to_string(&self.problem()).expect("problem serialises"))
+        // A problem is strings and numbers; should it ever fail, answer with
+        // the status alone rather than panic.
+        res.body(serde_json::to_string(&self.problem()).unwrap_or_default())
     }
 }
 

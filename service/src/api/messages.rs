@@ -170,7 +170,7 @@ pub async fn list(
     if jsonl {
         let mut body = String::new();
         for m in &messages {
-            body.push_str(&serde_json::to_string(&m.message).expect("JSON serialises"));
+            body.push_str(&m.message.to_string());
             body.push('\n');
         }
         return Ok(res.content_type("application/x-ndjson").body(body));

@@ -138,7 +138,7 @@ fn idempotency(
                 "must be 1 to 255 visible ASCII characters",
             )
         })?;
-    let canonical = serde_json::to_vec(body).expect("JSON serialises");
+    let canonical = body.to_string().into_bytes();
     Ok(Some(IdempotencyRequest {
         key: format!("{actor} {key}"),
         request_hash: hex::encode(Sha256::digest(canonical)),
@@ -417,7 +417,9 @@ pub async fn list(
     let mut res = HttpResponse::Ok();
     if sessions.len() as u64 > limit {
         sessions.truncate(limit as usize);
-        let last = sessions.last().expect("a full page has a last row");
+        let Some(last) = sessions.last() else {
+            return Err(ApiError::Internal(anyhow::anyhow!("a full page has no last row")));
+        };
         let next = ListCursor {
             created_at: last.created_at,
             id: last.id,

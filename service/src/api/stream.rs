@@ -40,7 +40,10 @@ struct Cursor {
 fn frame(events: &[crate::store::StoredEvent]) -> Bytes {
     let mut out = String::new();
     for e in events {
-        let data = serde_json::to_string(&e.envelope(true)).expect("envelope serialises");
+        let Ok(data) = serde_json::to_string(&e.envelope(true)) else {
+            tracing::error!(position = e.position, "an event does not serialise; skipped on this stream");
+            continue;
+        };
         out.push_str(&format!(
             "id: {}\nevent: {}\ndata: {data}\n\n",
             e.position,
@@ -62,8 +65,8 @@ async fn next_chunk(mut c: Cursor) -> Option<(Result<Bytes, actix_web::Error>, C
         }
         c.changes.borrow_and_update();
         match c.store.feed(c.after, PAGE, &c.filter).await {
-            Ok(events) if !events.is_empty() => {
-                c.after = events.last().expect("non-empty").position;
+            Ok(events) if let Some(last) = events.last().map(|e| e.position) => {
+                c.after = last;
                 c.last_sent = Instant::now();
                 return Some((Ok(frame(&events)), c));
             }

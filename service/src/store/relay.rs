@@ -22,7 +22,7 @@ pub struct RelayLag {
     pub oldest_unpublished: Option<DateTime<Utc>>,
 }
 
-pub const LAG_COUNT_CAP: i64 = 100_000;
+pub(super) const LAG_COUNT_CAP: i64 = 100_000;
 
 impl Store {
     /// The cursor's position, creating it at 0 (publish everything) if absent.

@@ -167,8 +167,10 @@ fn typed_json<T: Serialize>(v: &T) -> Result<Param, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("value does not serialise: {e}")))
 }
 
-fn metadata(meta: &EventMetadata) -> Param {
-    json(serde_json::to_value(meta).expect("metadata serialises"))
+fn metadata(meta: &EventMetadata) -> Result<Param, StoreError> {
+    serde_json::to_value(meta)
+        .map(json)
+        .map_err(|e| StoreError::Corrupt(format!("event metadata does not serialise: {e}")))
 }
 
 impl Store {
@@ -195,7 +197,7 @@ impl Store {
                 typed_json(&cmd.worker)?,
                 Uuid::new_v4().into(),
                 json(payload.clone()),
-                metadata(meta),
+                metadata(meta)?,
             ];
             let (key_cte, from_key) = match idem {
                 Some(k) => {
@@ -371,7 +373,7 @@ impl Store {
             current.version.into(),
             Uuid::new_v4().into(),
             json(payload.clone()),
-            metadata(meta),
+            metadata(meta)?,
         ];
         let mut sets = String::new();
         let mut set = |column: &str, param: Param| {
@@ -459,7 +461,7 @@ impl Store {
                 current.version.into(),
                 Uuid::new_v4().into(),
                 json(payload.clone()),
-                metadata(meta),
+                metadata(meta)?,
             ];
             if self.db.query_one_raw(stmt(&sql, values)).await?.is_none() {
                 return Ok(Attempt::LostRace);

@@ -12,7 +12,7 @@ use crate::support::{free_port, tail};
 
 const DIR_PREFIX: &str = "as-faults-pg-";
 
-pub struct PrivatePostgres {
+pub(crate) struct PrivatePostgres {
     pub port: u16,
     dir: PathBuf,
     bin: PathBuf,
@@ -21,7 +21,7 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// initdb (as the `postgres` OS user when we are root: initdb refuses
     /// root) with trust authentication, then start on a free port.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         sweep_stale_clusters();
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{port}", std::process::id()));
@@ -69,16 +69,16 @@ impl PrivatePostgres {
         self.dir.join("postgres.log")
     }
 
-    pub fn admin_url(&self) -> String {
+    pub(crate) fn admin_url(&self) -> String {
         self.url("postgres")
     }
 
-    pub fn url(&self, database: &str) -> String {
+    pub(crate) fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
     /// Start and wait until it accepts connections.
-    pub fn start_again(&self) {
+    pub(crate) fn start_again(&self) {
         let log = self.log();
         self.as_owner("pg_ctl", |c| {
             c.arg("start")
@@ -92,7 +92,7 @@ impl PrivatePostgres {
     /// Stop with a `pg_ctl` shutdown mode (`fast`: clients are disconnected
     /// and a checkpoint written; `immediate`: a crash, recovered from WAL at
     /// the next start) and wait until it is down.
-    pub fn stop(&self, mode: &str) {
+    pub(crate) fn stop(&self, mode: &str) {
         self.as_owner("pg_ctl", |c| {
             c.arg("stop")
                 .arg("-D")

@@ -20,7 +20,7 @@ const AFTER_FAILURE: Duration = Duration::from_millis(50);
 
 /// A write the service acknowledged (201 or 200) with the version it returned.
 #[derive(Debug, Clone)]
-pub struct Ack {
+pub(crate) struct Ack {
     pub session: String,
     pub version: i64,
     /// The `context` the write set: its event must carry it.
@@ -30,7 +30,7 @@ pub struct Ack {
 
 /// Everything the writers were told.
 #[derive(Debug, Default)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub acks: Vec<Ack>,
     /// Answers by status code, with the time of each 503.
     pub statuses: BTreeMap<u16, u64>,
@@ -46,7 +46,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn statuses_line(&self) -> String {
+    pub(crate) fn statuses_line(&self) -> String {
         let by_status: Vec<String> = self
             .statuses
             .iter()
@@ -61,14 +61,14 @@ impl Tally {
     }
 }
 
-pub struct Writers {
+pub(crate) struct Writers {
     tally: Arc<Mutex<Tally>>,
     stop: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Writers {
-    pub fn start(base: &str, n: usize) -> Self {
+    pub(crate) fn start(base: &str, n: usize) -> Self {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(15))
             .build()
@@ -89,12 +89,12 @@ impl Writers {
         Self { tally, stop, tasks }
     }
 
-    pub fn acked(&self) -> usize {
+    pub(crate) fn acked(&self) -> usize {
         self.tally.lock().unwrap().acks.len()
     }
 
     /// Acknowledged writes at or after `t`.
-    pub fn acked_since(&self, t: Instant) -> usize {
+    pub(crate) fn acked_since(&self, t: Instant) -> usize {
         self.tally
             .lock()
             .unwrap()
@@ -105,7 +105,7 @@ impl Writers {
     }
 
     /// The first acknowledgement at or after `t`.
-    pub fn first_ack_since(&self, t: Instant) -> Option<Instant> {
+    pub(crate) fn first_ack_since(&self, t: Instant) -> Option<Instant> {
         self.tally
             .lock()
             .unwrap()
@@ -116,7 +116,7 @@ impl Writers {
             .min()
     }
 
-    pub fn unavailable_between(&self, from: Instant, to: Instant) -> usize {
+    pub(crate) fn unavailable_between(&self, from: Instant, to: Instant) -> usize {
         self.tally
             .lock()
             .unwrap()
@@ -127,7 +127,7 @@ impl Writers {
     }
 
     /// Wait until `n` more writes were acknowledged after `t`.
-    pub async fn wait_for_acks_since(&self, t: Instant, n: usize, secs: u64, what: &str) {
+    pub(crate) async fn wait_for_acks_since(&self, t: Instant, n: usize, secs: u64, what: &str) {
         let explain = Explain(|| {
             format!(
                 "{what}: {n} writes acknowledged (got {}; {})",
@@ -141,7 +141,7 @@ impl Writers {
         .await;
     }
 
-    pub async fn stop(self) -> Tally {
+    pub(crate) async fn stop(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             t.await.expect("writer task");
@@ -256,7 +256,7 @@ fn record(
 
 /// One `/readyz` answer.
 #[derive(Debug, Clone)]
-pub struct Sample {
+pub(crate) struct Sample {
     pub sent: Instant,
     pub received: Instant,
     /// None when no answer came at all.
@@ -265,13 +265,13 @@ pub struct Sample {
 }
 
 /// Asks `/readyz` every 100 ms.
-pub struct ReadyProbe {
+pub(crate) struct ReadyProbe {
     samples: Arc<Mutex<Vec<Sample>>>,
     task: JoinHandle<()>,
 }
 
 impl ReadyProbe {
-    pub fn start(base: &str) -> Self {
+    pub(crate) fn start(base: &str) -> Self {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
@@ -302,7 +302,7 @@ impl ReadyProbe {
     }
 
     /// Answers to requests sent after `from` and answered before `to`.
-    pub fn within(&self, from: Instant, to: Instant) -> Vec<Sample> {
+    pub(crate) fn within(&self, from: Instant, to: Instant) -> Vec<Sample> {
         self.samples
             .lock()
             .unwrap()
@@ -313,7 +313,7 @@ impl ReadyProbe {
     }
 
     /// How long after `t` the first request that found it ready was sent.
-    pub fn ready_after(&self, t: Instant) -> Option<Duration> {
+    pub(crate) fn ready_after(&self, t: Instant) -> Option<Duration> {
         self.samples
             .lock()
             .unwrap()
@@ -322,7 +322,7 @@ impl ReadyProbe {
             .map(|s| s.sent - t)
     }
 
-    pub async fn wait_ready_after(&self, t: Instant, secs: u64) -> Duration {
+    pub(crate) async fn wait_ready_after(&self, t: Instant, secs: u64) -> Duration {
         eventually(
             "/readyz to answer 200",
             Duration::from_secs(secs),
@@ -332,7 +332,7 @@ impl ReadyProbe {
     }
 
     /// Wait for an answer to a request sent after `t` that `unready` accepts.
-    pub async fn wait_unready_after(
+    pub(crate) async fn wait_unready_after(
         &self,
         t: Instant,
         secs: u64,

@@ -11,7 +11,7 @@ use crate::support::app::Api;
 use crate::support::redis_server::{Delivery, Subscriber, delivery};
 
 /// One session's events over HTTP, following pages.
-pub async fn session_events(api: &Api, id: &str) -> Vec<Value> {
+pub(crate) async fn session_events(api: &Api, id: &str) -> Vec<Value> {
     let mut all: Vec<Value> = Vec::new();
     loop {
         let after = all.last().map_or(0, |e| e["version"].as_i64().unwrap());
@@ -31,7 +31,7 @@ pub async fn session_events(api: &Api, id: &str) -> Vec<Value> {
 
 /// Acknowledged writes missing from the log, or present with another
 /// content, as readable lines; read back through the API as a client would.
-pub async fn lost_acks(api: &Api, acks: &[Ack]) -> Vec<String> {
+pub(crate) async fn lost_acks(api: &Api, acks: &[Ack]) -> Vec<String> {
     let mut by_session: HashMap<&str, Vec<&Ack>> = HashMap::new();
     for a in acks {
         by_session.entry(&a.session).or_default().push(a);
@@ -62,7 +62,7 @@ pub async fn lost_acks(api: &Api, acks: &[Ack]) -> Vec<String> {
 }
 
 /// Everything the subscribers got on `channel`, in order.
-pub async fn received(subs: &[&Subscriber], channel: &str) -> Vec<Value> {
+pub(crate) async fn received(subs: &[&Subscriber], channel: &str) -> Vec<Value> {
     let mut all = Vec::new();
     for s in subs {
         all.extend(s.on(channel).await);
@@ -72,7 +72,7 @@ pub async fn received(subs: &[&Subscriber], channel: &str) -> Vec<Value> {
 
 /// Wait (up to `secs`) until the subscribers hold every committed event;
 /// returns the delivery figures and how long the wait took.
-pub async fn await_delivery(
+pub(crate) async fn await_delivery(
     subs: &[&Subscriber],
     channel: &str,
     committed: &[(String, String, i64)],
@@ -88,6 +88,6 @@ pub async fn await_delivery(
     }
 }
 
-pub fn secs(d: Duration) -> String {
+pub(crate) fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
