@@ -6,17 +6,17 @@
 
 pub mod api;
 pub mod auth;
-pub mod backoff;
-pub mod bus;
+mod backoff;
+mod bus;
 pub mod cli;
 pub mod contract;
 pub mod domain;
-pub mod metrics;
-pub mod monitor;
-pub mod relay;
+mod metrics;
+mod monitor;
+mod relay;
 pub mod runner;
 pub mod settings;
-pub mod signals;
+mod signals;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

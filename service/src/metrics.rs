@@ -6,38 +6,38 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Every metric name the service and the runner export, in one place.
-pub mod names {
+pub(crate) mod names {
     // HTTP edge.
-    pub const HTTP_REQUESTS: &str = "http_requests_total";
-    pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
+    pub(crate) const HTTP_REQUESTS: &str = "http_requests_total";
+    pub(crate) const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
     // Store.
-    pub const EVENTS_APPENDED: &str = "events_appended_total";
-    pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
-    pub const DB_POOL_MAX_CONNECTIONS: &str = "db_pool_max_connections";
-    pub const DB_STATEMENT_TIMEOUTS: &str = "db_statement_timeouts_total";
+    pub(crate) const EVENTS_APPENDED: &str = "events_appended_total";
+    pub(crate) const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
+    pub(crate) const DB_POOL_MAX_CONNECTIONS: &str = "db_pool_max_connections";
+    pub(crate) const DB_STATEMENT_TIMEOUTS: &str = "db_statement_timeouts_total";
     // Relay and feed.
-    pub const RELAY_LEADER: &str = "relay_leader";
-    pub const RELAY_PUBLISHED: &str = "relay_published_total";
-    pub const RELAY_PUBLISH_FAILURES: &str = "relay_publish_failures_total";
-    pub const RELAY_COMMIT_TO_PUBLISH: &str = "relay_commit_to_publish_seconds";
-    pub const RELAY_LAG_EVENTS: &str = "relay_lag_events";
-    pub const RELAY_LAG_SECONDS: &str = "relay_lag_seconds";
-    pub const FEED_HELD_EVENTS: &str = "feed_held_events";
-    pub const FEED_HELD_SECONDS: &str = "feed_held_seconds";
-    pub const FEED_BLOCKER_AGE_SECONDS: &str = "feed_blocker_transaction_age_seconds";
-    pub const HINTS_PUBLISHED: &str = "hints_published_total";
-    pub const HINTS_DROPPED: &str = "hints_dropped_total";
+    pub(crate) const RELAY_LEADER: &str = "relay_leader";
+    pub(crate) const RELAY_PUBLISHED: &str = "relay_published_total";
+    pub(crate) const RELAY_PUBLISH_FAILURES: &str = "relay_publish_failures_total";
+    pub(crate) const RELAY_COMMIT_TO_PUBLISH: &str = "relay_commit_to_publish_seconds";
+    pub(crate) const RELAY_LAG_EVENTS: &str = "relay_lag_events";
+    pub(crate) const RELAY_LAG_SECONDS: &str = "relay_lag_seconds";
+    pub(crate) const FEED_HELD_EVENTS: &str = "feed_held_events";
+    pub(crate) const FEED_HELD_SECONDS: &str = "feed_held_seconds";
+    pub(crate) const FEED_BLOCKER_AGE_SECONDS: &str = "feed_blocker_transaction_age_seconds";
+    pub(crate) const HINTS_PUBLISHED: &str = "hints_published_total";
+    pub(crate) const HINTS_DROPPED: &str = "hints_dropped_total";
     // Runner.
-    pub const RUNNER_WORKERS: &str = "runner_workers";
-    pub const RUNNER_MAX_WORKERS: &str = "runner_max_workers";
-    pub const RUNNER_WORKER_STARTS: &str = "runner_worker_starts_total";
-    pub const RUNNER_WORKER_START_FAILURES: &str = "runner_worker_start_failures_total";
-    pub const RUNNER_WORKER_RESTARTS: &str = "runner_worker_restarts_total";
-    pub const RUNNER_WORKER_EXITS: &str = "runner_worker_exits_total";
-    pub const RUNNER_WORKER_CRASHES: &str = "runner_worker_crashes_total";
-    pub const RUNNER_COST_USD: &str = "runner_cost_usd_total";
-    pub const RUNNER_RESYNCS: &str = "runner_resyncs_total";
-    pub const RUNNER_HINTS: &str = "runner_hints_total";
+    pub(crate) const RUNNER_WORKERS: &str = "runner_workers";
+    pub(crate) const RUNNER_MAX_WORKERS: &str = "runner_max_workers";
+    pub(crate) const RUNNER_WORKER_STARTS: &str = "runner_worker_starts_total";
+    pub(crate) const RUNNER_WORKER_START_FAILURES: &str = "runner_worker_start_failures_total";
+    pub(crate) const RUNNER_WORKER_RESTARTS: &str = "runner_worker_restarts_total";
+    pub(crate) const RUNNER_WORKER_EXITS: &str = "runner_worker_exits_total";
+    pub(crate) const RUNNER_WORKER_CRASHES: &str = "runner_worker_crashes_total";
+    pub(crate) const RUNNER_COST_USD: &str = "runner_cost_usd_total";
+    pub(crate) const RUNNER_RESYNCS: &str = "runner_resyncs_total";
+    pub(crate) const RUNNER_HINTS: &str = "runner_hints_total";
 }
 
 use names::*;
@@ -45,8 +45,11 @@ use names::*;
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the recorder once; later calls return the same handle.
-#[expect(clippy::expect_used, reason = "the bucket list is a non-empty constant")]
-pub fn handle() -> PrometheusHandle {
+#[expect(
+    clippy::expect_used,
+    reason = "the bucket list is a non-empty constant"
+)]
+pub(crate) fn handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let buckets = [
@@ -64,7 +67,7 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
-pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+pub(crate) fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
     let labels = [
         ("method", method.to_owned()),
         ("route", route.to_owned()),
@@ -74,6 +77,6 @@ pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
     metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
 }
 
-pub fn event_appended(kind: &'static str) {
+pub(crate) fn event_appended(kind: &'static str) {
     metrics::counter!(EVENTS_APPENDED, "event_type" => kind).increment(1);
 }

@@ -83,7 +83,7 @@ fn health(r: &HorizonReport, warn_after: Duration) -> FeedHealth {
 }
 
 /// Measure every second until shutdown.
-pub async fn watch_feed(
+pub(crate) async fn watch_feed(
     store: Store,
     watch: FeedWatch,
     warn_after: Duration,

@@ -24,10 +24,10 @@ use crate::metrics::names;
 use crate::store::{FeedFilter, FeedListener, LeaderLock, Store};
 
 /// Cursor name of the Redis relay.
-pub const CURSOR: &str = "redis";
+pub(crate) const CURSOR: &str = "redis";
 
 #[derive(Debug, Clone)]
-pub struct RelaySettings {
+pub(crate) struct RelaySettings {
     pub database_url: String,
     pub channel_prefix: String,
     pub batch_size: u64,
@@ -62,7 +62,7 @@ impl FeedSignal {
 }
 
 /// Turn local commits into signals here and `NOTIFY`s for other replicas.
-pub async fn forward_local_commits(
+pub(crate) async fn forward_local_commits(
     store: Store,
     wake: Arc<Notify>,
     signal: FeedSignal,
@@ -83,7 +83,7 @@ pub async fn forward_local_commits(
 
 /// Listen for other replicas' commits; a lost connection also bumps the
 /// signal, since notifications may have been missed meanwhile.
-pub async fn listen_for_commits(
+pub(crate) async fn listen_for_commits(
     database_url: String,
     signal: FeedSignal,
     shutdown: CancellationToken,
@@ -124,7 +124,7 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
     }
 }
 
-pub struct Relay {
+pub(crate) struct Relay {
     store: Store,
     bus: Arc<Bus>,
     settings: RelaySettings,
@@ -132,7 +132,12 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(store: Store, bus: Arc<Bus>, settings: RelaySettings, signal: FeedSignal) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        bus: Arc<Bus>,
+        settings: RelaySettings,
+        signal: FeedSignal,
+    ) -> Self {
         Self {
             store,
             bus,
@@ -142,7 +147,7 @@ impl Relay {
     }
 
     /// Contend for leadership, publish while leader, until shutdown.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         metrics::gauge!(names::RELAY_LEADER).set(0.0);
         loop {

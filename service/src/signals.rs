@@ -10,7 +10,7 @@ use tracing::warn;
 
 /// Resolves on the first SIGTERM or SIGINT. A handler that cannot be
 /// installed is logged and the other one still waited for.
-pub async fn shutdown_requested() {
+pub(crate) async fn shutdown_requested() {
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
     match (term, int) {
@@ -33,7 +33,7 @@ pub async fn shutdown_requested() {
 
 /// Send `sig` to process group `pgid`; false when the group is gone (or
 /// cannot be signalled, which is logged).
-pub fn signal_group(pgid: i32, sig: Signal) -> bool {
+pub(crate) fn signal_group(pgid: i32, sig: Signal) -> bool {
     match killpg(Pid::from_raw(pgid), sig) {
         Ok(()) => true,
         Err(nix::errno::Errno::ESRCH) => false,
@@ -45,6 +45,6 @@ pub fn signal_group(pgid: i32, sig: Signal) -> bool {
 }
 
 /// Is any process left in the group?
-pub fn group_alive(pgid: i32) -> bool {
+pub(crate) fn group_alive(pgid: i32) -> bool {
     killpg(Pid::from_raw(pgid), None).is_ok()
 }

@@ -418,7 +418,9 @@ pub async fn list(
     if sessions.len() as u64 > limit {
         sessions.truncate(limit as usize);
         let Some(last) = sessions.last() else {
-            return Err(ApiError::Internal(anyhow::anyhow!("a full page has no last row")));
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "a full page has no last row"
+            )));
         };
         let next = ListCursor {
             created_at: last.created_at,

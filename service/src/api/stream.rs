@@ -41,7 +41,10 @@ fn frame(events: &[crate::store::StoredEvent]) -> Bytes {
     let mut out = String::new();
     for e in events {
         let Ok(data) = serde_json::to_string(&e.envelope(true)) else {
-            tracing::error!(position = e.position, "an event does not serialise; skipped on this stream");
+            tracing::error!(
+                position = e.position,
+                "an event does not serialise; skipped on this stream"
+            );
             continue;
         };
         out.push_str(&format!(

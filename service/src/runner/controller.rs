@@ -306,12 +306,12 @@ async fn start_worker<B: Backend>(
                 ..WorkerRecord::default()
             })
             .clearing(&[WorkerField::Pid, WorkerField::Pod, WorkerField::Model]);
-            metrics::counter!("runner_worker_starts_total", "backend" => backend, "launch" => launch_kind).increment(1);
+            metrics::counter!(crate::metrics::names::RUNNER_WORKER_STARTS, "backend" => backend, "launch" => launch_kind).increment(1);
             api.patch_worker(id, &patch, None).await?;
         }
         Err(e) => {
             warn!(error = %e, "cannot start the worker");
-            metrics::counter!("runner_worker_start_failures_total", "backend" => backend)
+            metrics::counter!(crate::metrics::names::RUNNER_WORKER_START_FAILURES, "backend" => backend)
                 .increment(1);
             let patch = WorkerPatch::new(WorkerRecord {
                 stopped_at: Some(Utc::now()),
@@ -359,7 +359,7 @@ async fn report_exit<B: Backend>(
 
 /// Restart policy: move the crashed session back to active.
 async fn recover<B: Backend>(ctx: &Context<B>, view: &SessionView) -> Result<Next, ApiError> {
-    metrics::counter!("runner_worker_restarts_total", "backend" => ctx.backend.kind().as_str())
+    metrics::counter!(crate::metrics::names::RUNNER_WORKER_RESTARTS, "backend" => ctx.backend.kind().as_str())
         .increment(1);
     let restarts = view.restarts.saturating_add(1);
     info!(restarts, "restart policy: recovering the crashed session");
@@ -420,18 +420,18 @@ fn record_exit(backend: &'static str, exit: &WorkerExit, cost_before: f64) {
         Outcome::BudgetReached { .. } => "budget",
         Outcome::Failed { .. } => "crashed",
     };
-    metrics::counter!("runner_worker_exits_total", "backend" => backend, "outcome" => outcome)
+    metrics::counter!(crate::metrics::names::RUNNER_WORKER_EXITS, "backend" => backend, "outcome" => outcome)
         .increment(1);
     if let Outcome::Failed { reason, .. } = &exit.outcome {
         let reason = serde_json::to_value(reason)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_else(|| "unknown".into());
-        metrics::counter!("runner_worker_crashes_total", "backend" => backend, "reason" => reason)
+        metrics::counter!(crate::metrics::names::RUNNER_WORKER_CRASHES, "backend" => backend, "reason" => reason)
             .increment(1);
     }
     if let Some(total) = exit.summary.result.as_ref().and_then(|r| r.total_cost_usd) {
-        metrics::gauge!("runner_cost_usd_total", "backend" => backend)
+        metrics::gauge!(crate::metrics::names::RUNNER_COST_USD, "backend" => backend)
             .increment((total - cost_before).max(0.0));
     }
 }

@@ -69,7 +69,7 @@ impl RunnerStats {
 
     fn resynced(&self, backend: &'static str) {
         self.resyncs.fetch_add(1, Ordering::SeqCst);
-        metrics::counter!("runner_resyncs_total", "backend" => backend).increment(1);
+        metrics::counter!(crate::metrics::names::RUNNER_RESYNCS, "backend" => backend).increment(1);
     }
 }
 
@@ -263,8 +263,8 @@ fn serve_metrics(
                     let (handle, running) = (handle.clone(), running.clone());
                     async move {
                         let n: usize = running.iter().map(|f| f()).sum();
-                        metrics::gauge!("runner_workers", "state" => "running").set(n as f64);
-                        metrics::gauge!("runner_max_workers").set(max_workers as f64);
+                        metrics::gauge!(crate::metrics::names::RUNNER_WORKERS, "state" => "running").set(n as f64);
+                        metrics::gauge!(crate::metrics::names::RUNNER_MAX_WORKERS).set(max_workers as f64);
                         HttpResponse::Ok()
                             .content_type("text/plain; version=0.0.4")
                             .body(handle.render())
