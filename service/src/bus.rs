@@ -59,26 +59,28 @@ impl Bus {
     }
 
     /// Run a command; on any failure drop the connection so the next call reconnects.
-    pub async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BusError> {
+    pub(crate) async fn run<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, BusError> {
         let mut c = self.connection().await?;
-        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut c)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.forget().await;
-                Err(e.into())
-            }
-            Err(_) => {
-                self.forget().await;
-                Err(BusError::Timeout(self.timeout))
-            }
-        }
+        self.settle(cmd.query_async::<T>(&mut c)).await
     }
 
     /// Pipelined commands, all or nothing from the caller's point of view.
-    pub async fn run_pipeline(&self, pipe: &redis::Pipeline) -> Result<(), BusError> {
+    pub(crate) async fn run_pipeline(&self, pipe: &redis::Pipeline) -> Result<(), BusError> {
         let mut c = self.connection().await?;
-        match tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut c)).await {
-            Ok(Ok(())) => Ok(()),
+        self.settle(pipe.query_async::<()>(&mut c)).await
+    }
+
+    /// Bound a request by the timeout; after any failure forget the
+    /// connection, so the next request makes a new one.
+    async fn settle<T>(
+        &self,
+        request: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BusError> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.forget().await;
                 Err(e.into())

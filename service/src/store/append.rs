@@ -38,7 +38,23 @@ pub(crate) struct EventRow<'a> {
     pub occurred_at: &'a str,
 }
 
-impl EventRow<'_> {
+impl<'a> EventRow<'a> {
+    /// A `session.updated` event for the row the `u` CTE updated (returning
+    /// `updated_at`), where `$1` is the session id, `$2` the version planned
+    /// against and `$3` the event id.
+    pub(crate) fn updated(payload: &'a str, metadata: &'a str) -> Self {
+        Self {
+            source: "u",
+            kind: EventKind::Updated,
+            aggregate_id: "$1",
+            version: "$2 + 1",
+            event_id: "$3",
+            payload,
+            metadata,
+            occurred_at: "u.updated_at",
+        }
+    }
+
     pub(crate) fn cte(&self) -> String {
         format!(
             "e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \

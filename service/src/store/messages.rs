@@ -31,17 +31,7 @@ impl Store {
         meta: &EventMetadata,
     ) -> Result<Written, StoreError> {
         let batch = Value::Array(messages.to_vec());
-        let event = EventRow {
-            source: "u",
-            kind: EventKind::Updated,
-            aggregate_id: "$1",
-            version: "$2 + 1",
-            event_id: "$3",
-            payload: "$7",
-            metadata: "$8",
-            occurred_at: "u.updated_at",
-        }
-        .cte();
+        let event = EventRow::updated("$7", "$8").cte();
         let sql = format!(
             "WITH {ANNOUNCE}, \
              u AS (UPDATE sessions SET usage = $4, version = $2 + 1, updated_at = now() FROM announce \

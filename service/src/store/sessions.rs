@@ -404,17 +404,7 @@ impl Store {
                 changes.names()
             )));
         }
-        let event = EventRow {
-            source: "u",
-            kind: EventKind::Updated,
-            aggregate_id: "$1",
-            version: "$2 + 1",
-            event_id: "$3",
-            payload: "$4",
-            metadata: "$5",
-            occurred_at: "u.updated_at",
-        }
-        .cte();
+        let event = EventRow::updated("$4", "$5").cte();
         let sql = format!(
             "WITH {ANNOUNCE}, \
              u AS (UPDATE sessions SET {sets}version = $2 + 1, updated_at = now() FROM announce \
