@@ -9,7 +9,7 @@
 
 # ---- builder: compile `agent-sessions` in release mode -----------------------
 # Images keep the fully optimised `release` profile (as the benchmarks do);
-# only scripts/run.sh builds the quicker `dev-run` profile for local use.
+# scripts/run.sh builds the quicker `dev` profile for local use.
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 

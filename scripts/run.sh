@@ -4,9 +4,10 @@
 # migrations, the API on :8011 (PORT to change it) and the runner in the
 # background (log in var/runner.log). Ctrl-C stops both.
 #
-# Builds with the `dev-run` profile (Cargo.toml): optimised enough for local
-# use and a clean build in minutes on two cores; RUN_PROFILE=release for the
-# fully optimised one that images and benchmarks use.
+# Builds with Cargo's `dev` profile, the one the tests use: a clean build
+# takes about 8 CPU-minutes (a few minutes on two cores) where `release`
+# takes about four times as long. RUN_PROFILE=release for the optimised
+# build that images and benchmarks use.
 # Workers need ANTHROPIC_API_KEY in this environment; the runner passes it on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +19,8 @@ db="${url##*/}"; db="${db%%\?*}"
 SERVE_PG="${url%/*}"
 SERVE_TAG=run
 source scripts/lib/serve.sh
-serve_say "building (profile ${RUN_PROFILE:-dev-run})"
-serve_build "${RUN_PROFILE:-dev-run}"
+serve_say "building (profile ${RUN_PROFILE:-dev})"
+serve_build "${RUN_PROFILE:-dev}"
 serve_database "$db" keep
 export DATABASE_URL="$url"
 
