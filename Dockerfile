@@ -8,6 +8,8 @@
 # The default (last) stage is the service image; `worker` is a separate target.
 
 # ---- builder: compile `agent-sessions` in release mode -----------------------
+# Images keep the fully optimised `release` profile (as the benchmarks do);
+# scripts/run.sh builds the quicker `dev` profile for local use.
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 

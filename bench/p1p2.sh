@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# P1 and P2 (DESIGN §5): the service's create, update and read-by-id paths
-# under wrk, and pgbench running the same SQL at the same concurrency, in one
-# run. Prints each rate and the ratio service / pgbench.
+# P1 and P2 (docs/design.md, performance targets): the service's create,
+# update and read-by-id paths under wrk, and pgbench running the same SQL at
+# the same concurrency, in one run. Prints each rate and the ratio
+# service / pgbench.
 #
 #   bench/p1p2.sh            # 16 connections, 10 s per measurement
 #   CONNS=32 DURATION=20 bench/p1p2.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# P4 (DESIGN §5): event -> local worker spawned, p50/p99, and the runner's
-# memory while it holds 500 workers. Release build, API and runner on
+# P4 (docs/design.md, performance targets): event -> local worker spawned,
+# p50/p99, and the runner's memory while it holds 500 workers. Release build, API and runner on
 # loopback, a fake `claude` that sleeps (bench/p4_fake_claude.sh).
 #   bash bench/p4.sh [sessions] [hold]      (defaults 200 and 500)
 set -euo pipefail

@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# Start the service on :8011 against a fresh database and run every curl
-# example of seed 003 verbatim (scripts/seed_examples.py).
+# Run every curl example of the seed that defined this service's contract
+# (seed 003, `003_*.txt`) verbatim against a fresh service: a temporary
+# database and a free port (scripts/lib/serve.sh), both gone afterwards.
+#
+# The seed is not part of this repository. It is looked for in
+# ../shared/seeds/ beside the repository (or in SEED_DIR); when it is not
+# there the check is skipped, with a message, and exits 0: the project's own
+# API tests (service/tests/api/) send the same requests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-db="seedcheck_$$"
-admin="postgres://postgres@127.0.0.1:5432/postgres"
-psql "$admin" -qc "create database $db"
-export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db"
-cleanup() {
-  [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  psql "$admin" -qc "drop database if exists $db with (force)" || true
-}
-trap cleanup EXIT
-cargo build -q --bin agent-sessions
-./target/debug/agent-sessions migrate
-if curl -s -o /dev/null localhost:8011/healthz; then
-  echo "port 8011 is already in use; stop what runs there" >&2
-  exit 1
+
+seed_dir="${SEED_DIR:-../shared/seeds}"
+seed=$(ls "$seed_dir"/003_*.txt 2>/dev/null | head -n1 || true)
+if [ -z "$seed" ]; then
+  echo "[seed-check] SKIPPED: seed 003 not found ($seed_dir/003_*.txt is not beside this repository); the API tests cover the same requests"
+  exit 0
 fi
-APP__AUTH__ENABLED=false RUST_LOG=warn ./target/debug/agent-sessions serve &
-pid=$!
-for _ in $(seq 1 100); do curl -s -o /dev/null localhost:8011/healthz && break; sleep 0.1; done
-python3 scripts/seed_examples.py
+
+SERVE_TAG=seed-check
+source scripts/lib/serve.sh
+serve_build
+serve_database "seedcheck_$$"
+export APP__AUTH__ENABLED=false APP__REDIS__CHANNEL_PREFIX="seedcheck:$$:"
+serve_start
+echo "[seed-check] $seed against $SERVE_URL"
+python3 scripts/seed_examples.py "$seed" "$SERVE_URL"

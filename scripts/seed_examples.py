@@ -1,29 +1,22 @@
 #!/usr/bin/env python3
-"""Run every curl example of seed 003 verbatim against a running service.
+"""Run every curl example of a seed file verbatim against a running service.
 
-The only change made to a command is the placeholder session id
-(660e8400-…-446655440001), replaced by a fresh session's id so each PATCH
-and GET acts on a real session. Each command must print a JSON answer that
-is not a problem document.
+    seed_examples.py SEED_FILE BASE_URL
+
+The seed's examples talk to http://localhost:8011; that origin is replaced by
+BASE_URL (the service under test runs on a free port), and the placeholder
+session id (660e8400-…-446655440001) by a fresh session's id so each PATCH
+and GET acts on a real session. Nothing else in a command changes. Each
+command must print a JSON answer that is not a problem document.
 """
-import glob
 import json
-import os
 import re
 import subprocess
 import sys
 
 PLACEHOLDER = "660e8400-e29b-41d4-a716-446655440001"
-BASE = "http://localhost:8011"
-
-
-def seed_path():
-    here = os.path.dirname(os.path.abspath(__file__))
-    for root in (os.path.join(here, "..", "..", "shared"), os.path.join(here, "..", "shared")):
-        found = glob.glob(os.path.join(root, "seeds", "003_*.txt"))
-        if found:
-            return found[0]
-    sys.exit("seed 003 not found beside the repository (../shared/seeds)")
+SEED_ORIGIN = "localhost:8011"
+BASE = ""
 
 
 def commands(text):
@@ -51,10 +44,15 @@ def fresh_session():
 
 
 def main():
-    with open(seed_path()) as f:
+    global BASE
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    seed, BASE = sys.argv[1], sys.argv[2].rstrip("/")
+    with open(seed) as f:
         cmds = list(commands(f.read()))
     failures = 0
     for cmd in cmds:
+        cmd = cmd.replace(f"http://{SEED_ORIGIN}", BASE).replace(SEED_ORIGIN, BASE)
         if PLACEHOLDER in cmd:
             cmd = cmd.replace(PLACEHOLDER, fresh_session())
         out = subprocess.run(["bash", "-c", cmd + " -s -w '\\n%{http_code}'"], capture_output=True, text=True)
