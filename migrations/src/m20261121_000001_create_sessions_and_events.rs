@@ -4,7 +4,7 @@
 //! the event's index within that transaction. Readers of the global feed only
 //! return positions below `pg_snapshot_xmin(pg_current_snapshot()) * 1024`, so
 //! an event that commits late can never appear below a position a reader has
-//! already passed (DESIGN §2, G3), and writers never serialise on a lock.
+//! already passed (G3 in docs/design.md), and writers never serialise on a lock.
 
 use sea_orm_migration::prelude::*;
 

@@ -1,4 +1,4 @@
-//! P3 (DESIGN §5): commit-to-subscriber latency at a fixed write rate.
+//! P3 (docs/design.md, performance targets): commit-to-subscriber latency at a fixed write rate.
 //!
 //! Writes PATCHes at `RATE` per second for `SECONDS` against a running
 //! service, subscribes to its Redis channel, and for each received event

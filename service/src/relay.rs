@@ -1,5 +1,5 @@
 //! The relay: publishes committed events to Redis, in position order, from a
-//! durable cursor (DESIGN §2, G4).
+//! durable cursor (G4 in docs/design.md).
 //!
 //! Every `serve` replica runs one; a PostgreSQL advisory lock lets exactly one
 //! publish at a time, and another takes over within a leader-check interval

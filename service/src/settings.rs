@@ -130,7 +130,7 @@ pub struct ApiSettings {
     pub max_page_size: u64,
 }
 
-/// The `runner` subcommand (DESIGN §4). `API_URL`, `WORKSPACE_ROOT` and
+/// The `runner` subcommand (docs/design.md, the runner). `API_URL`, `WORKSPACE_ROOT` and
 /// `CLAUDE_BIN` override the matching keys; the rest are `APP__RUNNER__*`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RunnerSettings {

@@ -1,4 +1,4 @@
-//! Session events: their names and payloads (DESIGN §2).
+//! Session events: their names and payloads (docs/design.md, events).
 //!
 //! Payloads keep the seed's shape (`agent_id`, `session_type`,
 //! `runtime_backend` on create; `agent_id`, `status`, `updates` on update) and

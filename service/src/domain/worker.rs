@@ -1,5 +1,5 @@
 //! The optional `worker` spec: what the runner needs to start a Claude Code
-//! worker for a session (DESIGN §4).
+//! worker for a session (docs/design.md, the runner).
 //!
 //! Parsed strictly (unknown fields are refused) and validated here, so a spec
 //! that reaches the store is one the runner can act on. Secrets never live in

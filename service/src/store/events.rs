@@ -32,7 +32,7 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
-    /// The envelope; `with_metadata` is false for Redis messages (DESIGN §2).
+    /// The envelope; `with_metadata` is false for Redis messages (docs/design.md, events).
     pub fn envelope(&self, with_metadata: bool) -> EventEnvelope {
         EventEnvelope {
             event_id: self.event_id,
