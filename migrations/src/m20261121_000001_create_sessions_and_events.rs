@@ -2,9 +2,10 @@
 //!
 //! `events.position` is the writing transaction's id (`xid8`) times 1024 plus
 //! the event's index within that transaction. Readers of the global feed only
-//! return positions below `pg_snapshot_xmin(pg_current_snapshot()) * 1024`, so
-//! an event that commits late can never appear below a position a reader has
-//! already passed (G3 in docs/design.md), and writers never serialise on a lock.
+//! return positions below the oldest event writer still open (the service's
+//! `store/horizon.rs`), so an event that commits late can never appear below a
+//! position a reader has already passed (G3 in docs/design.md), and writers
+//! never serialise on a lock.
 
 use sea_orm_migration::prelude::*;
 
