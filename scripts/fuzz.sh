@@ -28,7 +28,10 @@ SERVE_TAG=fuzz
 source scripts/lib/serve.sh
 serve_build
 serve_database "fuzz_$$"
+# Long-polls of GET /events end after a second, not the minute a fuzzed
+# `wait` may ask for.
 export APP__AUTH__ENABLED="${APP__AUTH__ENABLED:-false}" APP__REDIS__CHANNEL_PREFIX="fuzz:$$:" RUST_BACKTRACE=0
+export APP__API__MAX_WAIT_SECS=1
 serve_start
 pid=$SERVE_PID
 log=$SERVE_LOG

@@ -128,6 +128,9 @@ pub struct ApiSettings {
     pub default_page_size: u64,
     /// Larger `limit`s are refused with 400.
     pub max_page_size: u64,
+    /// Longest a long-poll of `GET /events` is held, in seconds (1 to 60): a
+    /// larger `wait` (up to the documented 60) is shortened to this.
+    pub max_wait_secs: u64,
 }
 
 /// The `runner` subcommand (docs/design.md, the runner). `API_URL`, `WORKSPACE_ROOT` and
@@ -309,6 +312,7 @@ filter = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn"
 [api]
 default_page_size = 20
 max_page_size = 500
+max_wait_secs = 60
 
 [auth]
 enabled = true
@@ -427,6 +431,9 @@ impl Settings {
         }
         if self.server.body_limit_bytes < 1024 {
             return bad("server.body_limit_bytes", "must be at least 1024");
+        }
+        if !(1..=60).contains(&self.api.max_wait_secs) {
+            return bad("api.max_wait_secs", "must be between 1 and 60");
         }
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             return bad(

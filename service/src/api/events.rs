@@ -90,7 +90,8 @@ pub struct FeedQuery {
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Seconds to hold the request while no event is there yet (0 to 60,
-    /// default 0): the answer comes as soon as one is released.
+    /// default 0; the server may hold it less, `api.max_wait_secs`): the
+    /// answer comes as soon as one is released.
     #[param(value_type = Option<i64>, minimum = 0, maximum = 60)]
     pub wait: Option<String>,
 }
@@ -151,7 +152,7 @@ pub async fn feed(
     if wait > MAX_WAIT_SECS {
         return Err(ApiError::parameter("wait", "must be at most 60 seconds"));
     }
-    let deadline = Instant::now() + Duration::from_secs(wait as u64);
+    let deadline = Instant::now() + Duration::from_secs(wait as u64).min(state.max_wait);
     let mut changes = state.feed.subscribe();
     let events = loop {
         // Mark the signal seen before reading, so a commit during the read wakes us.

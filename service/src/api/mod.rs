@@ -38,6 +38,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub sse_heartbeat: std::time::Duration,
     pub pages: PageSizes,
+    /// Longest a long-poll of the feed is held (`api.max_wait_secs`).
+    pub max_wait: std::time::Duration,
     /// Wakes the relay after a commit, so publishing does not wait for a poll.
     pub relay_wake: Arc<Notify>,
     /// Best-effort wake-up hints on Redis, sent right after a commit.

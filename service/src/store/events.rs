@@ -68,7 +68,7 @@ impl Store {
         filter: &FeedFilter,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let horizon = self.horizon().await?;
-        if horizon <= after + 1 {
+        if horizon.saturating_sub(1) <= after {
             return Ok(Vec::new());
         }
         let mut values: Vec<Param> = vec![after.into(), horizon.into()];

@@ -315,3 +315,23 @@ async fn readers_never_pass_an_announced_writer_over_ten_thousand_writes() {
         );
     }
 }
+
+/// Found by the fuzzer: a position at the top of the range reads nothing
+/// (it used to overflow computing the bound), with or without a long-poll.
+#[tokio::test]
+async fn the_feed_after_the_largest_position_is_empty() {
+    let app = TestApp::spawn_with(|s| s.api.max_wait_secs = 1).await;
+    app.create_default().await;
+    for path in [
+        format!("/events?after={}", i64::MAX),
+        format!("/events?after={}&wait=1", i64::MAX),
+    ] {
+        assert_eq!(
+            app.fetch(&path).await.expect(200).json(),
+            json!([]),
+            "{path}"
+        );
+    }
+    let page = app.fetch("/events?wait=60").await.expect(200).json();
+    assert_eq!(page.as_array().map(Vec::len), Some(1), "{page}");
+}
