@@ -9,6 +9,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark tool: failing loudly is right
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,8 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use sea_orm::{ConnectionTrait, Database, TransactionTrait};
 use serde_json::{Value, json};
+
+use common::Latencies;
 
 type Samples = Arc<Mutex<Vec<(DateTime<Utc>, f64)>>>;
 
@@ -36,7 +40,7 @@ fn record(samples: &Samples, v: &Value) {
 }
 
 fn summary(name: &str, samples: &Samples, from: DateTime<Utc>, to: DateTime<Utc>) {
-    let mut v: Vec<f64> = samples
+    let v: Vec<f64> = samples
         .lock()
         .map(|s| {
             s.iter()
@@ -45,18 +49,13 @@ fn summary(name: &str, samples: &Samples, from: DateTime<Utc>, to: DateTime<Utc>
                 .collect()
         })
         .unwrap_or_default();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let v = Latencies::new(v);
     println!(
         "  {name:<8} n {:>6}  p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms",
         v.len(),
-        pct(0.5),
-        pct(0.99),
-        v.last().copied().unwrap_or(f64::NAN)
+        v.pct(0.5),
+        v.pct(0.99),
+        v.max()
     );
 }
 

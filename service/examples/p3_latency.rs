@@ -10,11 +10,15 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark tool: failing loudly is right
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+
+use common::Latencies;
 
 const RATE: u64 = 1000;
 const SECONDS: u64 = 10;
@@ -124,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
         lat_w.push(ms);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let mut lat = receiver
+    let lat = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("subscriber thread panicked"))?;
     lat_w.sort_by(|a, b| a.total_cmp(b));
@@ -133,12 +137,8 @@ async fn main() -> anyhow::Result<()> {
         lat_w[lat_w.len() / 2],
         lat_w[(lat_w.len() * 99 / 100).min(lat_w.len() - 1)]
     );
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let lat = Latencies::new(lat);
+    let pct = |p: f64| lat.pct(p);
     println!(
         "writes: {ok} acknowledged of {total} in {elapsed:.1} s ({:.0}/s)",
         ok as f64 / elapsed
@@ -149,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
         pct(0.50),
         pct(0.90),
         pct(0.99),
-        lat.last().copied().unwrap_or(f64::NAN)
+        lat.max()
     );
     Ok(())
 }

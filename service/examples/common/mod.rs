@@ -1,0 +1,25 @@
+//! What the benchmark clients share.
+
+/// Latencies in milliseconds, sorted once, read by percentile.
+pub(crate) struct Latencies(Vec<f64>);
+
+impl Latencies {
+    pub(crate) fn new(mut ms: Vec<f64>) -> Self {
+        ms.sort_by(|a, b| a.total_cmp(b));
+        Self(ms)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The `p` quantile (0 to 1); NaN when there is none.
+    pub(crate) fn pct(&self, p: f64) -> f64 {
+        let i = ((self.0.len() as f64 * p) as usize).min(self.0.len().saturating_sub(1));
+        self.0.get(i).copied().unwrap_or(f64::NAN)
+    }
+
+    pub(crate) fn max(&self) -> f64 {
+        self.0.last().copied().unwrap_or(f64::NAN)
+    }
+}
