@@ -34,7 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-run() { # mode feed_poll_ms sessions hold; each run on a fresh database and API
+run() { # mode feed_wait_secs sessions hold; each run on a fresh database and API
   local mode=$1 poll=$2 n=$3 hold=$4 root="$WORK/$1-$2"
   mkdir -p "$root"
   psql "$ADMIN" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1
@@ -43,7 +43,7 @@ run() { # mode feed_poll_ms sessions hold; each run on a fresh database and API
   "$BIN" serve >"$root.api.log" 2>&1 &
   local ap=$!; pids+=($ap)
   for _ in $(seq 1 100); do curl -fs "$API_URL/healthz" >/dev/null && break; sleep 0.1; done
-  APP__REDIS__CHANNEL_PREFIX="p4-$mode-$poll:" APP__RUNNER__FEED_POLL_MS=$poll \
+  APP__REDIS__CHANNEL_PREFIX="p4-$mode-$poll:" APP__RUNNER__FEED_WAIT_SECS=$poll \
   APP__RUNNER__MAX_WORKERS=1000 APP__RUNNER__RESYNC_INTERVAL_SECS=30 WORKSPACE_ROOT="$root" \
     "$BIN" runner >"$root.log" 2>&1 &
   local rp=$!; pids+=($rp)
@@ -59,6 +59,5 @@ run() { # mode feed_poll_ms sessions hold; each run on a fresh database and API
 }
 
 echo "# P4 $(date -u +%FT%TZ), $(nproc) cores, sessions=$SESSIONS hold=$HOLD"
-run redis 250 "$SESSIONS" "$HOLD"
-run feed 250 "$SESSIONS" 0
-run feed 20 "$SESSIONS" 0
+run redis 25 "$SESSIONS" "$HOLD"
+run feed 25 "$SESSIONS" 0
