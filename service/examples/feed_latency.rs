@@ -71,17 +71,7 @@ async fn main() -> anyhow::Result<()> {
     let before: u64 = a.get(6).and_then(|s| s.parse().ok()).unwrap_or(20);
     let during: u64 = a.get(7).and_then(|s| s.parse().ok()).unwrap_or(60);
     let client = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for _ in 0..32 {
-        let s: Value = client
-            .post(format!("{api}/sessions/"))
-            .json(&json!({"agent_id": "550e8400-e29b-41d4-a716-446655440000", "session_type": "bench"}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        ids.push(s["id"].as_str().unwrap_or_default().to_owned());
-    }
+    let ids = common::create_sessions(&client, &api, 32).await?;
     let head: i64 = client
         .get(format!("{api}/events?after=0&limit=500"))
         .send()

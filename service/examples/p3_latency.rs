@@ -38,17 +38,7 @@ async fn main() -> anyhow::Result<()> {
         args.get(3).cloned().unwrap_or_default(),
     );
     let client = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for _ in 0..SESSIONS {
-        let s: Value = client
-            .post(format!("{api}/sessions/"))
-            .json(&json!({"agent_id": "550e8400-e29b-41d4-a716-446655440000", "session_type": "bench"}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        ids.push(s["id"].as_str().unwrap_or_default().to_owned());
-    }
+    let ids = common::create_sessions(&client, &api, SESSIONS).await?;
 
     // The subscriber gets an OS thread and runtime of its own, so the
     // writer's tasks cannot delay when a message is seen.

@@ -23,3 +23,23 @@ impl Latencies {
         self.0.last().copied().unwrap_or(f64::NAN)
     }
 }
+
+/// Create `n` plain sessions to write to; their ids.
+pub(crate) async fn create_sessions(
+    client: &reqwest::Client,
+    api: &str,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s: serde_json::Value = client
+            .post(format!("{api}/sessions/"))
+            .json(&serde_json::json!({"agent_id": "550e8400-e29b-41d4-a716-446655440000", "session_type": "bench"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        ids.push(s["id"].as_str().unwrap_or_default().to_owned());
+    }
+    Ok(ids)
+}

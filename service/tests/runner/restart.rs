@@ -15,14 +15,22 @@ fn worker_rec(s: &Value) -> &Value {
     &s["runtime_metadata"]["worker"]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runner_survives_kill_9_with_exactly_one_worker() {
+/// The API, the fake model and a runner process, with a local session whose
+/// worker (on `prompt`) has started; its id and the worker's pid.
+async fn running_worker(
+    prompt: &str,
+) -> (
+    TestApp,
+    FakeAnthropic,
+    std::path::PathBuf,
+    RunnerProcess,
+    String,
+    i32,
+) {
     let api = TestApp::spawn().await;
     let fake = FakeAnthropic::start().await;
     let root = temp_root();
-    let mut first = RunnerProcess::spawn(&api, &root, &fake.url, "runner-1.log");
-
-    let prompt = "A long job [slow:8]";
+    let first = RunnerProcess::spawn(&api, &root, &fake.url, "runner-1.log");
     let s = api
         .create_session(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
             "runtime_backend": "local", "worker": {"prompt": prompt}}))
@@ -32,6 +40,13 @@ async fn runner_survives_kill_9_with_exactly_one_worker() {
         worker_rec(&api.get(&id).await)["pid"].as_i64()
     })
     .await as i32;
+    (api, fake, root, first, id, pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_survives_kill_9_with_exactly_one_worker() {
+    let prompt = "A long job [slow:8]";
+    let (api, fake, root, mut first, id, pid) = running_worker(prompt).await;
     eventually("the model request", Duration::from_secs(30), || async {
         (!fake.requests_for(prompt).is_empty()).then_some(())
     })
@@ -95,20 +110,8 @@ async fn runner_survives_kill_9_with_exactly_one_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_reports_a_worker_that_ended_while_no_runner_watched() {
-    let api = TestApp::spawn().await;
-    let fake = FakeAnthropic::start().await;
-    let root = temp_root();
-    let mut first = RunnerProcess::spawn(&api, &root, &fake.url, "runner-1.log");
     let prompt = "A short job [slow:2]";
-    let s = api
-        .create_session(&json!({"agent_id": Uuid::new_v4(), "session_type": "task",
-            "runtime_backend": "local", "worker": {"prompt": prompt}}))
-        .await;
-    let id = id_of(&s);
-    let pid = eventually("the worker to start", Duration::from_secs(30), || async {
-        worker_rec(&api.get(&id).await)["pid"].as_i64()
-    })
-    .await as i32;
+    let (api, fake, root, mut first, id, pid) = running_worker(prompt).await;
     first.kill9();
     eventually(
         "the orphaned worker to finish",
