@@ -8,6 +8,7 @@ mod session;
 mod worker;
 mod worker_spec;
 
+pub mod live;
 pub use event::{EventEnvelope, EventKind, EventMetadata};
 pub use hint::{WakeHint, hint_channel};
 pub use problem::{FieldProblem, Problem};
@@ -15,5 +16,10 @@ pub use session::{
     NewSession, RuntimeBackend, Session, SessionMergePatch, SessionStatus, SessionUpdate, Usage,
     format_time,
 };
-pub use worker::{PausedReason, PodPhase, WorkerField, WorkerLaunch, WorkerPatch, WorkerRecord};
-pub use worker_spec::{CrashReason, PermissionMode, Resources, RestartPolicy, WorkerSpec};
+pub use worker::{
+    PausedReason, PodPhase, StopCause, WorkerField, WorkerLaunch, WorkerPatch, WorkerRecord,
+    WorkerState,
+};
+pub use worker_spec::{
+    ApprovalDecision, CrashReason, PermissionMode, Resources, RestartPolicy, WorkerMode, WorkerSpec,
+};

@@ -159,6 +159,41 @@ pub struct WorkerRecord {
         skip_serializing_if = "Option::is_none"
     )]
     pub paused_reason: Option<PausedReason>,
+    /// What the worker is doing now.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub state: Option<WorkerState>,
+    /// Who asked for the stop that ended the worker (the actor of the request that paused, completed or deleted the session, or `runner` for its own reasons).
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stopped_by: Option<String>,
+    /// Why the runner stopped the worker; absent when it ended on its own.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stop_reason: Option<StopCause>,
+    /// The last input (`POST /sessions/{id}/input`, interrupt or approval answer) the worker has taken, by its `seq`.
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub input_seq: Option<i64>,
+    /// Spend so far in millionths of a dollar, from token usage and the runner's price table (exact, unlike the float `cost_usd`, which mirrors it).
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cost_micro_usd: Option<u64>,
 }
 
 /// How a worker began.
@@ -190,6 +225,68 @@ pub enum PodPhase {
 pub enum PausedReason {
     /// The spend reached the worker's `max_budget_usd`.
     Budget,
+    /// A `conversation` worker idled for `worker.idle_timeout_seconds`.
+    Idle,
+}
+
+/// The worker's state, as the runner last reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Claimed and being started.
+    Starting,
+    /// Working on a turn.
+    Running,
+    /// Between turns, waiting for input (`conversation` mode).
+    Idle,
+    /// Waiting for a tool approval.
+    AwaitingApproval,
+    /// A stop was asked for and is under way.
+    Stopping,
+    /// The process or pod is gone.
+    Exited,
+}
+
+impl WorkerState {
+    pub const ALL: [Self; 6] = [
+        Self::Starting,
+        Self::Running,
+        Self::Idle,
+        Self::AwaitingApproval,
+        Self::Stopping,
+        Self::Exited,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Idle => "idle",
+            Self::AwaitingApproval => "awaiting_approval",
+            Self::Stopping => "stopping",
+            Self::Exited => "exited",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// Why the runner stopped a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopCause {
+    /// The session was paused.
+    Paused,
+    /// The session was completed or crashed by someone else.
+    Finished,
+    /// The session was deleted, lost its worker spec or moved backend.
+    Unmanaged,
+    /// A newer generation holds the session.
+    Stale,
+    /// The conversation idled past `idle_timeout_seconds`.
+    Idle,
 }
 
 /// A field of the record a patch removes (RFC 7396: set to `null`).
@@ -205,6 +302,8 @@ pub enum WorkerField {
     CrashReason,
     LastError,
     PausedReason,
+    StoppedBy,
+    StopReason,
 }
 
 impl WorkerField {
@@ -220,11 +319,13 @@ impl WorkerField {
             Self::CrashReason => "crash_reason",
             Self::LastError => "last_error",
             Self::PausedReason => "paused_reason",
+            Self::StoppedBy => "stopped_by",
+            Self::StopReason => "stop_reason",
         }
     }
 
     /// What a new worker's claim removes: everything about the last one's run.
-    pub const OF_A_RUN: [Self; 8] = [
+    pub const OF_A_RUN: [Self; 10] = [
         Self::Pid,
         Self::StartedAt,
         Self::StoppedAt,
@@ -233,6 +334,8 @@ impl WorkerField {
         Self::CrashReason,
         Self::LastError,
         Self::PausedReason,
+        Self::StoppedBy,
+        Self::StopReason,
     ];
 }
 
@@ -357,7 +460,8 @@ mod tests {
             json!({"status": "crashed", "runtime_metadata": {"worker": {
                 "generation": 2, "launch": "new", "started_at": "2026-11-21T09:00:00.500000Z",
                 "pid": null, "stopped_at": null, "exit_code": null, "signal": null,
-                "crash_reason": null, "last_error": null, "paused_reason": null
+                "crash_reason": null, "last_error": null, "paused_reason": null,
+                "stopped_by": null, "stop_reason": null
             }}})
         );
         // Every cleared key is a field of the record.
@@ -372,6 +476,8 @@ mod tests {
             crash_reason: Some(CrashReason::Signal),
             last_error: Some("e".into()),
             paused_reason: Some(PausedReason::Budget),
+            stopped_by: Some("alice".into()),
+            stop_reason: Some(StopCause::Paused),
             ..Default::default()
         };
         let v = serde_json::to_value(&full).unwrap();

@@ -50,6 +50,47 @@ pub struct WorkerSpec {
     pub resources: Option<Resources>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+    /// `task` (default): the session is `completed` by the first answer
+    /// that leaves no input waiting. `conversation`: the worker idles
+    /// between turns, waiting for `POST /sessions/{id}/input`; the session
+    /// stays `active`.
+    #[serde(default, skip_serializing_if = "WorkerMode::is_task")]
+    pub mode: WorkerMode,
+    /// A `conversation` worker idle this long is stopped and the session
+    /// paused with reason `idle`; the next input resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 604800)]
+    pub idle_timeout_seconds: Option<u32>,
+    /// A tool approval unanswered this long is decided by `approval_default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 604800)]
+    pub approval_timeout_seconds: Option<u32>,
+    /// The decision a timed-out approval gets (default `deny`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_default: Option<ApprovalDecision>,
+}
+
+/// How long a worker lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerMode {
+    #[default]
+    Task,
+    Conversation,
+}
+
+impl WorkerMode {
+    pub fn is_task(&self) -> bool {
+        *self == Self::Task
+    }
+}
+
+/// An answer to a tool approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalDecision {
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -136,6 +177,8 @@ same_variants!(
     domain::PermissionMode,
     [Default, AcceptEdits, BypassPermissions, Plan, DontAsk]
 );
+same_variants!(WorkerMode, domain::WorkerMode, [Task, Conversation]);
+same_variants!(ApprovalDecision, domain::ApprovalDecision, [Allow, Deny]);
 same_variants!(
     CrashReason,
     domain::CrashReason,
@@ -203,6 +246,10 @@ macro_rules! spec_fields {
                     image: s.image,
                     resources: s.resources.map(Into::into),
                     restart_policy: s.restart_policy.map(Into::into),
+                    mode: s.mode.into(),
+                    idle_timeout_seconds: s.idle_timeout_seconds,
+                    approval_timeout_seconds: s.approval_timeout_seconds,
+                    approval_default: s.approval_default.map(Into::into),
                 }
             }
         }

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 /// Environment variables the runner hands to workers itself; a session may
 /// neither set nor override them.
+/// The longest idle or approval timeout: a week.
+pub const MAX_TIMEOUT_SECONDS: u32 = 604_800;
+
 const RESERVED_ENV_PREFIXES: &[&str] = &["ANTHROPIC_", "CLAUDE_CODE_", "CLAUDE_CONFIG_DIR"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +55,51 @@ pub struct WorkerSpec {
     pub resources: Option<Resources>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+    /// `task` (default): the session completes with the first answer that
+    /// leaves no input waiting. `conversation`: the worker idles between
+    /// turns and the session stays active.
+    #[serde(default, skip_serializing_if = "WorkerMode::is_task")]
+    pub mode: WorkerMode,
+    /// A conversation idle this long is paused (reason `idle`); the next
+    /// input resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u32>,
+    /// A tool approval left unanswered this long gets `approval_default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_timeout_seconds: Option<u32>,
+    /// The decision a timed-out approval gets (default `deny`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_default: Option<ApprovalDecision>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerMode {
+    #[default]
+    Task,
+    Conversation,
+}
+
+impl WorkerMode {
+    pub fn is_task(&self) -> bool {
+        *self == Self::Task
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalDecision {
+    Allow,
+    Deny,
+}
+
+impl ApprovalDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +224,20 @@ impl WorkerSpec {
         }
         if self.max_turns == Some(0) {
             return bad("max_turns", "must be at least 1");
+        }
+        for (field, v) in [
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+            ("approval_timeout_seconds", self.approval_timeout_seconds),
+        ] {
+            if v.is_some_and(|n| n == 0 || n > MAX_TIMEOUT_SECONDS) {
+                return bad(field, "must be 1 to 604800 seconds");
+            }
+        }
+        if self.idle_timeout_seconds.is_some() && self.mode.is_task() {
+            return bad(
+                "idle_timeout_seconds",
+                "only a `conversation` worker idles; set `mode` to `conversation`",
+            );
         }
         if let Some(b) = self.max_budget_usd
             && (!b.is_finite() || b <= 0.0)
