@@ -191,6 +191,11 @@ pub struct RunnerSettings {
     pub kube_api_url: Option<String>,
     /// Where the runner serves `/metrics` and `/healthz` (empty: nowhere).
     pub metrics_listen: String,
+    /// USD per million tokens by model (an exact name, a prefix ending in
+    /// `*`, or `default`): what a worker's turns cost. A model it does not
+    /// price is charged what the CLI reports.
+    #[serde(default)]
+    pub prices: BTreeMap<String, crate::runner::cost::Price>,
 }
 
 /// `runner.backend`.
@@ -364,6 +369,24 @@ memory = "512Mi"
 
 [runner.default_limits]
 memory = "2Gi"
+
+[runner.prices."claude-opus*"]
+input = 15.0
+output = 75.0
+cache_write = 18.75
+cache_read = 1.5
+
+[runner.prices."claude-sonnet*"]
+input = 3.0
+output = 15.0
+cache_write = 3.75
+cache_read = 0.3
+
+[runner.prices."claude-haiku*"]
+input = 1.0
+output = 5.0
+cache_write = 1.25
+cache_read = 0.1
 "#;
 
 impl Settings {
@@ -476,6 +499,19 @@ impl Settings {
                 "runner.max_workers",
                 "max_workers and reconcile_concurrency must be at least 1",
             );
+        }
+        for (model, p) in &r.prices {
+            let fine = [p.input, p.output, p.cache_write, p.cache_read]
+                .iter()
+                .all(|x| x.is_finite() && *x >= 0.0 && *x <= 1_000_000.0);
+            if !fine {
+                return bad(
+                    "runner.prices",
+                    &format!(
+                        "`{model}`: prices are numbers from 0 to 1000000 (USD per million tokens)"
+                    ),
+                );
+            }
         }
         if !(1..=1000).contains(&r.message_batch) {
             return bad("runner.message_batch", "must be between 1 and 1000");

@@ -9,7 +9,10 @@ use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
 
-use crate::contract::{EventEnvelope, Session, WorkerPatch};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::contract::live::{ApprovalRequest, DecisionRequest, Input};
+use crate::contract::{EventEnvelope, EventMetadata, Session, WorkerPatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -106,6 +109,15 @@ impl ApiClient {
     /// The request id in the metadata of the event that made the session
     /// what it is at `version` (the change the runner is acting on).
     pub async fn cause_of(&self, id: Uuid, version: i64) -> Option<String> {
+        self.metadata_at(id, version).await?.request_id
+    }
+
+    /// Who made the change that brought the session to `version`.
+    pub async fn actor_of(&self, id: Uuid, version: i64) -> Option<String> {
+        Some(self.metadata_at(id, version).await?.actor)
+    }
+
+    async fn metadata_at(&self, id: Uuid, version: i64) -> Option<EventMetadata> {
         let path = format!(
             "/sessions/{id}/events?after_version={}&limit=1",
             version - 1
@@ -116,7 +128,7 @@ impl ApiClient {
             .await
             .ok()?;
         let events: Vec<EventEnvelope> = res.json().await.ok()?;
-        events.into_iter().next()?.metadata?.request_id
+        events.into_iter().next()?.metadata
     }
 
     fn url(&self, path_and_query: &str) -> String {
@@ -248,6 +260,61 @@ impl ApiClient {
             return Err(Self::fail(res).await);
         }
         Ok(res.json().await?)
+    }
+
+    /// The session's inputs after `after` (by `seq`), oldest first.
+    #[instrument(skip(self), fields(session_id = %id), level = "debug")]
+    pub async fn inputs(&self, id: Uuid, after: i64) -> Result<Vec<Input>, ApiError> {
+        let res = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/sessions/{id}/inputs?after={after}&limit=100"),
+            )
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            return Err(Self::fail(res).await);
+        }
+        Ok(res.json().await?)
+    }
+
+    /// Record a tool approval the worker asks for (idempotent by request id).
+    #[instrument(skip(self, req), fields(session_id = %id, request_id = %req.request_id), level = "debug")]
+    pub async fn request_approval(&self, id: Uuid, req: &ApprovalRequest) -> Result<(), ApiError> {
+        let res = self
+            .request(reqwest::Method::POST, &format!("/sessions/{id}/approvals"))
+            .json(req)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            return Err(Self::fail(res).await);
+        }
+        Ok(())
+    }
+
+    /// Decide a tool approval (the runner does so only for a timeout).
+    #[instrument(skip(self, d), fields(session_id = %id), level = "debug")]
+    pub async fn decide(
+        &self,
+        id: Uuid,
+        request_id: &str,
+        d: &DecisionRequest,
+    ) -> Result<(), ApiError> {
+        let res = self
+            .request(
+                reqwest::Method::POST,
+                &format!(
+                    "/sessions/{id}/approvals/{}",
+                    utf8_percent_encode(request_id, NON_ALPHANUMERIC)
+                ),
+            )
+            .json(d)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            return Err(Self::fail(res).await);
+        }
+        Ok(())
     }
 
     /// Store the worker's stream-json lines, unmodified, as the session's messages.

@@ -35,6 +35,10 @@ pub struct StartRequest {
     pub generation: u64,
     pub spec: WorkerSpec,
     pub launch: Launch,
+    /// The message written before any input (`None`: the inputs alone).
+    pub first: Option<super::driver::FirstMessage>,
+    /// What the session's earlier workers spent.
+    pub before: super::cost::Spend,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +57,10 @@ pub struct WorkerExit {
     pub outcome: Outcome,
     pub exit: ExitInfo,
     pub summary: RunSummary,
+    /// Everything the session's workers spent, this one included.
+    pub spend: super::cost::Spend,
+    /// The last input the worker took.
+    pub input_seq: i64,
     pub pid: Option<i32>,
     pub started_at: DateTime<Utc>,
     pub stopped_at: DateTime<Utc>,
@@ -78,6 +86,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Begin a graceful stop; returns at once, the exit wakes the controller.
     fn stop(&self, session_id: Uuid, reason: StopReason);
+
+    /// The live worker's state shared with its driver (to nudge it with
+    /// the session's latest view), if there is a live worker.
+    fn live(&self, session_id: Uuid) -> Option<std::sync::Arc<super::driver::Live>>;
 
     /// The exit of `generation` is recorded on the session: let it go.
     fn forget(&self, session_id: Uuid, generation: u64);

@@ -8,6 +8,7 @@
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::reconcile::StopReason;
 use crate::contract::WorkerLaunch;
 use crate::domain::WorkerSpec;
 use crate::domain::worker::CrashReason;
@@ -18,11 +19,12 @@ pub const DEFAULT_RESUME_PROMPT: &str = "Continue";
 /// How a worker begins: a new conversation, or the session's own one resumed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Launch {
-    /// `-p <worker.prompt> --session-id <id>`.
+    /// `--session-id <id>`; the first message is `worker.prompt`.
     New,
-    /// `-p <prompt> --resume <id>`; the transcript in the session's
-    /// `CLAUDE_CONFIG_DIR` carries the earlier conversation.
-    Resume { prompt: String },
+    /// `--resume <id>`; the transcript in the session's `CLAUDE_CONFIG_DIR`
+    /// carries the earlier conversation. The first message is `prompt`, or,
+    /// when inputs wait for the worker, those inputs alone.
+    Resume { prompt: Option<String> },
 }
 
 impl Launch {
@@ -40,29 +42,43 @@ impl Launch {
             Self::Resume { .. } => WorkerLaunch::Resume,
         }
     }
+
+    /// The message the runner writes before any input.
+    pub fn first_message<'a>(&'a self, spec: &'a WorkerSpec) -> Option<&'a str> {
+        match self {
+            Self::New => Some(&spec.prompt),
+            Self::Resume { prompt } => prompt.as_deref(),
+        }
+    }
 }
 
-/// Arguments after the program name. The Claude session id is the session's
-/// own id, so `--resume` always finds the right transcript.
+/// Arguments after the program name. The worker reads stream-json messages
+/// on its stdin (the runner writes the first prompt and every later input
+/// there), echoes each one it takes (`--replay-user-messages`) and asks for
+/// tool permissions on stdout (`--permission-prompt-tool stdio`). The Claude
+/// session id is the session's own id, so `--resume` always finds the right
+/// transcript.
 pub fn arguments(spec: &WorkerSpec, session_id: Uuid, launch: &Launch, bare: bool) -> Vec<String> {
     let mut args: Vec<String> = Vec::with_capacity(24);
     let mut push = |a: &str| args.push(a.to_owned());
-    match launch {
-        Launch::New => {
-            push("-p");
-            push(&spec.prompt);
-            push("--session-id");
-        }
-        Launch::Resume { prompt } => {
-            push("-p");
-            push(prompt);
-            push("--resume");
-        }
+    for a in [
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--replay-user-messages",
+        "--permission-prompt-tool",
+        "stdio",
+    ] {
+        push(a);
     }
+    push(match launch {
+        Launch::New => "--session-id",
+        Launch::Resume { .. } => "--resume",
+    });
     push(&session_id.to_string());
-    push("--output-format");
-    push("stream-json");
-    push("--verbose");
     if bare {
         push("--bare");
     }
@@ -216,6 +232,8 @@ pub enum Outcome {
     Succeeded,
     /// The runner stopped it (pause, completion elsewhere, stale generation).
     Stopped,
+    /// The runner stopped an idle conversation: the session is paused (`idle`).
+    IdledOut,
     /// The CLI ended on its own `--max-budget-usd`: the session is paused.
     BudgetReached { detail: String },
     /// Anything else: the session crashed, for this reason.
@@ -239,10 +257,25 @@ impl Outcome {
     }
 }
 
-/// Decide what a finished run means from its exit and its last lines.
-pub fn classify(exit: ExitInfo, summary: &RunSummary, stopped_by_runner: bool) -> Outcome {
-    if stopped_by_runner {
-        return Outcome::Stopped;
+/// Decide what a finished run means from its exit, its last lines and the
+/// stop the runner asked for, if any.
+pub fn classify(exit: ExitInfo, summary: &RunSummary, stop: Option<StopReason>) -> Outcome {
+    match stop {
+        None => {}
+        Some(StopReason::Idle) => return Outcome::IdledOut,
+        // Ended by the runner after its answer: judged by that answer.
+        Some(StopReason::Done) => {
+            return classify(
+                ExitInfo {
+                    code: Some(0),
+                    signal: None,
+                    unknown: false,
+                },
+                summary,
+                None,
+            );
+        }
+        Some(_) => return Outcome::Stopped,
     }
     let clean_exit = exit.code == Some(0) || (exit.unknown && exit.signal.is_none());
     match &summary.result {
@@ -331,15 +364,20 @@ mod tests {
             args,
             [
                 "-p",
-                "fix it",
-                "--session-id",
-                &id.to_string(),
+                "--input-format",
+                "stream-json",
                 "--output-format",
                 "stream-json",
                 "--verbose",
+                "--replay-user-messages",
+                "--permission-prompt-tool",
+                "stdio",
+                "--session-id",
+                &id.to_string(),
                 "--bare"
             ]
         );
+        assert_eq!(Launch::New.first_message(&spec()), Some("fix it"));
     }
 
     #[test]
@@ -360,18 +398,14 @@ mod tests {
         s.allowed_tools = vec!["Read".into(), "Bash(git log, status)".into()];
         s.disallowed_tools = vec!["Edit".into()];
         let id = Uuid::nil();
-        let args = arguments(
-            &s,
-            id,
-            &Launch::Resume {
-                prompt: "go on".into(),
-            },
-            false,
-        );
+        let launch = Launch::Resume {
+            prompt: Some("go on".into()),
+        };
+        let args = arguments(&s, id, &launch, false);
+        assert_eq!(launch.first_message(&s), Some("go on"));
+        assert_eq!(Launch::Resume { prompt: None }.first_message(&s), None);
         let joined = args.join(" ");
-        assert!(joined.starts_with(&format!(
-            "-p go on --resume {id} --output-format stream-json --verbose"
-        )));
+        assert!(joined.contains(&format!("stdio --resume {id}")), "{joined}");
         assert!(!args.contains(&"--bare".to_owned()));
         for pair in [
             "--model claude-sonnet-4-5",
@@ -409,8 +443,11 @@ mod tests {
             code: Some(0),
             ..Default::default()
         };
-        assert_eq!(classify(exit, &s, false), Outcome::Succeeded);
-        assert_eq!(classify(exit, &s, true), Outcome::Stopped);
+        assert_eq!(classify(exit, &s, None), Outcome::Succeeded);
+        assert_eq!(
+            classify(exit, &s, Some(StopReason::Paused)),
+            Outcome::Stopped
+        );
     }
 
     #[test]
@@ -420,7 +457,7 @@ mod tests {
             code: Some(1),
             ..Default::default()
         };
-        match classify(exit, &s, false) {
+        match classify(exit, &s, None) {
             Outcome::Failed { reason, detail } => {
                 assert_eq!(reason, CrashReason::ApiError);
                 assert!(detail.contains("400"), "{detail}");
@@ -436,7 +473,7 @@ mod tests {
             code: Some(1),
             ..Default::default()
         };
-        let o = classify(exit, &s, false);
+        let o = classify(exit, &s, None);
         assert!(matches!(o, Outcome::BudgetReached { .. }), "{o:?}");
         assert_eq!(o.crash_reason(), Some(CrashReason::Budget));
     }
@@ -450,7 +487,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            classify(exit, &s, false),
+            classify(exit, &s, None),
             Outcome::Failed {
                 reason: CrashReason::ExitCode,
                 ..
@@ -461,7 +498,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            classify(killed, &s, false),
+            classify(killed, &s, None),
             Outcome::Failed {
                 reason: CrashReason::Signal,
                 ..
@@ -472,7 +509,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            classify(unknown, &s, false),
+            classify(unknown, &s, None),
             Outcome::Failed {
                 reason: CrashReason::Lost,
                 ..
@@ -487,6 +524,6 @@ mod tests {
             unknown: true,
             ..Default::default()
         };
-        assert_eq!(classify(unknown, &s, false), Outcome::Succeeded);
+        assert_eq!(classify(unknown, &s, None), Outcome::Succeeded);
     }
 }

@@ -16,9 +16,15 @@ use super::RunnerStats;
 use super::api::{ApiClient, ApiError};
 use super::backend::{Backend, StartRequest, WorkerExit};
 use super::claude::{Launch, Outcome};
-use super::reconcile::{self, Action, ReportStatus, SessionView};
+use super::cost::Spend;
+use super::driver::{FirstMessage, LiveConfig};
+use super::reconcile::{self, Action, ReportStatus, SessionView, StopReason};
 use super::workers::lock;
-use crate::contract::{PausedReason, Session, WorkerField, WorkerPatch, WorkerRecord};
+use crate::contract::live::InputKind;
+use crate::contract::{
+    ApprovalDecision, PausedReason, Session, StopCause, WorkerField, WorkerPatch, WorkerRecord,
+    WorkerState,
+};
 use crate::domain::SessionStatus;
 use crate::domain::worker::CrashReason;
 
@@ -224,21 +230,116 @@ async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> 
         Action::Nothing => Ok(Next::Done),
         Action::RequeueAfter(d) => Ok(Next::After(d)),
         Action::Stop(reason) => {
-            info!(?reason, "stopping worker");
-            ctx.backend.stop(id, reason);
+            stop_worker(ctx, &view, reason).await;
+            Ok(Next::Done)
+        }
+        Action::Deliver { recheck } => {
+            if let Some(live) = ctx.backend.live(id)
+                && let Some(spec) = &view.managed
+            {
+                live.nudge(live_config(spec, &view));
+            }
+            Ok(recheck.map_or(Next::Done, Next::After))
+        }
+        Action::FinishTask => {
+            if inputs_waiting(ctx, &view).await? {
+                if let (Some(live), Some(spec)) = (ctx.backend.live(id), &view.managed) {
+                    live.nudge(live_config(spec, &view));
+                }
+            } else {
+                stop_worker(ctx, &view, StopReason::Done).await;
+            }
+            Ok(Next::Done)
+        }
+        Action::ResumeOnInput => {
+            if inputs_waiting(ctx, &view).await? {
+                info!("an input waits for the idle session: resuming it");
+                let patch = WorkerPatch::new(WorkerRecord::default())
+                    .clearing(&[WorkerField::PausedReason])
+                    .status(SessionStatus::Active);
+                ctx.api.patch_worker(id, &patch, Some(view.version)).await?;
+                return Ok(Next::Retry);
+            }
             Ok(Next::Done)
         }
         Action::Forget => {
             forget_exited(ctx, id, &observed);
             Ok(Next::Done)
         }
-        Action::Start { generation, launch } => start_worker(ctx, &view, generation, launch).await,
+        Action::Start { generation, launch } => {
+            start_worker(ctx, &session, &view, generation, launch).await
+        }
         Action::Report { generation, status } => {
             report_exit(ctx, &session, &view, generation, status).await
         }
         Action::Recover => recover(ctx, &view).await,
         Action::PauseForBudget => pause_for_budget(ctx, &view).await,
     }
+}
+
+/// What a live worker's driver needs from the session.
+fn live_config(spec: &crate::domain::WorkerSpec, view: &SessionView) -> LiveConfig {
+    LiveConfig {
+        mode: spec.mode.into(),
+        approval_timeout: spec
+            .approval_timeout_seconds
+            .map(|s| Duration::from_secs(u64::from(s))),
+        approval_default: spec
+            .approval_default
+            .map_or(ApprovalDecision::Deny, Into::into),
+        input_seq: view.input_seq,
+    }
+}
+
+/// Does an input wait that no worker has taken? (`message` inputs only
+/// with `messages_only`.)
+async fn inputs_waiting<B: Backend>(
+    ctx: &Context<B>,
+    view: &SessionView,
+) -> Result<bool, ApiError> {
+    match ctx.api.inputs(view.id, view.input_seq).await {
+        Ok(inputs) => Ok(!inputs.is_empty()),
+        // The session is gone, or the API keeps no inputs.
+        Err(ApiError::NotFound) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Begin stopping the worker and say so on the session: why, and at whose
+/// request.
+async fn stop_worker<B: Backend>(ctx: &Context<B>, view: &SessionView, reason: StopReason) {
+    info!(?reason, "stopping worker");
+    ctx.backend.stop(view.id, reason);
+    let by = match reason {
+        StopReason::Paused | StopReason::Finished => ctx
+            .api
+            .actor_of(view.id, view.version)
+            .await
+            .unwrap_or_else(|| "unknown".into()),
+        _ => "runner".into(),
+    };
+    // A finished task ends on its own terms: no stop to record.
+    let done = reason == StopReason::Done;
+    let patch = WorkerPatch::new(WorkerRecord {
+        state: Some(WorkerState::Stopping),
+        stop_reason: stop_cause(reason).filter(|_| !done),
+        stopped_by: Some(by).filter(|_| !done),
+        ..WorkerRecord::default()
+    });
+    if let Err(e) = ctx.api.patch_worker(view.id, &patch, None).await {
+        debug!(error = %e, "cannot record the stop on the session");
+    }
+}
+
+fn stop_cause(reason: StopReason) -> Option<StopCause> {
+    Some(match reason {
+        StopReason::Paused => StopCause::Paused,
+        StopReason::Finished => StopCause::Finished,
+        StopReason::Unmanaged => StopCause::Unmanaged,
+        StopReason::Stale => StopCause::Stale,
+        StopReason::Idle => StopCause::Idle,
+        StopReason::Done => return None,
+    })
 }
 
 /// The session is gone: a worker it had is unmanaged now.
@@ -257,6 +358,7 @@ fn on_deleted<B: Backend>(ctx: &Context<B>, id: Uuid) -> Next {
 /// (or record why it could not start).
 async fn start_worker<B: Backend>(
     ctx: &Context<B>,
+    session: &Session,
     view: &SessionView,
     generation: u64,
     launch: Launch,
@@ -277,12 +379,27 @@ async fn start_worker<B: Backend>(
         tracing::Span::current().record("request_id", r.as_str());
     }
     let api = ctx.api.for_request(request_id);
+    // Inputs waiting for the resumed worker are its first messages.
+    let waiting = match ctx.api.inputs(id, view.input_seq).await {
+        Ok(inputs) => inputs.iter().any(|i| i.kind == InputKind::Message),
+        Err(ApiError::NotFound) => false,
+        Err(e) => return Err(e),
+    };
+    let launch = match launch {
+        Launch::Resume { prompt: Some(_) } if waiting => Launch::Resume { prompt: None },
+        other => other,
+    };
+    let first = launch
+        .first_message(&spec)
+        .map(|text| FirstMessage::new(id, generation, text.to_owned()));
+    let record = WorkerRecord::of(&session.runtime_metadata);
     info!(generation, launch = launch.as_str(), "starting worker");
     // Claim the generation first: of two runners racing, one wins the
     // If-Match and the other re-reads and sees it taken.
     let claim = WorkerPatch::new(WorkerRecord {
         generation: Some(generation),
         launch: Some(launch.kind()),
+        state: Some(WorkerState::Starting),
         ..WorkerRecord::default()
     })
     .clearing(&WorkerField::OF_A_RUN);
@@ -294,6 +411,8 @@ async fn start_worker<B: Backend>(
         generation,
         spec: spec.clone(),
         launch,
+        first,
+        before: spend_of(&record),
     };
     match ctx.backend.start(req).await {
         Ok(started) => {
@@ -412,11 +531,23 @@ fn forget_exited<B: Backend>(ctx: &Context<B>, id: Uuid, observed: &reconcile::O
     }
 }
 
+/// What the session's workers spent so far, as recorded.
+fn spend_of(r: &WorkerRecord) -> Spend {
+    Spend::new(
+        r.turns.unwrap_or(0),
+        r.input_tokens.unwrap_or(0),
+        r.output_tokens.unwrap_or(0),
+        r.cost_micro_usd
+            .unwrap_or_else(|| (r.cost_usd.unwrap_or(0.0) * 1_000_000.0).round().max(0.0) as u64),
+    )
+}
+
 /// Count a worker's end by outcome, and the spend it added.
 fn record_exit(backend: &'static str, exit: &WorkerExit, cost_before: f64) {
     let outcome = match &exit.outcome {
         Outcome::Succeeded => "succeeded",
         Outcome::Stopped => "stopped",
+        Outcome::IdledOut => "idle",
         Outcome::BudgetReached { .. } => "budget",
         Outcome::Failed { .. } => "crashed",
     };
@@ -430,20 +561,18 @@ fn record_exit(backend: &'static str, exit: &WorkerExit, cost_before: f64) {
         metrics::counter!(crate::metrics::names::RUNNER_WORKER_CRASHES, "backend" => backend, "reason" => reason)
             .increment(1);
     }
-    if let Some(total) = exit.summary.result.as_ref().and_then(|r| r.total_cost_usd) {
-        metrics::gauge!(crate::metrics::names::RUNNER_COST_USD, "backend" => backend)
-            .increment((total - cost_before).max(0.0));
-    }
+    metrics::gauge!(crate::metrics::names::RUNNER_COST_USD, "backend" => backend)
+        .increment((exit.spend.cost_usd() - cost_before).max(0.0));
 }
 
-/// The patch recording an ended worker: its exit, what it spent, and the
-/// status it leaves the session in. Turns and tokens add up over the
-/// session's workers (`before` is the record so far); cost is Claude Code's
-/// own running total, which it carries across `--resume`.
+/// The patch recording an ended worker: its exit, what the session's
+/// workers spent (the driver's totals: earlier workers plus this one, each
+/// turn priced once), the last input it took, and the status it leaves the
+/// session in.
 pub fn report_patch(before: &WorkerRecord, exit: &WorkerExit, status: ReportStatus) -> WorkerPatch {
-    let run = exit.summary.result.clone().unwrap_or_default();
-    let prev_cost = before.cost_usd.unwrap_or(0.0);
     let budget = matches!(exit.outcome, Outcome::BudgetReached { .. });
+    let idle = status == ReportStatus::PausedIdle;
+    let spend = exit.spend;
     let worker = WorkerRecord {
         pid: exit.pid,
         started_at: Some(exit.started_at),
@@ -452,13 +581,24 @@ pub fn report_patch(before: &WorkerRecord, exit: &WorkerExit, status: ReportStat
         signal: exit.exit.signal,
         crash_reason: exit.outcome.crash_reason(),
         last_error: exit.outcome.detail().map(str::to_owned),
-        turns: Some(before.turns.unwrap_or(0) + run.num_turns),
-        input_tokens: Some(before.input_tokens.unwrap_or(0) + run.input_tokens),
-        output_tokens: Some(before.output_tokens.unwrap_or(0) + run.output_tokens),
-        cost_usd: Some(run.total_cost_usd.map_or(prev_cost, |c| c.max(prev_cost))),
+        turns: Some(spend.turns.max(before.turns.unwrap_or(0))),
+        input_tokens: Some(spend.input_tokens.max(before.input_tokens.unwrap_or(0))),
+        output_tokens: Some(spend.output_tokens.max(before.output_tokens.unwrap_or(0))),
+        cost_micro_usd: Some(spend.cost_micro_usd.max(before.cost_micro_usd.unwrap_or(0))),
+        cost_usd: Some(spend.cost_usd().max(before.cost_usd.unwrap_or(0.0))),
+        input_seq: Some(exit.input_seq.max(before.input_seq.unwrap_or(0))),
+        state: Some(WorkerState::Exited),
         claude_session_id: exit.summary.claude_session_id.clone(),
         model: exit.summary.model.clone(),
-        paused_reason: budget.then_some(PausedReason::Budget),
+        paused_reason: if budget {
+            Some(PausedReason::Budget)
+        } else if idle {
+            Some(PausedReason::Idle)
+        } else {
+            None
+        },
+        stop_reason: idle.then_some(StopCause::Idle),
+        stopped_by: idle.then(|| "runner".to_owned()),
         ..WorkerRecord::default()
     };
     let patch = WorkerPatch::new(worker).clearing(&[
@@ -472,6 +612,6 @@ pub fn report_patch(before: &WorkerRecord, exit: &WorkerExit, status: ReportStat
         ReportStatus::Unchanged => patch,
         ReportStatus::Completed => patch.status(SessionStatus::Completed),
         ReportStatus::Crashed => patch.status(SessionStatus::Crashed),
-        ReportStatus::Paused => patch.status(SessionStatus::Paused),
+        ReportStatus::Paused | ReportStatus::PausedIdle => patch.status(SessionStatus::Paused),
     }
 }

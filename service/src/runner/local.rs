@@ -1,12 +1,14 @@
 //! The local backend: each worker is a `claude` child process leading its
 //! own process group, in the session's workspace.
 //!
-//! The worker's stdout goes to a file in the workspace, not a pipe, so a
-//! worker outlives a runner killed with SIGKILL; the pidfile (with the
-//! process start time, against recycled pids) lets the next runner adopt it.
-//! One supervising task per worker tails that file, folds the stream-json
-//! into a `RunSummary`, posts the lines to the API in batches, notices the
-//! exit and wakes the controller.
+//! The worker's stdout goes to a file in the workspace, not a pipe, and its
+//! stdin is a FIFO in the workspace that the worker itself also holds open
+//! for writing, so a worker outlives a runner killed with SIGKILL without
+//! seeing the end of either; the pidfile (with the process start time,
+//! against recycled pids) lets the next runner adopt it and open the FIFO
+//! again. One supervising task per worker tails the output file (polling
+//! faster while lines come), hands the lines and the FIFO to the worker's
+//! `Driver`, notices the exit and wakes the controller.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -23,8 +25,9 @@ use uuid::Uuid;
 
 use super::api::ApiClient;
 use super::backend::{Backend, BackendError, StartRequest, Started, Wake, WorkerExit};
-use super::claude::{self, ExitInfo, RunSummary};
-use super::poster::Poster;
+use super::claude::{self, ExitInfo};
+use super::cost::Prices;
+use super::driver::{Driver, Live, Setup, Stdin};
 use super::reconcile::{Observed, StopReason};
 use super::workers::{Ended, Slot, WorkerTable};
 use super::workspace::{self, Pidfile, Workspace};
@@ -42,6 +45,7 @@ pub struct LocalConfig {
     pub interrupt_grace: Duration,
     pub terminate_grace: Duration,
     pub message_batch: usize,
+    pub prices: Arc<Prices>,
 }
 
 /// What the local backend keeps of a worker beside the common slot.
@@ -119,6 +123,19 @@ impl Backend for LocalBackend {
         };
         let stdout = open(ws.output_path(req.generation))?;
         let stderr = open(ws.stderr_path(req.generation))?;
+        let fifo = ws.make_stdin(req.generation)?;
+        // Read and write: the worker never sees the end of its input while
+        // it holds this, whoever else opens or closes the FIFO.
+        let stdin = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .map_err(|source| {
+                BackendError::Workspace(workspace::WorkspaceError::Io {
+                    path: fifo.clone(),
+                    source,
+                })
+            })?;
         let args = claude::arguments(&req.spec, req.session_id, &req.launch, cfg.bare);
         let mut cmd = tokio::process::Command::new(&cfg.claude_bin);
         cmd.args(&args)
@@ -129,7 +146,7 @@ impl Backend for LocalBackend {
             .env("CLAUDE_CONFIG_DIR", ws.config_dir())
             // Validated on the way in: none of these is a reserved key.
             .envs(&req.spec.env)
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(stdin))
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0)
@@ -148,6 +165,8 @@ impl Backend for LocalBackend {
             proc_start: workspace::proc_stat(pid).map(|s| s.1),
             started_at,
             launch: req.launch.as_str().to_owned(),
+            first: req.first.clone(),
+            before: req.before,
         };
         if let Err(e) = ws.write_pidfile(&pidfile) {
             // Without a pidfile a restarted runner could not find it: do not run it.
@@ -163,12 +182,14 @@ impl Backend for LocalBackend {
         })
     }
 
+    fn live(&self, session_id: Uuid) -> Option<Arc<Live>> {
+        self.inner.workers.live(session_id)
+    }
+
     fn stop(&self, session_id: Uuid, reason: StopReason) {
-        let Some((pgid, mut exited)) = self
-            .inner
-            .workers
-            .begin_stop(session_id, |s| (s.handle.pgid, s.handle.exited.clone()))
-        else {
+        let Some((pgid, mut exited)) = self.inner.workers.begin_stop(session_id, reason, |s| {
+            (s.handle.pgid, s.handle.exited.clone())
+        }) else {
             return;
         };
         let cfg = self.inner.cfg.clone();
@@ -256,13 +277,12 @@ impl LocalBackend {
             exited: rx,
         };
         // The start checked for a live worker; an adopted one is the first.
-        self.inner
-            .workers
-            .lock()
-            .insert(p.session_id, Slot::new(p.generation, p.started_at, group));
+        let slot = Slot::new(p.generation, p.started_at, group);
+        let live = slot.live.clone();
+        self.inner.workers.lock().insert(p.session_id, slot);
         let inner = self.inner.clone();
         let span = info_span!("worker", session_id = %p.session_id, generation = p.generation, pid = p.pid);
-        tokio::spawn(supervise(inner, ws, p, proc, tx).instrument(span));
+        tokio::spawn(supervise(inner, ws, p, proc, tx, live).instrument(span));
     }
 }
 
@@ -320,78 +340,129 @@ impl Tail {
     }
 }
 
+/// The worker's stdin FIFO, opened for writing (it has a reader: the
+/// worker holds it open).
+fn open_stdin(ws: &Workspace, generation: u64) -> Option<Stdin> {
+    let path = ws.stdin_path(generation);
+    match tokio::net::unix::pipe::OpenOptions::new().open_sender(&path) {
+        Ok(tx) => Some(Box::new(tx)),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot open the worker's stdin");
+            None
+        }
+    }
+}
+
+/// Output polling: quick while lines come, slower while the worker is quiet.
+const POLL_FAST: Duration = Duration::from_millis(2);
+const POLL_SLOW: Duration = Duration::from_millis(40);
+
 async fn supervise(
     inner: Arc<Inner>,
     ws: Workspace,
     p: Pidfile,
     mut proc: Proc,
     exited_tx: watch::Sender<bool>,
+    live: Arc<Live>,
 ) {
     let id = p.session_id;
-    let posted_from = ws.posted_offset(p.generation);
     let mut tail = Tail::new(ws.output_path(p.generation));
-    let mut summary = RunSummary::default();
-    let mut poster = Poster::new(inner.api.clone(), id, inner.cfg.message_batch);
-    let mut take_lines = |summary: &mut RunSummary, poster: &mut Poster| {
-        for (line, end) in tail.read() {
+    let mut driver = Driver::new(Setup {
+        api: inner.api.clone(),
+        session_id: id,
+        generation: p.generation,
+        first: p.first.clone(),
+        before: p.before,
+        prices: inner.cfg.prices.clone(),
+        message_batch: inner.cfg.message_batch,
+        wake: inner.wake.clone(),
+        live,
+        posted_from: ws.posted_offset(p.generation),
+    });
+    let live = driver.live().clone();
+    let mut poll = POLL_FAST;
+    let exit = loop {
+        let lines = tail.read();
+        let got = !lines.is_empty();
+        for (line, end) in lines {
             match serde_json::from_slice::<Value>(&line) {
-                Ok(v) => {
-                    summary.observe(&v);
-                    if end > posted_from {
-                        poster.push(v, end);
-                    }
-                }
+                Ok(v) => driver.hear(v, end).await,
                 Err(_) => debug!("skipping a non-JSON output line"),
             }
         }
-    };
-    let post = |poster: &mut Poster| {
-        if let Some(end) = poster.take_progress() {
+        if !driver.has_stdin()
+            && let Some(stdin) = open_stdin(&ws, p.generation)
+        {
+            driver.attach(stdin).await;
+        }
+        if let Some(end) = driver.settle().await {
             ws.set_posted_offset(p.generation, end);
         }
-    };
-    let exit = loop {
-        take_lines(&mut summary, &mut poster);
-        poster.flush(false).await;
-        post(&mut poster);
-        match &mut proc {
-            Proc::Child(child) => {
-                tokio::select! {
-                    status = child.wait() => {
-                        break match status {
-                            Ok(s) => {
-                                use std::os::unix::process::ExitStatusExt;
-                                ExitInfo { code: s.code(), signal: s.signal(), unknown: false }
-                            }
-                            Err(e) => {
-                                warn!(error = %e, "cannot wait for the worker");
-                                ExitInfo { unknown: true, ..Default::default() }
-                            }
-                        };
+        poll = if got {
+            POLL_FAST
+        } else {
+            (poll * 2).min(POLL_SLOW)
+        };
+        let due = driver.next_due().map_or(poll, |at| {
+            at.saturating_duration_since(tokio::time::Instant::now())
+                .min(poll)
+        });
+        let ended = match &mut proc {
+            Proc::Child(child) => tokio::select! {
+                status = child.wait() => Some(match status {
+                    Ok(s) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        ExitInfo { code: s.code(), signal: s.signal(), unknown: false }
                     }
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                }
-            }
+                    Err(e) => {
+                        warn!(error = %e, "cannot wait for the worker");
+                        ExitInfo { unknown: true, ..Default::default() }
+                    }
+                }),
+                _ = live.nudged() => { driver.sync().await; None }
+                _ = tokio::time::sleep(due) => None,
+            },
             Proc::Adopted { proc_start } => {
-                if !workspace::is_alive(p.pid, *proc_start) {
-                    break ExitInfo {
+                if workspace::is_alive(p.pid, *proc_start) {
+                    tokio::select! {
+                        _ = live.nudged() => driver.sync().await,
+                        _ = tokio::time::sleep(due.max(Duration::from_millis(20))) => {}
+                    }
+                    None
+                } else {
+                    Some(ExitInfo {
                         unknown: true,
                         ..Default::default()
-                    };
+                    })
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        };
+        if let Some(exit) = ended {
+            break exit;
+        }
+        if driver
+            .next_due()
+            .is_some_and(|at| at <= tokio::time::Instant::now())
+            && let Some(end) = driver.tick().await
+        {
+            ws.set_posted_offset(p.generation, end);
         }
     };
     // Whatever the worker started in its group goes with it.
     if signals::group_alive(p.pgid) {
         signals::signal_group(p.pgid, Signal::SIGKILL);
     }
-    take_lines(&mut summary, &mut poster);
-    poster.finish().await;
-    post(&mut poster);
+    for (line, end) in tail.read() {
+        if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+            driver.hear(v, end).await;
+        }
+    }
+    if let Some(end) = driver.finish().await {
+        ws.set_posted_offset(p.generation, end);
+    }
+    let _ = std::fs::remove_file(ws.stdin_path(p.generation));
     let stopping = inner.workers.stopping(id, p.generation);
-    let outcome = claude::classify(exit, &summary, stopping);
+    let outcome = claude::classify(exit, &driver.summary, stopping);
     info!(?exit, ?outcome, "worker ended");
     inner.workers.ended(
         id,
@@ -399,7 +470,9 @@ async fn supervise(
         Ended {
             outcome,
             exit,
-            summary,
+            spend: driver.totals(),
+            input_seq: driver.input_seq(),
+            summary: std::mem::take(&mut driver.summary),
             pid: Some(p.pid),
         },
     );

@@ -15,10 +15,13 @@ pub mod api;
 pub mod backend;
 pub mod claude;
 pub mod controller;
+pub mod cost;
+pub mod driver;
 pub mod feed;
 pub mod kubernetes;
 pub mod local;
 pub mod poster;
+pub mod protocol;
 pub mod reconcile;
 pub mod workers;
 pub mod workspace;
@@ -141,6 +144,7 @@ impl Runner {
                 interrupt_grace: Duration::from_millis(r.interrupt_grace_ms),
                 terminate_grace: Duration::from_millis(r.terminate_grace_ms),
                 message_batch: r.message_batch,
+                prices: Arc::new(cost::Prices::new(&r.prices)),
             },
             api.clone(),
             wake_tx.clone(),

@@ -12,7 +12,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::claude::{DEFAULT_RESUME_PROMPT, Launch, Outcome};
-use crate::contract::{Session, WorkerRecord};
+use super::driver::Activity;
+use crate::contract::{PausedReason, Session, WorkerRecord};
 use crate::domain::worker::{CrashReason, RestartPolicy};
 use crate::domain::{RuntimeBackend, SessionStatus, WorkerSpec};
 
@@ -33,7 +34,12 @@ pub struct SessionView {
     pub stopped_at: Option<DateTime<Utc>>,
     /// Spend so far, as reported.
     pub cost_usd: f64,
+    /// The checkpoint's `resume_prompt` (or the seed's `recovery_prompt`).
     pub resume_prompt: Option<String>,
+    /// Why the runner paused the session, when it did.
+    pub paused_reason: Option<PausedReason>,
+    /// The last input a worker took.
+    pub input_seq: i64,
     /// The session's version (its ETag), for `If-Match`.
     pub version: i64,
 }
@@ -54,14 +60,19 @@ impl SessionView {
             restarts: rec.restarts.unwrap_or(0),
             crash_reason: rec.crash_reason,
             stopped_at: rec.stopped_at,
-            cost_usd: rec.cost_usd.unwrap_or(0.0),
-            resume_prompt: s
-                .checkpoint
-                .as_ref()
-                .and_then(|c| c.get("resume_prompt"))
-                .and_then(Value::as_str)
-                .filter(|p| !p.trim().is_empty())
-                .map(str::to_owned),
+            cost_usd: rec
+                .cost_micro_usd
+                .map_or(rec.cost_usd.unwrap_or(0.0), |m| m as f64 / 1_000_000.0),
+            resume_prompt: ["resume_prompt", "recovery_prompt"].iter().find_map(|k| {
+                s.checkpoint
+                    .as_ref()
+                    .and_then(|c| c.get(*k))
+                    .and_then(Value::as_str)
+                    .filter(|p| !p.trim().is_empty())
+                    .map(str::to_owned)
+            }),
+            paused_reason: rec.paused_reason,
+            input_seq: rec.input_seq.unwrap_or(0),
             version: s.version,
         }
     }
@@ -75,6 +86,8 @@ pub enum WorkerState {
         generation: u64,
         /// A stop is under way.
         stopping: bool,
+        /// What its driver says it is doing.
+        activity: Activity,
     },
     /// Ended; `Report` has not yet recorded it on the session.
     Exited {
@@ -92,6 +105,10 @@ pub struct Observed {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
+    /// A `task` worker answered and nothing waits for it: the session is done.
+    Done,
+    /// A `conversation` worker idled past `idle_timeout_seconds`.
+    Idle,
     Paused,
     /// The session is completed or crashed by someone else.
     Finished,
@@ -109,6 +126,8 @@ pub enum ReportStatus {
     Completed,
     Crashed,
     Paused,
+    /// Paused with reason `idle`.
+    PausedIdle,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -133,6 +152,15 @@ pub enum Action {
     PauseForBudget,
     /// Look again after this long (backoff not yet elapsed).
     RequeueAfter(Duration),
+    /// Let the live worker's driver deliver the inputs it has not had,
+    /// and look again after `recheck` if set (an idle timeout to come).
+    Deliver {
+        recheck: Option<Duration>,
+    },
+    /// A `task` worker is idle: end it if no input waits, else deliver.
+    FinishTask,
+    /// Paused for idling: resume if an input waits.
+    ResumeOnInput,
 }
 
 /// The table of session status against worker, plus the generation rule
@@ -151,6 +179,7 @@ pub fn decide(s: &SessionView, o: &Observed, now: DateTime<Utc>) -> Action {
         WorkerState::Running {
             generation,
             stopping,
+            activity,
         } => {
             if *stopping {
                 Action::Nothing
@@ -158,7 +187,7 @@ pub fn decide(s: &SessionView, o: &Observed, now: DateTime<Utc>) -> Action {
                 Action::Stop(StopReason::Stale)
             } else {
                 match s.status {
-                    SessionStatus::Active => Action::Nothing,
+                    SessionStatus::Active => live(s, spec, *activity),
                     SessionStatus::Paused => Action::Stop(StopReason::Paused),
                     SessionStatus::Completed | SessionStatus::Crashed => {
                         Action::Stop(StopReason::Finished)
@@ -179,6 +208,7 @@ pub fn decide(s: &SessionView, o: &Observed, now: DateTime<Utc>) -> Action {
                 (SessionStatus::Active, Outcome::Succeeded) => ReportStatus::Completed,
                 (SessionStatus::Active, Outcome::Failed { .. }) => ReportStatus::Crashed,
                 (SessionStatus::Active, Outcome::BudgetReached { .. }) => ReportStatus::Paused,
+                (SessionStatus::Active, Outcome::IdledOut) => ReportStatus::PausedIdle,
                 // Stopped by us, or the session moved on meanwhile.
                 _ => ReportStatus::Unchanged,
             };
@@ -194,10 +224,11 @@ pub fn decide(s: &SessionView, o: &Observed, now: DateTime<Utc>) -> Action {
                 }
                 let launch = if o.has_transcript {
                     Launch::Resume {
-                        prompt: s
-                            .resume_prompt
-                            .clone()
-                            .unwrap_or_else(|| DEFAULT_RESUME_PROMPT.to_owned()),
+                        prompt: Some(
+                            s.resume_prompt
+                                .clone()
+                                .unwrap_or_else(|| DEFAULT_RESUME_PROMPT.to_owned()),
+                        ),
                     }
                 } else {
                     Launch::New
@@ -208,8 +239,41 @@ pub fn decide(s: &SessionView, o: &Observed, now: DateTime<Utc>) -> Action {
                 }
             }
             SessionStatus::Crashed => recover(s, spec.restart_policy.as_ref(), now),
+            SessionStatus::Paused if s.paused_reason == Some(PausedReason::Idle) => {
+                Action::ResumeOnInput
+            }
             SessionStatus::Paused | SessionStatus::Completed => Action::Nothing,
         },
+    }
+}
+
+/// An active session's live worker: the budget, the end of a task, the
+/// idle timeout of a conversation; otherwise deliver what waits.
+fn live(s: &SessionView, spec: &WorkerSpec, activity: Activity) -> Action {
+    if spec.max_budget_usd.is_some_and(|b| s.cost_usd >= b) {
+        return Action::PauseForBudget;
+    }
+    let Activity::Idle { since, .. } = activity else {
+        return Action::Deliver { recheck: None };
+    };
+    if spec.mode.is_task() {
+        return Action::FinishTask;
+    }
+    match spec
+        .idle_timeout_seconds
+        .map(|t| Duration::from_secs(u64::from(t)))
+    {
+        Some(limit) => {
+            let idle = since.elapsed();
+            if idle >= limit {
+                Action::Stop(StopReason::Idle)
+            } else {
+                Action::Deliver {
+                    recheck: Some(limit - idle),
+                }
+            }
+        }
+        None => Action::Deliver { recheck: None },
     }
 }
 
@@ -258,6 +322,8 @@ mod tests {
             stopped_at: None,
             cost_usd: 0.0,
             resume_prompt: None,
+            paused_reason: None,
+            input_seq: 0,
             version: 1,
         }
     }
@@ -274,6 +340,7 @@ mod tests {
             worker: WorkerState::Running {
                 generation,
                 stopping: false,
+                activity: Activity::Busy,
             },
             has_transcript: true,
         }
@@ -309,14 +376,14 @@ mod tests {
             Action::Start {
                 generation: 3,
                 launch: Launch::Resume {
-                    prompt: "Continue".into()
+                    prompt: Some("Continue".into())
                 }
             }
         );
         v.resume_prompt = Some("pick up at step 5".into());
         assert!(matches!(
             decide(&v, &none(true), Utc::now()),
-            Action::Start { launch: Launch::Resume { prompt }, .. } if prompt == "pick up at step 5"
+            Action::Start { launch: Launch::Resume { prompt }, .. } if prompt.as_deref() == Some("pick up at step 5")
         ));
     }
 
@@ -334,11 +401,15 @@ mod tests {
             Action::Stop(StopReason::Finished)
         );
         v.status = SessionStatus::Active;
-        assert_eq!(decide(&v, &running(1), Utc::now()), Action::Nothing);
+        assert_eq!(
+            decide(&v, &running(1), Utc::now()),
+            Action::Deliver { recheck: None }
+        );
         let stopping = Observed {
             worker: WorkerState::Running {
                 generation: 1,
                 stopping: true,
+                activity: Activity::Busy,
             },
             has_transcript: true,
         };

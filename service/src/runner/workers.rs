@@ -16,7 +16,10 @@ use uuid::Uuid;
 
 use super::backend::WorkerExit;
 use super::claude::{ExitInfo, Outcome, RunSummary};
-use super::reconcile::WorkerState;
+use super::cost::Spend;
+use super::driver::Live;
+use super::reconcile::{StopReason, WorkerState};
+use std::sync::Arc;
 
 /// Lock a mutex whose data stays usable even if a holder panicked (a
 /// panic while holding the lock leaves plain data behind; keep going).
@@ -27,8 +30,11 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Slot<H> {
     pub generation: u64,
     pub started_at: DateTime<Utc>,
-    pub stopping: bool,
+    /// The stop under way, once the runner asked for one.
+    pub stop: Option<StopReason>,
     pub exit: Option<WorkerExit>,
+    /// Shared with the worker's driver.
+    pub live: Arc<Live>,
     pub handle: H,
 }
 
@@ -37,8 +43,9 @@ impl<H> Slot<H> {
         Self {
             generation,
             started_at,
-            stopping: false,
+            stop: None,
             exit: None,
+            live: Arc::default(),
             handle,
         }
     }
@@ -53,6 +60,10 @@ pub struct Ended {
     pub outcome: Outcome,
     pub exit: ExitInfo,
     pub summary: RunSummary,
+    /// Everything the session's workers spent, this one included.
+    pub spend: Spend,
+    /// The last input the worker took.
+    pub input_seq: i64,
     pub pid: Option<i32>,
 }
 
@@ -84,7 +95,8 @@ impl<H> WorkerTable<H> {
                 },
                 None => WorkerState::Running {
                     generation: s.generation,
-                    stopping: s.stopping,
+                    stopping: s.stop.is_some(),
+                    activity: s.live.activity(),
                 },
             },
         }
@@ -134,30 +146,45 @@ impl<H> WorkerTable<H> {
         self.lock().remove(&id);
     }
 
-    /// Mark the live worker as being stopped and return what `pick` reads
-    /// from its slot; `None` when there is none, or it is stopping already.
-    pub fn begin_stop<T>(&self, id: Uuid, pick: impl FnOnce(&Slot<H>) -> T) -> Option<T> {
+    /// Mark the live worker as being stopped for `reason` and return what
+    /// `pick` reads from its slot; `None` when there is none, or it is
+    /// stopping already.
+    pub fn begin_stop<T>(
+        &self,
+        id: Uuid,
+        reason: StopReason,
+        pick: impl FnOnce(&Slot<H>) -> T,
+    ) -> Option<T> {
         let mut slots = self.lock();
         let s = slots.get_mut(&id)?;
-        if s.stopping || !s.live() {
+        if s.stop.is_some() || !s.live() {
             return None;
         }
-        s.stopping = true;
+        s.stop = Some(reason);
         Some(pick(s))
     }
 
     /// A stop that could not be carried out: let the controller decide again.
     pub fn stop_failed(&self, id: Uuid) {
         if let Some(s) = self.lock().get_mut(&id) {
-            s.stopping = false;
+            s.stop = None;
         }
     }
 
-    /// Was the worker of `generation` stopped by the runner?
-    pub fn stopping(&self, id: Uuid, generation: u64) -> bool {
+    /// The stop the runner asked of the worker of `generation`, if any.
+    pub fn stopping(&self, id: Uuid, generation: u64) -> Option<StopReason> {
         self.lock()
             .get(&id)
-            .is_some_and(|s| s.stopping && s.generation == generation)
+            .filter(|s| s.generation == generation)
+            .and_then(|s| s.stop)
+    }
+
+    /// The live worker's shared state with its driver.
+    pub fn live(&self, id: Uuid) -> Option<Arc<Live>> {
+        self.lock()
+            .get(&id)
+            .filter(|s| s.live())
+            .map(|s| s.live.clone())
     }
 
     /// Record the end of the worker of `generation`.
@@ -172,6 +199,8 @@ impl<H> WorkerTable<H> {
                 outcome: ended.outcome,
                 exit: ended.exit,
                 summary: ended.summary,
+                spend: ended.spend,
+                input_seq: ended.input_seq,
                 pid: ended.pid,
                 started_at: s.started_at,
                 stopped_at: Utc::now(),
@@ -202,6 +231,8 @@ mod tests {
             outcome: Outcome::Succeeded,
             exit: ExitInfo::default(),
             summary: RunSummary::default(),
+            spend: Spend::default(),
+            input_seq: 0,
             pid: Some(7),
         }
     }
@@ -214,9 +245,17 @@ mod tests {
         assert!(t.claim(id, Slot::new(1, Utc::now(), ())));
         assert!(!t.claim(id, Slot::new(2, Utc::now(), ())), "still live");
         assert_eq!(t.running(), 1);
-        assert_eq!(t.begin_stop(id, |s| s.generation), Some(1));
-        assert_eq!(t.begin_stop(id, |s| s.generation), None, "once");
-        assert!(t.stopping(id, 1) && !t.stopping(id, 2));
+        assert_eq!(
+            t.begin_stop(id, StopReason::Paused, |s| s.generation),
+            Some(1)
+        );
+        assert_eq!(
+            t.begin_stop(id, StopReason::Paused, |s| s.generation),
+            None,
+            "once"
+        );
+        assert_eq!(t.stopping(id, 1), Some(StopReason::Paused));
+        assert_eq!(t.stopping(id, 2), None);
         t.ended(id, 2, ended());
         assert!(t.exit_of(id, 1).is_none(), "another generation's end");
         t.ended(id, 1, ended());

@@ -55,6 +55,12 @@ pub struct Pidfile {
     pub started_at: DateTime<Utc>,
     /// `new` or `resume`.
     pub launch: String,
+    /// The message written before any input, if any.
+    #[serde(default)]
+    pub first: Option<super::driver::FirstMessage>,
+    /// What the session's earlier workers spent.
+    #[serde(default)]
+    pub before: super::cost::Spend,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +110,26 @@ impl Workspace {
 
     pub fn stderr_path(&self, generation: u64) -> PathBuf {
         self.runner_dir().join(format!("gen-{generation}.stderr"))
+    }
+
+    /// The worker's stdin: a FIFO the worker holds open for reading and
+    /// writing, so it never sees an end of input when a runner goes away,
+    /// and the next runner opens it again to write.
+    pub fn stdin_path(&self, generation: u64) -> PathBuf {
+        self.runner_dir().join(format!("gen-{generation}.stdin"))
+    }
+
+    /// Make generation `generation`'s stdin FIFO (replacing any left over).
+    pub fn make_stdin(&self, generation: u64) -> Result<PathBuf, WorkspaceError> {
+        let path = self.stdin_path(generation);
+        let _ = std::fs::remove_file(&path);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
+            |e| WorkspaceError::Io {
+                path: path.clone(),
+                source: std::io::Error::from(e),
+            },
+        )?;
+        Ok(path)
     }
 
     fn posted_path(&self, generation: u64) -> PathBuf {
@@ -314,6 +340,12 @@ mod tests {
             proc_start: proc_stat(me).map(|s| s.1),
             started_at: Utc::now(),
             launch: "new".into(),
+            first: Some(crate::runner::driver::FirstMessage::new(
+                ws.session_id,
+                3,
+                "hi".into(),
+            )),
+            before: crate::runner::cost::Spend::new(1, 2, 3, 4),
         };
         ws.write_pidfile(&p).unwrap();
         assert_eq!(ws.read_pidfile().unwrap(), Some(p.clone()));

@@ -635,6 +635,8 @@ async fn kubernetes_creating_the_pod_twice_is_harmless() {
         generation,
         spec: WorkerSpec::from_value(&json!({"prompt": "p"})).expect("spec"),
         launch: Launch::New,
+        first: None,
+        before: Default::default(),
     };
     let (first, second) = (backend(), backend());
     let a = first.start(req(1)).await.expect("first create");

@@ -167,7 +167,7 @@ async fn runner_marks_api_errors_crashed_and_retries_by_policy() {
         w["last_error"].as_str().unwrap_or("").contains("400"),
         "{w}"
     );
-    assert_eq!(w["exit_code"], 1, "{w}");
+    assert_eq!(w["state"], "exited", "{w}");
 
     // The retried one crashed once, was moved back to active and resumed;
     // the resume prompt gets a normal answer, so it completes.
@@ -295,9 +295,13 @@ async fn runner_skips_a_refused_message_batch_and_posts_the_later_ones() {
         .cloned()
         .collect();
     assert!(want.len() < printed.len(), "an assistant line was printed");
+    let refused_at = printed
+        .iter()
+        .position(|l| l.to_string().contains(REFUSED))
+        .expect("the refused line");
     assert!(
-        want.last().is_some_and(|l| l["type"] == "result"),
-        "the result comes after the refused line: {want:?}"
+        printed[refused_at..].iter().any(|l| l["type"] == "result"),
+        "the result comes after the refused line"
     );
     proxy
         .assert_refused_line_skipped(&rig.api, &id, &want)

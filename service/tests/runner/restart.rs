@@ -109,16 +109,23 @@ async fn runner_survives_kill_9_with_exactly_one_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runner_reports_a_worker_that_ended_while_no_runner_watched() {
+async fn runner_finishes_a_task_that_answered_while_no_runner_watched() {
     let prompt = "A short job [slow:2]";
     let (api, fake, root, mut first, id, pid) = running_worker(prompt).await;
     first.kill9();
+    // The worker answers on its own, then waits for input: nothing ends it
+    // but a runner (its stdin never closes).
+    let output = root.join(&id).join("runner/gen-1.jsonl");
     eventually(
-        "the orphaned worker to finish",
+        "the orphaned worker's answer",
         Duration::from_secs(30),
-        || async { (!group_alive(pid)).then_some(()) },
+        || async {
+            let out = std::fs::read_to_string(&output).unwrap_or_default();
+            out.contains("\"type\":\"result\"").then_some(())
+        },
     )
     .await;
+    assert!(group_alive(pid), "the worker waits for its runner");
     assert_eq!(
         api.get(&id).await["status"],
         "active",
@@ -138,11 +145,19 @@ async fn runner_reports_a_worker_that_ended_while_no_runner_watched() {
     assert_eq!(done["status"], "completed", "{done}\n{}", second.log_text());
     let w = worker_rec(&done);
     assert_eq!(w["generation"], 1, "{w}");
+    assert_eq!(w["pid"], pid, "the adopted worker: {w}");
     assert!(
         w["exit_code"].is_null(),
         "an adopted worker's exit code is unknown: {w}"
     );
+    assert_eq!(w["state"], "exited", "{w}");
     assert_eq!(fake.requests_for(prompt).len(), 1);
+    eventually(
+        "the worker's group to go",
+        Duration::from_secs(10),
+        || async { (!group_alive(pid)).then_some(()) },
+    )
+    .await;
 
     second.terminate();
     clean_root(&root);

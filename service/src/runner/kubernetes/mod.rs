@@ -484,7 +484,7 @@ impl Backend for KubernetesBackend {
         let Some((name, generation)) = self
             .inner
             .workers
-            .begin_stop(session_id, |s| (s.handle.pod.clone(), s.generation))
+            .begin_stop(session_id, reason, |s| (s.handle.pod.clone(), s.generation))
         else {
             return;
         };
@@ -512,6 +512,10 @@ impl Backend for KubernetesBackend {
             }
             .instrument(span),
         );
+    }
+
+    fn live(&self, session_id: Uuid) -> Option<std::sync::Arc<crate::runner::driver::Live>> {
+        self.inner.workers.live(session_id)
     }
 
     fn forget(&self, session_id: Uuid, generation: u64) {

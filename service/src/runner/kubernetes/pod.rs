@@ -19,6 +19,7 @@ use crate::contract::PodPhase;
 use crate::domain::worker::{CrashReason, Resources};
 use crate::runner::backend::StartRequest;
 use crate::runner::claude::{self, ExitInfo, Outcome, RunSummary};
+use crate::runner::reconcile::StopReason;
 
 pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "agent-sessions";
@@ -328,10 +329,14 @@ pub fn exit_info(pod: Option<&Pod>) -> ExitInfo {
 /// The verdict on a worker pod that is over: what Kubernetes says first
 /// (eviction, deadline, OOM kill), then the CLI's own stream as the local
 /// backend judges it.
-pub fn outcome(pod: Option<&Pod>, summary: &RunSummary, stopping: bool) -> (Outcome, ExitInfo) {
+pub fn outcome(
+    pod: Option<&Pod>,
+    summary: &RunSummary,
+    stopping: Option<StopReason>,
+) -> (Outcome, ExitInfo) {
     let exit = exit_info(pod);
-    if stopping {
-        return (Outcome::Stopped, exit);
+    if stopping.is_some() {
+        return (claude::classify(exit, summary, stopping), exit);
     }
     let status = pod.and_then(|p| p.status.as_ref());
     let message = status.and_then(|s| s.message.clone());
@@ -367,7 +372,7 @@ pub fn outcome(pod: Option<&Pod>, summary: &RunSummary, stopping: bool) -> (Outc
             exit,
         );
     }
-    (claude::classify(exit, summary, false), exit)
+    (claude::classify(exit, summary, None), exit)
 }
 
 #[cfg(test)]
@@ -405,6 +410,8 @@ mod tests {
             generation: 3,
             spec: WorkerSpec::from_value(&json!({"prompt": "fix it", "env": {"A": "b"}})).unwrap(),
             launch,
+            first: None,
+            before: crate::runner::cost::Spend::default(),
         }
     }
 
@@ -456,7 +463,7 @@ mod tests {
     #[test]
     fn spec_image_and_resources_win_over_the_defaults() {
         let mut r = req(Launch::Resume {
-            prompt: "go on".into(),
+            prompt: Some("go on".into()),
         });
         r.spec.image = Some("custom:2".into());
         r.spec.resources = Some(Resources {
@@ -468,7 +475,7 @@ mod tests {
         assert_eq!(c["image"], "custom:2");
         assert_eq!(c["resources"]["limits"]["memory"], "8Gi");
         assert!(c["resources"].get("requests").is_none());
-        assert_eq!(c["args"][2], "--resume");
+        assert!(c["args"].as_array().unwrap().contains(&json!("--resume")));
     }
 
     fn pod(status: serde_json::Value) -> Pod {
@@ -487,7 +494,7 @@ mod tests {
     #[test]
     fn kubernetes_reasons_map_to_crash_reasons() {
         let none = RunSummary::default();
-        let reason = |p: &Pod| outcome(Some(p), &none, false).0.crash_reason();
+        let reason = |p: &Pod| outcome(Some(p), &none, None).0.crash_reason();
         assert_eq!(
             reason(&terminated_with("OOMKilled", 137, "Failed")),
             Some(CrashReason::Oom)
@@ -506,10 +513,13 @@ mod tests {
         assert_eq!(reason(&killed), Some(CrashReason::Signal));
         // Gone without a trace and without a result: lost.
         assert_eq!(
-            outcome(None, &none, false).0.crash_reason(),
+            outcome(None, &none, None).0.crash_reason(),
             Some(CrashReason::Lost)
         );
-        assert_eq!(outcome(None, &none, true).0, Outcome::Stopped);
+        assert_eq!(
+            outcome(None, &none, Some(StopReason::Paused)).0,
+            Outcome::Stopped
+        );
     }
 
     #[test]

@@ -179,6 +179,8 @@ async fn supervise(mut w: Worker, adopted: bool) {
             outcome,
             exit,
             summary,
+            spend: crate::runner::cost::Spend::default(),
+            input_seq: 0,
             pid: None,
         },
     );
