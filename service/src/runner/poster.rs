@@ -1,7 +1,10 @@
 //! A worker's stream-json lines on their way to `POST /sessions/{id}/messages`,
 //! in batches: both backends feed their lines here.
 //!
-//! A batch goes when it is full or its oldest line has waited `LINGER`. What
+//! Lines go as soon as they are read, with no timer: a batch is whatever the
+//! worker printed while the previous post was in flight (natural batching),
+//! up to `runner.message_batch` lines, so a quiet worker's line reaches the
+//! API at once and a busy one's lines share requests. What
 //! the API answers decides what happens to it: stored, the lines are done; a
 //! 413 halves the batch and tries again; any other 4xx (or a 413 for a
 //! single line) skips the batch, since sending it again cannot help and must
@@ -21,8 +24,6 @@ use uuid::Uuid;
 use super::api::{ApiClient, ApiError, Posted};
 use crate::backoff::Backoff;
 
-/// How long a line may wait for its batch to fill.
-const LINGER: Duration = Duration::from_millis(300);
 /// Lines kept while the API is away; older ones are dropped first.
 const MAX_PENDING: usize = 10_000;
 
@@ -79,12 +80,7 @@ impl Poster {
         if self.disabled {
             return None;
         }
-        let oldest = self.oldest?;
-        let ready = if self.pending.len() >= self.batch {
-            oldest
-        } else {
-            oldest + LINGER
-        };
+        let ready = self.oldest?;
         Some(self.retry_at.map_or(ready, |r| r.max(ready)))
     }
 
@@ -172,13 +168,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_batch_is_due_when_full_or_when_its_oldest_line_waited_long_enough() {
+    async fn lines_are_due_at_once() {
         let mut p = poster(2);
         assert_eq!(p.due_at(), None, "nothing to send");
-        let t0 = Instant::now();
         p.push(json!({"n": 1}), 10);
-        let due = p.due_at().expect("due some time");
-        assert!(due >= t0 + LINGER, "a lone line waits for company");
+        assert!(
+            p.due_at().expect("due") <= Instant::now(),
+            "a lone line waits for nothing"
+        );
         p.push(json!({"n": 2}), 20);
         assert!(p.due_at().expect("due") <= Instant::now(), "full: due now");
         assert!(!p.is_empty());

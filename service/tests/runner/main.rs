@@ -2,7 +2,8 @@
 //! Code CLI against a fake Anthropic API (`local`, `policies`), the real
 //! `agent-sessions runner` binary killed and restarted (`restart`), request
 //! ids followed into the runner (`trace`), workers driven by wake-up hints
-//! while the event feed is held (`wake`), and the Kubernetes backend
+//! while the event feed is held (`wake`), live sessions (`live`: turns,
+//! input, approvals, interrupt, idle timeout), and the Kubernetes backend
 //! against a fake Kubernetes API (`kubernetes`); each with the API service
 //! in-process on its own database.
 
@@ -10,6 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod kubernetes;
+mod live;
 mod local;
 mod policies;
 mod restart;

@@ -8,6 +8,9 @@
 //! - contains `[api_error]`: 400 `invalid_request_error` (not retried by the CLI);
 //! - contains `[slow:N]`: a first text block ([`FIRST_PART`]) at once, then a
 //!   second one streamed in small deltas for N seconds;
+//! - contains `[tool:COMMAND]`: a `tool_use` block asking to run COMMAND with
+//!   the Bash tool; the request that carries its `tool_result` back gets a
+//!   short text naming the result ([`TOOL_SAID`]);
 //! - anything else: a short reply at once.
 
 use std::sync::{Arc, Mutex};
@@ -23,6 +26,8 @@ pub const REPLY: &str = "Hello from the fake model.";
 /// A slow reply's first content block, complete at once: the CLI prints it
 /// as an assistant line, so a test can tell the worker is mid-answer.
 pub const FIRST_PART: &str = "First part, complete.";
+/// The start of the reply to a tool result.
+pub const TOOL_SAID: &str = "The tool said:";
 
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -48,6 +53,24 @@ impl Recorded {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The tool result the last user message carries back, if it does:
+    /// (its text, whether it is an error).
+    pub fn tool_result(&self) -> Option<(String, bool)> {
+        let last = self.body["messages"].as_array()?.last()?;
+        if last["role"] != "user" {
+            return None;
+        }
+        last["content"].as_array()?.iter().find_map(|b| {
+            (b["type"] == "tool_result").then(|| {
+                let text = match &b["content"] {
+                    Value::String(s) => s.clone(),
+                    other => text_of(other),
+                };
+                (text, b["is_error"].as_bool().unwrap_or(false))
+            })
+        })
     }
 
     /// The last text block of the last user message: what the user just said
@@ -121,13 +144,24 @@ async fn messages(
             "error": {"type": "invalid_request_error", "message": "fake failure for the test"}
         }));
     }
+    let model = body["model"].as_str().unwrap_or("claude-fake").to_owned();
+    let tool_result = rec_tool_result(&body);
+    if let Some((text, is_error)) = tool_result {
+        return reply_now(&model, &format!("{TOOL_SAID} {text} (error: {is_error})"));
+    }
+    if let Some(command) = last
+        .split("[tool:")
+        .nth(1)
+        .and_then(|r| r.split(']').next())
+    {
+        return tool_use(&model, command);
+    }
     let slow_secs: u64 = last
         .split("[slow:")
         .nth(1)
         .and_then(|r| r.split(']').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    let model = body["model"].as_str().unwrap_or("claude-fake").to_owned();
     let mut events = vec![
         sse(
             "message_start",
@@ -197,6 +231,85 @@ async fn messages(
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .streaming(stream)
+}
+
+fn rec_tool_result(body: &Value) -> Option<(String, bool)> {
+    Recorded {
+        path: String::new(),
+        session: None,
+        body: body.clone(),
+    }
+    .tool_result()
+}
+
+fn message_start(model: &str) -> Bytes {
+    sse(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message",
+            "role": "assistant", "model": model, "content": [], "stop_reason": null,
+            "stop_sequence": null, "usage": {"input_tokens": 21, "output_tokens": 1}}}),
+    )
+}
+
+fn message_end(stop_reason: &str) -> [Bytes; 2] {
+    [
+        sse(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+                "usage": {"output_tokens": 9}}),
+        ),
+        sse("message_stop", json!({"type": "message_stop"})),
+    ]
+}
+
+/// A short text reply, all at once.
+fn reply_now(model: &str, text: &str) -> HttpResponse {
+    let mut events = vec![
+        message_start(model),
+        sse(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        sse(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        ),
+        sse(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+    ];
+    events.extend(message_end("end_turn"));
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .body(events.concat())
+}
+
+/// A reply asking to run `command` with the Bash tool.
+fn tool_use(model: &str, command: &str) -> HttpResponse {
+    let input = json!({"command": command, "description": "run what the test asked"});
+    let mut events = vec![
+        message_start(model),
+        sse(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block":
+                {"type": "tool_use", "id": format!("toolu_{}", uuid::Uuid::new_v4().simple()),
+                 "name": "Bash", "input": {}}}),
+        ),
+        sse(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta":
+                {"type": "input_json_delta", "partial_json": input.to_string()}}),
+        ),
+        sse(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+    ];
+    events.extend(message_end("tool_use"));
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .body(events.concat())
 }
 
 impl FakeAnthropic {
