@@ -187,3 +187,61 @@ pub struct ApprovalAnswer {
     #[schema(value_type = Option<Object>)]
     pub updated_input: Option<Map<String, Value>>,
 }
+
+impl ApprovalStatus {
+    /// The status a decision leaves an approval in.
+    pub fn of(decision: ApprovalDecision) -> Self {
+        match decision {
+            ApprovalDecision::Allow => Self::Allowed,
+            ApprovalDecision::Deny => Self::Denied,
+        }
+    }
+}
+
+/// Payload of `session.input_received`: a user message was queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InputReceivedPayload {
+    pub seq: i64,
+    pub input_id: Uuid,
+    pub kind: InputKind,
+    pub text: String,
+}
+
+/// Payload of `session.interrupted`: an interrupt was queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InterruptedPayload {
+    pub seq: i64,
+    pub input_id: Uuid,
+}
+
+/// Payload of `session.approval_requested`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ApprovalRequestedPayload {
+    pub request_id: String,
+    pub tool_name: String,
+    #[schema(value_type = Object)]
+    pub input: Map<String, Value>,
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_use_id: Option<String>,
+}
+
+/// Payload of `session.approval_decided`. The answer is queued for the
+/// worker as an `approval` input in the same statement, at `input_seq`
+/// (`input_id`); that input has no event of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ApprovalDecidedPayload {
+    pub request_id: String,
+    pub decision: ApprovalDecision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The override the decision carried, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub updated_input: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DecisionReason>,
+    pub decided_by: String,
+    pub input_seq: i64,
+    pub input_id: Uuid,
+}
