@@ -24,6 +24,9 @@ CREATE TABLE session_inputs (
     kind       text        NOT NULL CHECK (kind IN ('message', 'interrupt', 'approval')),
     body       jsonb       NOT NULL,
     actor      text        NOT NULL,
+    -- The session's version after the event that queued it (what a retry
+    -- with the same idempotency key answers).
+    version    bigint      NOT NULL CHECK (version >= 1),
     created_at timestamptz NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
