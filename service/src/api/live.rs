@@ -98,7 +98,7 @@ pub async fn input(
 #[utoipa::path(
     post, path = "/sessions/{id}/interrupt", tag = "live", operation_id = "interrupt_session",
     params(("id" = Uuid, Path, description = "Session id")),
-    request_body(content = Option<Object>, description = "Nothing, or `{}`"),
+    request_body(content = Option<Object>, description = "Nothing, `null` or `{}`"),
     responses(
         (status = 202, description = "The interrupt is queued for the worker", body = InputAccepted),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
@@ -106,7 +106,7 @@ pub async fn input(
         (status = 409, description = "The session is not active", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported Content-Type", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A body other than `{}`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A body other than `{}` or `null`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn interrupt(
@@ -118,7 +118,7 @@ pub async fn interrupt(
 ) -> Result<HttpResponse, ApiError> {
     let id = session_id(&id)?;
     match body.0 {
-        None => {}
+        None | Some(Value::Null) => {}
         Some(Value::Object(m)) if m.is_empty() => {}
         Some(_) => return Err(ApiError::validation("body", "must be empty or {}")),
     }
