@@ -8,9 +8,9 @@ use utoipa::{Modify, OpenApi};
 
 use super::{events, health, live, messages, sessions, stream};
 use crate::contract::live::{
-    Approval, ApprovalAnswer, ApprovalDecidedPayload, ApprovalRequest, ApprovalRequestedPayload,
-    ApprovalStatus, DecisionReason, DecisionRequest, Input, InputAccepted, InputKind,
-    InputReceivedPayload, InputRequest, InterruptedPayload,
+    Approval, ApprovalAnswer, ApprovalDecidedPayload, ApprovalRequest, ApprovalStatus,
+    DecisionReason, DecisionRequest, Input, InputAccepted, InputKind, InputReceivedPayload,
+    InputRequest, InterruptedPayload,
 };
 use crate::contract::{
     CrashReason, EventEnvelope, EventKind, EventMetadata, FieldProblem, NewSession, PausedReason,
@@ -41,7 +41,7 @@ use crate::contract::{
         WorkerRecord, WorkerLaunch, PodPhase, PausedReason, WorkerState,
         InputRequest, InputKind, Input, InputAccepted, ApprovalRequest, DecisionRequest,
         DecisionReason, ApprovalStatus, Approval, ApprovalAnswer,
-        InputReceivedPayload, InterruptedPayload, ApprovalRequestedPayload, ApprovalDecidedPayload,
+        InputReceivedPayload, InterruptedPayload, ApprovalDecidedPayload,
     )),
     modifiers(&BearerAuth),
     tags(

@@ -23,7 +23,7 @@ pub enum EventKind {
     /// An interrupt was queued (payload: `seq`, `input_id`).
     #[serde(rename = "session.interrupted")]
     Interrupted,
-    /// The worker asked to run a tool (payload: an [`ApprovalRequestedPayload`](super::live::ApprovalRequestedPayload)).
+    /// The worker asked to run a tool (payload: the [`ApprovalRequest`](super::live::ApprovalRequest)).
     #[serde(rename = "session.approval_requested")]
     ApprovalRequested,
     /// A tool approval was answered (payload: an [`ApprovalDecidedPayload`](super::live::ApprovalDecidedPayload)).

@@ -80,6 +80,7 @@ pub struct InputAccepted {
 }
 
 /// The runner reports a tool approval the worker asks for
+/// (also the payload of `session.approval_requested`)
 /// (`POST /sessions/{id}/approvals`, runner scope). Posting the same
 /// `request_id` again answers with the approval already stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -212,18 +213,6 @@ pub struct InputReceivedPayload {
 pub struct InterruptedPayload {
     pub seq: i64,
     pub input_id: Uuid,
-}
-
-/// Payload of `session.approval_requested`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ApprovalRequestedPayload {
-    pub request_id: String,
-    pub tool_name: String,
-    #[schema(value_type = Object)]
-    pub input: Map<String, Value>,
-    pub generation: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_use_id: Option<String>,
 }
 
 /// Payload of `session.approval_decided`. The answer is queued for the

@@ -22,9 +22,8 @@ use super::{Store, StoreError};
 use crate::contract::ApprovalDecision;
 use crate::contract::format_time;
 use crate::contract::live::{
-    Approval, ApprovalAnswer, ApprovalDecidedPayload, ApprovalRequest, ApprovalRequestedPayload,
-    ApprovalStatus, DecisionReason, DecisionRequest, Input, InputKind, InputReceivedPayload,
-    InterruptedPayload,
+    Approval, ApprovalAnswer, ApprovalDecidedPayload, ApprovalRequest, ApprovalStatus,
+    DecisionReason, DecisionRequest, Input, InputKind, InputReceivedPayload, InterruptedPayload,
 };
 use crate::domain::{EventKind, EventMetadata, SessionState, SessionStatus};
 
@@ -375,14 +374,7 @@ impl Store {
     ) -> Result<ApprovalWritten, StoreError> {
         let generation = i64::try_from(req.generation)
             .map_err(|_| StoreError::Unstorable("generation is out of range".into()))?;
-        let payload = serde_json::to_value(ApprovalRequestedPayload {
-            request_id: req.request_id.clone(),
-            tool_name: req.tool_name.clone(),
-            input: req.input.clone(),
-            generation: req.generation,
-            tool_use_id: req.tool_use_id.clone(),
-        })
-        .map_err(corrupt)?;
+        let payload = serde_json::to_value(req).map_err(corrupt)?;
         let sql = live_statement(
             EventKind::ApprovalRequested,
             Guard::Where(
