@@ -24,6 +24,15 @@ from typing import Any
 import agent_sessions_client.api as generated_api
 from agent_sessions_client import Client
 from agent_sessions_client.api.events import list_events, list_session_events, stream_events
+from agent_sessions_client.api.live import (
+    decide_approval,
+    get_approval,
+    interrupt_session,
+    list_approvals,
+    list_inputs,
+    request_approval,
+    send_input,
+)
 from agent_sessions_client.api.operations import healthz, metrics, readyz
 from agent_sessions_client.api.sessions import (
     append_messages,
@@ -32,10 +41,23 @@ from agent_sessions_client.api.sessions import (
     get_session,
     list_messages,
     list_sessions,
+    stream_messages,
     update_session,
 )
 from agent_sessions_client.models import (
     AppendMessagesBodyItem,
+    Approval,
+    ApprovalDecision,
+    ApprovalRequest,
+    ApprovalRequestInput,
+    ApprovalStatus,
+    DecisionRequest,
+    DecisionRequestUpdatedInputType0,
+    Input,
+    InputAccepted,
+    InputKind,
+    InputRequest,
+    InterruptSessionBodyType0,
     EventEnvelope,
     EventKind,
     Health,
@@ -283,6 +305,68 @@ with client.get_httpx_client().stream(**kwargs) as live:
             break
     check(first is not None and first.aggregate_id == sid and first.version == 1, f"stream: first event {first}")
     called.setdefault("stream_events", set()).add(live.status_code)
+
+# Live sessions: inputs, an interrupt, the queue, approvals, the message stream.
+first_input = call(send_input, 202, InputAccepted, id=other.id, body=InputRequest(text="hello"), idempotency_key="in-1")
+check(first_input.parsed.seq == 1 and first_input.parsed.kind == InputKind.MESSAGE, f"first input: {first_input.parsed}")
+again_input = call(send_input, 202, InputAccepted, id=other.id, body=InputRequest(text="hello"), idempotency_key="in-1")
+check(again_input.parsed.to_dict() == first_input.parsed.to_dict(), "a retried input answers the first")
+call(send_input, 409, Problem, id=sid, body=InputRequest(text="too late"))
+call(send_input, 404, Problem, id=uuid.uuid4(), body=InputRequest(text="nobody"))
+call(send_input, 422, Problem, id=other.id, body=InputRequest(text=" "))
+stopped = call(interrupt_session, 202, InputAccepted, id=other.id, body=InterruptSessionBodyType0())
+check(stopped.parsed.seq == 2 and stopped.parsed.kind == InputKind.INTERRUPT, f"interrupt: {stopped.parsed}")
+call(interrupt_session, 409, Problem, id=sid, body=InterruptSessionBodyType0())
+queued = call(list_inputs, 200, list, id=other.id).parsed
+check([i.seq for i in queued] == [1, 2] and all(isinstance(i, Input) for i in queued), f"the queue: {queued}")
+call(list_inputs, 404, Problem, id=uuid.uuid4())
+asked = ApprovalRequest(
+    request_id="req-1", tool_name="Bash", input_=ApprovalRequestInput.from_dict({"command": "ls"}), generation=1
+)
+pending = call(request_approval, 201, Approval, id=other.id, body=asked).parsed
+check(pending.status == ApprovalStatus.PENDING, f"a new approval is pending: {pending}")
+call(request_approval, 200, Approval, id=other.id, body=asked)
+call(request_approval, 404, Problem, id=uuid.uuid4(), body=asked)
+listed = call(list_approvals, 200, list, id=other.id, status="pending").parsed
+check([a.request_id for a in listed] == ["req-1"], f"pending approvals: {listed}")
+call(list_approvals, 400, Problem, id=other.id, status="maybe")
+call(get_approval, 200, Approval, id=other.id, request_id="req-1")
+call(get_approval, 404, Problem, id=other.id, request_id="nope")
+call(
+    decide_approval,
+    422,
+    Problem,
+    id=other.id,
+    request_id="req-1",
+    body=DecisionRequest(decision=ApprovalDecision.DENY, updated_input=DecisionRequestUpdatedInputType0.from_dict({})),
+)
+allowed = call(
+    decide_approval, 200, Approval, id=other.id, request_id="req-1", body=DecisionRequest(decision=ApprovalDecision.ALLOW)
+).parsed
+check(allowed.status == ApprovalStatus.ALLOWED and allowed.decided_by == "anonymous", f"decided: {allowed}")
+call(decide_approval, 409, Problem, id=other.id, request_id="req-1", body=DecisionRequest(decision=ApprovalDecision.DENY))
+call(decide_approval, 404, Problem, id=other.id, request_id="nope", body=DecisionRequest(decision=ApprovalDecision.DENY))
+answer = call(list_inputs, 200, list, id=other.id, after=2).parsed
+check([i.kind for i in answer] == [InputKind.APPROVAL], f"the decision is queued for the worker: {answer}")
+call(stream_messages, 404, Problem, id=uuid.uuid4())
+call(stream_messages, 400, Problem, id=other.id, last_event_id="x")
+kwargs = stream_messages._get_kwargs(id=other.id, after=2)
+end = time.monotonic() + DEADLINE_S
+with client.get_httpx_client().stream(**kwargs) as live:
+    media = live.headers.get("content-type", "").split(";")[0]
+    check(
+        live.status_code == 200 and media in documented["stream_messages"].get(200, []),
+        f"message stream: {live.status_code} {media}",
+    )
+    streamed = None
+    for line in live.iter_lines():
+        if line.startswith("data:"):
+            streamed = Message.from_dict(json.loads(line[5:]))
+            break
+        if time.monotonic() > end:
+            break
+    check(streamed is not None and streamed.seq == 3, f"message stream: first message {streamed}")
+    called.setdefault("stream_messages", set()).add(live.status_code)
 
 # Delete, guarded by the version.
 call(delete_session, 412, Problem, id=sid, if_match='"1"')

@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261121_000001_create_sessions_and_events;
 mod m20261121_000002_create_relay_cursors;
 mod m20261121_000003_create_session_messages;
+mod m20261129_000004_create_session_inputs_and_approvals;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000001_create_sessions_and_events::Migration),
             Box::new(m20261121_000002_create_relay_cursors::Migration),
             Box::new(m20261121_000003_create_session_messages::Migration),
+            Box::new(m20261129_000004_create_session_inputs_and_approvals::Migration),
         ]
     }
 }

@@ -17,16 +17,25 @@ pub enum Scope {
     SessionsRead,
     SessionsWrite,
     EventsRead,
+    /// The runner's reports that only a worker may make: its output
+    /// (`POST /sessions/{id}/messages`) and the approvals it asks for.
+    SessionsRun,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 3] = [Self::SessionsRead, Self::SessionsWrite, Self::EventsRead];
+    pub const ALL: [Scope; 4] = [
+        Self::SessionsRead,
+        Self::SessionsWrite,
+        Self::EventsRead,
+        Self::SessionsRun,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::SessionsRead => "sessions:read",
             Self::SessionsWrite => "sessions:write",
             Self::EventsRead => "events:read",
+            Self::SessionsRun => "sessions:run",
         }
     }
 

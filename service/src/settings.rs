@@ -131,6 +131,10 @@ pub struct ApiSettings {
     /// Longest a long-poll of `GET /events` is held, in seconds (1 to 60): a
     /// larger `wait` (up to the documented 60) is shortened to this.
     pub max_wait_secs: u64,
+    /// Largest `text` of one `POST /sessions/{id}/input`, in bytes; larger
+    /// is refused with 413 (the body as a whole is bounded by
+    /// `server.body_limit_bytes`).
+    pub max_input_bytes: usize,
 }
 
 /// The `runner` subcommand (docs/design.md, the runner). `API_URL`, `WORKSPACE_ROOT` and
@@ -318,6 +322,7 @@ filter = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn"
 default_page_size = 20
 max_page_size = 500
 max_wait_secs = 60
+max_input_bytes = 262144
 
 [auth]
 enabled = true
@@ -454,6 +459,9 @@ impl Settings {
         }
         if self.server.body_limit_bytes < 1024 {
             return bad("server.body_limit_bytes", "must be at least 1024");
+        }
+        if self.api.max_input_bytes == 0 {
+            return bad("api.max_input_bytes", "must be at least 1");
         }
         if !(1..=60).contains(&self.api.max_wait_secs) {
             return bad("api.max_wait_secs", "must be between 1 and 60");

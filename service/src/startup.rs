@@ -92,6 +92,7 @@ impl Application {
             shutdown: shutdown.clone(),
             sse_heartbeat: Duration::from_secs(settings.relay.sse_heartbeat_secs),
             max_wait: Duration::from_secs(settings.api.max_wait_secs),
+            max_input_bytes: settings.api.max_input_bytes,
             pages: PageSizes {
                 default: settings.api.default_page_size,
                 max: settings.api.max_page_size,

@@ -116,6 +116,8 @@ pub trait RequiredScope {
 pub struct SessionsRead;
 pub struct SessionsWrite;
 pub struct EventsRead;
+/// The runner's own writes: worker output, approval requests.
+pub struct SessionsRun;
 
 impl RequiredScope for SessionsRead {
     const SCOPE: Scope = Scope::SessionsRead;
@@ -125,6 +127,9 @@ impl RequiredScope for SessionsWrite {
 }
 impl RequiredScope for EventsRead {
     const SCOPE: Scope = Scope::EventsRead;
+}
+impl RequiredScope for SessionsRun {
+    const SCOPE: Scope = Scope::SessionsRun;
 }
 
 /// Present in a handler's arguments: the caller holds scope `S`.

@@ -33,6 +33,10 @@ pub struct JsonBody {
     pub mode: PatchMode,
 }
 
+/// A JSON body that may also be absent (no bytes, or only whitespace):
+/// `None` then. Read under the same limits as [`JsonBody`].
+pub struct OptionalJsonBody(pub Option<Value>);
+
 fn mode_of(req: &HttpRequest) -> Result<PatchMode, ApiError> {
     let Some(raw) = req.headers().get(header::CONTENT_TYPE) else {
         return Ok(PatchMode::Replace);
@@ -61,41 +65,64 @@ impl FromRequest for JsonBody {
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let (limit, max_depth) = req
-            .app_data::<web::Data<BodyLimit>>()
-            .map(|l| (l.0, l.1))
-            .unwrap_or((1 << 20, 32));
-        let mode = mode_of(req);
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        let mut payload = payload.take();
+        let read = read(req, payload);
         Box::pin(async move {
-            let mode = mode?;
-            if declared.is_some_and(|n| n > limit) {
-                return Err(ApiError::PayloadTooLarge(limit));
+            match read.await? {
+                (Some(value), mode) => Ok(JsonBody { value, mode }),
+                (None, _) => Err(ApiError::MalformedJson("the body is empty".into())),
             }
-            let mut buf = web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-                if buf.len() + chunk.len() > limit {
-                    return Err(ApiError::PayloadTooLarge(limit));
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            if buf.iter().all(u8::is_ascii_whitespace) {
-                return Err(ApiError::MalformedJson("the body is empty".into()));
-            }
-            let value: Value =
-                serde_json::from_slice(&buf).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-            if depth(&value) > max_depth {
-                return Err(ApiError::MalformedJson(format!(
-                    "the document is nested deeper than {max_depth} levels"
-                )));
-            }
-            Ok(JsonBody { value, mode })
         })
     }
+}
+
+impl FromRequest for OptionalJsonBody {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let read = read(req, payload);
+        Box::pin(async move { Ok(OptionalJsonBody(read.await?.0)) })
+    }
+}
+
+type Read = Pin<Box<dyn Future<Output = Result<(Option<Value>, PatchMode), ApiError>>>>;
+
+/// The body as JSON (`None` when empty), within the size and depth limits.
+fn read(req: &HttpRequest, payload: &mut Payload) -> Read {
+    let (limit, max_depth) = req
+        .app_data::<web::Data<BodyLimit>>()
+        .map(|l| (l.0, l.1))
+        .unwrap_or((1 << 20, 32));
+    let mode = mode_of(req);
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut payload = payload.take();
+    Box::pin(async move {
+        let mode = mode?;
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        let mut buf = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge(limit));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            return Ok((None, mode));
+        }
+        let value: Value =
+            serde_json::from_slice(&buf).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        if depth(&value) > max_depth {
+            return Err(ApiError::MalformedJson(format!(
+                "the document is nested deeper than {max_depth} levels"
+            )));
+        }
+        Ok((Some(value), mode))
+    })
 }

@@ -26,6 +26,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("the body exceeds the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    /// One field is over its own limit (an input's `text`).
+    #[error("{field} exceeds the limit of {limit} bytes")]
+    FieldTooLarge { field: &'static str, limit: usize },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -77,7 +80,9 @@ impl ApiError {
             Self::Validation { .. } => ("validation", "Invalid request"),
             Self::BadParameter { .. } => ("invalid-parameter", "Invalid parameter"),
             Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
-            Self::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
+            Self::PayloadTooLarge(_) | Self::FieldTooLarge { .. } => {
+                ("payload-too-large", "Payload too large")
+            }
             Self::NotFound(_) => ("not-found", "Not found"),
             Self::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
@@ -98,6 +103,7 @@ impl ApiError {
         match self {
             Self::Validation { field, .. } => field.clone(),
             Self::BadParameter { field, .. } => Some(field.clone()),
+            Self::FieldTooLarge { field, .. } => Some((*field).to_owned()),
             Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
                 Some("If-Match".into())
             }
@@ -138,7 +144,7 @@ impl ResponseError for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge(_) | Self::FieldTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
@@ -208,6 +214,8 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(id) => Self::NotFound(format!("session {id} not found")),
+            StoreError::Missing(m) => Self::NotFound(m),
+            StoreError::Refused(m) => Self::Conflict(m),
             StoreError::VersionMismatch { expected, actual } => {
                 Self::PreconditionFailed { expected, actual }
             }

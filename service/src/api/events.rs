@@ -80,7 +80,7 @@ pub struct FeedQuery {
     pub session_id: Option<String>,
     /// Only these event types, comma-separated.
     #[param(
-        pattern = "^session\\.(created|updated|deleted)(,session\\.(created|updated|deleted))*$"
+        pattern = "^session\\.(created|updated|deleted|input_received|interrupted|approval_requested|approval_decided)(,session\\.(created|updated|deleted|input_received|interrupted|approval_requested|approval_decided))*$"
     )]
     pub event_type: Option<String>,
 }
@@ -111,20 +111,13 @@ pub(crate) fn feed_filter(q: &FeedQuery) -> Result<FeedFilter, ApiError> {
                 Uuid::parse_str(s).map_err(|_| ApiError::parameter("session_id", "must be a UUID"))
             })
             .transpose()?,
-        kinds: match q.event_type.as_deref() {
-            None | Some("") => Vec::new(),
-            Some(s) => s
-                .split(',')
-                .map(|k| {
-                    EventKind::parse(k.trim()).ok_or_else(|| {
-                        ApiError::parameter(
-                            "event_type",
-                            "must be session.created, session.updated or session.deleted",
-                        )
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-        },
+        kinds: params::one_of(
+            "event_type",
+            &q.event_type,
+            EventKind::parse,
+            "session.created, session.updated, session.deleted, session.input_received, \
+             session.interrupted, session.approval_requested or session.approval_decided",
+        )?,
     })
 }
 

@@ -5,14 +5,14 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
-use uuid::Uuid;
 
 use super::AppState;
-use super::auth::{Authorized, SessionsRead, SessionsWrite};
+use super::auth::{Authorized, SessionsRead, SessionsRun};
 use super::body::JsonBody;
 use super::error::ApiError;
 use super::middleware::RequestMeta;
 use super::params::{self, link_next};
+use super::sessions::{existing_session, session_id};
 use crate::contract::{Problem, Session, format_time};
 
 /// Most messages accepted in one append.
@@ -44,10 +44,6 @@ pub struct MessagesQuery {
     pub format: Option<String>,
 }
 
-fn id_of(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound(format!("session {raw} not found")))
-}
-
 /// NUL cannot be stored in `jsonb`; in worker output it is replaced, not refused.
 fn without_nul(v: Value) -> Value {
     match v {
@@ -62,7 +58,7 @@ fn without_nul(v: Value) -> Value {
     }
 }
 
-/// Append worker messages (used by the runner).
+/// Append worker messages (the runner does, with scope `sessions:run`).
 #[utoipa::path(
     post, path = "/sessions/{id}/messages", tag = "sessions", operation_id = "append_messages",
     params(("id" = Uuid, Path, description = "Session id")),
@@ -81,9 +77,9 @@ pub async fn append(
     id: web::Path<String>,
     body: JsonBody,
     meta: RequestMeta,
-    _auth: Authorized<SessionsWrite>,
+    _auth: Authorized<SessionsRun>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = id_of(&id)?;
+    let id = session_id(&id)?;
     let Value::Array(items) = body.value else {
         return Err(ApiError::validation(
             "body",
@@ -137,7 +133,6 @@ pub async fn list(
     id: web::Path<String>,
     _auth: Authorized<SessionsRead>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = id_of(&id)?;
     let q: MessagesQuery = params::query(&req)?;
     let after = params::non_negative("after", &q.after)?;
     let limit = params::limit(&q.limit, &state.pages)?;
@@ -153,9 +148,7 @@ pub async fn list(
         }
         Some(_) => return Err(ApiError::parameter("format", "must be json or jsonl")),
     };
-    if state.store.get(id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("session {id} not found")));
-    }
+    let id = existing_session(&state, &id).await?;
     let messages = state.store.messages(id, after, limit).await?;
     let mut res = HttpResponse::Ok();
     if messages.len() as u64 == limit

@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod live;
 pub mod messages;
 pub mod middleware;
 pub mod openapi;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub pages: PageSizes,
     /// Longest a long-poll of the feed is held (`api.max_wait_secs`).
     pub max_wait: std::time::Duration,
+    /// Largest input text accepted (`api.max_input_bytes`).
+    pub max_input_bytes: usize,
     /// Wakes the relay after a commit, so publishing does not wait for a poll.
     pub relay_wake: Arc<Notify>,
     /// Best-effort wake-up hints on Redis, sent right after a commit.
@@ -98,6 +101,44 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(messages::append))
             .route(web::get().to(messages::list))
             .default_service(not_allowed()),
+    )
+    .service(
+        web::resource([
+            "/sessions/{id}/messages/stream",
+            "/sessions/{id}/messages/stream/",
+        ])
+        .route(web::get().to(stream::messages_stream))
+        .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/input", "/sessions/{id}/input/"])
+            .route(web::post().to(live::input))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/interrupt", "/sessions/{id}/interrupt/"])
+            .route(web::post().to(live::interrupt))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/inputs", "/sessions/{id}/inputs/"])
+            .route(web::get().to(live::inputs))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/approvals", "/sessions/{id}/approvals/"])
+            .route(web::post().to(live::request_approval))
+            .route(web::get().to(live::approvals))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource([
+            "/sessions/{id}/approvals/{request_id}",
+            "/sessions/{id}/approvals/{request_id}/",
+        ])
+        .route(web::get().to(live::approval))
+        .route(web::post().to(live::decide))
+        .default_service(not_allowed()),
     )
     .service(
         web::resource(["/events/stream", "/events/stream/"])

@@ -6,11 +6,17 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, Secur
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{events, health, messages, sessions, stream};
+use super::{events, health, live, messages, sessions, stream};
+use crate::contract::live::{
+    Approval, ApprovalAnswer, ApprovalDecidedPayload, ApprovalRequest, ApprovalStatus,
+    DecisionReason, DecisionRequest, Input, InputAccepted, InputKind, InputReceivedPayload,
+    InputRequest, InterruptedPayload,
+};
 use crate::contract::{
     CrashReason, EventEnvelope, EventKind, EventMetadata, FieldProblem, NewSession, PausedReason,
     PermissionMode, PodPhase, Problem, Resources, RestartPolicy, RuntimeBackend, Session,
     SessionMergePatch, SessionStatus, SessionUpdate, Usage, WorkerLaunch, WorkerRecord, WorkerSpec,
+    WorkerState,
 };
 
 #[derive(OpenApi)]
@@ -22,7 +28,9 @@ use crate::contract::{
     ),
     paths(
         sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
-        messages::append, messages::list,
+        messages::append, messages::list, stream::messages_stream,
+        live::input, live::interrupt, live::inputs,
+        live::request_approval, live::approvals, live::approval, live::decide,
         events::session_events, events::feed, stream::events_stream,
         health::healthz, health::readyz, health::metrics,
     ),
@@ -30,11 +38,15 @@ use crate::contract::{
         Session, NewSession, SessionUpdate, SessionMergePatch, SessionStatus, RuntimeBackend, WorkerSpec,
         PermissionMode, Resources, RestartPolicy, CrashReason, EventEnvelope, EventKind,
         EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks, crate::monitor::FeedHealth,
-        WorkerRecord, WorkerLaunch, PodPhase, PausedReason,
+        WorkerRecord, WorkerLaunch, PodPhase, PausedReason, WorkerState,
+        InputRequest, InputKind, Input, InputAccepted, ApprovalRequest, DecisionRequest,
+        DecisionReason, ApprovalStatus, Approval, ApprovalAnswer,
+        InputReceivedPayload, InterruptedPayload, ApprovalDecidedPayload,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "sessions", description = "Session records"),
+        (name = "live", description = "Live sessions: input, interrupt, tool approvals"),
         (name = "events", description = "The event log"),
         (name = "operations", description = "Health and metrics"),
     )
@@ -53,7 +65,7 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(Http::builder().scheme(HttpAuthScheme::Bearer).description(Some(
-                "A static API token or a JWT (HS256, RS256 or ES256) with scopes sessions:read, sessions:write, events:read",
+                "A static API token or a JWT (HS256, RS256 or ES256) with scopes sessions:read, sessions:write, events:read and, for the runner, sessions:run",
             )).build()),
         );
         let problem = |d: &str| {

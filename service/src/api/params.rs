@@ -30,6 +30,26 @@ pub fn non_negative(field: &str, raw: &Option<String>) -> Result<i64, ApiError> 
     }
 }
 
+/// A comma-separated list of values `parse` knows (empty when absent);
+/// `names` says which, for the 400.
+pub fn one_of<T>(
+    field: &str,
+    raw: &Option<String>,
+    parse: impl Fn(&str) -> Option<T>,
+    names: &str,
+) -> Result<Vec<T>, ApiError> {
+    match raw.as_deref() {
+        None | Some("") => Ok(Vec::new()),
+        Some(s) => s
+            .split(',')
+            .map(|p| {
+                parse(p.trim())
+                    .ok_or_else(|| ApiError::parameter(field, format!("must be {names}")))
+            })
+            .collect(),
+    }
+}
+
 pub fn limit(raw: &Option<String>, pages: &PageSizes) -> Result<u64, ApiError> {
     let Some(raw) = raw.as_deref() else {
         return Ok(pages.default);

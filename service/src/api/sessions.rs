@@ -15,7 +15,9 @@ use super::body::JsonBody;
 use super::error::ApiError;
 use super::middleware::RequestMeta;
 use super::params::{self, link_next};
-use crate::contract::{NewSession, Problem, Session, SessionMergePatch, SessionUpdate};
+use crate::contract::{
+    NewSession, Problem, Session, SessionMergePatch, SessionUpdate, WorkerState,
+};
 use crate::domain::json::{FieldError, read_at};
 use crate::domain::{CreateSession, RuntimeBackend, SessionPatch, SessionState, SessionStatus};
 use crate::store::{IdempotencyRequest, ListCursor, ListFilter};
@@ -106,11 +108,21 @@ fn none_match(req: &HttpRequest, tag: &str) -> bool {
         })
 }
 
-fn session_id(raw: &str) -> Result<Uuid, ApiError> {
+/// A session id from a path (anything else names no session: 404).
+pub(crate) fn session_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::NotFound(format!("session {raw} not found")))
 }
 
-fn parse_dto<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+/// The id of a session that exists now, or the 404.
+pub(crate) async fn existing_session(state: &AppState, raw: &str) -> Result<Uuid, ApiError> {
+    let id = session_id(raw)?;
+    match state.store.get(id).await? {
+        Some(_) => Ok(id),
+        None => Err(ApiError::NotFound(format!("session {id} not found"))),
+    }
+}
+
+pub(crate) fn parse_dto<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     read_at(value, None).map_err(|FieldError { field, detail }| ApiError::Validation {
         detail: match &field {
             Some(f) => format!("{f}: {detail}"),
@@ -120,8 +132,11 @@ fn parse_dto<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError
     })
 }
 
-fn idempotency(
+/// The request's `Idempotency-Key`, scoped to its actor and, for writes
+/// other than a create, to what it writes to (`scope`, e.g. `input:<id>`).
+pub(crate) fn idempotency(
     req: &HttpRequest,
+    scope: Option<&str>,
     actor: &str,
     body: &Value,
 ) -> Result<Option<IdempotencyRequest>, ApiError> {
@@ -140,7 +155,10 @@ fn idempotency(
         })?;
     let canonical = body.to_string().into_bytes();
     Ok(Some(IdempotencyRequest {
-        key: format!("{actor} {key}"),
+        key: match scope {
+            None => format!("{actor} {key}"),
+            Some(scope) => format!("{actor} {scope} {key}"),
+        },
         request_hash: hex::encode(Sha256::digest(canonical)),
     }))
 }
@@ -173,7 +191,7 @@ pub async fn create(
             detail: "the body must be a JSON object".into(),
         });
     }
-    let idem = idempotency(&req, &meta.0.actor, &body.value)?;
+    let idem = idempotency(&req, None, &meta.0.actor, &body.value)?;
     let dto: NewSession = parse_dto(body.value)?;
     let cmd = CreateSession::new(
         dto.agent_id,
@@ -318,6 +336,13 @@ pub struct ListQuery {
     /// Only sessions with (true) or without (false) a worker spec.
     #[param(value_type = Option<bool>)]
     pub has_worker: Option<String>,
+    /// Only sessions whose worker is in one of these states
+    /// (`runtime_metadata.worker.state`, as the runner reports it),
+    /// separated by commas.
+    #[param(
+        pattern = "^(starting|running|idle|awaiting_approval|stopping|exited)(,(starting|running|idle|awaiting_approval|stopping|exited))*$"
+    )]
+    pub worker_state: Option<String>,
     /// RFC 3339; inclusive.
     #[param(value_type = Option<DateTime<Utc>>)]
     pub created_after: Option<String>,
@@ -361,17 +386,18 @@ pub async fn list(
     _auth: Authorized<SessionsRead>,
 ) -> Result<HttpResponse, ApiError> {
     let q: ListQuery = params::query(&req)?;
-    let status = match q.status.as_deref() {
-        None | Some("") => Vec::new(),
-        Some(s) => s
-            .split(',')
-            .map(|p| {
-                SessionStatus::parse(p.trim()).ok_or_else(|| {
-                    ApiError::parameter("status", "must be active, paused, completed or crashed")
-                })
-            })
-            .collect::<Result<_, _>>()?,
-    };
+    let status = params::one_of(
+        "status",
+        &q.status,
+        SessionStatus::parse,
+        "active, paused, completed or crashed",
+    )?;
+    let worker_state = params::one_of(
+        "worker_state",
+        &q.worker_state,
+        WorkerState::parse,
+        "starting, running, idle, awaiting_approval, stopping or exited",
+    )?;
     let filter = ListFilter {
         agent_id: q
             .agent_id
@@ -403,6 +429,7 @@ pub async fn list(
                     .map_err(|_| ApiError::parameter("has_worker", "must be true or false"))
             })
             .transpose()?,
+        worker_state,
     };
     let limit = params::limit(&q.limit, &state.pages)?;
     let cursor = q

@@ -17,9 +17,33 @@ pub enum EventKind {
     Updated,
     #[serde(rename = "session.deleted")]
     Deleted,
+    /// A user message was queued (payload: `seq`, `input_id`, `kind`, `text`).
+    #[serde(rename = "session.input_received")]
+    InputReceived,
+    /// An interrupt was queued (payload: `seq`, `input_id`).
+    #[serde(rename = "session.interrupted")]
+    Interrupted,
+    /// The worker asked to run a tool (payload: the [`ApprovalRequest`](super::live::ApprovalRequest)).
+    #[serde(rename = "session.approval_requested")]
+    ApprovalRequested,
+    /// A tool approval was answered (payload: an [`ApprovalDecidedPayload`](super::live::ApprovalDecidedPayload)).
+    #[serde(rename = "session.approval_decided")]
+    ApprovalDecided,
 }
 
-same_variants!(EventKind, domain::EventKind, [Created, Updated, Deleted]);
+same_variants!(
+    EventKind,
+    domain::EventKind,
+    [
+        Created,
+        Updated,
+        Deleted,
+        InputReceived,
+        Interrupted,
+        ApprovalRequested,
+        ApprovalDecided
+    ]
+);
 
 /// Who caused an event and in answer to what; stored with every event.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

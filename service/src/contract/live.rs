@@ -80,6 +80,7 @@ pub struct InputAccepted {
 }
 
 /// The runner reports a tool approval the worker asks for
+/// (also the payload of `session.approval_requested`)
 /// (`POST /sessions/{id}/approvals`, runner scope). Posting the same
 /// `request_id` again answers with the approval already stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -186,4 +187,50 @@ pub struct ApprovalAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub updated_input: Option<Map<String, Value>>,
+}
+
+impl ApprovalStatus {
+    /// The status a decision leaves an approval in.
+    pub fn of(decision: ApprovalDecision) -> Self {
+        match decision {
+            ApprovalDecision::Allow => Self::Allowed,
+            ApprovalDecision::Deny => Self::Denied,
+        }
+    }
+}
+
+/// Payload of `session.input_received`: a user message was queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InputReceivedPayload {
+    pub seq: i64,
+    pub input_id: Uuid,
+    pub kind: InputKind,
+    pub text: String,
+}
+
+/// Payload of `session.interrupted`: an interrupt was queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InterruptedPayload {
+    pub seq: i64,
+    pub input_id: Uuid,
+}
+
+/// Payload of `session.approval_decided`. The answer is queued for the
+/// worker as an `approval` input in the same statement, at `input_seq`
+/// (`input_id`); that input has no event of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ApprovalDecidedPayload {
+    pub request_id: String,
+    pub decision: ApprovalDecision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The override the decision carried, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub updated_input: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DecisionReason>,
+    pub decided_by: String,
+    pub input_seq: i64,
+    pub input_id: Uuid,
 }

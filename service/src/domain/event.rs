@@ -20,17 +20,54 @@ pub enum EventKind {
     Updated,
     #[serde(rename = "session.deleted")]
     Deleted,
+    /// A user message was queued for the worker (`session_inputs`).
+    #[serde(rename = "session.input_received")]
+    InputReceived,
+    /// An interrupt was queued for the worker.
+    #[serde(rename = "session.interrupted")]
+    Interrupted,
+    /// The worker asked to run a tool (`session_approvals`).
+    #[serde(rename = "session.approval_requested")]
+    ApprovalRequested,
+    /// Someone (or the runner's timeout) answered a tool approval.
+    #[serde(rename = "session.approval_decided")]
+    ApprovalDecided,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 3] = [Self::Created, Self::Updated, Self::Deleted];
+    pub const ALL: [EventKind; 7] = [
+        Self::Created,
+        Self::Updated,
+        Self::Deleted,
+        Self::InputReceived,
+        Self::Interrupted,
+        Self::ApprovalRequested,
+        Self::ApprovalDecided,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Created => "session.created",
             Self::Updated => "session.updated",
             Self::Deleted => "session.deleted",
+            Self::InputReceived => "session.input_received",
+            Self::Interrupted => "session.interrupted",
+            Self::ApprovalRequested => "session.approval_requested",
+            Self::ApprovalDecided => "session.approval_decided",
         }
+    }
+
+    /// The live-session events: their rows live in tables of their own
+    /// (`session_inputs`, `session_approvals`), so on the session they only
+    /// move `version` and `updated_at`, and replay folds nothing else.
+    pub fn moves_version_only(self) -> bool {
+        matches!(
+            self,
+            Self::InputReceived
+                | Self::Interrupted
+                | Self::ApprovalRequested
+                | Self::ApprovalDecided
+        )
     }
 
     pub fn parse(s: &str) -> Option<Self> {

@@ -132,7 +132,12 @@ impl<'a> Signal<'a> {
                     && self.has_worker != Some(false)
                     && on_backend
             }
-            EventKind::Deleted => false,
+            // Inputs and approvals only concern a session already managed.
+            EventKind::Deleted
+            | EventKind::InputReceived
+            | EventKind::Interrupted
+            | EventKind::ApprovalRequested
+            | EventKind::ApprovalDecided => false,
         }
     }
 }

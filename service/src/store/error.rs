@@ -15,6 +15,14 @@ pub enum StoreError {
     VersionMismatch { expected: i64, actual: i64 },
     #[error(transparent)]
     Domain(#[from] DomainError),
+    /// Something of a session other than the session itself is missing
+    /// (an approval).
+    #[error("{0}")]
+    Missing(String),
+    /// The session's state refuses the write (input to a completed session,
+    /// a second decision).
+    #[error("{0}")]
+    Refused(String),
     #[error("idempotency key was used with a different request")]
     IdempotencyKeyReused,
     #[error("the session created under this idempotency key has been deleted")]

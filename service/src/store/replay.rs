@@ -64,6 +64,12 @@ fn fold(events: &[StoredEvent]) -> Result<Option<SessionState>, String> {
                 s.updated_at = e.occurred_at;
             }
             (EventKind::Deleted, Some(_)) => state = None,
+            // Inputs and approvals keep their rows elsewhere: the session
+            // only moves on by a version.
+            (kind, Some(s)) if kind.moves_version_only() => {
+                s.version = e.version;
+                s.updated_at = e.occurred_at;
+            }
             (kind, _) => {
                 return Err(format!(
                     "{} at version {} does not follow",

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::append::{ANNOUNCE, EventRow};
 use super::rows::{self, INSERT_COLUMNS, SESSION_COLUMNS};
 use super::{Store, StoreError};
-use crate::contract::WakeHint;
+use crate::contract::{WakeHint, WorkerState};
 use crate::domain::event;
 use crate::domain::{
     CreateSession, EventKind, EventMetadata, RuntimeBackend, SessionChanges, SessionPatch,
@@ -116,6 +116,9 @@ pub struct ListFilter {
     pub updated_before: Option<DateTime<Utc>>,
     /// Only sessions with (true) or without (false) a worker spec.
     pub has_worker: Option<bool>,
+    /// Only sessions whose worker the runner last reported in one of these
+    /// states (`runtime_metadata.worker.state`).
+    pub worker_state: Vec<WorkerState>,
 }
 
 /// Keyset position in the newest-first list: the last row returned.
@@ -441,6 +444,8 @@ impl Store {
             "WITH {ANNOUNCE}, \
              d AS (DELETE FROM sessions USING announce WHERE id = $1 AND version = $2 RETURNING id), \
              m AS (DELETE FROM session_messages WHERE session_id IN (SELECT id FROM d)), \
+             i AS (DELETE FROM session_inputs WHERE session_id IN (SELECT id FROM d)), \
+             a AS (DELETE FROM session_approvals WHERE session_id IN (SELECT id FROM d)), \
              {event} \
              SELECT position FROM e"
         );
@@ -479,21 +484,33 @@ impl Store {
             values.push(v);
             cond.push(expr.replace('?', &format!("${}", values.len())));
         }
+        /// `expr` equal to one of `these` (nothing when empty).
+        fn push_any(values: &mut Vec<Param>, cond: &mut Vec<String>, expr: &str, these: &[&str]) {
+            match these {
+                [] => {}
+                [one] => push(values, cond, &format!("{expr} = ?"), (*one).into()),
+                many => {
+                    let mut marks = Vec::new();
+                    for s in many {
+                        values.push((*s).into());
+                        marks.push(format!("${}", values.len()));
+                    }
+                    cond.push(format!("{expr} IN ({})", marks.join(", ")));
+                }
+            }
+        }
         if let Some(a) = filter.agent_id {
             push(&mut values, &mut cond, "agent_id = ?", a.into());
         }
-        match filter.status.as_slice() {
-            [] => {}
-            [one] => push(&mut values, &mut cond, "status = ?", one.as_str().into()),
-            many => {
-                let mut marks = Vec::new();
-                for s in many {
-                    values.push(s.as_str().into());
-                    marks.push(format!("${}", values.len()));
-                }
-                cond.push(format!("status IN ({})", marks.join(", ")));
-            }
-        }
+        let statuses: Vec<&str> = filter.status.iter().map(|s| s.as_str()).collect();
+        push_any(&mut values, &mut cond, "status", &statuses);
+        let states: Vec<&str> = filter.worker_state.iter().map(|s| s.as_str()).collect();
+        push_any(
+            &mut values,
+            &mut cond,
+            "(runtime_metadata -> 'worker' ->> 'state')",
+            &states,
+        );
         if let Some(t) = &filter.session_type {
             push(&mut values, &mut cond, "session_type = ?", t.clone().into());
         }

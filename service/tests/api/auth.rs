@@ -19,6 +19,7 @@ fn tokens() -> String {
         {"subject": "no-scope", "sha256": hash_token("no-scopes"), "scopes": []},
         {"subject": "reader", "sha256": hash_token("read-only"), "scopes": ["sessions:read", "events:read"]},
         {"subject": "writer", "sha256": hash_token("write-only"), "scopes": ["sessions:write"]},
+        {"subject": "runner", "sha256": hash_token("run-only"), "scopes": ["sessions:run"]},
     ])
     .to_string()
 }
@@ -58,6 +59,10 @@ fn scope_of(method: &str, path: &str) -> Option<&'static str> {
             Some("events:read")
         }
         ("get", _) => Some("sessions:read"),
+        // The runner's own reports.
+        ("post", "/sessions/{id}/messages") | ("post", "/sessions/{id}/approvals") => {
+            Some("sessions:run")
+        }
         _ => Some("sessions:write"),
     }
 }
@@ -128,10 +133,10 @@ async fn every_route_but_the_open_ones_needs_a_token_with_its_scope() {
                 );
             }
             Some(scope) => {
-                let lacking = if scope == "sessions:write" {
-                    "read-only"
-                } else {
-                    "write-only"
+                let lacking = match scope {
+                    "sessions:write" => "read-only",
+                    "sessions:run" => "write-only",
+                    _ => "write-only",
                 };
                 let res = call(&app, method, &concrete, Some(lacking)).await;
                 assert_eq!(res.status, 403, "{method} {path} without {scope}");
@@ -150,6 +155,48 @@ async fn every_route_but_the_open_ones_needs_a_token_with_its_scope() {
     )
     .await;
     assert_eq!(res.status, 204);
+}
+
+/// Only the runner's scope writes into a session's message log: a user's
+/// token with `sessions:write` cannot.
+#[tokio::test]
+async fn only_sessions_run_appends_messages() {
+    let app = secured(10_000).await;
+    let created = app
+        .send(
+            app.http
+                .post(app.at("/sessions/"))
+                .bearer_auth("all-scopes")
+                .json(&json!({"agent_id": AGENT, "session_type": "t"})),
+        )
+        .await
+        .expect(201)
+        .json();
+    let path = format!("/sessions/{}/messages", id_of(&created));
+    let lines = json!([{"type": "assistant"}]);
+    for token in ["all-scopes", "write-only"] {
+        let res = app
+            .send(app.http.post(app.at(&path)).bearer_auth(token).json(&lines))
+            .await
+            .expect(403);
+        assert!(res.problem().detail.contains("sessions:run"));
+    }
+    let res = app
+        .send(
+            app.http
+                .post(app.at(&path))
+                .bearer_auth("run-only")
+                .json(&lines),
+        )
+        .await
+        .expect(200);
+    assert_eq!(res.json()["usage"]["message_count"], 1);
+    // With authentication off, the anonymous caller holds every scope.
+    let open = TestApp::spawn().await;
+    let id = id_of(&open.create_default().await);
+    open.post(&format!("/sessions/{id}/messages"), &lines)
+        .await
+        .expect(200);
 }
 
 #[tokio::test]

@@ -42,6 +42,28 @@ async fn workload(app: &TestApp) -> Vec<String> {
         }
     });
     join_all(tasks).await;
+    // Live sessions: inputs, a refused interrupt (the session is paused), an
+    // approval asked for and decided, and inputs of a session then deleted.
+    for (id, text) in [(&ids[2], "first"), (&ids[2], "second"), (&ids[1], "gone")] {
+        app.post(&format!("/sessions/{id}/input"), &json!({"text": text}))
+            .await
+            .expect(202);
+    }
+    app.post(&format!("/sessions/{}/interrupt", ids[2]), &json!({}))
+        .await
+        .expect(409);
+    app.post(
+        &format!("/sessions/{}/approvals", ids[3]),
+        &json!({"request_id": "r1", "tool_name": "Bash", "input": {"command": "ls"}, "generation": 1}),
+    )
+    .await
+    .expect(201);
+    app.post(
+        &format!("/sessions/{}/approvals/r1", ids[3]),
+        &json!({"decision": "allow"}),
+    )
+    .await
+    .expect(200);
     app.patch(&ids[0], &json!({"status": "completed"})).await;
     app.patch(&ids[0], &json!({"status": "active"})).await; // illegal
     app.delete(&ids[1]).await;
@@ -70,10 +92,11 @@ async fn g1_every_change_has_exactly_one_event_and_versions_are_contiguous() {
         )
         .await;
     assert_eq!(gaps, 0, "versions must be 1..n");
-    // Exactly the accepted changes: 6 creates + 6×(5 context + 5 status + 5 metadata) + complete + delete.
+    // Exactly the accepted changes: 6 creates + 6×(5 context + 5 status + 5 metadata)
+    // + 3 inputs + an approval asked and decided + complete + delete.
     assert_eq!(
         app.db.sql_i64("SELECT count(*) FROM events").await,
-        6 + 6 * 15 + 2
+        6 + 6 * 15 + 3 + 2 + 2
     );
     assert_eq!(
         app.db.sql_i64("SELECT count(*) FROM events WHERE event_type = 'session.updated' AND payload->'changes' = '{}'::jsonb")
@@ -99,7 +122,7 @@ async fn g2_replay_reproduces_the_projection_and_reports_a_hand_edit() {
     let report = store.replay_verify().await.unwrap();
     assert_eq!(report.differences, vec![], "replay after the workload");
     assert_eq!(report.sessions_checked, 6);
-    assert_eq!(report.events_read, 6 + 6 * 15 + 2);
+    assert_eq!(report.events_read, 6 + 6 * 15 + 3 + 2 + 2);
 
     // Also through the CLI, as an operator would run it.
     let (ok, out) = replay_verify(&app.db.url);

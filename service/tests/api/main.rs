@@ -7,6 +7,7 @@
 mod auth;
 mod guarantees;
 mod horizon;
+mod live;
 mod load;
 mod messages;
 mod openapi;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::support::app::{TestApp, id_of};
+use crate::support::app::{TestApp, id_of, read_sse};
 use crate::support::db::TestDatabase;
 use crate::support::redis_server::{RedisServer, Subscriber, delivery};
 use crate::support::serve::ServeProcess;
@@ -213,38 +213,6 @@ async fn two_replicas_publish_once_and_the_standby_takes_over() {
     eprintln!("standby took over and published in {:?}", started.elapsed());
     let feed = standby.api.whole_feed().await;
     check_delivery(&sub.on(&channel).await, &feed);
-}
-
-/// Read SSE frames until `n` events arrived; returns (id, data) pairs.
-async fn read_sse(res: reqwest::Response, n: usize) -> Vec<(i64, Value)> {
-    let mut stream = res.bytes_stream();
-    let mut buf = String::new();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
-            .await
-            .expect("SSE data in time")
-            .expect("stream open")
-            .unwrap();
-        buf.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = buf.find("\n\n") {
-            let frame: String = buf.drain(..end + 2).collect();
-            let mut id = None;
-            let mut data: Option<Value> = None;
-            for line in frame.lines() {
-                if let Some(v) = line.strip_prefix("id: ") {
-                    id = Some(v.parse().unwrap());
-                }
-                if let Some(v) = line.strip_prefix("data: ") {
-                    data = Some(serde_json::from_str(v).unwrap());
-                }
-            }
-            if let (Some(i), Some(d)) = (id, data) {
-                out.push((i, d));
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test]

@@ -343,3 +343,36 @@ impl Drop for TestApp {
         self.server.abort();
     }
 }
+
+/// Read SSE frames until `n` events arrived; returns (id, data) pairs.
+pub async fn read_sse(res: reqwest::Response, n: usize) -> Vec<(i64, Value)> {
+    use futures_util::StreamExt;
+    let mut stream = res.bytes_stream();
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await
+            .expect("SSE data in time")
+            .expect("stream open")
+            .unwrap();
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            let mut id = None;
+            let mut data: Option<Value> = None;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.parse().unwrap());
+                }
+                if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(v).unwrap());
+                }
+            }
+            if let (Some(i), Some(d)) = (id, data) {
+                out.push((i, d));
+            }
+        }
+    }
+    out
+}
