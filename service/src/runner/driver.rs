@@ -177,6 +177,7 @@ pub struct Driver {
 impl Driver {
     pub fn new(s: Setup) -> Self {
         let poster = Poster::new(s.api.clone(), s.session_id, s.message_batch);
+        let first_written = s.first.is_none();
         Self {
             s,
             stdin: None,
@@ -186,7 +187,7 @@ impl Driver {
             taken: HashSet::new(),
             answered: HashSet::new(),
             written: BTreeSet::new(),
-            first_written: false,
+            first_written,
             unstarted: HashSet::new(),
             seq_of: HashMap::new(),
             input_seq: 0,
@@ -207,7 +208,7 @@ impl Driver {
     pub async fn attach(&mut self, stdin: Stdin) {
         self.stdin = Some(stdin);
         self.written.clear();
-        self.first_written = false;
+        self.first_written = self.s.first.is_none();
         self.unstarted.clear();
         let init = protocol::control_request(&format!("init-{}", self.s.generation), "initialize");
         if self.write(init).await {

@@ -55,22 +55,40 @@ impl Recorded {
             .unwrap_or_default()
     }
 
-    /// The tool result the last user message carries back, if it does:
-    /// (its text, whether it is an error).
-    pub fn tool_result(&self) -> Option<(String, bool)> {
-        let last = self.body["messages"].as_array()?.last()?;
+    /// Every tool result the last user message carries (the CLI merges
+    /// messages, so one may hold earlier results and new text too), in
+    /// order: (tool_use_id, text, is_error).
+    pub fn tool_results(&self) -> Vec<(String, String, bool)> {
+        let Some(last) = self.body["messages"].as_array().and_then(|ms| ms.last()) else {
+            return Vec::new();
+        };
         if last["role"] != "user" {
-            return None;
+            return Vec::new();
         }
-        last["content"].as_array()?.iter().find_map(|b| {
-            (b["type"] == "tool_result").then(|| {
-                let text = match &b["content"] {
-                    Value::String(s) => s.clone(),
-                    other => text_of(other),
-                };
-                (text, b["is_error"].as_bool().unwrap_or(false))
+        last["content"]
+            .as_array()
+            .map(|bs| {
+                bs.iter()
+                    .filter(|b| b["type"] == "tool_result")
+                    .map(|b| {
+                        let text = match &b["content"] {
+                            Value::String(s) => s.clone(),
+                            other => text_of(other),
+                        };
+                        (
+                            b["tool_use_id"].as_str().unwrap_or_default().to_owned(),
+                            text,
+                            b["is_error"].as_bool().unwrap_or(false),
+                        )
+                    })
+                    .collect()
             })
-        })
+            .unwrap_or_default()
+    }
+
+    /// The last tool result the request carries: (text, is_error).
+    pub fn tool_result(&self) -> Option<(String, bool)> {
+        self.tool_results().pop().map(|(_, t, e)| (t, e))
     }
 
     /// The last text block of the last user message: what the user just said
@@ -134,6 +152,17 @@ async fn messages(
         body: body.clone(),
     };
     let last = rec.last_user_text();
+    // Debugging aid: FAKE_ANTHROPIC_DUMP=<file> appends every request body.
+    if let Ok(path) = std::env::var("FAKE_ANTHROPIC_DUMP") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{}", rec.body);
+        }
+    }
     log.lock().unwrap().push(rec);
     if !req.path().starts_with("/v1/messages") || req.path().contains("count_tokens") {
         return HttpResponse::NotFound().finish();
@@ -145,8 +174,11 @@ async fn messages(
         }));
     }
     let model = body["model"].as_str().unwrap_or("claude-fake").to_owned();
-    let tool_result = rec_tool_result(&body);
-    if let Some((text, is_error)) = tool_result {
+    // A result for a tool call not answered yet: the model answers it.
+    let fresh = rec_tool_results(&body)
+        .into_iter()
+        .rfind(|(id, _, _)| ANSWERED.lock().unwrap().insert(id.clone()));
+    if let Some((_, text, is_error)) = fresh {
         return reply_now(&model, &format!("{TOOL_SAID} {text} (error: {is_error})"));
     }
     if let Some(command) = last
@@ -233,13 +265,17 @@ async fn messages(
         .streaming(stream)
 }
 
-fn rec_tool_result(body: &Value) -> Option<(String, bool)> {
+/// Tool calls whose results the fake has answered (ids are unique).
+static ANSWERED: std::sync::LazyLock<Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(Mutex::default);
+
+fn rec_tool_results(body: &Value) -> Vec<(String, String, bool)> {
     Recorded {
         path: String::new(),
         session: None,
         body: body.clone(),
     }
-    .tool_result()
+    .tool_results()
 }
 
 fn message_start(model: &str) -> Bytes {
