@@ -5,14 +5,20 @@
 //! captured from the real CLI, `src/runner/testdata`) into the pod log.
 //! Every Kubernetes call must be one the chart's runner Role grants: the
 //! fake refuses anything else, and each test checks nothing was refused.
+//!
+//! The attach tests run the fake in its real-kubelet mode: the pod's
+//! container is a local process (`cat`, or the real Claude Code CLI against
+//! the fake Anthropic API) whose stdin the runner writes through
+//! `pods/attach` and whose output comes back through the pod log.
 
 use std::time::{Duration, Instant};
 
 use crate::support::app::{TestApp, id_of};
-use crate::support::eventually;
-use crate::support::fake_kube::{FakeKube, NAMESPACE, chart_rbac};
+use crate::support::fake_anthropic::{FakeAnthropic, REPLY};
+use crate::support::fake_kube::{FakeKube, KubeletConfig, NAMESPACE, chart_rbac};
 use crate::support::messages_proxy::MessagesProxy;
 use crate::support::runner::{InProcessRunner, temp_root};
+use crate::support::{Explain, claude_bin, eventually};
 use agent_sessions::domain::WorkerSpec;
 use agent_sessions::runner::api::ApiClient;
 use agent_sessions::runner::backend::{Backend, StartRequest};
@@ -20,6 +26,7 @@ use agent_sessions::runner::claude::Launch;
 use agent_sessions::runner::kubernetes::{self, KubeConfig, KubernetesBackend};
 use agent_sessions::settings::{BackendChoice, Settings};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -64,6 +71,25 @@ fn kube_settings(api: &TestApp, kube: &FakeKube) -> Settings {
     s
 }
 
+/// A backend of its own on the fake cluster, for attaching to pods (the
+/// runner under test does not hand out its backend).
+async fn attacher(settings: &Settings) -> KubernetesBackend {
+    let client = kubernetes::client(&settings.runner)
+        .await
+        .expect("kube client");
+    let cfg = KubeConfig::from_settings(&settings.runner, &[]);
+    let api = ApiClient::new(&settings.runner.api_url, None).expect("API client");
+    let (wake, _) = tokio::sync::mpsc::unbounded_channel();
+    KubernetesBackend::new(cfg, client, api, wake)
+}
+
+/// Write `text` to the pod's stdin through a fresh attach, flush, detach.
+async fn write_stdin(backend: &KubernetesBackend, pod: &str, text: &str) {
+    let mut stdin = backend.attach_stdin(pod).await.expect("attach");
+    stdin.write_all(text.as_bytes()).await.expect("write");
+    stdin.flush().await.expect("flush");
+}
+
 struct KubeRig {
     api: TestApp,
     kube: FakeKube,
@@ -75,8 +101,11 @@ struct KubeRig {
 impl KubeRig {
     /// The API and the fake cluster, without a runner yet.
     async fn prepare() -> Self {
+        Self::prepare_on(FakeKube::start().await).await
+    }
+
+    async fn prepare_on(kube: FakeKube) -> Self {
         let api = TestApp::spawn().await;
-        let kube = FakeKube::start().await;
         let proxy = MessagesProxy::start(&api.url).await;
         Self {
             api,
@@ -203,6 +232,10 @@ impl KubeRig {
         .await;
     }
 
+    async fn attacher(&self) -> KubernetesBackend {
+        attacher(&kube_settings(&self.api, &self.kube)).await
+    }
+
     fn print(&self, id: &str, fixture_lines: &[String]) {
         let refs: Vec<&str> = fixture_lines.iter().map(String::as_str).collect();
         self.kube.print(&pod_name(id), &refs);
@@ -244,6 +277,11 @@ async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
     assert_eq!(c["resources"]["requests"]["memory"], "512Mi");
     assert_eq!(c["resources"]["limits"]["memory"], "2Gi");
     assert_eq!(c["command"], json!(["claude"]));
+    // Its stdin stays open across attaches; no tty.
+    assert_eq!(
+        (&c["stdin"], &c["stdinOnce"], &c["tty"]),
+        (&json!(true), &json!(false), &json!(false))
+    );
     let args = args_of(&pod);
     assert_eq!(
         &args[..7],
@@ -289,8 +327,17 @@ async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
         .await;
     assert_eq!(w["generation"], 1);
     assert_eq!(w["launch"], "new");
+    // No attach before the container runs (the API server says 400).
+    let attach = rig.attacher().await;
+    assert!(attach.attach_stdin(&pod_name(&id)).await.is_err());
     rig.run_pod(&id).await;
     assert_eq!(rig.api.get(&id).await["status"], "active");
+    // Then the stdin is the runner's to write.
+    write_stdin(&attach, &pod_name(&id), "{\"type\":\"user\"}\n").await;
+    eventually("the bytes at the pod", LIMIT, || async {
+        (rig.kube.stdin_of(&pod_name(&id)) == (b"{\"type\":\"user\"}\n".to_vec(), 1)).then_some(())
+    })
+    .await;
     rig.stop().await;
 }
 
@@ -674,4 +721,226 @@ async fn kubernetes_creating_the_pod_twice_is_harmless() {
     }
     kube.stop().await;
     api.teardown().await;
+}
+
+/// A stream-json user message as the CLI reads it on stdin.
+fn user_line(session: &str, text: &str) -> String {
+    let mut line = json!({"type": "user",
+        "message": {"role": "user", "content": [{"type": "text", "text": text}]},
+        "parent_tool_use_id": null, "session_id": session, "uuid": Uuid::new_v4()})
+    .to_string();
+    line.push('\n');
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_attach_writes_the_pods_stdin_and_a_later_attach_still_can() {
+    // The worker image's `claude` is `cat` here: stdin echoed to the log.
+    let kubelet = KubeletConfig::new()
+        .program("claude", &["sh", "-c", "exec cat"])
+        .secret(
+            "anthropic",
+            "ANTHROPIC_API_KEY",
+            "sk-ant-test-not-a-real-key",
+        );
+    let mut rig = KubeRig::prepare_on(FakeKube::start_with_kubelet(kubelet).await).await;
+    rig.start_runner();
+    let id = rig.create_managed().await;
+    let name = pod_name(&id);
+    rig.until_pod(&id, 1).await;
+    rig.until_worker(&id, "the pod to run", |w| w["pod_phase"] == "running")
+        .await;
+    let attach = rig.attacher().await;
+    // Each through an attach of its own, the one before it gone: the
+    // container's stdin stays open.
+    let mut written = String::new();
+    for word in ["first", "second"] {
+        let line = user_line(&id, word);
+        let t0 = Instant::now();
+        write_stdin(&attach, &name, &line).await;
+        eventually(format!("the {word} line in the pod log"), LIMIT, || async {
+            rig.kube
+                .log_of(&name)
+                .contains(&line.trim_end().to_owned())
+                .then_some(())
+        })
+        .await;
+        eprintln!("{word}: stdin to log in {:?}", t0.elapsed());
+        written.push_str(&line);
+    }
+    assert_eq!(rig.kube.stdin_of(&name), (written.into_bytes(), 2));
+    // The runner follows that log like any worker's.
+    eventually("the echoed lines among the messages", LIMIT, || async {
+        let text = rig.api.messages(&id).await?.to_string();
+        (text.contains("first") && text.contains("second")).then_some(())
+    })
+    .await;
+    let used = rig.kube.calls();
+    assert!(used.contains(&("pods/attach".to_owned(), "create".to_owned())));
+    // A pause deletes the pod: the process gets SIGTERM, then the pod goes.
+    rig.api.merge_patch(&id, &json!({"status": "paused"})).await;
+    rig.until_no_pod(&name).await;
+    rig.until_status(&id, "paused").await;
+    rig.stop().await;
+}
+
+/// The worker pod the backend builds, running the CLI with its input as
+/// stream-json on stdin (the live-session command line).
+fn live_worker_pod(cfg: &KubeConfig, id: Uuid) -> Value {
+    let req = StartRequest {
+        session_id: id,
+        generation: 1,
+        spec: WorkerSpec::from_value(&json!({"prompt": "unused"})).expect("spec"),
+        launch: Launch::New,
+        first: None,
+        before: Default::default(),
+    };
+    let mut pod = serde_json::to_value(kubernetes::pod::worker_pod(cfg, &req)).expect("JSON");
+    let mut args = args_of(&pod);
+    if !args.iter().any(|a| a == "--input-format") {
+        let p = args.iter().position(|a| a == "-p").expect("-p");
+        args.remove(p + 1);
+        args.splice(
+            p + 1..p + 1,
+            ["--input-format", "stream-json"].map(String::from),
+        );
+    }
+    if !args.iter().any(|a| a == "--replay-user-messages") {
+        args.push("--replay-user-messages".to_owned());
+    }
+    pod["spec"]["containers"][0]["args"] = json!(args);
+    pod
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_the_real_cli_in_a_pod_answers_what_is_written_to_its_stdin() {
+    const CLI: Duration = Duration::from_secs(60);
+    let anthropic = FakeAnthropic::start().await;
+    let kubelet = KubeletConfig::new()
+        .program("claude", &[&claude_bin()])
+        .secret(
+            "anthropic",
+            "ANTHROPIC_API_KEY",
+            "sk-ant-test-not-a-real-key",
+        );
+    let kube = FakeKube::start_with_kubelet(kubelet).await;
+    let mut settings = Settings::load(None).expect("default settings");
+    settings.runner.kube_api_url = Some(kube.url.clone());
+    settings.runner.namespace = NAMESPACE.to_owned();
+    settings.runner.api_key_secret = "anthropic".to_owned();
+    settings.runner.api_key_secret_key = "ANTHROPIC_API_KEY".to_owned();
+    settings.runner.api_url = "http://127.0.0.1:9".to_owned();
+    let id = Uuid::new_v4();
+    let cfg = KubeConfig::from_settings(
+        &settings.runner,
+        &[
+            ("ANTHROPIC_BASE_URL".to_owned(), anthropic.url.clone()),
+            (
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".to_owned(),
+                "1".to_owned(),
+            ),
+        ],
+    );
+    kube.insert_pod(live_worker_pod(&cfg, id));
+    let name = format!("as-worker-{id}");
+    let backend = attacher(&settings).await;
+    let results = |n: usize| {
+        let kube = &kube;
+        let name = &name;
+        move || async move {
+            let log = kube.log_of(name);
+            let done = log
+                .iter()
+                .filter(|l| l.contains("\"type\":\"result\""))
+                .count();
+            (done >= n).then_some(log)
+        }
+    };
+    let t0 = Instant::now();
+    let init = json!({"type": "control_request", "request_id": "init1",
+        "request": {"subtype": "initialize"}});
+    let id = id.to_string();
+    write_stdin(
+        &backend,
+        &name,
+        &format!("{init}\n{}", user_line(&id, "Say hello")),
+    )
+    .await;
+    let explain = |what: &'static str| {
+        let kube = &kube;
+        let name = &name;
+        Explain(move || {
+            format!(
+                "{what}; the pod log: {:#?}; stdin: {:?}; the pod: {}",
+                kube.log_of(name),
+                kube.stdin_of(name),
+                kube.pod(name)
+                    .map(|p| p["spec"].to_string())
+                    .unwrap_or_default()
+            )
+        })
+    };
+    let log = eventually(explain("the CLI's first result"), CLI, results(1)).await;
+    eprintln!("first turn in {:?}", t0.elapsed());
+    assert!(
+        log.iter()
+            .any(|l| l.contains("\"type\":\"assistant\"") && l.contains(REPLY)),
+        "{log:#?}"
+    );
+    // A second turn, through a second attach, in the same process.
+    write_stdin(&backend, &name, &user_line(&id, "And again")).await;
+    let log = eventually(explain("the CLI's second result"), CLI, results(2)).await;
+    assert!(log.iter().any(|l| l.contains("And again")), "{log:#?}");
+    let pod = kube.pod(&name).expect("pod");
+    assert!(
+        pod["status"]["containerStatuses"][0]["state"]["running"].is_object(),
+        "the CLI still runs, waiting for input: {pod}"
+    );
+    assert!(anthropic.requests().len() >= 2);
+    // The transcript went to the claim (CLAUDE_CONFIG_DIR on /workspace).
+    let projects = kube
+        .claim_dir(&format!("as-ws-{id}"))
+        .join(".claude/projects");
+    assert!(projects.is_dir(), "{}", projects.display());
+    assert!(kube.refused().is_empty(), "{:?}", kube.refused());
+    kube.stop().await;
+    anthropic.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_bytes_written_through_successive_attaches_all_arrive_in_order() {
+    // Scripted: no process; the fake keeps what the attaches wrote.
+    let kube = FakeKube::start().await;
+    let mut settings = Settings::load(None).expect("default settings");
+    settings.runner.kube_api_url = Some(kube.url.clone());
+    settings.runner.namespace = NAMESPACE.to_owned();
+    settings.runner.api_url = "http://127.0.0.1:9".to_owned();
+    let id = Uuid::new_v4().to_string();
+    let name = pod_name(&id);
+    let mut pod = stray_pod(&id, 1);
+    pod["spec"]["containers"][0]["stdin"] = json!(true);
+    kube.insert_pod(pod);
+    kube.run(&name);
+    let backend = attacher(&settings).await;
+    let mut want = String::new();
+    // Each one written, flushed and dropped at once.
+    for i in 0..30 {
+        let line = format!("line {i}\n");
+        write_stdin(&backend, &name, &line).await;
+        want.push_str(&line);
+    }
+    let want = (want.into_bytes(), 30);
+    eventually(
+        Explain(|| format!("every line at the pod: {:?}", kube.stdin_of(&name))),
+        LIMIT,
+        || async { (kube.stdin_of(&name) == want).then_some(()) },
+    )
+    .await;
+    // A pod whose container was made without stdin cannot be attached to.
+    let other = Uuid::new_v4().to_string();
+    kube.insert_pod(stray_pod(&other, 1));
+    kube.run(&pod_name(&other));
+    assert!(backend.attach_stdin(&pod_name(&other)).await.is_err());
+    assert!(kube.refused().is_empty(), "{:?}", kube.refused());
+    kube.stop().await;
 }

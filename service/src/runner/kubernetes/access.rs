@@ -8,11 +8,12 @@
 
 use futures_util::Stream;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, AttachParams, DeleteParams, ListParams, LogParams, PostParams};
 use kube::runtime::watcher;
 use tracing::debug;
 
 use super::KubeError;
+use super::attach::PodStdin;
 use super::pod::{CONTAINER, managed_selector};
 
 /// The (resource, verb) pairs of the core API group the backend uses, in its
@@ -24,6 +25,9 @@ pub const RBAC: &[(&str, &str)] = &[
     ("pods", "watch"),
     ("pods", "delete"),
     ("pods/log", "get"),
+    // The attach is a WebSocket upgrade of a GET, which API servers since
+    // 1.30 authorize as `create` (as they do the POST of SPDY).
+    ("pods/attach", "create"),
     ("persistentvolumeclaims", "create"),
     ("persistentvolumeclaims", "get"),
     ("persistentvolumeclaims", "list"),
@@ -80,6 +84,7 @@ const LIST_PODS: Grant = grant("pods", "list");
 const WATCH_PODS: Grant = grant("pods", "watch");
 const DELETE_POD: Grant = grant("pods", "delete");
 const READ_LOG: Grant = grant("pods/log", "get");
+const ATTACH: Grant = grant("pods/attach", "create");
 const CREATE_CLAIM: Grant = grant("persistentvolumeclaims", "create");
 const GET_CLAIM: Grant = grant("persistentvolumeclaims", "get");
 const LIST_CLAIMS: Grant = grant("persistentvolumeclaims", "list");
@@ -95,6 +100,8 @@ pub enum Created<K> {
 /// The namespaced APIs, reachable only through the calls below.
 #[derive(Clone)]
 pub struct Kube {
+    client: kube::Client,
+    namespace: String,
     pods: Api<Pod>,
     claims: Api<PersistentVolumeClaim>,
 }
@@ -157,7 +164,9 @@ impl Kube {
     pub fn new(client: kube::Client, namespace: &str) -> Self {
         Self {
             pods: Api::namespaced(client.clone(), namespace),
-            claims: Api::namespaced(client, namespace),
+            claims: Api::namespaced(client.clone(), namespace),
+            client,
+            namespace: namespace.to_owned(),
         }
     }
 
@@ -226,6 +235,26 @@ impl Kube {
             .log_stream(name, &lp)
             .await
             .map_err(failed(READ_LOG))
+    }
+
+    /// A writer to the worker container's stdin: an attach with stdin only
+    /// (the output is read from the log).
+    pub async fn attach_stdin(&self, name: &str) -> Result<PodStdin, KubeError> {
+        use kube::Resource;
+        self.call(ATTACH, name);
+        let ap = AttachParams {
+            container: Some(CONTAINER.to_owned()),
+            stdin: true,
+            stdout: false,
+            stderr: false,
+            tty: false,
+            ..Default::default()
+        };
+        let req = kube::core::Request::new(Pod::url_path(&(), Some(&self.namespace)))
+            .attach(name, &ap)
+            .map_err(|e| failed(ATTACH)(kube::Error::BuildRequest(e)))?;
+        let conn = self.client.connect(req).await.map_err(failed(ATTACH))?;
+        Ok(PodStdin::over(conn.into_stream(), name))
     }
 
     pub async fn create_claim(
@@ -303,6 +332,7 @@ mod tests {
             WATCH_PODS,
             DELETE_POD,
             READ_LOG,
+            ATTACH,
             CREATE_CLAIM,
             GET_CLAIM,
             LIST_CLAIMS,

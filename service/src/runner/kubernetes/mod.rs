@@ -6,11 +6,12 @@
 //! `access` is every API call (and the RBAC they need), `pod` builds the
 //! objects and reads pod status, `supervise` follows one worker pod (its
 //! status from the pod watch, its stream-json from the pod log) until it
-//! ends. One watch over the managed pods feeds every supervisor; a sweep at
+//! ends, `attach` writes to a worker's stdin (the pod's `attach`). One watch over the managed pods feeds every supervisor; a sweep at
 //! start-up and every resync adopts pods of active sessions and deletes the
 //! rest (orphans), and removes the claims of completed sessions.
 
 pub mod access;
+pub mod attach;
 pub mod pod;
 mod supervise;
 
@@ -172,6 +173,15 @@ impl KubernetesBackend {
         }
     }
 
+    /// A writer to the stdin of worker pod `pod` (see [`attach`]): each
+    /// call is a new attach; dropping it leaves the container's stdin open.
+    pub async fn attach_stdin(
+        &self,
+        pod: &str,
+    ) -> Result<Box<dyn tokio::io::AsyncWrite + Send + Unpin>, KubeError> {
+        Ok(Box::new(self.inner.attach_stdin(pod).await?))
+    }
+
     /// The pod watch and the periodic sweep; they run until aborted.
     pub fn spawn_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
         let watch_inner = self.inner.clone();
@@ -290,6 +300,10 @@ impl KubernetesBackend {
 }
 
 impl Inner {
+    async fn attach_stdin(&self, pod: &str) -> Result<attach::PodStdin, KubeError> {
+        self.kube.attach_stdin(pod).await
+    }
+
     /// A pod the watch (or a get) saw: hand it to its worker's supervisor.
     fn saw(&self, pod: Pod, gone: bool) {
         let Some((id, Some(generation))) = pod::session_of(&pod.metadata) else {

@@ -152,6 +152,11 @@ pub fn worker_pod(cfg: &KubeConfig, req: &StartRequest) -> Pod {
             seccomp_profile: Some(runtime_default()),
             ..Default::default()
         }),
+        // Its stdin stays open across attaches (the runner writes the
+        // CLI's stream-json input there): never closed by a detach, no tty.
+        stdin: Some(true),
+        stdin_once: Some(false),
+        tty: Some(false),
         volume_mounts: Some(vec![VolumeMount {
             name: "workspace".to_owned(),
             mount_path: WORKSPACE.to_owned(),
@@ -435,6 +440,11 @@ mod tests {
         assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
         assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
         assert_eq!(c["command"], json!(["claude"]));
+        assert_eq!(
+            (&c["stdin"], &c["stdinOnce"], &c["tty"]),
+            (&json!(true), &json!(false), &json!(false))
+        );
+        assert_eq!(spec["automountServiceAccountToken"], false);
         assert_eq!(
             c["args"],
             json!(claude::arguments(
