@@ -284,17 +284,30 @@ async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
     );
     let args = args_of(&pod);
     assert_eq!(
-        &args[..7],
+        &args[..11],
         [
             "-p",
-            "Say hello",
-            "--session-id",
-            &id,
+            "--input-format",
+            "stream-json",
             "--output-format",
             "stream-json",
-            "--verbose"
+            "--verbose",
+            "--replay-user-messages",
+            "--permission-prompt-tool",
+            "stdio",
+            "--session-id",
+            &id,
         ]
     );
+    // The prompt goes to the worker's stdin; the pod carries it for
+    // whichever runner supervises it.
+    let first: Value = serde_json::from_str(
+        pod["metadata"]["annotations"]["agent-sessions.io/first-message"]
+            .as_str()
+            .expect("first message annotation"),
+    )
+    .expect("JSON");
+    assert_eq!(first["text"], "Say hello");
     // The key only as a Secret reference; the runner's own never leaks.
     let env = c["env"].as_array().expect("env");
     let key = env
@@ -335,7 +348,8 @@ async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
     // Then the stdin is the runner's to write.
     write_stdin(&attach, &pod_name(&id), "{\"type\":\"user\"}\n").await;
     eventually("the bytes at the pod", LIMIT, || async {
-        (rig.kube.stdin_of(&pod_name(&id)) == (b"{\"type\":\"user\"}\n".to_vec(), 1)).then_some(())
+        let (bytes, attaches) = rig.kube.stdin_of(&pod_name(&id));
+        (bytes.ends_with(b"{\"type\":\"user\"}\n") && attaches >= 2).then_some(())
     })
     .await;
     rig.stop().await;
@@ -366,7 +380,10 @@ async fn kubernetes_completion_records_usage_from_the_log_and_deletes_pod_and_cl
         (Some(1), Some(12), Some(7)),
         "{w}"
     );
-    assert_eq!(w["cost_usd"].as_f64(), Some(0.000188), "{w}");
+    // Priced by the runner's table (12 × $15 + 7 × $75 per million
+    // tokens), not the CLI's own total.
+    assert_eq!(w["cost_micro_usd"].as_u64(), Some(705), "{w}");
+    assert_eq!(w["cost_usd"].as_f64(), Some(0.000705), "{w}");
     assert_eq!(w["pod"], pod_name(&id).as_str());
     assert!(w["started_at"].is_string() && w["stopped_at"].is_string());
     rig.until_no_pod(&pod_name(&id)).await;
@@ -425,8 +442,15 @@ async fn kubernetes_pause_deletes_the_pod_keeps_the_claim_and_resume_recreates_i
     let pod = rig.until_pod(&id, 2).await;
     eprintln!("pod recreated {:?} after the resume", t1.elapsed());
     let args = args_of(&pod);
-    assert_eq!(&args[..4], ["-p", "Pick up at step 2", "--resume", &id]);
+    let at = args.iter().position(|a| a == "--resume").expect("--resume");
+    assert_eq!(args[at + 1], id);
     assert!(!args.contains(&"--session-id".to_owned()));
+    assert!(
+        pod["metadata"]["annotations"]["agent-sessions.io/first-message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Pick up at step 2")),
+        "{pod}"
+    );
     assert_eq!(
         pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
         claim_name(&id)
@@ -768,7 +792,11 @@ async fn kubernetes_attach_writes_the_pods_stdin_and_a_later_attach_still_can() 
         eprintln!("{word}: stdin to log in {:?}", t0.elapsed());
         written.push_str(&line);
     }
-    assert_eq!(rig.kube.stdin_of(&name), (written.into_bytes(), 2));
+    // After what the runner's own driver wrote (initialize, the prompt),
+    // through attaches of its own.
+    let (bytes, attaches) = rig.kube.stdin_of(&name);
+    assert!(bytes.ends_with(written.as_bytes()), "{}", String::from_utf8_lossy(&bytes));
+    assert!(attaches >= 3, "{attaches}");
     // The runner follows that log like any worker's.
     eventually("the echoed lines among the messages", LIMIT, || async {
         let text = rig.api.messages(&id).await?.to_string();

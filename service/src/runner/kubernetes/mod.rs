@@ -74,6 +74,8 @@ pub struct KubeConfig {
     pub worker_env: Vec<(String, String)>,
     pub message_batch: usize,
     pub resync_interval: Duration,
+    /// What workers' turns cost.
+    pub prices: std::sync::Arc<crate::runner::cost::Prices>,
 }
 
 impl KubeConfig {
@@ -102,6 +104,7 @@ impl KubeConfig {
                 .cloned()
                 .collect(),
             message_batch: r.message_batch,
+            prices: std::sync::Arc::new(crate::runner::cost::Prices::new(&r.prices)),
             resync_interval: r.resync_interval(),
         }
     }

@@ -18,6 +18,8 @@ use super::KubeConfig;
 use crate::contract::PodPhase;
 use crate::domain::worker::{CrashReason, Resources};
 use crate::runner::backend::StartRequest;
+use crate::runner::cost::Spend;
+use crate::runner::driver::FirstMessage;
 use crate::runner::claude::{self, ExitInfo, Outcome, RunSummary};
 use crate::runner::reconcile::StopReason;
 
@@ -26,6 +28,10 @@ pub const MANAGED_BY: &str = "agent-sessions";
 pub const SESSION_LABEL: &str = "agent-sessions.io/session-id";
 pub const GENERATION_LABEL: &str = "agent-sessions.io/generation";
 pub const LAUNCH_ANNOTATION: &str = "agent-sessions.io/launch";
+/// The worker's first message (JSON), for whoever supervises the pod.
+pub const FIRST_MESSAGE_ANNOTATION: &str = "agent-sessions.io/first-message";
+/// What the session's earlier workers spent (JSON).
+pub const SPENT_BEFORE_ANNOTATION: &str = "agent-sessions.io/spent-before";
 /// The one container of a worker pod.
 pub const CONTAINER: &str = "claude";
 /// Where the session's claim is mounted: the worker's home and working tree.
@@ -66,6 +72,34 @@ fn labels(session_id: Uuid, generation: Option<u64>) -> BTreeMap<String, String>
 }
 
 /// The session and worker generation a managed object is labelled with.
+fn annotations(req: &StartRequest) -> BTreeMap<String, String> {
+    let mut a = BTreeMap::from([(
+        LAUNCH_ANNOTATION.to_owned(),
+        req.launch.as_str().to_owned(),
+    )]);
+    if let Some(first) = &req.first
+        && let Ok(json) = serde_json::to_string(first)
+    {
+        a.insert(FIRST_MESSAGE_ANNOTATION.to_owned(), json);
+    }
+    if let Ok(json) = serde_json::to_string(&req.before) {
+        a.insert(SPENT_BEFORE_ANNOTATION.to_owned(), json);
+    }
+    a
+}
+
+/// What a worker's driver needs from its pod: the first message and what
+/// earlier workers spent (an adopted pod carries them for the next runner).
+pub fn driver_state(meta: &ObjectMeta) -> (Option<FirstMessage>, Spend) {
+    let get = |k: &str| meta.annotations.as_ref().and_then(|a| a.get(k));
+    (
+        get(FIRST_MESSAGE_ANNOTATION).and_then(|j| serde_json::from_str(j).ok()),
+        get(SPENT_BEFORE_ANNOTATION)
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default(),
+    )
+}
+
 pub fn session_of(meta: &ObjectMeta) -> Option<(Uuid, Option<u64>)> {
     let l = meta.labels.as_ref()?;
     let id = Uuid::parse_str(l.get(SESSION_LABEL)?).ok()?;
@@ -169,10 +203,7 @@ pub fn worker_pod(cfg: &KubeConfig, req: &StartRequest) -> Pod {
             name: Some(pod_name(id)),
             namespace: Some(cfg.namespace.clone()),
             labels: Some(labels(id, Some(req.generation))),
-            annotations: Some(BTreeMap::from([(
-                LAUNCH_ANNOTATION.to_owned(),
-                req.launch.as_str().to_owned(),
-            )])),
+            annotations: Some(annotations(req)),
             ..Default::default()
         },
         spec: Some(PodSpec {
@@ -405,6 +436,7 @@ mod tests {
             bare: true,
             worker_env: vec![("ANTHROPIC_BASE_URL".into(), "http://llm".into())],
             message_batch: 100,
+            prices: Default::default(),
             resync_interval: std::time::Duration::from_secs(30),
         }
     }

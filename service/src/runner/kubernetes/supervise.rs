@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{AsyncBufReadExt, StreamExt};
+use futures_util::{AsyncBufReadExt, FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -17,8 +17,7 @@ use super::pod::{self, Progress};
 use super::{Inner, Seen};
 use crate::backoff::Backoff;
 use crate::contract::{PodPhase, WorkerPatch, WorkerRecord};
-use crate::runner::claude::RunSummary;
-use crate::runner::poster::Poster;
+use crate::runner::driver::{Driver, Setup};
 use crate::runner::workers::{Ended, lock};
 
 /// How often a supervisor that heard nothing asks for its pod (the watch
@@ -121,8 +120,25 @@ async fn supervise(mut w: Worker, adopted: bool) {
     } else {
         0
     };
-    let mut summary = RunSummary::default();
-    let mut poster = Poster::new(w.inner.api.clone(), w.id, w.inner.cfg.message_batch);
+    let (first, before) = w
+        .rx
+        .borrow()
+        .pod
+        .as_ref()
+        .map(|p| pod::driver_state(&p.metadata))
+        .unwrap_or_default();
+    let mut driver = Driver::new(Setup {
+        api: w.inner.api.clone(),
+        session_id: w.id,
+        generation: w.generation,
+        first,
+        before,
+        prices: w.inner.cfg.prices.clone(),
+        message_batch: w.inner.cfg.message_batch,
+        wake: w.inner.wake.clone(),
+        live: w.inner.workers.live(w.id).unwrap_or_default(),
+        posted_from: post_from as u64,
+    });
     let mut reported: Option<PodPhase> = None;
     // Until the container runs (so there is a log), or the pod is over.
     loop {
@@ -151,15 +167,15 @@ async fn supervise(mut w: Worker, adopted: bool) {
         .as_ref()
         .is_some_and(pod::container_started)
     {
-        read_log(&mut w, &mut summary, &mut poster, post_from).await;
+        read_log(&mut w, &mut driver).await;
     }
     while !ended(&w.seen()) {
         w.wait().await;
     }
-    poster.finish().await;
+    driver.finish().await;
     let seen = w.seen();
     let stopping = w.inner.workers.stopping(w.id, w.generation);
-    let (outcome, exit) = pod::outcome(seen.pod.as_ref(), &summary, stopping);
+    let (outcome, exit) = pod::outcome(seen.pod.as_ref(), &driver.summary, stopping);
     let final_phase = match seen.pod.as_ref().map(pod::progress) {
         Some(p @ (Progress::Succeeded | Progress::Failed)) => p.phase(),
         _ => PodPhase::Deleted,
@@ -178,9 +194,9 @@ async fn supervise(mut w: Worker, adopted: bool) {
         Ended {
             outcome,
             exit,
-            summary,
-            spend: crate::runner::cost::Spend::default(),
-            input_seq: 0,
+            spend: driver.totals(),
+            input_seq: driver.input_seq(),
+            summary: std::mem::take(&mut driver.summary),
             pid: None,
         },
     );
@@ -188,26 +204,43 @@ async fn supervise(mut w: Worker, adopted: bool) {
 }
 
 /// Follow the container's log to its end (reconnecting if the stream
-/// breaks while the pod still runs), feeding every line to `summary` and
-/// the lines from `post_from` on to `poster`.
-async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster, post_from: usize) {
+/// breaks while the pod still runs), feeding every line to the driver, and
+/// keep the driver attached to the container's stdin.
+async fn read_log(w: &mut Worker, driver: &mut Driver) {
     // Lines already taken, across reconnects (each one reads from the start).
     let mut taken = 0usize;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut attach_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut attach_at = tokio::time::Instant::now();
+    let live = driver.live().clone();
     loop {
         match w.inner.kube.follow_pod_log(&w.pod_name).await {
             Ok(reader) => {
                 let mut lines = reader.lines();
                 let mut index = 0usize;
                 loop {
+                    if !driver.has_stdin() && tokio::time::Instant::now() >= attach_at {
+                        match w.inner.attach_stdin(&w.pod_name).await {
+                            Ok(stdin) => {
+                                attach_backoff.reset();
+                                driver.attach(Box::new(stdin)).await;
+                            }
+                            Err(e) => {
+                                debug!(error = %e, "cannot attach to the worker's stdin yet");
+                                attach_at =
+                                    tokio::time::Instant::now() + attach_backoff.next_delay();
+                            }
+                        }
+                    }
                     let rx = &mut w.rx;
                     let drained = async move {
                         let _ = rx.wait_for(ended).await;
                         tokio::time::sleep(LOG_DRAIN).await;
                     };
-                    // A batch that is due goes even while the log is quiet.
-                    let due = poster.due_at();
-                    let linger = async move {
+                    let due = driver.next_due().or_else(|| {
+                        (!driver.has_stdin()).then_some(attach_at)
+                    });
+                    let timer = async move {
                         match due {
                             Some(at) => tokio::time::sleep_until(at).await,
                             None => std::future::pending().await,
@@ -215,8 +248,12 @@ async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster,
                     };
                     let line = tokio::select! {
                         line = lines.next() => line,
-                        _ = linger => {
-                            poster.flush(false).await;
+                        _ = live.nudged() => {
+                            driver.sync().await;
+                            continue;
+                        }
+                        _ = timer => {
+                            driver.tick().await;
                             continue;
                         }
                         _ = drained => {
@@ -226,12 +263,20 @@ async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster,
                     };
                     match line {
                         Some(Ok(text)) => {
-                            if index >= taken {
-                                take(&w.inner, w.id, &text, index >= post_from, summary, poster);
-                                taken += 1;
-                                poster.flush(false).await;
+                            // With what else is there already: one post for
+                            // the lot (natural batching, no timer).
+                            let mut batch = vec![text];
+                            while let Some(Some(Ok(more))) = lines.next().now_or_never() {
+                                batch.push(more);
                             }
-                            index += 1;
+                            for text in batch {
+                                if index >= taken {
+                                    take(&w.inner, w.id, &text, index as u64 + 1, driver).await;
+                                    taken += 1;
+                                }
+                                index += 1;
+                            }
+                            driver.settle().await;
                         }
                         Some(Err(e)) => {
                             warn!(error = %e, "the log stream broke");
@@ -255,26 +300,18 @@ async fn read_log(w: &mut Worker, summary: &mut RunSummary, poster: &mut Poster,
     }
 }
 
-fn take(
-    inner: &Inner,
-    id: Uuid,
-    line: &str,
-    post: bool,
-    summary: &mut RunSummary,
-    poster: &mut Poster,
-) {
+/// One log line: its mark is its line number (1, 2, …), the driver posts
+/// the lines past those an earlier runner posted.
+async fn take(inner: &Inner, id: Uuid, line: &str, mark: u64, driver: &mut Driver) {
     let Ok(v) = serde_json::from_str::<Value>(line) else {
         // stderr shares the container log; it is not stream-json.
         debug!("skipping a non-JSON log line");
         return;
     };
-    let had_init = summary.claude_session_id.is_some();
-    summary.observe(&v);
-    if !had_init && summary.claude_session_id.is_some() {
+    let had_init = driver.summary.claude_session_id.is_some();
+    driver.hear(v, mark).await;
+    if !had_init && driver.summary.claude_session_id.is_some() {
         // The CLI has begun its transcript on the claim: a restart resumes it.
         lock(&inner.claims).insert(id, true);
-    }
-    if post {
-        poster.push(v, 0);
     }
 }
