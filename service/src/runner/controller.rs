@@ -370,6 +370,14 @@ async fn start_worker<B: Backend>(
     let Some(_slot) = ctx.reserve_slot() else {
         debug!("every worker slot is taken; queued");
         ctx.wait_for_slot(id);
+        // Show it: `?worker_state=starting` lists the sessions waiting for a slot.
+        if WorkerRecord::of(&session.runtime_metadata).state != Some(WorkerState::Starting) {
+            let patch = WorkerPatch::new(WorkerRecord {
+                state: Some(WorkerState::Starting),
+                ..WorkerRecord::default()
+            });
+            ctx.api.patch_worker(id, &patch, Some(view.version)).await?;
+        }
         return Ok(Next::Done);
     };
     // Follow the request that asked for this worker: in the logs of

@@ -795,7 +795,11 @@ async fn kubernetes_attach_writes_the_pods_stdin_and_a_later_attach_still_can() 
     // After what the runner's own driver wrote (initialize, the prompt),
     // through attaches of its own.
     let (bytes, attaches) = rig.kube.stdin_of(&name);
-    assert!(bytes.ends_with(written.as_bytes()), "{}", String::from_utf8_lossy(&bytes));
+    assert!(
+        bytes.ends_with(written.as_bytes()),
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
     assert!(attaches >= 3, "{attaches}");
     // The runner follows that log like any worker's.
     eventually("the echoed lines among the messages", LIMIT, || async {

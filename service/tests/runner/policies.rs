@@ -81,6 +81,24 @@ async fn runner_queues_sessions_beyond_max_workers() {
                 .await,
         );
     }
+    // The ones beyond the cap say so: `starting`, with no process yet.
+    eventually(
+        "two sessions listed as waiting",
+        Duration::from_secs(30),
+        || async {
+            let page = rig.api.get_json("/sessions/?worker_state=starting").await;
+            let waiting = page
+                .as_array()?
+                .iter()
+                .filter(|s| {
+                    ids.iter().any(|id| s["id"] == id.as_str())
+                        && s["runtime_metadata"]["worker"]["pid"].is_null()
+                })
+                .count();
+            (waiting == 2).then_some(())
+        },
+    )
+    .await;
     let most = Mutex::new(0usize);
     let seen = Mutex::new(HashSet::new());
     eventually("all three to complete", Duration::from_secs(90), || async {
