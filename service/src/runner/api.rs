@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
-use crate::contract::live::{ApprovalRequest, DecisionRequest, Input};
+use crate::contract::live::{Approval, ApprovalRequest, DecisionRequest, Input};
 use crate::contract::{EventEnvelope, EventMetadata, Session, WorkerPatch};
 
 #[derive(Debug, thiserror::Error)]
@@ -278,9 +278,14 @@ impl ApiClient {
         Ok(res.json().await?)
     }
 
-    /// Record a tool approval the worker asks for (idempotent by request id).
+    /// Record a tool approval the worker asks for (idempotent by request
+    /// id: asking again answers the approval as stored, decided or not).
     #[instrument(skip(self, req), fields(session_id = %id, request_id = %req.request_id), level = "debug")]
-    pub async fn request_approval(&self, id: Uuid, req: &ApprovalRequest) -> Result<(), ApiError> {
+    pub async fn request_approval(
+        &self,
+        id: Uuid,
+        req: &ApprovalRequest,
+    ) -> Result<Approval, ApiError> {
         let res = self
             .request(reqwest::Method::POST, &format!("/sessions/{id}/approvals"))
             .json(req)
@@ -289,7 +294,7 @@ impl ApiClient {
         if !res.status().is_success() {
             return Err(Self::fail(res).await);
         }
-        Ok(())
+        Ok(res.json().await?)
     }
 
     /// Decide a tool approval (the runner does so only for a timeout).

@@ -265,15 +265,19 @@ pub fn classify(exit: ExitInfo, summary: &RunSummary, stop: Option<StopReason>) 
         Some(StopReason::Idle) => return Outcome::IdledOut,
         // Ended by the runner after its answer: judged by that answer.
         Some(StopReason::Done) => {
-            return classify(
-                ExitInfo {
-                    code: Some(0),
-                    signal: None,
-                    unknown: false,
-                },
-                summary,
-                None,
-            );
+            let ok = summary
+                .result
+                .as_ref()
+                .is_some_and(|r| !r.is_error && r.subtype == "success");
+            if ok {
+                return Outcome::Succeeded;
+            }
+            let after_answer = ExitInfo {
+                code: None,
+                signal: None,
+                unknown: false,
+            };
+            return classify(after_answer, summary, None);
         }
         Some(_) => return Outcome::Stopped,
     }
@@ -515,6 +519,48 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_worker_the_runner_ended_is_judged_by_why() {
+        let ok = summary_of(include_str!("testdata/success.jsonl"));
+        let exit = ExitInfo {
+            signal: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            classify(exit, &ok, Some(StopReason::Done)),
+            Outcome::Succeeded
+        );
+        assert_eq!(
+            classify(exit, &ok, Some(StopReason::Idle)),
+            Outcome::IdledOut
+        );
+        assert_eq!(
+            classify(exit, &ok, Some(StopReason::Paused)),
+            Outcome::Stopped
+        );
+        let api = summary_of(include_str!("testdata/api_error.jsonl"));
+        assert!(matches!(
+            classify(exit, &api, Some(StopReason::Done)),
+            Outcome::Failed {
+                reason: CrashReason::ApiError,
+                ..
+            }
+        ));
+        let mut turns = ok.clone();
+        if let Some(r) = turns.result.as_mut() {
+            r.subtype = "error_max_turns".into();
+            r.is_error = true;
+            r.result = None;
+        }
+        match classify(exit, &turns, Some(StopReason::Done)) {
+            Outcome::Failed { reason, detail } => {
+                assert_eq!(reason, CrashReason::ExitCode);
+                assert_eq!(detail, "ended: error_max_turns");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -32,7 +32,8 @@ use super::poster::Poster;
 use super::protocol::{self, Heard};
 use super::workers::lock;
 use crate::contract::live::{
-    ApprovalAnswer, ApprovalRequest, DecisionReason, DecisionRequest, Input, InputKind,
+    ApprovalAnswer, ApprovalRequest, ApprovalStatus, DecisionReason, DecisionRequest, Input,
+    InputKind,
 };
 use crate::contract::{ApprovalDecision, WorkerMode, WorkerPatch, WorkerRecord, WorkerState};
 
@@ -271,10 +272,18 @@ impl Driver {
             tool_use_id: t.tool_use_id,
         };
         info!(request_id = %t.request_id, tool = %t.tool_name, "the worker asks to use a tool");
-        if let Err(e) = self.s.api.request_approval(self.s.session_id, &req).await {
-            warn!(error = %e, "cannot record the approval request; will retry");
-            self.approvals.remove(&t.request_id);
-            self.retry = true;
+        match self.s.api.request_approval(self.s.session_id, &req).await {
+            // Decided already (this is an earlier runner's output read
+            // again): its answer is in the input queue, taken or to come.
+            Ok(a) if a.status != ApprovalStatus::Pending => {
+                self.approvals.remove(&t.request_id);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot record the approval request; will retry");
+                self.approvals.remove(&t.request_id);
+                self.retry = true;
+            }
         }
     }
 
