@@ -322,6 +322,54 @@ impl ApiClient {
         Ok(())
     }
 
+    /// Store transcript bytes at byte `offset` (the service keeps each byte
+    /// once, however often it is sent).
+    #[instrument(skip(self, bytes), fields(session_id = %id, offset, len = bytes.len()), level = "debug")]
+    pub async fn put_transcript(
+        &self,
+        id: Uuid,
+        offset: u64,
+        bytes: Vec<u8>,
+    ) -> Result<Shipped, ApiError> {
+        let res = self
+            .request(
+                reqwest::Method::PUT,
+                &format!("/sessions/{id}/transcript?offset={offset}"),
+            )
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(bytes)
+            .send()
+            .await?;
+        let status = res.status();
+        if status.is_success() || status == StatusCode::CONFLICT {
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            let length = body.get("length").and_then(Value::as_u64);
+            return Ok(match (status.is_success(), length) {
+                (true, Some(length)) => Shipped::Stored { length },
+                (false, Some(length)) => Shipped::Gap { length },
+                _ => Shipped::Conflict,
+            });
+        }
+        Err(Self::fail(res).await)
+    }
+
+    /// The session's transcript as the service stores it (empty if none).
+    #[instrument(skip(self), fields(session_id = %id), level = "debug")]
+    pub async fn transcript(&self, id: Uuid) -> Result<Vec<u8>, ApiError> {
+        let res = self
+            .request(reqwest::Method::GET, &format!("/sessions/{id}/transcript"))
+            .timeout(Duration::from_secs(300))
+            .send()
+            .await?;
+        if res.status() == StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        if !res.status().is_success() {
+            return Err(Self::fail(res).await);
+        }
+        Ok(res.bytes().await?.to_vec())
+    }
+
     /// Store the worker's stream-json lines, unmodified, as the session's messages.
     #[instrument(skip(self, messages), fields(session_id = %id, count = messages.len()), level = "debug")]
     pub async fn post_messages(&self, id: Uuid, messages: &[Value]) -> Result<Posted, ApiError> {
@@ -336,6 +384,17 @@ impl ApiClient {
             _ => Err(Self::fail(res).await),
         }
     }
+}
+
+/// What the service said to a transcript chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shipped {
+    /// Stored; the transcript is now this long.
+    Stored { length: u64 },
+    /// The chunk starts beyond the stored transcript, which is this long.
+    Gap { length: u64 },
+    /// The chunk disagrees with what is stored.
+    Conflict,
 }
 
 #[cfg(test)]

@@ -39,6 +39,9 @@ pub struct StartRequest {
     pub first: Option<super::driver::FirstMessage>,
     /// What the session's earlier workers spent.
     pub before: super::cost::Spend,
+    /// The transcript to write back before a `--resume`, when the backend
+    /// has none (the service's copy).
+    pub restore: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 #[derive(Debug, Clone)]

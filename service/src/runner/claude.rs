@@ -79,6 +79,9 @@ pub fn arguments(spec: &WorkerSpec, session_id: Uuid, launch: &Launch, bare: boo
         Launch::Resume { .. } => "--resume",
     });
     push(&session_id.to_string());
+    // The CLI never prunes the transcript the service keeps a copy of.
+    push("--settings");
+    push(super::transcript::WORKER_SETTINGS);
     if bare {
         push("--bare");
     }
@@ -378,6 +381,8 @@ mod tests {
                 "stdio",
                 "--session-id",
                 &id.to_string(),
+                "--settings",
+                super::super::transcript::WORKER_SETTINGS,
                 "--bare"
             ]
         );

@@ -388,6 +388,32 @@ async fn start_worker<B: Backend>(
     }
     let api = ctx.api.for_request(request_id);
     // Inputs waiting for the resumed worker are its first messages.
+    // A session that ran before but whose transcript this backend lacks
+    // (a lost workspace or claim, another host, the other backend): resume
+    // it from the service's copy.
+    let mut restore = None;
+    let launch = match launch {
+        Launch::New if view.generation > 0 => {
+            let bytes = ctx.api.transcript(id).await?;
+            if bytes.is_empty() {
+                Launch::New
+            } else {
+                info!(
+                    bytes = bytes.len(),
+                    "restoring the transcript from the service"
+                );
+                restore = Some(std::sync::Arc::new(bytes));
+                Launch::Resume {
+                    prompt: Some(
+                        view.resume_prompt
+                            .clone()
+                            .unwrap_or_else(|| super::claude::DEFAULT_RESUME_PROMPT.to_owned()),
+                    ),
+                }
+            }
+        }
+        other => other,
+    };
     let waiting = match ctx.api.inputs(id, view.input_seq).await {
         Ok(inputs) => inputs.iter().any(|i| i.kind == InputKind::Message),
         Err(ApiError::NotFound) => false,
@@ -421,6 +447,7 @@ async fn start_worker<B: Backend>(
         launch,
         first,
         before: spend_of(&record),
+        restore,
     };
     match ctx.backend.start(req).await {
         Ok(started) => {

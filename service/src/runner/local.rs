@@ -29,6 +29,7 @@ use super::claude::{self, ExitInfo};
 use super::cost::Prices;
 use super::driver::{Driver, Live, Setup, Stdin};
 use super::reconcile::{Observed, StopReason};
+use super::transcript::Shipper;
 use super::workers::{Ended, Slot, WorkerTable};
 use super::workspace::{self, Pidfile, Workspace};
 use crate::domain::RuntimeBackend;
@@ -121,6 +122,19 @@ impl Backend for LocalBackend {
                 BackendError::Workspace(workspace::WorkspaceError::Io { path: p, source })
             })
         };
+        if let Some(bytes) = &req.restore
+            && !ws.has_transcript()
+        {
+            let path = ws.transcript_path_for(&cwd);
+            super::transcript::restore(&path, bytes).map_err(|source| {
+                BackendError::Workspace(workspace::WorkspaceError::Io {
+                    path: path.clone(),
+                    source,
+                })
+            })?;
+            ws.set_shipped_offset(bytes.len() as u64);
+            info!(bytes = bytes.len(), "transcript restored from the service");
+        }
         let stdout = open(ws.output_path(req.generation))?;
         let stderr = open(ws.stderr_path(req.generation))?;
         let fifo = ws.make_stdin(req.generation)?;
@@ -380,6 +394,8 @@ async fn supervise(
         posted_from: ws.posted_offset(p.generation),
     });
     let live = driver.live().clone();
+    let mut shipper = Shipper::new(inner.api.clone(), id, ws.shipped_offset());
+    let mut transcript = ws.transcript_path();
     let mut poll = POLL_FAST;
     let exit = loop {
         let lines = tail.read();
@@ -397,6 +413,14 @@ async fn supervise(
         }
         if let Some(end) = driver.settle().await {
             ws.set_posted_offset(p.generation, end);
+        }
+        if transcript.is_none() && got {
+            transcript = ws.transcript_path();
+        }
+        if let Some(path) = &transcript
+            && let Some(at) = shipper.ship(path).await
+        {
+            ws.set_shipped_offset(at);
         }
         poll = if got {
             POLL_FAST
@@ -459,6 +483,11 @@ async fn supervise(
     }
     if let Some(end) = driver.finish().await {
         ws.set_posted_offset(p.generation, end);
+    }
+    if let Some(path) = ws.transcript_path()
+        && let Some(at) = shipper.ship(&path).await
+    {
+        ws.set_shipped_offset(at);
     }
     let _ = std::fs::remove_file(ws.stdin_path(p.generation));
     let stopping = inner.workers.stopping(id, p.generation);

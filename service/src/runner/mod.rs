@@ -23,6 +23,7 @@ pub mod local;
 pub mod poster;
 pub mod protocol;
 pub mod reconcile;
+pub mod transcript;
 pub mod workers;
 pub mod workspace;
 

@@ -175,10 +175,48 @@ impl Workspace {
     /// The CLI keeps `projects/<cwd slug>/<session id>.jsonl`; any of them
     /// means the conversation exists and can be resumed.
     pub fn has_transcript(&self) -> bool {
+        self.transcript_path().is_some()
+    }
+
+    /// The session's transcript, wherever the CLI put it.
+    pub fn transcript_path(&self) -> Option<PathBuf> {
         let name = format!("{}.jsonl", self.session_id);
         let projects = self.config_dir().join("projects");
         std::fs::read_dir(projects)
-            .is_ok_and(|dirs| dirs.flatten().any(|d| d.path().join(&name).is_file()))
+            .ok()?
+            .flatten()
+            .map(|d| d.path().join(&name))
+            .find(|p| p.is_file())
+    }
+
+    /// Where the CLI looks for the transcript of a worker run in `cwd`:
+    /// `projects/<cwd with every character but letters and digits as '-'>/`.
+    pub fn transcript_path_for(&self, cwd: &Path) -> PathBuf {
+        let slug: String = cwd
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        self.config_dir()
+            .join("projects")
+            .join(slug)
+            .join(format!("{}.jsonl", self.session_id))
+    }
+
+    /// Bytes of the transcript already stored by the service, as far as
+    /// this workspace knows.
+    pub fn shipped_offset(&self) -> u64 {
+        std::fs::read_to_string(self.runner_dir().join("transcript.shipped"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn set_shipped_offset(&self, offset: u64) {
+        let _ = std::fs::write(
+            self.runner_dir().join("transcript.shipped"),
+            offset.to_string(),
+        );
     }
 
     pub fn write_pidfile(&self, p: &Pidfile) -> Result<(), WorkspaceError> {

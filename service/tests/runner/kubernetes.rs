@@ -708,6 +708,7 @@ async fn kubernetes_creating_the_pod_twice_is_harmless() {
         launch: Launch::New,
         first: None,
         before: Default::default(),
+        restore: None,
     };
     let (first, second) = (backend(), backend());
     let a = first.start(req(1)).await.expect("first create");
@@ -826,6 +827,7 @@ fn live_worker_pod(cfg: &KubeConfig, id: Uuid) -> Value {
         launch: Launch::New,
         first: None,
         before: Default::default(),
+        restore: None,
     };
     let mut pod = serde_json::to_value(kubernetes::pod::worker_pod(cfg, &req)).expect("JSON");
     let mut args = args_of(&pod);

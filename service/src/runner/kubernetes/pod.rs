@@ -446,6 +446,7 @@ mod tests {
             launch,
             first: None,
             before: crate::runner::cost::Spend::default(),
+            restore: None,
         }
     }
 
