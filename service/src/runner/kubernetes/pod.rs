@@ -18,9 +18,9 @@ use super::KubeConfig;
 use crate::contract::PodPhase;
 use crate::domain::worker::{CrashReason, Resources};
 use crate::runner::backend::StartRequest;
+use crate::runner::claude::{self, ExitInfo, Outcome, RunSummary};
 use crate::runner::cost::Spend;
 use crate::runner::driver::FirstMessage;
-use crate::runner::claude::{self, ExitInfo, Outcome, RunSummary};
 use crate::runner::reconcile::StopReason;
 
 pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
@@ -73,10 +73,7 @@ fn labels(session_id: Uuid, generation: Option<u64>) -> BTreeMap<String, String>
 
 /// The session and worker generation a managed object is labelled with.
 fn annotations(req: &StartRequest) -> BTreeMap<String, String> {
-    let mut a = BTreeMap::from([(
-        LAUNCH_ANNOTATION.to_owned(),
-        req.launch.as_str().to_owned(),
-    )]);
+    let mut a = BTreeMap::from([(LAUNCH_ANNOTATION.to_owned(), req.launch.as_str().to_owned())]);
     if let Some(first) = &req.first
         && let Ok(json) = serde_json::to_string(first)
     {

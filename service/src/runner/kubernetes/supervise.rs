@@ -120,13 +120,12 @@ async fn supervise(mut w: Worker, adopted: bool) {
     } else {
         0
     };
-    let (first, before) = w
-        .rx
-        .borrow()
-        .pod
-        .as_ref()
-        .map(|p| pod::driver_state(&p.metadata))
-        .unwrap_or_default();
+    let (first, before) =
+        w.rx.borrow()
+            .pod
+            .as_ref()
+            .map(|p| pod::driver_state(&p.metadata))
+            .unwrap_or_default();
     let mut driver = Driver::new(Setup {
         api: w.inner.api.clone(),
         session_id: w.id,
@@ -237,9 +236,9 @@ async fn read_log(w: &mut Worker, driver: &mut Driver) {
                         let _ = rx.wait_for(ended).await;
                         tokio::time::sleep(LOG_DRAIN).await;
                     };
-                    let due = driver.next_due().or_else(|| {
-                        (!driver.has_stdin()).then_some(attach_at)
-                    });
+                    let due = driver
+                        .next_due()
+                        .or_else(|| (!driver.has_stdin()).then_some(attach_at));
                     let timer = async move {
                         match due {
                             Some(at) => tokio::time::sleep_until(at).await,
