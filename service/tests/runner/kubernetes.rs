@@ -48,11 +48,11 @@ fn lines(fixture: &str, id: &str) -> Vec<String> {
 const SUCCESS: &str = include_str!("../../src/runner/testdata/success.jsonl");
 const INTERRUPTED: &str = include_str!("../../src/runner/testdata/interrupted.jsonl");
 
-fn pod_name(id: &str) -> String {
+pub(crate) fn pod_name(id: &str) -> String {
     format!("as-worker-{id}")
 }
 
-fn claim_name(id: &str) -> String {
+pub(crate) fn claim_name(id: &str) -> String {
     format!("as-ws-{id}")
 }
 
@@ -90,12 +90,12 @@ async fn write_stdin(backend: &KubernetesBackend, pod: &str, text: &str) {
     stdin.flush().await.expect("flush");
 }
 
-struct KubeRig {
-    api: TestApp,
-    kube: FakeKube,
+pub(crate) struct KubeRig {
+    pub(crate) api: TestApp,
+    pub(crate) kube: FakeKube,
     /// The runner reaches the API through it; it records posted messages.
-    proxy: MessagesProxy,
-    runner: Option<InProcessRunner>,
+    pub(crate) proxy: MessagesProxy,
+    pub(crate) runner: Option<InProcessRunner>,
 }
 
 impl KubeRig {
@@ -104,7 +104,7 @@ impl KubeRig {
         Self::prepare_on(FakeKube::start().await).await
     }
 
-    async fn prepare_on(kube: FakeKube) -> Self {
+    pub(crate) async fn prepare_on(kube: FakeKube) -> Self {
         let api = TestApp::spawn().await;
         let proxy = MessagesProxy::start(&api.url).await;
         Self {
@@ -116,10 +116,8 @@ impl KubeRig {
     }
 
     fn start_runner(&mut self) {
-        let mut settings = kube_settings(&self.api, &self.kube);
-        settings.runner.api_url = self.proxy.url.clone();
         // What the runner's own environment passes on: not the key.
-        let env = vec![
+        self.start_runner_with(vec![
             (
                 "ANTHROPIC_BASE_URL".to_owned(),
                 "http://llm.example:8080".to_owned(),
@@ -128,7 +126,14 @@ impl KubeRig {
                 "ANTHROPIC_API_KEY".to_owned(),
                 "sk-ant-must-not-reach-a-pod".to_owned(),
             ),
-        ];
+        ]);
+    }
+
+    /// The runner, with `env` as its own environment (what it may pass on
+    /// to workers).
+    pub(crate) fn start_runner_with(&mut self, env: Vec<(String, String)>) {
+        let mut settings = kube_settings(&self.api, &self.kube);
+        settings.runner.api_url = self.proxy.url.clone();
         self.runner = Some(InProcessRunner::start(settings, env));
     }
 
@@ -138,7 +143,7 @@ impl KubeRig {
         rig
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let refused = self.kube.refused();
         if let Some(r) = self.runner {
             r.stop().await;
@@ -152,7 +157,7 @@ impl KubeRig {
         );
     }
 
-    async fn create(&self, backend: &str, worker: Option<Value>) -> String {
+    pub(crate) async fn create(&self, backend: &str, worker: Option<Value>) -> String {
         let mut body = json!({"agent_id": Uuid::new_v4(), "session_type": "task",
             "runtime_backend": backend});
         if let Some(w) = worker {
@@ -167,7 +172,7 @@ impl KubeRig {
             .await
     }
 
-    async fn until_status(&self, id: &str, status: &str) -> Value {
+    pub(crate) async fn until_status(&self, id: &str, status: &str) -> Value {
         eventually(&format!("session {id} to be {status}"), LIMIT, || async {
             let s = self.api.get(id).await;
             (s["status"] == status).then_some(s)
@@ -186,7 +191,7 @@ impl KubeRig {
     }
 
     /// The session's pod once it exists with `generation`.
-    async fn until_pod(&self, id: &str, generation: u64) -> Value {
+    pub(crate) async fn until_pod(&self, id: &str, generation: u64) -> Value {
         let name = pod_name(id);
         eventually(
             &format!("pod {name} of generation {generation}"),
@@ -203,7 +208,7 @@ impl KubeRig {
         .await
     }
 
-    async fn until_no_pod(&self, name: &str) {
+    pub(crate) async fn until_no_pod(&self, name: &str) {
         eventually(&format!("pod {name} to be deleted"), LIMIT, || async {
             self.kube.pod(name).is_none().then_some(())
         })
@@ -242,7 +247,7 @@ impl KubeRig {
     }
 }
 
-fn args_of(pod: &Value) -> Vec<String> {
+pub(crate) fn args_of(pod: &Value) -> Vec<String> {
     pod["spec"]["containers"][0]["args"]
         .as_array()
         .expect("args")
@@ -795,7 +800,11 @@ async fn kubernetes_attach_writes_the_pods_stdin_and_a_later_attach_still_can() 
     // After what the runner's own driver wrote (initialize, the prompt),
     // through attaches of its own.
     let (bytes, attaches) = rig.kube.stdin_of(&name);
-    assert!(bytes.ends_with(written.as_bytes()), "{}", String::from_utf8_lossy(&bytes));
+    assert!(
+        bytes.ends_with(written.as_bytes()),
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
     assert!(attaches >= 3, "{attaches}");
     // The runner follows that log like any worker's.
     eventually("the echoed lines among the messages", LIMIT, || async {

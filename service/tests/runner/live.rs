@@ -14,12 +14,12 @@ use crate::support::runner::{RunnerProcess, clean_root, temp_root};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-fn worker_rec(s: &Value) -> &Value {
+pub(crate) fn worker_rec(s: &Value) -> &Value {
     &s["runtime_metadata"]["worker"]
 }
 
 /// Wait until the session's worker reports `state`; the session.
-async fn until_worker(api: &TestApp, id: &str, state: &str, limit: Duration) -> Value {
+pub(crate) async fn until_worker(api: &TestApp, id: &str, state: &str, limit: Duration) -> Value {
     eventually(&format!("the worker to be {state}"), limit, || async {
         let s = api.get(id).await;
         (worker_rec(&s)["state"] == state).then_some(s)
@@ -28,7 +28,7 @@ async fn until_worker(api: &TestApp, id: &str, state: &str, limit: Duration) -> 
 }
 
 /// Send an input; its `seq`.
-async fn say(api: &TestApp, id: &str, text: &str) -> i64 {
+pub(crate) async fn say(api: &TestApp, id: &str, text: &str) -> i64 {
     let r = api
         .post(&format!("/sessions/{id}/input"), &json!({"text": text}))
         .await
@@ -38,14 +38,14 @@ async fn say(api: &TestApp, id: &str, text: &str) -> i64 {
 }
 
 /// The model requests whose latest user text contains `marker`.
-fn asked(fake: &FakeAnthropic, marker: &str) -> Vec<Recorded> {
+pub(crate) fn asked(fake: &FakeAnthropic, marker: &str) -> Vec<Recorded> {
     fake.requests()
         .into_iter()
         .filter(|r| r.last_user_text().contains(marker))
         .collect()
 }
 
-async fn until_asked(fake: &FakeAnthropic, marker: &str) -> Recorded {
+pub(crate) async fn until_asked(fake: &FakeAnthropic, marker: &str) -> Recorded {
     eventually(
         &format!("a model request for {marker:?}"),
         Duration::from_secs(30),
@@ -55,7 +55,7 @@ async fn until_asked(fake: &FakeAnthropic, marker: &str) -> Recorded {
 }
 
 /// Every user text the request sends the model, in order.
-fn user_texts(r: &Recorded) -> Vec<String> {
+pub(crate) fn user_texts(r: &Recorded) -> Vec<String> {
     r.conversation()
         .into_iter()
         .filter(|(role, _)| role == "user")
@@ -63,12 +63,12 @@ fn user_texts(r: &Recorded) -> Vec<String> {
         .collect()
 }
 
-fn mentions(r: &Recorded, text: &str) -> bool {
+pub(crate) fn mentions(r: &Recorded, text: &str) -> bool {
     user_texts(r).iter().any(|t| t.contains(text))
 }
 
 /// The session's event types, in order.
-async fn event_types(api: &TestApp, id: &str) -> Vec<Value> {
+pub(crate) async fn event_types(api: &TestApp, id: &str) -> Vec<Value> {
     api.get_json(&format!("/sessions/{id}/events?limit=500"))
         .await
         .as_array()
@@ -76,7 +76,7 @@ async fn event_types(api: &TestApp, id: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn of_type<'a>(events: &'a [Value], t: &str) -> Vec<&'a Value> {
+pub(crate) fn of_type<'a>(events: &'a [Value], t: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["event_type"] == t).collect()
 }
 
