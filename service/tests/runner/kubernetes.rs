@@ -237,6 +237,18 @@ impl KubeRig {
         .await;
     }
 
+    /// Until the runner's driver has written the prompt of a session
+    /// `create_managed` made to its pod's stdin.
+    async fn until_prompt_at_the_pod(&self, id: &str) {
+        eventually("the prompt at the pod", LIMIT, || async {
+            let (bytes, _) = self.kube.stdin_of(&pod_name(id));
+            String::from_utf8_lossy(&bytes)
+                .contains("Say hello")
+                .then_some(())
+        })
+        .await;
+    }
+
     async fn attacher(&self) -> KubernetesBackend {
         attacher(&kube_settings(&self.api, &self.kube)).await
     }
@@ -350,7 +362,11 @@ async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
     assert!(attach.attach_stdin(&pod_name(&id)).await.is_err());
     rig.run_pod(&id).await;
     assert_eq!(rig.api.get(&id).await["status"], "active");
-    // Then the stdin is the runner's to write.
+    // Then the stdin is the runner's to write: its driver's initialize and
+    // the prompt, through an attach of its own...
+    rig.until_prompt_at_the_pod(&id).await;
+    // ...and what comes after, through another (the bytes of two attaches
+    // written at once may arrive in either order).
     write_stdin(&attach, &pod_name(&id), "{\"type\":\"user\"}\n").await;
     eventually("the bytes at the pod", LIMIT, || async {
         let (bytes, attaches) = rig.kube.stdin_of(&pod_name(&id));
@@ -780,8 +796,10 @@ async fn kubernetes_attach_writes_the_pods_stdin_and_a_later_attach_still_can() 
     rig.until_worker(&id, "the pod to run", |w| w["pod_phase"] == "running")
         .await;
     let attach = rig.attacher().await;
-    // Each through an attach of its own, the one before it gone: the
-    // container's stdin stays open.
+    // After the runner's own writes (the bytes of two attaches at once may
+    // arrive in either order), each through an attach of its own, the one
+    // before it gone: the container's stdin stays open.
+    rig.until_prompt_at_the_pod(&id).await;
     let mut written = String::new();
     for word in ["first", "second"] {
         let line = user_line(&id, word);
@@ -849,18 +867,23 @@ fn live_worker_pod(cfg: &KubeConfig, id: Uuid) -> Value {
     pod
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubernetes_the_real_cli_in_a_pod_answers_what_is_written_to_its_stdin() {
-    const CLI: Duration = Duration::from_secs(60);
-    let anthropic = FakeAnthropic::start().await;
-    let kubelet = KubeletConfig::new()
+/// The fake kubelet running the worker image's `claude` as the real CLI,
+/// with the API key Secret the pods name.
+pub(crate) fn cli_kubelet() -> KubeletConfig {
+    KubeletConfig::new()
         .program("claude", &[&claude_bin()])
         .secret(
             "anthropic",
             "ANTHROPIC_API_KEY",
             "sk-ant-test-not-a-real-key",
-        );
-    let kube = FakeKube::start_with_kubelet(kubelet).await;
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_the_real_cli_in_a_pod_answers_what_is_written_to_its_stdin() {
+    const CLI: Duration = Duration::from_secs(60);
+    let anthropic = FakeAnthropic::start().await;
+    let kube = FakeKube::start_with_kubelet(cli_kubelet()).await;
     let mut settings = Settings::load(None).expect("default settings");
     settings.runner.kube_api_url = Some(kube.url.clone());
     settings.runner.namespace = NAMESPACE.to_owned();
