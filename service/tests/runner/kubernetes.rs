@@ -48,11 +48,11 @@ fn lines(fixture: &str, id: &str) -> Vec<String> {
 const SUCCESS: &str = include_str!("../../src/runner/testdata/success.jsonl");
 const INTERRUPTED: &str = include_str!("../../src/runner/testdata/interrupted.jsonl");
 
-fn pod_name(id: &str) -> String {
+pub(crate) fn pod_name(id: &str) -> String {
     format!("as-worker-{id}")
 }
 
-fn claim_name(id: &str) -> String {
+pub(crate) fn claim_name(id: &str) -> String {
     format!("as-ws-{id}")
 }
 
@@ -90,12 +90,12 @@ async fn write_stdin(backend: &KubernetesBackend, pod: &str, text: &str) {
     stdin.flush().await.expect("flush");
 }
 
-struct KubeRig {
-    api: TestApp,
-    kube: FakeKube,
+pub(crate) struct KubeRig {
+    pub(crate) api: TestApp,
+    pub(crate) kube: FakeKube,
     /// The runner reaches the API through it; it records posted messages.
-    proxy: MessagesProxy,
-    runner: Option<InProcessRunner>,
+    pub(crate) proxy: MessagesProxy,
+    pub(crate) runner: Option<InProcessRunner>,
 }
 
 impl KubeRig {
@@ -104,7 +104,7 @@ impl KubeRig {
         Self::prepare_on(FakeKube::start().await).await
     }
 
-    async fn prepare_on(kube: FakeKube) -> Self {
+    pub(crate) async fn prepare_on(kube: FakeKube) -> Self {
         let api = TestApp::spawn().await;
         let proxy = MessagesProxy::start(&api.url).await;
         Self {
@@ -116,10 +116,8 @@ impl KubeRig {
     }
 
     fn start_runner(&mut self) {
-        let mut settings = kube_settings(&self.api, &self.kube);
-        settings.runner.api_url = self.proxy.url.clone();
         // What the runner's own environment passes on: not the key.
-        let env = vec![
+        self.start_runner_with(vec![
             (
                 "ANTHROPIC_BASE_URL".to_owned(),
                 "http://llm.example:8080".to_owned(),
@@ -128,7 +126,14 @@ impl KubeRig {
                 "ANTHROPIC_API_KEY".to_owned(),
                 "sk-ant-must-not-reach-a-pod".to_owned(),
             ),
-        ];
+        ]);
+    }
+
+    /// The runner, with `env` as its own environment (what it may pass on
+    /// to workers).
+    pub(crate) fn start_runner_with(&mut self, env: Vec<(String, String)>) {
+        let mut settings = kube_settings(&self.api, &self.kube);
+        settings.runner.api_url = self.proxy.url.clone();
         self.runner = Some(InProcessRunner::start(settings, env));
     }
 
@@ -138,7 +143,7 @@ impl KubeRig {
         rig
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let refused = self.kube.refused();
         if let Some(r) = self.runner {
             r.stop().await;
@@ -152,7 +157,7 @@ impl KubeRig {
         );
     }
 
-    async fn create(&self, backend: &str, worker: Option<Value>) -> String {
+    pub(crate) async fn create(&self, backend: &str, worker: Option<Value>) -> String {
         let mut body = json!({"agent_id": Uuid::new_v4(), "session_type": "task",
             "runtime_backend": backend});
         if let Some(w) = worker {
@@ -167,7 +172,7 @@ impl KubeRig {
             .await
     }
 
-    async fn until_status(&self, id: &str, status: &str) -> Value {
+    pub(crate) async fn until_status(&self, id: &str, status: &str) -> Value {
         eventually(&format!("session {id} to be {status}"), LIMIT, || async {
             let s = self.api.get(id).await;
             (s["status"] == status).then_some(s)
@@ -186,7 +191,7 @@ impl KubeRig {
     }
 
     /// The session's pod once it exists with `generation`.
-    async fn until_pod(&self, id: &str, generation: u64) -> Value {
+    pub(crate) async fn until_pod(&self, id: &str, generation: u64) -> Value {
         let name = pod_name(id);
         eventually(
             &format!("pod {name} of generation {generation}"),
@@ -203,7 +208,7 @@ impl KubeRig {
         .await
     }
 
-    async fn until_no_pod(&self, name: &str) {
+    pub(crate) async fn until_no_pod(&self, name: &str) {
         eventually(&format!("pod {name} to be deleted"), LIMIT, || async {
             self.kube.pod(name).is_none().then_some(())
         })
@@ -232,6 +237,18 @@ impl KubeRig {
         .await;
     }
 
+    /// Until the runner's driver has written the prompt of a session
+    /// `create_managed` made to its pod's stdin.
+    async fn until_prompt_at_the_pod(&self, id: &str) {
+        eventually("the prompt at the pod", LIMIT, || async {
+            let (bytes, _) = self.kube.stdin_of(&pod_name(id));
+            String::from_utf8_lossy(&bytes)
+                .contains("Say hello")
+                .then_some(())
+        })
+        .await;
+    }
+
     async fn attacher(&self) -> KubernetesBackend {
         attacher(&kube_settings(&self.api, &self.kube)).await
     }
@@ -242,7 +259,7 @@ impl KubeRig {
     }
 }
 
-fn args_of(pod: &Value) -> Vec<String> {
+pub(crate) fn args_of(pod: &Value) -> Vec<String> {
     pod["spec"]["containers"][0]["args"]
         .as_array()
         .expect("args")
@@ -345,7 +362,11 @@ async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
     assert!(attach.attach_stdin(&pod_name(&id)).await.is_err());
     rig.run_pod(&id).await;
     assert_eq!(rig.api.get(&id).await["status"], "active");
-    // Then the stdin is the runner's to write.
+    // Then the stdin is the runner's to write: its driver's initialize and
+    // the prompt, through an attach of its own...
+    rig.until_prompt_at_the_pod(&id).await;
+    // ...and what comes after, through another (the bytes of two attaches
+    // written at once may arrive in either order).
     write_stdin(&attach, &pod_name(&id), "{\"type\":\"user\"}\n").await;
     eventually("the bytes at the pod", LIMIT, || async {
         let (bytes, attaches) = rig.kube.stdin_of(&pod_name(&id));
@@ -776,8 +797,10 @@ async fn kubernetes_attach_writes_the_pods_stdin_and_a_later_attach_still_can() 
     rig.until_worker(&id, "the pod to run", |w| w["pod_phase"] == "running")
         .await;
     let attach = rig.attacher().await;
-    // Each through an attach of its own, the one before it gone: the
-    // container's stdin stays open.
+    // After the runner's own writes (the bytes of two attaches at once may
+    // arrive in either order), each through an attach of its own, the one
+    // before it gone: the container's stdin stays open.
+    rig.until_prompt_at_the_pod(&id).await;
     let mut written = String::new();
     for word in ["first", "second"] {
         let line = user_line(&id, word);
@@ -846,18 +869,23 @@ fn live_worker_pod(cfg: &KubeConfig, id: Uuid) -> Value {
     pod
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubernetes_the_real_cli_in_a_pod_answers_what_is_written_to_its_stdin() {
-    const CLI: Duration = Duration::from_secs(60);
-    let anthropic = FakeAnthropic::start().await;
-    let kubelet = KubeletConfig::new()
+/// The fake kubelet running the worker image's `claude` as the real CLI,
+/// with the API key Secret the pods name.
+pub(crate) fn cli_kubelet() -> KubeletConfig {
+    KubeletConfig::new()
         .program("claude", &[&claude_bin()])
         .secret(
             "anthropic",
             "ANTHROPIC_API_KEY",
             "sk-ant-test-not-a-real-key",
-        );
-    let kube = FakeKube::start_with_kubelet(kubelet).await;
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_the_real_cli_in_a_pod_answers_what_is_written_to_its_stdin() {
+    const CLI: Duration = Duration::from_secs(60);
+    let anthropic = FakeAnthropic::start().await;
+    let kube = FakeKube::start_with_kubelet(cli_kubelet()).await;
     let mut settings = Settings::load(None).expect("default settings");
     settings.runner.kube_api_url = Some(kube.url.clone());
     settings.runner.namespace = NAMESPACE.to_owned();

@@ -4,13 +4,15 @@
 //! ids followed into the runner (`trace`), workers driven by wake-up hints
 //! while the event feed is held (`wake`), live sessions (`live`: turns,
 //! input, approvals, interrupt, idle timeout), and the Kubernetes backend
-//! against a fake Kubernetes API (`kubernetes`); each with the API service
-//! in-process on its own database.
+//! against a fake Kubernetes API (`kubernetes`), with live sessions there
+//! too, the real CLI run as the pods' container (`kubernetes_live`); each
+//! with the API service in-process on its own database.
 
 // A test fails by panicking: unwrap and expect are how it says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod kubernetes;
+mod kubernetes_live;
 mod live;
 mod local;
 mod policies;
