@@ -188,6 +188,16 @@ impl RunnerProcess {
     }
 }
 
+/// A test that fails before `stop` leaves no worker behind: workers wait
+/// for input for ever, so nothing else would end them.
+impl Drop for InProcessRunner {
+    fn drop(&mut self) {
+        if self.root.exists() {
+            clean_root(&self.root);
+        }
+    }
+}
+
 impl Drop for RunnerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
