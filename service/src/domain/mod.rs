@@ -8,12 +8,13 @@
 pub mod event;
 pub mod json;
 pub mod session;
+pub mod transcript;
 pub mod usage;
 pub mod worker;
 
 pub use event::{EventKind, EventMetadata};
 pub use session::{
-    CreateSession, DomainError, PatchMode, RuntimeBackend, SessionChanges, SessionPatch,
+    CreateSession, DomainError, ForkedFrom, PatchMode, RuntimeBackend, SessionChanges, SessionPatch,
     SessionState, SessionStatus,
 };
 pub use usage::Usage;
