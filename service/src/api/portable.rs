@@ -98,7 +98,12 @@ pub async fn put_transcript(
     let offset = params::non_negative("offset", &q.offset)?;
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default();
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if !matches!(
             essence.as_str(),
             "application/x-ndjson" | "application/jsonl" | "application/octet-stream" | ""
@@ -387,7 +392,11 @@ fn plan_import(doc: SessionExport, new_id: bool) -> Result<ImportPlan, ApiError>
         if m.seq != i as i64 + 1 {
             return Err(invalid(
                 format!("messages[{i}].seq"),
-                format!("must run 1, 2, 3 …: found {} where {} was expected", m.seq, i + 1),
+                format!(
+                    "must run 1, 2, 3 …: found {} where {} was expected",
+                    m.seq,
+                    i + 1
+                ),
             ));
         }
         messages.push(StoredMessage {
@@ -414,6 +423,21 @@ fn plan_import(doc: SessionExport, new_id: bool) -> Result<ImportPlan, ApiError>
             .ok_or_else(|| invalid(field("id"), "no event of the session queued this input"))?;
         inputs.push((input, version));
     }
+    if new_id {
+        // Input ids are unique across sessions: the copy's inputs get new
+        // ones, and the events that name them follow.
+        for (input, _) in &mut inputs {
+            let (from, to) = (input.id.to_string(), Uuid::new_v4());
+            input.id = to;
+            for e in &mut events {
+                if let Some(v) = e.payload.get_mut("input_id")
+                    && v.as_str() == Some(from.as_str())
+                {
+                    *v = Value::String(to.to_string());
+                }
+            }
+        }
+    }
     let mut request_ids = HashSet::new();
     for (i, a) in doc.approvals.iter().enumerate() {
         let field = |f: &str| format!("approvals[{i}].{f}");
@@ -439,12 +463,14 @@ fn plan_import(doc: SessionExport, new_id: bool) -> Result<ImportPlan, ApiError>
             }]
         }
     });
-    let mut transcript = Vec::with_capacity(layout.len());
+    let len = bytes.len() as i64;
     for (i, c) in layout.iter().enumerate() {
         let field = format!("transcript_chunks[{i}]");
-        let end = layout.get(i + 1).map_or(bytes.len() as i64, |n| n.offset);
-        let starts_right = if i == 0 { c.offset == 0 } else { c.offset > layout[i - 1].offset };
-        if !starts_right || end <= c.offset || end > bytes.len() as i64 {
+        let starts_right = match i {
+            0 => c.offset == 0,
+            _ => c.offset > layout[i - 1].offset,
+        };
+        if !starts_right || c.offset >= len {
             return Err(invalid(
                 field,
                 "offsets must start at 0 and rise within the transcript",
@@ -459,15 +485,23 @@ fn plan_import(doc: SessionExport, new_id: bool) -> Result<ImportPlan, ApiError>
                 "versions must rise within 1 and the session's version",
             ));
         }
-        transcript.push(TranscriptChunk {
-            offset: c.offset,
-            version: c.version,
-            bytes: bytes[c.offset as usize..end as usize].to_vec(),
-        });
     }
+    let transcript: Vec<TranscriptChunk> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let end = layout.get(i + 1).map_or(len, |n| n.offset);
+            TranscriptChunk {
+                offset: c.offset,
+                version: c.version,
+                bytes: bytes[c.offset as usize..end as usize].to_vec(),
+            }
+        })
+        .collect();
     if layout.is_empty() && !bytes.is_empty() {
         return Err(invalid("transcript_chunks", "must cover the transcript"));
     }
+    let mut transcript = transcript;
     if new_id {
         // Renaming changes lengths: the chunks are renamed one by one.
         let name = id.to_string();
@@ -522,9 +556,7 @@ pub async fn import(
     let body = collect(declared_length(&req), payload, state.max_import_bytes).await?;
     let value: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    let max_depth = req
-        .app_data::<web::Data<BodyLimit>>()
-        .map_or(32, |l| l.1);
+    let max_depth = req.app_data::<web::Data<BodyLimit>>().map_or(32, |l| l.1);
     check_depth(&value, max_depth + EXPORT_NESTING)?;
     if !value.is_object() {
         return Err(ApiError::Validation {

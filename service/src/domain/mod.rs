@@ -14,8 +14,8 @@ pub mod worker;
 
 pub use event::{EventKind, EventMetadata};
 pub use session::{
-    CreateSession, DomainError, ForkedFrom, PatchMode, RuntimeBackend, SessionChanges, SessionPatch,
-    SessionState, SessionStatus,
+    CreateSession, DomainError, ForkedFrom, PatchMode, RuntimeBackend, SessionChanges,
+    SessionPatch, SessionState, SessionStatus,
 };
 pub use usage::Usage;
 pub use worker::WorkerSpec;

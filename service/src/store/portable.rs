@@ -27,7 +27,9 @@ use crate::contract::format_time;
 use crate::contract::live::{Approval, Input};
 use crate::domain::event;
 use crate::domain::transcript::rename_session;
-use crate::domain::{DomainError, EventKind, EventMetadata, ForkedFrom, SessionState, SessionStatus};
+use crate::domain::{
+    DomainError, EventKind, EventMetadata, ForkedFrom, SessionState, SessionStatus,
+};
 
 /// Attempts at a write that keeps losing to concurrent ones before 409.
 const MAX_ATTEMPTS: usize = 64;
@@ -165,7 +167,9 @@ impl Store {
             let end = offset + body.len() as i64;
             let overlap = (end.min(length) - offset) as usize;
             if overlap > 0 {
-                let stored = self.transcript_range(id, offset, offset + overlap as i64).await?;
+                let stored = self
+                    .transcript_range(id, offset, offset + overlap as i64)
+                    .await?;
                 if stored != body[..overlap] {
                     return Err(StoreError::TranscriptConflict {
                         detail: format!(
