@@ -69,8 +69,8 @@ fn transcript_response(mut res: actix_web::HttpResponseBuilder, length: i64) -> 
 #[utoipa::path(
     put, path = "/sessions/{id}/transcript", tag = "portable", operation_id = "put_transcript",
     params(("id" = Uuid, Path, description = "Session id"), PutTranscriptQuery),
-    request_body(content = String, content_type = "application/x-ndjson",
-        description = "Whole JSONL lines (UTF-8, ending with a newline) of the transcript from `offset` on; also sent as `application/octet-stream`"),
+    request_body(content = String, content_type = "application/octet-stream",
+        description = "Whole JSONL lines (UTF-8, ending with a newline) of the transcript from `offset` on; `application/x-ndjson` is accepted too"),
     responses(
         (status = 200, description = "Stored (or already stored): the transcript's length", body = TranscriptWritten,
          headers(("X-Transcript-Length" = i64, description = "The stored length in bytes"))),
