@@ -136,7 +136,8 @@ pub async fn put_transcript(
     get, path = "/sessions/{id}/transcript", tag = "portable", operation_id = "get_transcript",
     params(("id" = Uuid, Path, description = "Session id"), GetTranscriptQuery),
     responses(
-        (status = 200, description = "The transcript as JSONL (empty when none was uploaded)", body = String, content_type = "application/x-ndjson",
+        (status = 200, description = "The transcript as JSONL (empty when none was uploaded): `application/x-ndjson`, or `application/octet-stream` when the request accepts that and not JSONL",
+         content((String = "application/octet-stream"), (String = "application/x-ndjson")),
          headers(("X-Transcript-Length" = i64, description = "Its length in bytes"))),
         (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
@@ -162,9 +163,20 @@ pub async fn get_transcript(
     let id = existing_session(&state, &id).await?;
     let chunks = state.store.transcript(id, at_version).await?;
     let body: Vec<u8> = chunks.into_iter().flat_map(|c| c.bytes).collect();
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let octets =
+        accept.contains("application/octet-stream") && !accept.contains("application/x-ndjson");
     Ok(HttpResponse::Ok()
         .insert_header((TRANSCRIPT_LENGTH, body.len().to_string()))
-        .content_type("application/x-ndjson")
+        .content_type(if octets {
+            "application/octet-stream"
+        } else {
+            "application/x-ndjson"
+        })
         .body(body))
 }
 
@@ -363,10 +375,14 @@ fn plan_import(doc: SessionExport, new_id: bool) -> Result<ImportPlan, ApiError>
     };
     let mut served = Session::from(&session);
     served.id = from;
-    if served != doc.session {
+    // Times compare as instants, whatever RFC 3339 spelling carried them.
+    let mut carried = doc.session;
+    carried.created_at = format_time(&instant("session.created_at", &carried.created_at)?);
+    carried.updated_at = format_time(&instant("session.updated_at", &carried.updated_at)?);
+    if served != carried {
         let (a, b) = (
             serde_json::to_value(&served).unwrap_or_default(),
-            serde_json::to_value(&doc.session).unwrap_or_default(),
+            serde_json::to_value(&carried).unwrap_or_default(),
         );
         let fields: Vec<String> = match (a, b) {
             (Value::Object(a), Value::Object(b)) => a
