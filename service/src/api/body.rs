@@ -37,9 +37,11 @@ pub struct JsonBody {
 /// `None` then. Read under the same limits as [`JsonBody`].
 pub struct OptionalJsonBody(pub Option<Value>);
 
-fn mode_of(req: &HttpRequest) -> Result<PatchMode, ApiError> {
+/// The request's `Content-Type` as sent and its essence (lowercase, no
+/// parameters), when it sent one.
+pub fn content_type(req: &HttpRequest) -> Result<Option<(String, String)>, ApiError> {
     let Some(raw) = req.headers().get(header::CONTENT_TYPE) else {
-        return Ok(PatchMode::Replace);
+        return Ok(None);
     };
     let ct = raw
         .to_str()
@@ -50,13 +52,20 @@ fn mode_of(req: &HttpRequest) -> Result<PatchMode, ApiError> {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    Ok(Some((ct.to_owned(), essence)))
+}
+
+fn mode_of(req: &HttpRequest) -> Result<PatchMode, ApiError> {
+    let Some((ct, essence)) = content_type(req)? else {
+        return Ok(PatchMode::Replace);
+    };
     match essence.as_str() {
         "application/merge-patch+json" => Ok(PatchMode::Merge),
         "" | "application/json" | "application/x-www-form-urlencoded" | "text/plain" => {
             Ok(PatchMode::Replace)
         }
         e if e.starts_with("application/") && e.ends_with("+json") => Ok(PatchMode::Replace),
-        _ => Err(ApiError::UnsupportedMediaType(ct.to_owned())),
+        _ => Err(ApiError::UnsupportedMediaType(ct)),
     }
 }
 

@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::auth::{Authorized, SessionsRead, SessionsRun, SessionsWrite};
-use super::body::{BodyLimit, OptionalJsonBody, check_depth, collect, declared_length};
+use super::body::{
+    BodyLimit, OptionalJsonBody, check_depth, collect, content_type, declared_length,
+};
 use super::error::{ApiError, TRANSCRIPT_LENGTH};
 use super::middleware::RequestMeta;
 use super::params;
@@ -96,22 +98,15 @@ pub async fn put_transcript(
         return Err(ApiError::parameter("offset", "is required"));
     }
     let offset = params::non_negative("offset", &q.offset)?;
-    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or_default();
-        let essence = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if !matches!(
+    if let Some((ct, essence)) = content_type(&req)?
+        && !matches!(
             essence.as_str(),
             "application/x-ndjson" | "application/jsonl" | "application/octet-stream" | ""
-        ) {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "{ct}; send application/x-ndjson or application/octet-stream"
-            )));
-        }
+        )
+    {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "{ct}; send application/x-ndjson or application/octet-stream"
+        )));
     }
     let limit = state.max_transcript_bytes;
     let body = collect(declared_length(&req), payload, limit).await?;

@@ -405,14 +405,8 @@ impl Store {
             ))
             .await?
             .iter()
-            .map(|r| {
-                Ok(StoredMessage {
-                    seq: r.try_get("", "seq")?,
-                    message: r.try_get("", "message")?,
-                    created_at: r.try_get("", "created_at")?,
-                })
-            })
-            .collect::<Result<_, StoreError>>()?;
+            .map(rows::message)
+            .collect::<Result<_, _>>()?;
         let inputs = txn
             .query_all_raw(one(format!(
                 "SELECT {INPUT_COLUMNS} FROM session_inputs WHERE session_id = $1 ORDER BY seq"

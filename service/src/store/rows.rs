@@ -79,3 +79,11 @@ pub(crate) fn event(row: &QueryResult) -> Result<StoredEvent, StoreError> {
         occurred_at: row.try_get::<DateTime<Utc>>("", "occurred_at")?,
     })
 }
+
+pub(crate) fn message(row: &QueryResult) -> Result<super::StoredMessage, StoreError> {
+    Ok(super::StoredMessage {
+        seq: row.try_get("", "seq")?,
+        message: row.try_get("", "message")?,
+        created_at: row.try_get("", "created_at")?,
+    })
+}
