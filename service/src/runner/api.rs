@@ -341,16 +341,19 @@ impl ApiClient {
             .send()
             .await?;
         let status = res.status();
-        if status.is_success() || status == StatusCode::CONFLICT {
-            let body: Value = res.json().await.unwrap_or(Value::Null);
-            let length = body.get("length").and_then(Value::as_u64);
-            return Ok(match (status.is_success(), length) {
-                (true, Some(length)) => Shipped::Stored { length },
-                (false, Some(length)) => Shipped::Gap { length },
-                _ => Shipped::Conflict,
-            });
+        // The stored length rides on every answer (`X-Transcript-Length`).
+        let length = res
+            .headers()
+            .get("x-transcript-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match (status, length) {
+            (s, Some(length)) if s.is_success() => Ok(Shipped::Stored { length }),
+            // Stored less than the offset: a gap to fill from `length`.
+            (StatusCode::CONFLICT, Some(length)) if length < offset => Ok(Shipped::Gap { length }),
+            (StatusCode::CONFLICT, _) => Ok(Shipped::Conflict),
+            _ => Err(Self::fail(res).await),
         }
-        Err(Self::fail(res).await)
     }
 
     /// The session's transcript as the service stores it (empty if none).

@@ -388,30 +388,24 @@ async fn start_worker<B: Backend>(
     }
     let api = ctx.api.for_request(request_id);
     // Inputs waiting for the resumed worker are its first messages.
-    // A session that ran before but whose transcript this backend lacks
-    // (a lost workspace or claim, another host, the other backend): resume
-    // it from the service's copy.
-    let mut restore = None;
+    // A session that ran before resumes from the service's copy of its
+    // transcript wherever this backend's is missing or behind it (a lost
+    // workspace or claim, another host, a stay on the other backend).
+    let ran_before = view.generation > 0 || session.parent_session_id.is_some();
+    let restore = if ran_before {
+        let bytes = ctx.api.transcript(id).await?;
+        (!bytes.is_empty()).then(|| std::sync::Arc::new(bytes))
+    } else {
+        None
+    };
     let launch = match launch {
-        Launch::New if view.generation > 0 => {
-            let bytes = ctx.api.transcript(id).await?;
-            if bytes.is_empty() {
-                Launch::New
-            } else {
-                info!(
-                    bytes = bytes.len(),
-                    "restoring the transcript from the service"
-                );
-                restore = Some(std::sync::Arc::new(bytes));
-                Launch::Resume {
-                    prompt: Some(
-                        view.resume_prompt
-                            .clone()
-                            .unwrap_or_else(|| super::claude::DEFAULT_RESUME_PROMPT.to_owned()),
-                    ),
-                }
-            }
-        }
+        Launch::New if restore.is_some() => Launch::Resume {
+            prompt: Some(
+                view.resume_prompt
+                    .clone()
+                    .unwrap_or_else(|| super::claude::DEFAULT_RESUME_PROMPT.to_owned()),
+            ),
+        },
         other => other,
     };
     let waiting = match ctx.api.inputs(id, view.input_seq).await {

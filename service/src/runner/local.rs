@@ -122,9 +122,16 @@ impl Backend for LocalBackend {
                 BackendError::Workspace(workspace::WorkspaceError::Io { path: p, source })
             })
         };
+        let local_len = ws
+            .transcript_path()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
         if let Some(bytes) = &req.restore
-            && !ws.has_transcript()
+            && local_len < bytes.len() as u64
         {
+            if let Some(stale) = ws.transcript_path() {
+                let _ = std::fs::remove_file(stale);
+            }
             let path = ws.transcript_path_for(&cwd);
             super::transcript::restore(&path, bytes).map_err(|source| {
                 BackendError::Workspace(workspace::WorkspaceError::Io {

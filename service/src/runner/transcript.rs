@@ -77,8 +77,8 @@ impl Shipper {
                     self.retry_at = None;
                 }
                 // The service has less than we thought: send from there.
-                Ok(Shipped::Gap { length }) if length < self.offset => self.offset = length,
-                Ok(Shipped::Gap { .. }) | Ok(Shipped::Conflict) => {
+                Ok(Shipped::Gap { length }) => self.offset = length,
+                Ok(Shipped::Conflict) => {
                     warn!(
                         offset = self.offset,
                         "the service's transcript conflicts with the worker's; not sending it"

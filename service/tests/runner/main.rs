@@ -16,6 +16,7 @@ mod kubernetes_live;
 mod live;
 mod local;
 mod policies;
+mod portable;
 mod restart;
 #[path = "../support/mod.rs"]
 mod support;
