@@ -100,6 +100,8 @@ APP__LOG__FILTER: {{ $c.log.filter | quote }}
 APP__API__DEFAULT_PAGE_SIZE: {{ $c.api.defaultPageSize | int64 | toString | quote }}
 APP__API__MAX_PAGE_SIZE: {{ $c.api.maxPageSize | int64 | toString | quote }}
 APP__API__MAX_INPUT_BYTES: {{ $c.api.maxInputBytes | int64 | toString | quote }}
+APP__API__MAX_TRANSCRIPT_BYTES: {{ $c.api.maxTranscriptBytes | int64 | toString | quote }}
+APP__API__MAX_IMPORT_BYTES: {{ $c.api.maxImportBytes | int64 | toString | quote }}
 APP__AUTH__ENABLED: {{ $c.auth.enabled | toString | quote }}
 {{- range $name, $value := $c.extra }}
 {{ $name }}: {{ $value | toString | quote }}
