@@ -34,6 +34,13 @@ from agent_sessions_client.api.live import (
     send_input,
 )
 from agent_sessions_client.api.operations import healthz, metrics, readyz
+from agent_sessions_client.api.portable import (
+    export_session,
+    fork_session,
+    get_transcript,
+    import_session,
+    put_transcript,
+)
 from agent_sessions_client.api.sessions import (
     append_messages,
     create_session,
@@ -67,6 +74,9 @@ from agent_sessions_client.models import (
     Problem,
     RuntimeBackend,
     Session,
+    SessionExport,
+    TranscriptWritten,
+    ForkRequest,
     SessionMergePatch,
     SessionMergePatchContextType0,
     SessionStatus,
@@ -367,6 +377,40 @@ with client.get_httpx_client().stream(**kwargs) as live:
             break
     check(streamed is not None and streamed.seq == 3, f"message stream: first message {streamed}")
     called.setdefault("stream_messages", set()).add(live.status_code)
+
+# Portable sessions: the transcript, a fork, export and import.
+jsonl = json.dumps({"type": "user", "sessionId": str(other.id)}) + "\n"
+from agent_sessions_client.types import File  # noqa: E402
+import io  # noqa: E402
+
+def upload(offset: int, data: str, expect: int, model: type | None):
+    return call(put_transcript, expect, model, id=other.id, offset=offset,
+                body=File(payload=io.BytesIO(data.encode()), mime_type="application/octet-stream"))
+
+stored = upload(0, jsonl, 200, TranscriptWritten).parsed
+check(stored.length == len(jsonl), f"transcript length: {stored}")
+upload(0, jsonl, 200, TranscriptWritten)
+upload(len(jsonl) + 5, jsonl, 409, Problem)
+upload(len(jsonl), "half", 422, Problem)
+call(put_transcript, 404, Problem, id=uuid.uuid4(), offset=0,
+     body=File(payload=io.BytesIO(jsonl.encode()), mime_type="application/octet-stream"))
+call(put_transcript, 400, Problem, id=other.id, offset=-1,
+     body=File(payload=io.BytesIO(jsonl.encode()), mime_type="application/octet-stream"))
+got = raw_call(get_transcript, 200, id=other.id)
+check(got.text == jsonl, f"transcript read back: {got.text!r}")
+call(get_transcript, 404, Problem, id=uuid.uuid4())
+call(get_transcript, 400, Problem, id=other.id, at_version=0)
+child = call(fork_session, 201, Session, id=other.id, body=ForkRequest(at_version=2)).parsed
+check(child.parent_session_id == other.id, f"fork: {child}")
+call(fork_session, 422, Problem, id=other.id, body=ForkRequest(at_version=10_000))
+call(fork_session, 404, Problem, id=uuid.uuid4(), body=ForkRequest())
+doc = call(export_session, 200, SessionExport, id=other.id).parsed
+call(export_session, 404, Problem, id=uuid.uuid4())
+copy = call(import_session, 201, Session, body=doc, new_id=True).parsed
+check(copy.id != other.id and copy.version == doc.session.version, f"import: {copy}")
+call(import_session, 409, Problem, body=doc)
+doc.format_version = 2
+call(import_session, 422, Problem, body=doc)
 
 # Delete, guarded by the version.
 call(delete_session, 412, Problem, id=sid, if_match='"1"')

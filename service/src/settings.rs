@@ -135,6 +135,13 @@ pub struct ApiSettings {
     /// is refused with 413 (the body as a whole is bounded by
     /// `server.body_limit_bytes`).
     pub max_input_bytes: usize,
+    /// Largest CLI transcript kept per session, in bytes; an upload that
+    /// would grow it further is refused with 413 and stores nothing.
+    pub max_transcript_bytes: usize,
+    /// Largest body of `POST /sessions/import`, in bytes (413 beyond). This
+    /// route alone reads bodies past `server.body_limit_bytes`, as does the
+    /// transcript upload (up to `max_transcript_bytes`).
+    pub max_import_bytes: usize,
 }
 
 /// The `runner` subcommand (docs/design.md, the runner). `API_URL`, `WORKSPACE_ROOT` and
@@ -323,6 +330,8 @@ default_page_size = 20
 max_page_size = 500
 max_wait_secs = 60
 max_input_bytes = 262144
+max_transcript_bytes = 67108864
+max_import_bytes = 67108864
 
 [auth]
 enabled = true
@@ -459,6 +468,12 @@ impl Settings {
         }
         if self.server.body_limit_bytes < 1024 {
             return bad("server.body_limit_bytes", "must be at least 1024");
+        }
+        if self.api.max_transcript_bytes == 0 {
+            return bad("api.max_transcript_bytes", "must be at least 1");
+        }
+        if self.api.max_import_bytes < 1024 {
+            return bad("api.max_import_bytes", "must be at least 1024");
         }
         if self.api.max_input_bytes == 0 {
             return bad("api.max_input_bytes", "must be at least 1");

@@ -93,6 +93,8 @@ impl Application {
             sse_heartbeat: Duration::from_secs(settings.relay.sse_heartbeat_secs),
             max_wait: Duration::from_secs(settings.api.max_wait_secs),
             max_input_bytes: settings.api.max_input_bytes,
+            max_transcript_bytes: settings.api.max_transcript_bytes,
+            max_import_bytes: settings.api.max_import_bytes,
             pages: PageSizes {
                 default: settings.api.default_page_size,
                 max: settings.api.max_page_size,

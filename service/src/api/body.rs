@@ -37,9 +37,11 @@ pub struct JsonBody {
 /// `None` then. Read under the same limits as [`JsonBody`].
 pub struct OptionalJsonBody(pub Option<Value>);
 
-fn mode_of(req: &HttpRequest) -> Result<PatchMode, ApiError> {
+/// The request's `Content-Type` as sent and its essence (lowercase, no
+/// parameters), when it sent one.
+pub fn content_type(req: &HttpRequest) -> Result<Option<(String, String)>, ApiError> {
     let Some(raw) = req.headers().get(header::CONTENT_TYPE) else {
-        return Ok(PatchMode::Replace);
+        return Ok(None);
     };
     let ct = raw
         .to_str()
@@ -50,14 +52,26 @@ fn mode_of(req: &HttpRequest) -> Result<PatchMode, ApiError> {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    Ok(Some((ct.to_owned(), essence)))
+}
+
+fn mode_of(req: &HttpRequest) -> Result<PatchMode, ApiError> {
+    let Some((ct, essence)) = content_type(req)? else {
+        return Ok(PatchMode::Replace);
+    };
     match essence.as_str() {
         "application/merge-patch+json" => Ok(PatchMode::Merge),
         "" | "application/json" | "application/x-www-form-urlencoded" | "text/plain" => {
             Ok(PatchMode::Replace)
         }
         e if e.starts_with("application/") && e.ends_with("+json") => Ok(PatchMode::Replace),
-        _ => Err(ApiError::UnsupportedMediaType(ct.to_owned())),
+        _ => Err(ApiError::UnsupportedMediaType(ct)),
     }
+}
+
+/// A JSON body's `Content-Type` (or none), else the 415.
+pub fn json_content_type(req: &HttpRequest) -> Result<(), ApiError> {
+    mode_of(req).map(|_| ())
 }
 
 impl FromRequest for JsonBody {
@@ -85,6 +99,48 @@ impl FromRequest for OptionalJsonBody {
     }
 }
 
+/// The request's `Content-Length`, when it sent one.
+pub fn declared_length(req: &HttpRequest) -> Option<usize> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+}
+
+/// Read a body of at most `limit` bytes (413 beyond, before reading when
+/// the declared length says so).
+pub async fn collect<S>(
+    declared: Option<usize>,
+    mut payload: S,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError>
+where
+    S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>> + Unpin,
+{
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let mut buf = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// `value`'s nesting depth within `max_depth`, or the 400.
+pub fn check_depth(value: &Value, max_depth: usize) -> Result<(), ApiError> {
+    if depth(value) > max_depth {
+        return Err(ApiError::MalformedJson(format!(
+            "the document is nested deeper than {max_depth} levels"
+        )));
+    }
+    Ok(())
+}
+
 type Read = Pin<Box<dyn Future<Output = Result<(Option<Value>, PatchMode), ApiError>>>>;
 
 /// The body as JSON (`None` when empty), within the size and depth limits.
@@ -94,35 +150,17 @@ fn read(req: &HttpRequest, payload: &mut Payload) -> Read {
         .map(|l| (l.0, l.1))
         .unwrap_or((1 << 20, 32));
     let mode = mode_of(req);
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let mut payload = payload.take();
+    let declared = declared_length(req);
+    let payload = payload.take();
     Box::pin(async move {
         let mode = mode?;
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
-        let mut buf = web::BytesMut::new();
-        while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-            if buf.len() + chunk.len() > limit {
-                return Err(ApiError::PayloadTooLarge(limit));
-            }
-            buf.extend_from_slice(&chunk);
-        }
+        let buf = collect(declared, payload, limit).await?;
         if buf.iter().all(u8::is_ascii_whitespace) {
             return Ok((None, mode));
         }
         let value: Value =
             serde_json::from_slice(&buf).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-        if depth(&value) > max_depth {
-            return Err(ApiError::MalformedJson(format!(
-                "the document is nested deeper than {max_depth} levels"
-            )));
-        }
+        check_depth(&value, max_depth)?;
         Ok((Some(value), mode))
     })
 }

@@ -11,6 +11,9 @@ use crate::store::StoreError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// The stored transcript's length in bytes, on transcript answers.
+pub const TRANSCRIPT_LENGTH: &str = "x-transcript-length";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("the body is not valid JSON: {0}")]
@@ -26,6 +29,13 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("the body exceeds the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    /// Over a limit of the stored data (a transcript's total size).
+    #[error("{0}")]
+    TooLarge(String),
+    /// A transcript upload that does not fit; answered with the stored
+    /// length in `X-Transcript-Length`.
+    #[error("{detail}")]
+    TranscriptConflict { detail: String, length: i64 },
     /// One field is over its own limit (an input's `text`).
     #[error("{field} exceeds the limit of {limit} bytes")]
     FieldTooLarge { field: &'static str, limit: usize },
@@ -80,7 +90,7 @@ impl ApiError {
             Self::Validation { .. } => ("validation", "Invalid request"),
             Self::BadParameter { .. } => ("invalid-parameter", "Invalid parameter"),
             Self::UnsupportedMediaType(_) => ("unsupported-media-type", "Unsupported media type"),
-            Self::PayloadTooLarge(_) | Self::FieldTooLarge { .. } => {
+            Self::PayloadTooLarge(_) | Self::FieldTooLarge { .. } | Self::TooLarge(_) => {
                 ("payload-too-large", "Payload too large")
             }
             Self::NotFound(_) => ("not-found", "Not found"),
@@ -89,7 +99,9 @@ impl ApiError {
                 ("version-mismatch", "Version mismatch")
             }
             Self::IllegalTransition(_) => ("illegal-transition", "Illegal status transition"),
-            Self::Conflict(_) | Self::IdempotentTargetGone(_) => ("conflict", "Conflict"),
+            Self::Conflict(_) | Self::IdempotentTargetGone(_) | Self::TranscriptConflict { .. } => {
+                ("conflict", "Conflict")
+            }
             Self::IdempotencyKeyReused => ("idempotency-key-reused", "Idempotency key reused"),
             Self::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             Self::Forbidden(_) => ("forbidden", "Forbidden"),
@@ -110,6 +122,7 @@ impl ApiError {
             Self::IllegalTransition(_) => Some("status".into()),
             Self::UnsupportedMediaType(_) => Some("Content-Type".into()),
             Self::IdempotentTargetGone(_) => Some("Idempotency-Key".into()),
+            Self::TranscriptConflict { .. } => Some("offset".into()),
             Self::IdempotencyKeyReused => Some("Idempotency-Key".into()),
             _ => None,
         }
@@ -144,15 +157,18 @@ impl ResponseError for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge(_) | Self::FieldTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge(_) | Self::FieldTooLarge { .. } | Self::TooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PreconditionFailed { .. } | Self::WeakPrecondition { .. } => {
                 StatusCode::PRECONDITION_FAILED
             }
-            Self::IllegalTransition(_) | Self::Conflict(_) | Self::IdempotentTargetGone(_) => {
-                StatusCode::CONFLICT
-            }
+            Self::IllegalTransition(_)
+            | Self::Conflict(_)
+            | Self::IdempotentTargetGone(_)
+            | Self::TranscriptConflict { .. } => StatusCode::CONFLICT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -177,6 +193,9 @@ impl ResponseError for ApiError {
             }
             Self::RateLimited(secs) => {
                 res.insert_header((header::RETRY_AFTER, secs.to_string()));
+            }
+            Self::TranscriptConflict { length, .. } => {
+                res.insert_header((TRANSCRIPT_LENGTH, length.to_string()));
             }
             Self::Unauthorized(_) => {
                 res.insert_header((
@@ -216,6 +235,10 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(id) => Self::NotFound(format!("session {id} not found")),
             StoreError::Missing(m) => Self::NotFound(m),
             StoreError::Refused(m) => Self::Conflict(m),
+            StoreError::TranscriptConflict { detail, length } => {
+                Self::TranscriptConflict { detail, length }
+            }
+            StoreError::TooLarge(m) => Self::TooLarge(m),
             StoreError::VersionMismatch { expected, actual } => {
                 Self::PreconditionFailed { expected, actual }
             }

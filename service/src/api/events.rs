@@ -80,7 +80,7 @@ pub struct FeedQuery {
     pub session_id: Option<String>,
     /// Only these event types, comma-separated.
     #[param(
-        pattern = "^session\\.(created|updated|deleted|input_received|interrupted|approval_requested|approval_decided)(,session\\.(created|updated|deleted|input_received|interrupted|approval_requested|approval_decided))*$"
+        pattern = "^session\\.(created|updated|deleted|input_received|interrupted|approval_requested|approval_decided|forked)(,session\\.(created|updated|deleted|input_received|interrupted|approval_requested|approval_decided|forked))*$"
     )]
     pub event_type: Option<String>,
 }
@@ -116,7 +116,7 @@ pub(crate) fn feed_filter(q: &FeedQuery) -> Result<FeedFilter, ApiError> {
             &q.event_type,
             EventKind::parse,
             "session.created, session.updated, session.deleted, session.input_received, \
-             session.interrupted, session.approval_requested or session.approval_decided",
+             session.interrupted, session.approval_requested, session.approval_decided or session.forked",
         )?,
     })
 }

@@ -85,6 +85,7 @@ impl FromRequest for RequestMeta {
             actor,
             request_id,
             causation_id: None,
+            imported: None,
         })))
     }
 }

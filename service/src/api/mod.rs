@@ -11,6 +11,7 @@ pub mod messages;
 pub mod middleware;
 pub mod openapi;
 pub mod params;
+pub mod portable;
 pub mod sessions;
 pub mod stream;
 
@@ -43,6 +44,10 @@ pub struct AppState {
     pub max_wait: std::time::Duration,
     /// Largest input text accepted (`api.max_input_bytes`).
     pub max_input_bytes: usize,
+    /// Largest transcript kept per session (`api.max_transcript_bytes`).
+    pub max_transcript_bytes: usize,
+    /// Largest import document (`api.max_import_bytes`).
+    pub max_import_bytes: usize,
     /// Wakes the relay after a commit, so publishing does not wait for a poll.
     pub relay_wake: Arc<Notify>,
     /// Best-effort wake-up hints on Redis, sent right after a commit.
@@ -85,6 +90,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(not_allowed()),
     )
     .service(
+        web::resource(["/sessions/import", "/sessions/import/"])
+            .route(web::post().to(portable::import))
+            .default_service(not_allowed()),
+    )
+    .service(
         web::resource(["/sessions/{id}", "/sessions/{id}/"])
             .route(web::get().to(sessions::get))
             .route(web::patch().to(sessions::update))
@@ -109,6 +119,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         ])
         .route(web::get().to(stream::messages_stream))
         .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/transcript", "/sessions/{id}/transcript/"])
+            .route(web::put().to(portable::put_transcript))
+            .route(web::get().to(portable::get_transcript))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/fork", "/sessions/{id}/fork/"])
+            .route(web::post().to(portable::fork))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/export", "/sessions/{id}/export/"])
+            .route(web::get().to(portable::export))
+            .default_service(not_allowed()),
     )
     .service(
         web::resource(["/sessions/{id}/input", "/sessions/{id}/input/"])

@@ -6,11 +6,15 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, Secur
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{events, health, live, messages, sessions, stream};
+use super::{events, health, live, messages, portable, sessions, stream};
 use crate::contract::live::{
     Approval, ApprovalAnswer, ApprovalDecidedPayload, ApprovalRequest, ApprovalStatus,
     DecisionReason, DecisionRequest, Input, InputAccepted, InputKind, InputReceivedPayload,
     InputRequest, InterruptedPayload,
+};
+use crate::contract::portable::{
+    ExportedMessage, ForkRequest, ForkedFrom, ForkedPayload, ImportMarker, SessionExport,
+    TranscriptChunk, TranscriptWritten,
 };
 use crate::contract::{
     CrashReason, EventEnvelope, EventKind, EventMetadata, FieldProblem, NewSession, PausedReason,
@@ -31,6 +35,8 @@ use crate::contract::{
         messages::append, messages::list, stream::messages_stream,
         live::input, live::interrupt, live::inputs,
         live::request_approval, live::approvals, live::approval, live::decide,
+        portable::put_transcript, portable::get_transcript, portable::fork,
+        portable::export, portable::import,
         events::session_events, events::feed, stream::events_stream,
         health::healthz, health::readyz, health::metrics,
     ),
@@ -42,11 +48,14 @@ use crate::contract::{
         InputRequest, InputKind, Input, InputAccepted, ApprovalRequest, DecisionRequest,
         DecisionReason, ApprovalStatus, Approval, ApprovalAnswer,
         InputReceivedPayload, InterruptedPayload, ApprovalDecidedPayload,
+        ForkedFrom, ForkRequest, ForkedPayload, ImportMarker, TranscriptWritten, SessionExport,
+        ExportedMessage, TranscriptChunk,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "sessions", description = "Session records"),
         (name = "live", description = "Live sessions: input, interrupt, tool approvals"),
+        (name = "portable", description = "Portable sessions: transcript, fork, export and import"),
         (name = "events", description = "The event log"),
         (name = "operations", description = "Health and metrics"),
     )

@@ -327,6 +327,9 @@ pub async fn delete(
 pub struct ListQuery {
     #[param(value_type = Option<Uuid>)]
     pub agent_id: Option<String>,
+    /// Only sessions forked from this one.
+    #[param(value_type = Option<Uuid>)]
+    pub parent_session_id: Option<String>,
     /// One status, or several separated by commas.
     #[param(pattern = "^(active|paused|completed|crashed)(,(active|paused|completed|crashed))*$")]
     pub status: Option<String>,
@@ -404,6 +407,14 @@ pub async fn list(
             .as_deref()
             .map(|a| {
                 Uuid::parse_str(a).map_err(|_| ApiError::parameter("agent_id", "must be a UUID"))
+            })
+            .transpose()?,
+        parent_session_id: q
+            .parent_session_id
+            .as_deref()
+            .map(|a| {
+                Uuid::parse_str(a)
+                    .map_err(|_| ApiError::parameter("parent_session_id", "must be a UUID"))
             })
             .transpose()?,
         status,

@@ -5,6 +5,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::portable::ImportMarker;
 use super::worker_spec::same_variants;
 use crate::domain;
 
@@ -29,6 +30,9 @@ pub enum EventKind {
     /// A tool approval was answered (payload: an [`ApprovalDecidedPayload`](super::live::ApprovalDecidedPayload)).
     #[serde(rename = "session.approval_decided")]
     ApprovalDecided,
+    /// A session was forked from this one (payload: a [`ForkedPayload`](super::portable::ForkedPayload)).
+    #[serde(rename = "session.forked")]
+    Forked,
 }
 
 same_variants!(
@@ -41,7 +45,8 @@ same_variants!(
         InputReceived,
         Interrupted,
         ApprovalRequested,
-        ApprovalDecided
+        ApprovalDecided,
+        Forked
     ]
 );
 
@@ -56,6 +61,9 @@ pub struct EventMetadata {
     /// The event or command this change answers, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<String>,
+    /// Present on events that came in through `POST /sessions/import`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<ImportMarker>,
 }
 
 impl From<domain::EventMetadata> for EventMetadata {
@@ -64,6 +72,18 @@ impl From<domain::EventMetadata> for EventMetadata {
             actor: m.actor,
             request_id: m.request_id,
             causation_id: m.causation_id,
+            imported: m.imported.map(Into::into),
+        }
+    }
+}
+
+impl From<EventMetadata> for domain::EventMetadata {
+    fn from(m: EventMetadata) -> Self {
+        Self {
+            actor: m.actor,
+            request_id: m.request_id,
+            causation_id: m.causation_id,
+            imported: m.imported.map(Into::into),
         }
     }
 }

@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::portable::ForkedFrom;
 use super::worker_spec::{WorkerSpec, same_variants};
 use crate::domain::{self, SessionState};
 
@@ -103,6 +104,12 @@ pub struct Session {
     /// Message, tool-call, token and cost totals from the session's message log.
     #[serde(default)]
     pub usage: Usage,
+    /// The session this one was forked from (absent unless it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_session_id: Option<Uuid>,
+    /// The parent and its version this session was forked as of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<ForkedFrom>,
     /// Number of events in the session's stream; also sent as the `ETag`.
     #[schema(minimum = 1)]
     pub version: i64,
@@ -125,6 +132,8 @@ impl From<&SessionState> for Session {
             runtime_metadata: s.runtime_metadata.clone(),
             worker: s.worker.clone().map(Into::into),
             usage: Usage::from(&s.usage),
+            parent_session_id: s.forked_from.map(|f| f.session_id),
+            forked_from: s.forked_from.map(Into::into),
             version: s.version,
             created_at: format_time(&s.created_at),
             updated_at: format_time(&s.updated_at),

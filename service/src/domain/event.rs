@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use super::session::{CreateSession, SessionChanges, SessionState};
 
@@ -32,10 +33,14 @@ pub enum EventKind {
     /// Someone (or the runner's timeout) answered a tool approval.
     #[serde(rename = "session.approval_decided")]
     ApprovalDecided,
+    /// A new session was forked from this one (the child has its own
+    /// `session.created`).
+    #[serde(rename = "session.forked")]
+    Forked,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         Self::Created,
         Self::Updated,
         Self::Deleted,
@@ -43,6 +48,7 @@ impl EventKind {
         Self::Interrupted,
         Self::ApprovalRequested,
         Self::ApprovalDecided,
+        Self::Forked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,12 +60,14 @@ impl EventKind {
             Self::Interrupted => "session.interrupted",
             Self::ApprovalRequested => "session.approval_requested",
             Self::ApprovalDecided => "session.approval_decided",
+            Self::Forked => "session.forked",
         }
     }
 
-    /// The live-session events: their rows live in tables of their own
-    /// (`session_inputs`, `session_approvals`), so on the session they only
-    /// move `version` and `updated_at`, and replay folds nothing else.
+    /// The live-session events (their rows live in tables of their own:
+    /// `session_inputs`, `session_approvals`) and `session.forked` (the
+    /// child is a session of its own): on the session they only move
+    /// `version` and `updated_at`, and replay folds nothing else.
     pub fn moves_version_only(self) -> bool {
         matches!(
             self,
@@ -67,6 +75,7 @@ impl EventKind {
                 | Self::Interrupted
                 | Self::ApprovalRequested
                 | Self::ApprovalDecided
+                | Self::Forked
         )
     }
 
@@ -86,14 +95,45 @@ pub struct EventMetadata {
     /// The event or command this change answers, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<String>,
+    /// Set on events that came in through `POST /sessions/import`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<ImportMarker>,
+}
+
+/// Where an imported event came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportMarker {
+    /// When it was imported (RFC 3339).
+    pub at: String,
+    /// The session id it had in the exported document.
+    pub from_session_id: Uuid,
+    /// Its event id there, when the import gave it a new one (`new_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_event_id: Option<Uuid>,
+    /// Its position in the exporting database's feed.
+    pub from_position: i64,
 }
 
 pub fn created_payload(cmd: &CreateSession) -> Value {
-    json!({
+    let mut payload = json!({
         "agent_id": cmd.agent_id,
         "session_type": cmd.session_type,
         "runtime_backend": cmd.runtime_backend.as_str(),
         "changes": cmd.changes(),
+    });
+    if let (Some(f), Some(p)) = (cmd.forked_from, payload.as_object_mut()) {
+        p.insert("forked_from".into(), json!(f));
+    }
+    payload
+}
+
+/// `session.forked` on the parent.
+pub fn forked_payload(parent: &SessionState, child: Uuid, at_version: i64) -> Value {
+    json!({
+        "agent_id": parent.agent_id,
+        "status": parent.status.as_str(),
+        "child_session_id": child,
+        "at_version": at_version,
     })
 }
 

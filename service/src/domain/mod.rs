@@ -8,13 +8,14 @@
 pub mod event;
 pub mod json;
 pub mod session;
+pub mod transcript;
 pub mod usage;
 pub mod worker;
 
 pub use event::{EventKind, EventMetadata};
 pub use session::{
-    CreateSession, DomainError, PatchMode, RuntimeBackend, SessionChanges, SessionPatch,
-    SessionState, SessionStatus,
+    CreateSession, DomainError, ForkedFrom, PatchMode, RuntimeBackend, SessionChanges,
+    SessionPatch, SessionState, SessionStatus,
 };
 pub use usage::Usage;
 pub use worker::WorkerSpec;

@@ -112,6 +112,15 @@ impl DomainError {
     }
 }
 
+/// Where a forked session came from: its parent and the parent's version
+/// it was copied as of. Set when the session is created, never changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkedFrom {
+    pub session_id: Uuid,
+    pub version: i64,
+}
+
 /// The projection of one session, as stored in `sessions`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionState {
@@ -127,6 +136,8 @@ pub struct SessionState {
     pub worker: Option<WorkerSpec>,
     /// Totals derived from the session's message log.
     pub usage: Usage,
+    /// The parent, for a session made by a fork.
+    pub forked_from: Option<ForkedFrom>,
     /// Number of events in the session's stream.
     pub version: i64,
     pub created_at: DateTime<Utc>,
@@ -167,6 +178,9 @@ pub struct SessionChanges {
     pub worker: Option<Option<WorkerSpec>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Only in the `session.created` of a fork.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<ForkedFrom>,
 }
 
 /// A field that is present is `Some`, even when it is `null`.
@@ -195,11 +209,13 @@ impl SessionChanges {
             runtime_metadata,
             worker,
             usage,
+            forked_from,
         } = self;
         [
             ("agent_id", agent_id.is_some()),
             ("checkpoint", checkpoint.is_some()),
             ("context", context.is_some()),
+            ("forked_from", forked_from.is_some()),
             ("runtime_backend", runtime_backend.is_some()),
             ("runtime_metadata", runtime_metadata.is_some()),
             ("session_type", session_type.is_some()),
@@ -224,6 +240,8 @@ pub struct CreateSession {
     pub runtime_backend: RuntimeBackend,
     pub runtime_metadata: Map<String, Value>,
     pub worker: Option<WorkerSpec>,
+    /// Set by a fork, never by a client's create.
+    pub forked_from: Option<ForkedFrom>,
 }
 
 impl CreateSession {
@@ -265,6 +283,7 @@ impl CreateSession {
             runtime_backend: runtime_backend.unwrap_or_default(),
             runtime_metadata,
             worker,
+            forked_from: None,
         })
     }
 
@@ -280,6 +299,7 @@ impl CreateSession {
             runtime_metadata: Some(self.runtime_metadata.clone()),
             worker: Some(self.worker.clone()),
             usage: None,
+            forked_from: self.forked_from,
         }
     }
 }
@@ -422,12 +442,60 @@ impl SessionState {
             runtime_metadata: Map::new(),
             worker: None,
             usage: Usage::default(),
+            forked_from: None,
             version: 1,
             created_at: at,
             updated_at: at,
         };
         s.apply(&cmd.changes());
         s
+    }
+
+    /// The create command of a session forked from this state (the parent
+    /// as of the fork's version): its context, checkpoint, runtime metadata
+    /// (without the runner's `worker` record, which belongs to the parent's
+    /// worker) and worker spec with `worker_patch` merged in (RFC 7396,
+    /// validated like a create). Messages and usage start empty.
+    pub fn fork_command(
+        &self,
+        runtime_backend: RuntimeBackend,
+        worker_patch: Option<&Value>,
+        status: SessionStatus,
+        forked_from: ForkedFrom,
+    ) -> Result<CreateSession, DomainError> {
+        if !matches!(status, SessionStatus::Active | SessionStatus::Paused) {
+            return Err(DomainError::invalid(
+                "status",
+                "a fork starts active or paused",
+            ));
+        }
+        let worker = match worker_patch {
+            None => self.worker.clone(),
+            Some(patch) => {
+                let current = match &self.worker {
+                    Some(w) => serde_json::to_value(w)
+                        .map_err(|e| DomainError::invalid("worker", e.to_string()))?,
+                    None => Value::Null,
+                };
+                match combine(PatchMode::Merge, &current, patch) {
+                    Value::Null => None,
+                    w => Some(parse_worker(&w)?),
+                }
+            }
+        };
+        let mut runtime_metadata = self.runtime_metadata.clone();
+        runtime_metadata.remove("worker");
+        Ok(CreateSession {
+            agent_id: self.agent_id,
+            session_type: self.session_type.clone(),
+            status,
+            context: self.context.clone(),
+            checkpoint: self.checkpoint.clone(),
+            runtime_backend,
+            runtime_metadata,
+            worker,
+            forked_from: Some(forked_from),
+        })
     }
 
     /// The fields whose value a patch changes, with their new values, or
@@ -509,6 +577,7 @@ impl SessionState {
             runtime_metadata,
             worker,
             usage,
+            forked_from,
         } = changes;
         if let Some(v) = agent_id {
             self.agent_id = *v;
@@ -536,6 +605,9 @@ impl SessionState {
         }
         if let Some(v) = usage {
             self.usage.clone_from(v);
+        }
+        if let Some(v) = forked_from {
+            self.forked_from = Some(*v);
         }
     }
 }

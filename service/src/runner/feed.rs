@@ -137,7 +137,8 @@ impl<'a> Signal<'a> {
             | EventKind::InputReceived
             | EventKind::Interrupted
             | EventKind::ApprovalRequested
-            | EventKind::ApprovalDecided => false,
+            | EventKind::ApprovalDecided
+            | EventKind::Forked => false,
         }
     }
 }

@@ -21,8 +21,9 @@ pub(crate) const WRITER_KEY: (i64, i64) = (0x6167_7365, 0x7772_6974);
 pub(crate) const ANNOUNCE: &str = "announce AS MATERIALIZED \
      (SELECT pg_advisory_xact_lock_shared(1634169701, 2003986804)::text AS held)";
 
-/// An event's position: the writing transaction's id × 1024.
-const POSITION: &str = "pg_current_xact_id()::text::bigint * 1024";
+/// An event's position: the writing transaction's id × 1024 (plus its
+/// index when a transaction writes several).
+pub(crate) const POSITION: &str = "pg_current_xact_id()::text::bigint * 1024";
 
 /// The `e` CTE: one `events` row per row of `source`, whose `version` and
 /// `occurred_at` are expressions over it. `$id`, `$event_id`, `$payload` and
@@ -55,11 +56,19 @@ impl<'a> EventRow<'a> {
         }
     }
 
+    /// The CTE `e`: the statement's only event.
     pub(crate) fn cte(&self) -> String {
+        self.cte_as("e", 0)
+    }
+
+    /// The CTE `name` holding the statement's event number `index` (0, 1 …
+    /// within the transaction, below 1024): its position is the
+    /// transaction's id × 1024 + `index`.
+    pub(crate) fn cte_as(&self, name: &str, index: u16) -> String {
         format!(
-            "e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
+            "{name} AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
                                       event_type, payload, metadata, occurred_at) \
-                   SELECT {POSITION}, {event_id}, '{AGGREGATE_TYPE}', {aggregate_id}, {version}, \
+                   SELECT {POSITION} + {index}, {event_id}, '{AGGREGATE_TYPE}', {aggregate_id}, {version}, \
                           '{kind}', {payload}, {metadata}, {occurred_at} \
                    FROM {source} RETURNING position)",
             event_id = self.event_id,

@@ -23,6 +23,13 @@ pub enum StoreError {
     /// a second decision).
     #[error("{0}")]
     Refused(String),
+    /// An upload that does not fit the stored transcript (a gap, or bytes
+    /// that differ from the stored ones); `length` is the stored length.
+    #[error("{detail}")]
+    TranscriptConflict { detail: String, length: i64 },
+    /// Over a configured size limit.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("idempotency key was used with a different request")]
     IdempotencyKeyReused,
     #[error("the session created under this idempotency key has been deleted")]

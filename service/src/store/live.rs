@@ -53,8 +53,8 @@ pub struct ApprovalWritten {
     pub appended: Option<Appended>,
 }
 
-const INPUT_COLUMNS: &str = "seq, id, kind, body, actor, version, created_at";
-const APPROVAL_COLUMNS: &str = "request_id, tool_name, input, generation, tool_use_id, status, \
+pub(crate) const INPUT_COLUMNS: &str = "seq, id, kind, body, actor, version, created_at";
+pub(crate) const APPROVAL_COLUMNS: &str = "request_id, tool_name, input, generation, tool_use_id, status, \
      requested_at, decided_at, decided_by, message, updated_input, reason";
 
 /// The next `seq` of session `$1`'s inputs.
@@ -79,7 +79,7 @@ fn object(v: Option<Value>, col: &str) -> Result<Option<Map<String, Value>>, Sto
     }
 }
 
-fn input_row(r: &QueryResult) -> Result<(Input, i64), StoreError> {
+pub(crate) fn input_row(r: &QueryResult) -> Result<(Input, i64), StoreError> {
     let kind: String = r.try_get("", "kind")?;
     let created_at: DateTime<Utc> = r.try_get("", "created_at")?;
     Ok((
@@ -95,7 +95,7 @@ fn input_row(r: &QueryResult) -> Result<(Input, i64), StoreError> {
     ))
 }
 
-fn approval_row(r: &QueryResult) -> Result<Approval, StoreError> {
+pub(crate) fn approval_row(r: &QueryResult) -> Result<Approval, StoreError> {
     let status: String = r.try_get("", "status")?;
     let reason: Option<String> = r.try_get("", "reason")?;
     let generation: i64 = r.try_get("", "generation")?;
@@ -166,7 +166,7 @@ fn live_statement(
 }
 
 /// The session after a live event: one version on, touched at `at`.
-fn moved_on(current: &SessionState, at: DateTime<Utc>) -> SessionState {
+pub(crate) fn moved_on(current: &SessionState, at: DateTime<Utc>) -> SessionState {
     let mut next = current.clone();
     next.version += 1;
     next.updated_at = at;

@@ -106,13 +106,7 @@ impl Store {
             ))
             .await?
             .iter()
-            .map(|r| {
-                Ok(StoredMessage {
-                    seq: r.try_get("", "seq")?,
-                    message: r.try_get("", "message")?,
-                    created_at: r.try_get("", "created_at")?,
-                })
-            })
+            .map(super::rows::message)
             .collect()
     }
 }

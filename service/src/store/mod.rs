@@ -11,6 +11,7 @@ mod events;
 mod horizon;
 mod live;
 mod messages;
+mod portable;
 mod relay;
 mod replay;
 mod rows;
@@ -21,7 +22,9 @@ pub use events::{FeedFilter, StoredEvent};
 pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};
 pub use live::{ApprovalWritten, InputWritten, NewInput};
 pub use messages::StoredMessage;
+pub use portable::{ForkPlan, Forked, ImportPlan, SessionDump, TranscriptChunk};
 pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, RelayLag};
+pub(crate) use replay::fold;
 pub use replay::{ReplayDifference, ReplayReport};
 pub use sessions::{Appended, Created, IdempotencyRequest, ListCursor, ListFilter, Written};
 

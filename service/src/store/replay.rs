@@ -28,7 +28,9 @@ pub struct ReplayReport {
     pub differences: Vec<ReplayDifference>,
 }
 
-fn fold(events: &[StoredEvent]) -> Result<Option<SessionState>, String> {
+/// The session a stream of events (from version 1, in order) leaves, or
+/// `None` when it ends deleted. Replay, fork and import all use this one fold.
+pub(crate) fn fold(events: &[StoredEvent]) -> Result<Option<SessionState>, String> {
     let mut state: Option<SessionState> = None;
     for (i, e) in events.iter().enumerate() {
         if e.version != i as i64 + 1 {
@@ -51,6 +53,7 @@ fn fold(events: &[StoredEvent]) -> Result<Option<SessionState>, String> {
                     runtime_metadata: Map::new(),
                     worker: None,
                     usage: Default::default(),
+                    forked_from: None,
                     version: 1,
                     created_at: e.occurred_at,
                     updated_at: e.occurred_at,
@@ -99,6 +102,7 @@ fn describe(expected: &SessionState, actual: &SessionState) -> String {
         runtime_metadata,
         worker,
         usage,
+        forked_from,
         version,
         created_at,
         updated_at

@@ -6,14 +6,16 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{StoreError, events::StoredEvent};
-use crate::domain::{EventKind, RuntimeBackend, SessionState, SessionStatus};
+use crate::domain::{EventKind, ForkedFrom, RuntimeBackend, SessionState, SessionStatus};
 
 /// Columns written when a session is created (usage starts at its default).
 pub(crate) const INSERT_COLUMNS: &str = "id, agent_id, session_type, status, context, checkpoint, \
-     runtime_backend, runtime_metadata, worker, version, created_at, updated_at";
+     runtime_backend, runtime_metadata, worker, parent_session_id, forked_from_version, version, \
+     created_at, updated_at";
 
 pub(crate) const SESSION_COLUMNS: &str = "id, agent_id, session_type, status, context, checkpoint, \
-     runtime_backend, runtime_metadata, worker, usage, version, created_at, updated_at";
+     runtime_backend, runtime_metadata, worker, usage, parent_session_id, forked_from_version, \
+     version, created_at, updated_at";
 
 pub(crate) const EVENT_COLUMNS: &str =
     "position, event_id, aggregate_id, version, event_type, payload, metadata, occurred_at";
@@ -48,6 +50,16 @@ pub(crate) fn session(row: &QueryResult) -> Result<SessionState, StoreError> {
             .transpose()
             .map_err(corrupt)?,
         usage: serde_json::from_value(row.try_get("", "usage")?).map_err(corrupt)?,
+        forked_from: match (
+            row.try_get::<Option<Uuid>>("", "parent_session_id")?,
+            row.try_get::<Option<i64>>("", "forked_from_version")?,
+        ) {
+            (Some(session_id), Some(version)) => Some(ForkedFrom {
+                session_id,
+                version,
+            }),
+            _ => None,
+        },
         version: row.try_get("", "version")?,
         created_at: row.try_get::<DateTime<Utc>>("", "created_at")?,
         updated_at: row.try_get::<DateTime<Utc>>("", "updated_at")?,
@@ -65,5 +77,13 @@ pub(crate) fn event(row: &QueryResult) -> Result<StoredEvent, StoreError> {
         payload: row.try_get("", "payload")?,
         metadata: row.try_get("", "metadata")?,
         occurred_at: row.try_get::<DateTime<Utc>>("", "occurred_at")?,
+    })
+}
+
+pub(crate) fn message(row: &QueryResult) -> Result<super::StoredMessage, StoreError> {
+    Ok(super::StoredMessage {
+        seq: row.try_get("", "seq")?,
+        message: row.try_get("", "message")?,
+        created_at: row.try_get("", "created_at")?,
     })
 }

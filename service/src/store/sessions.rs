@@ -119,6 +119,8 @@ pub struct ListFilter {
     /// Only sessions whose worker the runner last reported in one of these
     /// states (`runtime_metadata.worker.state`).
     pub worker_state: Vec<WorkerState>,
+    /// Only sessions forked from this one.
+    pub parent_session_id: Option<Uuid>,
 }
 
 /// Keyset position in the newest-first list: the last row returned.
@@ -151,26 +153,26 @@ impl ListCursor {
     }
 }
 
-fn stmt(sql: &str, values: Vec<Param>) -> Statement {
+pub(crate) fn stmt(sql: &str, values: Vec<Param>) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }
 
-fn json(v: Value) -> Param {
+pub(crate) fn json(v: Value) -> Param {
     Param::Json(Some(Box::new(v)))
 }
 
-fn nullable_json(v: Option<Value>) -> Param {
+pub(crate) fn nullable_json(v: Option<Value>) -> Param {
     Param::Json(v.filter(|v| !v.is_null()).map(Box::new))
 }
 
 /// A typed value as a `jsonb` parameter (`None` as SQL `NULL`).
-fn typed_json<T: Serialize>(v: &T) -> Result<Param, StoreError> {
+pub(crate) fn typed_json<T: Serialize>(v: &T) -> Result<Param, StoreError> {
     serde_json::to_value(v)
         .map(|v| nullable_json(Some(v)))
         .map_err(|e| StoreError::Corrupt(format!("value does not serialise: {e}")))
 }
 
-fn metadata(meta: &EventMetadata) -> Result<Param, StoreError> {
+pub(crate) fn metadata(meta: &EventMetadata) -> Result<Param, StoreError> {
     serde_json::to_value(meta)
         .map(json)
         .map_err(|e| StoreError::Corrupt(format!("event metadata does not serialise: {e}")))
@@ -184,6 +186,11 @@ impl Store {
         meta: &EventMetadata,
         idem: Option<&IdempotencyRequest>,
     ) -> Result<Created, StoreError> {
+        if cmd.forked_from.is_some() {
+            return Err(StoreError::Corrupt(
+                "a fork is created by Store::fork, not Store::create".into(),
+            ));
+        }
         let payload = event::created_payload(cmd);
         for _ in 0..MAX_ATTEMPTS {
             let id = Uuid::now_v7();
@@ -229,7 +236,7 @@ impl Store {
             let sql = format!(
                 "WITH {ANNOUNCE}, {key_cte} \
                  s AS (INSERT INTO sessions ({INSERT_COLUMNS}) \
-                       SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 1, now(), now() {from_key} \
+                       SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, 1, now(), now() {from_key} \
                        RETURNING created_at), \
                  {event} \
                  SELECT s.created_at FROM s, e"
@@ -446,6 +453,7 @@ impl Store {
              m AS (DELETE FROM session_messages WHERE session_id IN (SELECT id FROM d)), \
              i AS (DELETE FROM session_inputs WHERE session_id IN (SELECT id FROM d)), \
              a AS (DELETE FROM session_approvals WHERE session_id IN (SELECT id FROM d)), \
+             t AS (DELETE FROM session_transcript_chunks WHERE session_id IN (SELECT id FROM d)), \
              {event} \
              SELECT position FROM e"
         );
@@ -501,6 +509,9 @@ impl Store {
         }
         if let Some(a) = filter.agent_id {
             push(&mut values, &mut cond, "agent_id = ?", a.into());
+        }
+        if let Some(p) = filter.parent_session_id {
+            push(&mut values, &mut cond, "parent_session_id = ?", p.into());
         }
         let statuses: Vec<&str> = filter.status.iter().map(|s| s.as_str()).collect();
         push_any(&mut values, &mut cond, "status", &statuses);

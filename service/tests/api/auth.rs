@@ -60,9 +60,9 @@ fn scope_of(method: &str, path: &str) -> Option<&'static str> {
         }
         ("get", _) => Some("sessions:read"),
         // The runner's own reports.
-        ("post", "/sessions/{id}/messages") | ("post", "/sessions/{id}/approvals") => {
-            Some("sessions:run")
-        }
+        ("post", "/sessions/{id}/messages")
+        | ("post", "/sessions/{id}/approvals")
+        | ("put", "/sessions/{id}/transcript") => Some("sessions:run"),
         _ => Some("sessions:write"),
     }
 }

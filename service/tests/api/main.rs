@@ -11,6 +11,7 @@ mod live;
 mod load;
 mod messages;
 mod openapi;
+mod portable;
 mod relay;
 mod sessions;
 #[path = "../support/mod.rs"]
