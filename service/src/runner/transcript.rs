@@ -295,4 +295,22 @@ mod tests {
         assert_eq!(std::fs::read(dir.join("x/y/t.jsonl")).unwrap(), b"{}\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_relay_holds_what_the_service_lacks_in_complete_lines() {
+        let mut r = Relay::new(10);
+        r.push(10, b"{\"a\":1}\n{\"b\"");
+        assert_eq!(r.lines_from(10).unwrap().unwrap(), b"{\"a\":1}\n");
+        // A repeated piece adds nothing; the rest of the line completes it.
+        r.push(10, b"{\"a\":1}\n");
+        r.push(18, b"{\"b\":2}\n");
+        assert_eq!(r.lines_from(18).unwrap().unwrap(), b"{\"b\":2}\n");
+        assert_eq!(r.lines_from(26).unwrap(), None);
+        r.shipped(18);
+        assert!(r.lines_from(10).is_err(), "let go once shipped");
+        assert_eq!(r.lines_from(18).unwrap().unwrap(), b"{\"b\":2}\n");
+        // Bytes missed: it starts again where the next piece does.
+        r.push(40, b"{}\n");
+        assert_eq!(r.lines_from(40).unwrap().unwrap(), b"{}\n");
+    }
 }

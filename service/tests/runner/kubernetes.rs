@@ -56,7 +56,7 @@ pub(crate) fn claim_name(id: &str) -> String {
     format!("as-ws-{id}")
 }
 
-fn kube_settings(api: &TestApp, kube: &FakeKube) -> Settings {
+pub(crate) fn kube_settings(api: &TestApp, kube: &FakeKube) -> Settings {
     let mut s = api.settings.clone();
     s.runner.api_url = api.url.clone();
     s.runner.workspace_root = temp_root();
