@@ -3,7 +3,7 @@
 # Images of agent-sessions, built from the repository root:
 #
 #   docker build -t agent-sessions:0.1.0 .                           # serve | runner | migrate | openapi | replay
-#   docker build -t agent-sessions-worker:0.1.0 --target worker .    # the Claude Code CLI, for worker pods
+#   docker build -t agent-sessions-worker:0.1.0 --target worker .    # the Claude Code CLI (and the shim), for worker pods
 #
 # The default (last) stage is the service image; `worker` is a separate target.
 
@@ -51,6 +51,9 @@ RUN groupadd --gid 10001 claude \
  && useradd --uid 10001 --gid 10001 --home-dir /home/claude --create-home --shell /usr/sbin/nologin claude \
  && mkdir -p /workspace \
  && chown 10001:10001 /workspace
+# Worker pods run the CLI behind `agent-sessions worker-shim`, which restores
+# and reports the session's transcript over the pod's stdin and log.
+COPY --from=builder /out/agent-sessions /usr/local/bin/agent-sessions
 # The version is pinned above; the CLI must not replace itself at run time.
 ENV DISABLE_AUTOUPDATER=1 \
     HOME=/home/claude

@@ -39,6 +39,13 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// A worker pod's entrypoint: take the framing the runner writes to stdin
+    /// (a transcript to restore), run the command, report its transcript on stderr.
+    WorkerShim {
+        /// The command to run, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand, Clone, Copy)]

@@ -16,6 +16,7 @@ mod monitor;
 mod relay;
 pub mod runner;
 pub mod settings;
+pub mod shim;
 mod signals;
 pub mod startup;
 pub mod store;

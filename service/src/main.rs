@@ -34,6 +34,7 @@ async fn main() -> ExitCode {
             println!("{}", agent_sessions::auth::hash_token(token.trim()));
             return ExitCode::SUCCESS;
         }
+        Command::WorkerShim { command } => return agent_sessions::shim::run(command).await,
         _ => {}
     }
     let settings = match Settings::load(cli.config.clone()) {
@@ -92,7 +93,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Openapi | Command::HashToken => unreachable!("handled before settings are loaded"),
+        Command::Openapi | Command::HashToken | Command::WorkerShim { .. } => {
+            unreachable!("handled before settings are loaded")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

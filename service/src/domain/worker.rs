@@ -14,7 +14,12 @@ use serde::{Deserialize, Serialize};
 /// The longest idle or approval timeout: a week.
 pub const MAX_TIMEOUT_SECONDS: u32 = 604_800;
 
-const RESERVED_ENV_PREFIXES: &[&str] = &["ANTHROPIC_", "CLAUDE_CODE_", "CLAUDE_CONFIG_DIR"];
+const RESERVED_ENV_PREFIXES: &[&str] = &[
+    "ANTHROPIC_",
+    "CLAUDE_CODE_",
+    "CLAUDE_CONFIG_DIR",
+    "AGENT_SESSIONS_",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

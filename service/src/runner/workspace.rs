@@ -180,27 +180,12 @@ impl Workspace {
 
     /// The session's transcript, wherever the CLI put it.
     pub fn transcript_path(&self) -> Option<PathBuf> {
-        let name = format!("{}.jsonl", self.session_id);
-        let projects = self.config_dir().join("projects");
-        std::fs::read_dir(projects)
-            .ok()?
-            .flatten()
-            .map(|d| d.path().join(&name))
-            .find(|p| p.is_file())
+        super::transcript::find(&self.config_dir(), self.session_id)
     }
 
-    /// Where the CLI looks for the transcript of a worker run in `cwd`:
-    /// `projects/<cwd with every character but letters and digits as '-'>/`.
+    /// Where the CLI looks for the transcript of a worker run in `cwd`.
     pub fn transcript_path_for(&self, cwd: &Path) -> PathBuf {
-        let slug: String = cwd
-            .to_string_lossy()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .collect();
-        self.config_dir()
-            .join("projects")
-            .join(slug)
-            .join(format!("{}.jsonl", self.session_id))
+        super::transcript::path_for(&self.config_dir(), cwd, self.session_id)
     }
 
     /// Bytes of the transcript already stored by the service, as far as

@@ -56,7 +56,7 @@ pub(crate) fn claim_name(id: &str) -> String {
     format!("as-ws-{id}")
 }
 
-fn kube_settings(api: &TestApp, kube: &FakeKube) -> Settings {
+pub(crate) fn kube_settings(api: &TestApp, kube: &FakeKube) -> Settings {
     let mut s = api.settings.clone();
     s.runner.api_url = api.url.clone();
     s.runner.workspace_root = temp_root();
@@ -293,7 +293,17 @@ async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(c["resources"]["requests"]["memory"], "512Mi");
     assert_eq!(c["resources"]["limits"]["memory"], "2Gi");
-    assert_eq!(c["command"], json!(["claude"]));
+    // The CLI behind the worker image's shim, which knows the session.
+    assert_eq!(
+        c["command"],
+        json!(["agent-sessions", "worker-shim", "--", "claude"])
+    );
+    assert!(
+        c["env"]
+            .as_array()
+            .expect("env")
+            .contains(&json!({"name": "AGENT_SESSIONS_SESSION_ID", "value": id}))
+    );
     // Its stdin stays open across attaches; no tty.
     assert_eq!(
         (&c["stdin"], &c["stdinOnce"], &c["tty"]),
@@ -362,9 +372,16 @@ async fn kubernetes_start_creates_a_locked_down_pod_over_its_claim() {
     assert!(attach.attach_stdin(&pod_name(&id)).await.is_err());
     rig.run_pod(&id).await;
     assert_eq!(rig.api.get(&id).await["status"], "active");
-    // Then the stdin is the runner's to write: its driver's initialize and
-    // the prompt, through an attach of its own...
+    // Then the stdin is the runner's to write: the shim's start frame (no
+    // transcript to restore), its driver's initialize and the prompt,
+    // through an attach of its own...
     rig.until_prompt_at_the_pod(&id).await;
+    let (bytes, _) = rig.kube.stdin_of(&pod_name(&id));
+    assert!(
+        bytes.starts_with(b"{\"agent_sessions\":\"start\",\"offset\":0}\n{\"request\":{\"subtype\":\"initialize\"}"),
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
     // ...and what comes after, through another (the bytes of two attaches
     // written at once may arrive in either order).
     write_stdin(&attach, &pod_name(&id), "{\"type\":\"user\"}\n").await;
@@ -922,10 +939,14 @@ async fn kubernetes_the_real_cli_in_a_pod_answers_what_is_written_to_its_stdin()
     let init = json!({"type": "control_request", "request_id": "init1",
         "request": {"subtype": "initialize"}});
     let id = id.to_string();
+    // The shim's framing first (nothing to restore), then the CLI's input.
     write_stdin(
         &backend,
         &name,
-        &format!("{init}\n{}", user_line(&id, "Say hello")),
+        &format!(
+            "{{\"agent_sessions\":\"start\"}}\n{init}\n{}",
+            user_line(&id, "Say hello")
+        ),
     )
     .await;
     let explain = |what: &'static str| {

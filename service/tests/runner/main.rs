@@ -5,7 +5,8 @@
 //! while the event feed is held (`wake`), live sessions (`live`: turns,
 //! input, approvals, interrupt, idle timeout), and the Kubernetes backend
 //! against a fake Kubernetes API (`kubernetes`), with live sessions there
-//! too, the real CLI run as the pods' container (`kubernetes_live`); each
+//! too, the real CLI run as the pods' container (`kubernetes_live`), and
+//! sessions whose transcript moves between backends (`portable`); each
 //! with the API service in-process on its own database.
 
 // A test fails by panicking: unwrap and expect are how it says so.
@@ -17,6 +18,7 @@ mod live;
 mod local;
 mod policies;
 mod portable;
+mod portable_kube;
 mod restart;
 #[path = "../support/mod.rs"]
 mod support;

@@ -23,6 +23,7 @@
 //! anything else is refused with 403 and counted, as the Role would.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -89,7 +90,8 @@ struct Process {
 #[derive(Debug, Clone, Default)]
 pub struct KubeletConfig {
     /// Local command lines for the programs containers name (`claude` → the
-    /// CLI's path); a program not listed runs as named (from `PATH`).
+    /// CLI's path), as the container's command and on its `PATH` (for the
+    /// programs it starts); a program not listed runs as named (from `PATH`).
     pub programs: BTreeMap<String, Vec<String>>,
     /// What runs for a container with `args` but no `command` (the image's
     /// entrypoint).
@@ -103,13 +105,15 @@ pub struct KubeletConfig {
 }
 
 impl KubeletConfig {
-    /// `PATH` from this process, nothing else.
+    /// `PATH` from this process, nothing else; the worker image's
+    /// `agent-sessions` (its `worker-shim` runs the container's command) is
+    /// the binary under test.
     pub fn new() -> Self {
         let mut c = Self::default();
         if let Ok(path) = std::env::var("PATH") {
             c.env.push(("PATH".to_owned(), path));
         }
-        c
+        c.program("agent-sessions", &[env!("CARGO_BIN_EXE_agent-sessions")])
     }
 
     pub fn program(mut self, name: &str, command: &[&str]) -> Self {
@@ -732,6 +736,26 @@ fn launch(
         return Err("an empty command line".to_owned());
     }
     let mut env = cfg.env.clone();
+    // The listed programs on the container's PATH, first.
+    let bin = volumes.join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+    for (name, command) in &cfg.programs {
+        let quoted: Vec<String> = command
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect();
+        let script = format!("#!/bin/sh\nexec {} \"$@\"\n", quoted.join(" "));
+        let path = bin.join(name);
+        let tmp = bin.join(format!(".{name}.{pod_name}"));
+        std::fs::write(&tmp, script)
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    match env.iter_mut().find(|(k, _)| k == "PATH") {
+        Some((_, path)) => *path = format!("{}:{path}", bin.display()),
+        None => env.push(("PATH".to_owned(), bin.display().to_string())),
+    }
     for var in c["env"].as_array().into_iter().flatten() {
         let name = var["name"].as_str().unwrap_or_default().to_owned();
         if let Some(v) = var["value"].as_str() {

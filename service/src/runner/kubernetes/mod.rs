@@ -134,6 +134,9 @@ struct Inner {
     /// Sessions with a workspace claim, and whether it holds a transcript
     /// (a worker printed its `system/init`, or an earlier runner's claim).
     claims: Mutex<HashMap<Uuid, bool>>,
+    /// Bytes of each session's transcript the service is known to hold
+    /// (where a new pod's shim starts reporting).
+    shipped: Mutex<HashMap<Uuid, u64>>,
 }
 
 #[derive(Clone)]
@@ -172,6 +175,7 @@ impl KubernetesBackend {
                 wake,
                 workers: WorkerTable::default(),
                 claims: Mutex::new(HashMap::new()),
+                shipped: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -297,7 +301,14 @@ impl KubernetesBackend {
             return None;
         }
         lock(&inner.claims).entry(id).or_insert(true);
-        supervise::spawn(inner.clone(), id, generation, name, rx, true);
+        supervise::spawn(
+            inner.clone(),
+            id,
+            generation,
+            name,
+            rx,
+            supervise::Begin::Adopted,
+        );
         Some(id)
     }
 }
@@ -489,7 +500,16 @@ impl Backend for KubernetesBackend {
             });
         }
         info!(pod = %name, "worker pod created");
-        supervise::spawn(inner.clone(), id, req.generation, name.clone(), rx, false);
+        supervise::spawn(
+            inner.clone(),
+            id,
+            req.generation,
+            name.clone(),
+            rx,
+            supervise::Begin::New {
+                restore: req.restore.clone(),
+            },
+        );
         Ok(Started {
             pid: None,
             pod: Some(name),

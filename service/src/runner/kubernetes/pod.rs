@@ -32,6 +32,14 @@ pub const LAUNCH_ANNOTATION: &str = "agent-sessions.io/launch";
 pub const FIRST_MESSAGE_ANNOTATION: &str = "agent-sessions.io/first-message";
 /// What the session's earlier workers spent (JSON).
 pub const SPENT_BEFORE_ANNOTATION: &str = "agent-sessions.io/spent-before";
+/// Set when the worker starts from a transcript the runner writes back
+/// (the byte count), so a runner that adopts the pod before that happened
+/// still does it.
+pub const RESTORE_ANNOTATION: &str = "agent-sessions.io/restore";
+/// The container's command: the worker image's `agent-sessions worker-shim`
+/// in front of the CLI (see `crate::shim`), so the transcript comes and
+/// goes through the pod's stdin and log.
+pub const COMMAND: [&str; 4] = ["agent-sessions", "worker-shim", "--", "claude"];
 /// The one container of a worker pod.
 pub const CONTAINER: &str = "claude";
 /// Where the session's claim is mounted: the worker's home and working tree.
@@ -82,6 +90,9 @@ fn annotations(req: &StartRequest) -> BTreeMap<String, String> {
     if let Ok(json) = serde_json::to_string(&req.before) {
         a.insert(SPENT_BEFORE_ANNOTATION.to_owned(), json);
     }
+    if let Some(bytes) = &req.restore {
+        a.insert(RESTORE_ANNOTATION.to_owned(), bytes.len().to_string());
+    }
     a
 }
 
@@ -128,6 +139,7 @@ pub fn worker_pod(cfg: &KubeConfig, req: &StartRequest) -> Pod {
     let mut env_vars = vec![
         env("HOME", WORKSPACE),
         env("CLAUDE_CONFIG_DIR", CONFIG_DIR),
+        env(crate::shim::SESSION_ID_ENV, &id.to_string()),
         EnvVar {
             name: "ANTHROPIC_API_KEY".to_owned(),
             value: None,
@@ -161,7 +173,7 @@ pub fn worker_pod(cfg: &KubeConfig, req: &StartRequest) -> Pod {
                 .clone()
                 .unwrap_or_else(|| cfg.worker_image.clone()),
         ),
-        command: Some(vec!["claude".to_owned()]),
+        command: Some(COMMAND.map(str::to_owned).to_vec()),
         args: Some(claude::arguments(spec, id, &req.launch, cfg.bare)),
         working_dir: Some(working_dir),
         env: Some(env_vars),
@@ -469,7 +481,16 @@ mod tests {
         assert_eq!(c["image"], "worker:1");
         assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
         assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
-        assert_eq!(c["command"], json!(["claude"]));
+        assert_eq!(
+            c["command"],
+            json!(["agent-sessions", "worker-shim", "--", "claude"])
+        );
+        assert!(
+            c["env"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "AGENT_SESSIONS_SESSION_ID", "value": Uuid::nil()}))
+        );
         assert_eq!(
             (&c["stdin"], &c["stdinOnce"], &c["tty"]),
             (&json!(true), &json!(false), &json!(false))

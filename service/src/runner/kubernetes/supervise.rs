@@ -3,6 +3,11 @@
 //! into a `RunSummary` (posting the lines as the session's messages, like
 //! the local backend), then wait for the pod's end, judge it and wake the
 //! controller.
+//!
+//! The pod runs the CLI behind `agent-sessions worker-shim` (`crate::shim`):
+//! the first attach writes the shim's framing (the transcript to restore, if
+//! any) before anything of the driver's, and the shim's lines in the log
+//! (the transcript as it grows) go to the service, not to the driver.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +23,9 @@ use super::{Inner, Seen};
 use crate::backoff::Backoff;
 use crate::contract::{PodPhase, WorkerPatch, WorkerRecord};
 use crate::runner::driver::{Driver, Setup};
+use crate::runner::transcript::{Relay, Shipper};
 use crate::runner::workers::{Ended, lock};
+use crate::shim::{self, Report};
 
 /// How often a supervisor that heard nothing asks for its pod (the watch
 /// may be reconnecting).
@@ -26,15 +33,27 @@ const REFRESH: Duration = Duration::from_secs(10);
 /// How long a log may keep going once its pod has ended.
 const LOG_DRAIN: Duration = Duration::from_secs(5);
 
+/// How a supervisor comes to its pod.
+pub(super) enum Begin {
+    /// This runner created it: with the transcript to write back first.
+    New { restore: Option<Arc<Vec<u8>>> },
+    /// An earlier runner did.
+    Adopted,
+}
+
 pub(super) fn spawn(
     inner: Arc<Inner>,
     id: Uuid,
     generation: u64,
     pod_name: String,
     rx: watch::Receiver<Seen>,
-    adopted: bool,
+    begin: Begin,
 ) {
     let span = info_span!("worker_pod", session_id = %id, generation, pod = %pod_name);
+    let (adopted, framing) = match begin {
+        Begin::New { restore } => (false, Framing::Due(restore)),
+        Begin::Adopted => (true, Framing::Unsure(None)),
+    };
     tokio::spawn(
         supervise(
             Worker {
@@ -43,11 +62,23 @@ pub(super) fn spawn(
                 generation,
                 pod_name,
                 rx,
+                framing,
+                transcript: None,
             },
             adopted,
         )
         .instrument(span),
     );
+}
+
+/// The shim's framing (see `crate::shim`), written once per pod.
+enum Framing {
+    /// To write on the next attach (with the transcript to restore).
+    Due(Option<Arc<Vec<u8>>>),
+    /// Maybe written already (by an earlier runner, or by a write that
+    /// failed): the log says whether the shim took it.
+    Unsure(Option<Arc<Vec<u8>>>),
+    Done,
 }
 
 struct Worker {
@@ -56,6 +87,10 @@ struct Worker {
     generation: u64,
     pod_name: String,
     rx: watch::Receiver<Seen>,
+    framing: Framing,
+    /// The transcript the shim reports, on its way to the service (from
+    /// its first report on).
+    transcript: Option<(Shipper, Relay)>,
 }
 
 fn ended(s: &Seen) -> bool {
@@ -85,6 +120,148 @@ impl Worker {
 
     fn seen(&mut self) -> Seen {
         self.rx.borrow_and_update().clone()
+    }
+
+    /// Write the framing to a new attach, unless the shim took it already.
+    async fn frame(
+        &mut self,
+        stdin: &mut (impl tokio::io::AsyncWrite + Unpin),
+    ) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        if let Framing::Unsure(held) = &self.framing {
+            if !self.runs_the_shim() {
+                // A pod of a runner from before the shim: the CLI alone.
+                self.framing = Framing::Done;
+                return Ok(());
+            }
+            let log = self
+                .inner
+                .kube
+                .pod_log(&self.pod_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let started = log.lines().any(|l| {
+                serde_json::from_str::<Value>(l)
+                    .is_ok_and(|v| shim::report(&v) == Some(Report::Started))
+            });
+            self.framing = if started {
+                Framing::Done
+            } else {
+                Framing::Due(match held {
+                    Some(bytes) => Some(bytes.clone()),
+                    None => self.fetch_restore().await?,
+                })
+            };
+        }
+        let Framing::Due(restore) = &self.framing else {
+            return Ok(());
+        };
+        let restore = restore.clone();
+        let offset = match &restore {
+            Some(bytes) => bytes.len() as u64,
+            None => lock(&self.inner.shipped)
+                .get(&self.id)
+                .copied()
+                .unwrap_or(0),
+        };
+        let bytes = shim::framing(restore.as_deref().map(Vec::as_slice), offset);
+        let written = async {
+            stdin.write_all(&bytes).await?;
+            stdin.flush().await
+        }
+        .await;
+        match written {
+            Ok(()) => {
+                if let Some(r) = &restore {
+                    info!(bytes = r.len(), "transcript restored from the service");
+                    lock(&self.inner.claims).insert(self.id, true);
+                }
+                self.framing = Framing::Done;
+                Ok(())
+            }
+            Err(e) => {
+                self.framing = Framing::Unsure(restore);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn runs_the_shim(&self) -> bool {
+        self.rx
+            .borrow()
+            .pod
+            .as_ref()
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.command.as_ref())
+            .is_some_and(|c| c.iter().map(String::as_str).eq(pod::COMMAND))
+    }
+
+    /// An adopted pod whose shim has not started: the transcript its
+    /// creator meant to restore (the service's copy), if it meant to.
+    async fn fetch_restore(&self) -> Result<Option<Arc<Vec<u8>>>, String> {
+        let meant = self
+            .rx
+            .borrow()
+            .pod
+            .as_ref()
+            .and_then(|p| p.metadata.annotations.as_ref())
+            .is_some_and(|a| a.contains_key(pod::RESTORE_ANNOTATION));
+        if !meant {
+            return Ok(None);
+        }
+        let bytes = self
+            .inner
+            .api
+            .transcript(self.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((!bytes.is_empty()).then(|| Arc::new(bytes)))
+    }
+
+    /// One log line: the shim's go to the service, the rest to the driver
+    /// (its mark is its line number, 1, 2, …: the driver posts the lines
+    /// past those an earlier runner posted).
+    async fn take(&mut self, line: &str, mark: u64, driver: &mut Driver) {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            // stderr shares the container log; it is not stream-json.
+            debug!("skipping a non-JSON log line");
+            return;
+        };
+        match shim::report(&v) {
+            Some(Report::Started) => return,
+            Some(Report::Transcript { offset, data }) => {
+                let (_, relay) = self.transcript.get_or_insert_with(|| {
+                    (
+                        Shipper::new(self.inner.api.clone(), self.id, offset),
+                        Relay::new(offset),
+                    )
+                });
+                relay.push(offset, data.as_bytes());
+                self.ship().await;
+                return;
+            }
+            None => {}
+        }
+        let had_init = driver.summary.claude_session_id.is_some();
+        driver.hear(v, mark).await;
+        if !had_init && driver.summary.claude_session_id.is_some() {
+            // The CLI has begun its transcript on the claim: a restart resumes it.
+            lock(&self.inner.claims).insert(self.id, true);
+        }
+    }
+
+    /// Send the service what the shim reported and it lacks.
+    async fn ship(&mut self) {
+        let Some((shipper, relay)) = &mut self.transcript else {
+            return;
+        };
+        if let Some(at) = shipper.ship_from(relay).await {
+            relay.shipped(at);
+            let mut shipped = lock(&self.inner.shipped);
+            let known = shipped.entry(self.id).or_default();
+            *known = (*known).max(at);
+        }
     }
 
     /// Record where the pod is on the session (scheduled, running, …).
@@ -172,6 +349,7 @@ async fn supervise(mut w: Worker, adopted: bool) {
         w.wait().await;
     }
     driver.finish().await;
+    w.ship().await;
     let seen = w.seen();
     let stopping = w.inner.workers.stopping(w.id, w.generation);
     let (outcome, exit) = pod::outcome(seen.pod.as_ref(), &driver.summary, stopping);
@@ -219,7 +397,14 @@ async fn read_log(w: &mut Worker, driver: &mut Driver) {
                 let mut index = 0usize;
                 loop {
                     if !driver.has_stdin() && tokio::time::Instant::now() >= attach_at {
-                        match w.inner.attach_stdin(&w.pod_name).await {
+                        let attached = match w.inner.attach_stdin(&w.pod_name).await {
+                            Ok(mut stdin) => match w.frame(&mut stdin).await {
+                                Ok(()) => Ok(stdin),
+                                Err(e) => Err(format!("cannot write the shim's framing: {e}")),
+                            },
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match attached {
                             Ok(stdin) => {
                                 attach_backoff.reset();
                                 driver.attach(Box::new(stdin)).await;
@@ -270,7 +455,7 @@ async fn read_log(w: &mut Worker, driver: &mut Driver) {
                             }
                             for text in batch {
                                 if index >= taken {
-                                    take(&w.inner, w.id, &text, index as u64 + 1, driver).await;
+                                    w.take(&text, index as u64 + 1, driver).await;
                                     taken += 1;
                                 }
                                 index += 1;
@@ -296,21 +481,5 @@ async fn read_log(w: &mut Worker, driver: &mut Driver) {
             return;
         }
         backoff.wait().await;
-    }
-}
-
-/// One log line: its mark is its line number (1, 2, …), the driver posts
-/// the lines past those an earlier runner posted.
-async fn take(inner: &Inner, id: Uuid, line: &str, mark: u64, driver: &mut Driver) {
-    let Ok(v) = serde_json::from_str::<Value>(line) else {
-        // stderr shares the container log; it is not stream-json.
-        debug!("skipping a non-JSON log line");
-        return;
-    };
-    let had_init = driver.summary.claude_session_id.is_some();
-    driver.hear(v, mark).await;
-    if !had_init && driver.summary.claude_session_id.is_some() {
-        // The CLI has begun its transcript on the claim: a restart resumes it.
-        lock(&inner.claims).insert(id, true);
     }
 }
