@@ -205,9 +205,8 @@ pub fn read_framing(r: &mut impl Read, place: Option<&Place>) -> Result<Framed, 
                 // shipped) is the newer one: keep it.
                 let here = std::fs::metadata(&path).map_or(0, |m| m.len());
                 if here < length {
-                    transcript::restore(&path, &bytes).map_err(|e| {
-                        ShimError::Io(format!("writing {}: {e}", path.display()))
-                    })?;
+                    transcript::restore(&path, &bytes)
+                        .map_err(|e| ShimError::Io(format!("writing {}: {e}", path.display())))?;
                 }
                 restored = Some((path, length));
             }
