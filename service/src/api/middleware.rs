@@ -41,7 +41,18 @@ pub async fn request_context(
     let path = req.path().to_owned();
     let span = tracing::info_span!("http", request_id = %id, %method, %path);
     let started = Instant::now();
+    let draining = req
+        .app_data::<actix_web::web::Data<super::AppState>>()
+        .map(|s| s.shutdown.clone());
     let mut res = next.call(req).instrument(span.clone()).await?;
+    // Draining: no further request on this connection. A client reusing a
+    // keep-alive connection would otherwise keep the worker busy past the
+    // shutdown timeout, and a request cut off then answers 5xx.
+    if draining.is_some_and(|d| d.is_cancelled()) {
+        res.response_mut()
+            .head_mut()
+            .set_connection_type(actix_web::http::ConnectionType::Close);
+    }
     let status = res.status().as_u16();
     let route = res
         .request()

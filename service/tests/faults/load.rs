@@ -34,6 +34,8 @@ pub(crate) struct Tally {
     pub acks: Vec<Ack>,
     /// Answers by status code, with the time of each 503.
     pub statuses: BTreeMap<u16, u64>,
+    /// The first 503 answers, as they came.
+    pub unavailable_bodies: Vec<String>,
     pub unavailable_at: Vec<Instant>,
     /// 503s that did not say when to retry.
     pub unavailable_without_retry_after: u64,
@@ -241,6 +243,9 @@ fn record(
         }
         503 => {
             t.unavailable_at.push(answered);
+            if t.unavailable_bodies.len() < 5 {
+                t.unavailable_bodies.push(body);
+            }
             if !retry_after {
                 t.unavailable_without_retry_after += 1;
             }

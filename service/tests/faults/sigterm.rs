@@ -62,9 +62,10 @@ async fn serve_sigterm_under_load() {
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:#?}");
     assert!(
         tally.unexpected.is_empty() && !tally.statuses.keys().any(|s| *s >= 500),
-        "no 5xx across a rolling restart: {} {:?}",
+        "no 5xx across a rolling restart: {} {:?} {:?}",
         tally.statuses_line(),
-        tally.unexpected
+        tally.unexpected,
+        tally.unavailable_bodies
     );
     delivery.assert_complete();
     assert!(replay_ok, "replay --verify: {replay}");
