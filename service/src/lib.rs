@@ -9,6 +9,7 @@ pub mod auth;
 mod backoff;
 mod bus;
 pub mod cli;
+pub mod client;
 pub mod contract;
 pub mod domain;
 mod metrics;

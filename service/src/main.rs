@@ -35,6 +35,7 @@ async fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::WorkerShim { command } => return agent_sessions::shim::run(command).await,
+        Command::Sessions(args) => return agent_sessions::cli::sessions::run(*args).await,
         _ => {}
     }
     let settings = match Settings::load(cli.config.clone()) {
@@ -93,7 +94,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Openapi | Command::HashToken | Command::WorkerShim { .. } => {
+        Command::Openapi
+        | Command::HashToken
+        | Command::WorkerShim { .. }
+        | Command::Sessions(_) => {
             unreachable!("handled before settings are loaded")
         }
     }

@@ -11,6 +11,8 @@ use uuid::Uuid;
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
+use crate::client::Endpoint;
+pub use crate::client::{install_tls_provider, link_next};
 use crate::contract::live::{Approval, ApprovalRequest, DecisionRequest, Input};
 use crate::contract::{EventEnvelope, EventMetadata, Session, WorkerPatch};
 
@@ -38,48 +40,12 @@ pub enum Posted {
     NotAccepted,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ApiClient {
-    http: reqwest::Client,
-    base: String,
-    token: Option<String>,
+    endpoint: Endpoint,
     /// Sent as `X-Request-Id`, so the events this client writes carry the
     /// request that caused them.
     request_id: Option<String>,
-}
-
-impl std::fmt::Debug for ApiClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiClient")
-            .field("base", &self.base)
-            .finish()
-    }
-}
-
-/// reqwest is built without a TLS provider; install ring's once.
-pub fn install_tls_provider() {
-    // Already installed (by an earlier call or another component) is fine.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// The `rel="next"` target of a `Link` header, if any.
-pub fn link_next(headers: &header::HeaderMap) -> Option<String> {
-    let raw = headers.get(header::LINK)?.to_str().ok()?;
-    raw.split(',').find_map(|part| {
-        let (url, params) = part.split_once(';')?;
-        params
-            .split(';')
-            .any(|p| {
-                let p = p.trim();
-                p == "rel=\"next\"" || p == "rel=next"
-            })
-            .then(|| {
-                url.trim()
-                    .trim_start_matches('<')
-                    .trim_end_matches('>')
-                    .to_owned()
-            })
-    })
 }
 
 impl ApiClient {
@@ -91,9 +57,7 @@ impl ApiClient {
             .pool_max_idle_per_host(32)
             .build()?;
         Ok(Self {
-            http,
-            base: base.trim_end_matches('/').to_owned(),
-            token,
+            endpoint: Endpoint::new(http, base, token),
             request_id: None,
         })
     }
@@ -131,21 +95,10 @@ impl ApiClient {
         events.into_iter().next()?.metadata
     }
 
-    fn url(&self, path_and_query: &str) -> String {
-        if path_and_query.starts_with("http://") || path_and_query.starts_with("https://") {
-            path_and_query.to_owned()
-        } else {
-            format!("{}{}", self.base, path_and_query)
-        }
-    }
-
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut rb = self.http.request(method, self.url(path));
-        if let Some(r) = &self.request_id {
-            rb = rb.header("x-request-id", r);
-        }
-        match &self.token {
-            Some(t) => rb.bearer_auth(t),
+        let rb = self.endpoint.request(method, path);
+        match &self.request_id {
+            Some(r) => rb.header("x-request-id", r),
             None => rb,
         }
     }
@@ -398,29 +351,4 @@ pub enum Shipped {
     Gap { length: u64 },
     /// The chunk disagrees with what is stored.
     Conflict,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_the_next_link() {
-        let mut h = header::HeaderMap::new();
-        h.insert(
-            header::LINK,
-            header::HeaderValue::from_static(
-                "</sessions/?cursor=abc&limit=2>; rel=\"next\", </x>; rel=\"prev\"",
-            ),
-        );
-        assert_eq!(
-            link_next(&h).as_deref(),
-            Some("/sessions/?cursor=abc&limit=2")
-        );
-        h.insert(
-            header::LINK,
-            header::HeaderValue::from_static("</x>; rel=\"prev\""),
-        );
-        assert_eq!(link_next(&h), None);
-    }
 }

@@ -35,7 +35,7 @@ pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 pub fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        agent_sessions::runner::api::install_tls_provider();
+        agent_sessions::client::install_tls_provider();
         let filter = std::env::var("TEST_LOG")
             .unwrap_or_else(|_| "warn,agent_sessions::runner=debug".to_owned());
         agent_sessions::telemetry::init(agent_sessions::settings::LogFormat::Pretty, &filter);

@@ -147,7 +147,7 @@ pub struct KubernetesBackend {
 /// A kube client for the settings: `kube_api_url` (plain HTTP allowed, for
 /// tests), else kubeconfig or the in-cluster service account.
 pub async fn client(r: &RunnerSettings) -> Result<kube::Client, KubeError> {
-    super::api::install_tls_provider();
+    crate::client::install_tls_provider();
     let config = match r.kube_api_url() {
         Some(url) => {
             let uri = url

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub mod sessions;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "agent-sessions",
@@ -39,6 +41,8 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// A command-line client of the API: create, list, follow and change sessions.
+    Sessions(Box<sessions::SessionsArgs>),
     /// A worker pod's entrypoint: take the framing the runner writes to stdin
     /// (a transcript to restore), run the command, report its transcript on stderr.
     WorkerShim {
