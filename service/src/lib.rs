@@ -2,7 +2,8 @@
 //!
 //! Layers, each importing only those below it:
 //! `startup` → `api` → `store`, `bus` → `contract` → `domain`;
-//! `runner` → `contract` → `domain` (the runner reaches the API over HTTP only).
+//! `runner`, `cli` → `client` → `contract` → `domain` (the runner and the
+//! command-line client reach the API over HTTP only).
 
 pub mod api;
 pub mod auth;

@@ -503,11 +503,9 @@ impl Client {
                     rb = rb.header(header::IF_MATCH, format!("\"{v}\""));
                 }
                 self.send(rb).await?;
-                if self.json {
-                    print_json(&json!({"id": id, "deleted": true}))
-                } else {
-                    say(&format!("deleted {id}"))
-                }
+                self.report(&json!({"id": id, "deleted": true}), || {
+                    format!("deleted {id}")
+                })
             }
             Verb::Send {
                 id,
@@ -527,15 +525,9 @@ impl Client {
                     rb = rb.header("idempotency-key", k);
                 }
                 let a = json_of(self.send(rb).await?).await?;
-                if self.json {
-                    print_json(&a)
-                } else {
-                    say(&format!(
-                        "queued input {} (seq {})",
-                        text(&a["id"]),
-                        text(&a["seq"])
-                    ))
-                }
+                self.report(&a, || {
+                    format!("queued input {} (seq {})", text(&a["id"]), text(&a["seq"]))
+                })
             }
             Verb::Watch { id, from, events } => {
                 let stream = if events {
@@ -569,15 +561,9 @@ impl Client {
                 }
                 let path = format!("/sessions/{}/approvals/{}", seg(&id), seg(&request_id));
                 let a = self.call(Method::POST, &path, Some(&body)).await?;
-                if self.json {
-                    print_json(&a)
-                } else {
-                    say(&format!(
-                        "{} {}",
-                        text(&a["status"]),
-                        text(&a["request_id"])
-                    ))
-                }
+                self.report(&a, || {
+                    format!("{} {}", text(&a["status"]), text(&a["request_id"]))
+                })
             }
             Verb::Approvals { id, status } => {
                 let path = format!("/sessions/{}/approvals?status={}", seg(&id), seg(&status));
@@ -743,6 +729,15 @@ impl Client {
             return say(&m.to_string());
         }
         say(&format!("{} {}", text(&m["seq"]), m["message"]))
+    }
+
+    /// The answer as JSON, or one line for people.
+    fn report(&self, answer: &Value, line: impl FnOnce() -> String) -> Result<(), Failure> {
+        if self.json {
+            print_json(answer)
+        } else {
+            say(&line())
+        }
     }
 
     fn print_event(&self, e: &Value) -> Result<(), Failure> {
