@@ -492,7 +492,7 @@ async fn supervise(
         ws.set_posted_offset(p.generation, end);
     }
     if let Some(path) = ws.transcript_path()
-        && let Some(at) = shipper.ship(&path).await
+        && let Some(at) = shipper.finish(&path).await
     {
         ws.set_shipped_offset(at);
     }

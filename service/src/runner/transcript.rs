@@ -171,10 +171,37 @@ impl Shipper {
         self.offset
     }
 
+    /// When a failed send is due again, if one failed.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at.filter(|_| !self.refused)
+    }
+
     /// Send what `path` holds beyond what the service has, in complete
     /// lines; `Some(new offset)` when the service took something.
     pub async fn ship(&mut self, path: &Path) -> Option<u64> {
         self.ship_from(&mut File(path)).await
+    }
+
+    /// The worker ended: send the rest now, trying a few times whatever
+    /// backoff an earlier failure set.
+    pub async fn finish(&mut self, path: &Path) -> Option<u64> {
+        self.finish_from(&mut File(path)).await
+    }
+
+    /// [`Self::finish`] from any source.
+    pub async fn finish_from(&mut self, source: &mut impl Source) -> Option<u64> {
+        let mut shipped = None;
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+            self.retry_at = None;
+            shipped = self.ship_from(source).await.or(shipped);
+            if self.retry_at.is_none() {
+                break;
+            }
+        }
+        shipped
     }
 
     /// Send what `source` holds beyond what the service has.

@@ -251,12 +251,22 @@ impl Worker {
         }
     }
 
-    /// Send the service what the shim reported and it lacks.
     async fn ship(&mut self) {
+        self.ship_now(false).await;
+    }
+
+    /// Send the service what the shim reported and it lacks (`last`: the
+    /// pod is over, try now whatever an earlier failure said).
+    async fn ship_now(&mut self, last: bool) {
         let Some((shipper, relay)) = &mut self.transcript else {
             return;
         };
-        if let Some(at) = shipper.ship_from(relay).await {
+        let sent = if last {
+            shipper.finish_from(relay).await
+        } else {
+            shipper.ship_from(relay).await
+        };
+        if let Some(at) = sent {
             relay.shipped(at);
             let mut shipped = lock(&self.inner.shipped);
             let known = shipped.entry(self.id).or_default();
@@ -349,7 +359,7 @@ async fn supervise(mut w: Worker, adopted: bool) {
         w.wait().await;
     }
     driver.finish().await;
-    w.ship().await;
+    w.ship_now(true).await;
     let seen = w.seen();
     let stopping = w.inner.workers.stopping(w.id, w.generation);
     let (outcome, exit) = pod::outcome(seen.pod.as_ref(), &driver.summary, stopping);
@@ -421,9 +431,17 @@ async fn read_log(w: &mut Worker, driver: &mut Driver) {
                         let _ = rx.wait_for(ended).await;
                         tokio::time::sleep(LOG_DRAIN).await;
                     };
-                    let due = driver
-                        .next_due()
-                        .or_else(|| (!driver.has_stdin()).then_some(attach_at));
+                    // A transcript send that failed is retried on its own
+                    // clock, not only when the pod reports more.
+                    let resend = w.transcript.as_ref().and_then(|(s, _)| s.retry_at());
+                    let due = [
+                        driver.next_due(),
+                        (!driver.has_stdin()).then_some(attach_at),
+                        resend,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .min();
                     let timer = async move {
                         match due {
                             Some(at) => tokio::time::sleep_until(at).await,
@@ -438,6 +456,7 @@ async fn read_log(w: &mut Worker, driver: &mut Driver) {
                         }
                         _ = timer => {
                             driver.tick().await;
+                            w.ship().await;
                             continue;
                         }
                         _ = drained => {
