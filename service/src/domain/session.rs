@@ -244,6 +244,24 @@ pub struct CreateSession {
     pub forked_from: Option<ForkedFrom>,
 }
 
+/// The fields a session is created with, as a stored session has them
+/// (an import writes a session it did not create).
+impl From<&SessionState> for CreateSession {
+    fn from(s: &SessionState) -> Self {
+        Self {
+            agent_id: s.agent_id,
+            session_type: s.session_type.clone(),
+            status: s.status,
+            context: s.context.clone(),
+            checkpoint: s.checkpoint.clone(),
+            runtime_backend: s.runtime_backend,
+            runtime_metadata: s.runtime_metadata.clone(),
+            worker: s.worker.clone(),
+            forked_from: s.forked_from,
+        }
+    }
+}
+
 impl CreateSession {
     /// Validate the parts of a create request that types alone do not.
     #[allow(clippy::too_many_arguments)]

@@ -215,7 +215,8 @@ impl ApiClient {
         Ok(res.json().await?)
     }
 
-    /// The session's inputs after `after` (by `seq`), oldest first.
+    /// The session's inputs after `after` (by `seq`), oldest first; none
+    /// when the session is gone (or the API keeps no inputs).
     #[instrument(skip(self), fields(session_id = %id), level = "debug")]
     pub async fn inputs(&self, id: Uuid, after: i64) -> Result<Vec<Input>, ApiError> {
         let res = self
@@ -225,6 +226,9 @@ impl ApiClient {
             )
             .send()
             .await?;
+        if res.status() == StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
         if !res.status().is_success() {
             return Err(Self::fail(res).await);
         }

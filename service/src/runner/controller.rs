@@ -297,12 +297,7 @@ async fn inputs_waiting<B: Backend>(
     ctx: &Context<B>,
     view: &SessionView,
 ) -> Result<bool, ApiError> {
-    match ctx.api.inputs(view.id, view.input_seq).await {
-        Ok(inputs) => Ok(!inputs.is_empty()),
-        // The session is gone, or the API keeps no inputs.
-        Err(ApiError::NotFound) => Ok(false),
-        Err(e) => Err(e),
-    }
+    Ok(!ctx.api.inputs(view.id, view.input_seq).await?.is_empty())
 }
 
 /// Begin stopping the worker and say so on the session: why, and at whose
@@ -408,11 +403,12 @@ async fn start_worker<B: Backend>(
         },
         other => other,
     };
-    let waiting = match ctx.api.inputs(id, view.input_seq).await {
-        Ok(inputs) => inputs.iter().any(|i| i.kind == InputKind::Message),
-        Err(ApiError::NotFound) => false,
-        Err(e) => return Err(e),
-    };
+    let waiting = ctx
+        .api
+        .inputs(id, view.input_seq)
+        .await?
+        .iter()
+        .any(|i| i.kind == InputKind::Message);
     let launch = match launch {
         Launch::Resume { prompt: Some(_) } if waiting => Launch::Resume { prompt: None },
         other => other,

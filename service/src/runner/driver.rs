@@ -313,7 +313,6 @@ impl Driver {
         }
         let inputs = match self.s.api.inputs(self.s.session_id, self.input_seq).await {
             Ok(i) => i,
-            Err(ApiError::NotFound) => return,
             Err(e) => {
                 warn!(error = %e, "cannot read the session's inputs; will retry");
                 self.retry = true;

@@ -21,10 +21,11 @@ use super::append::{ANNOUNCE, EventRow, POSITION};
 use super::live::{APPROVAL_COLUMNS, INPUT_COLUMNS, approval_row, input_row, moved_on};
 use super::replay::fold;
 use super::rows::{self, EVENT_COLUMNS, INSERT_COLUMNS, SESSION_COLUMNS};
-use super::sessions::{Appended, Attempt, json, metadata, nullable_json, stmt, typed_json};
+use super::sessions::{Appended, Attempt, json, metadata, new_session_values, stmt, typed_json};
 use super::{Store, StoreError, StoredEvent, StoredMessage};
 use crate::contract::format_time;
 use crate::contract::live::{Approval, Input};
+use crate::domain::CreateSession;
 use crate::domain::event;
 use crate::domain::transcript::rename_session;
 use crate::domain::{
@@ -330,27 +331,22 @@ impl Store {
             let transcript = rename_session(&whole, &child.to_string());
             let created = event::created_payload(&cmd);
             let forked = event::forked_payload(&current, child, n);
-            let values: Vec<Param> = vec![
+            let mut values: Vec<Param> = vec![
                 parent.into(),
                 current.version.into(),
                 Uuid::new_v4().into(),
                 metadata(meta)?,
                 json(forked.clone()),
                 child.into(),
-                cmd.agent_id.into(),
-                cmd.session_type.clone().into(),
-                cmd.status.as_str().into(),
-                json(Value::Object(cmd.context.clone())),
-                nullable_json(cmd.checkpoint.clone().map(Value::Object)),
-                cmd.runtime_backend.as_str().into(),
-                json(Value::Object(cmd.runtime_metadata.clone())),
-                typed_json(&cmd.worker)?,
+            ];
+            values.extend(new_session_values(&cmd)?);
+            values.extend([
                 n.into(),
                 Uuid::new_v4().into(),
                 json(created.clone()),
                 copied_len.into(),
                 Param::Bytes(Some(transcript)),
-            ];
+            ]);
             let Some(row) = self.db.query_one_raw(stmt(&sql, values)).await? else {
                 return Ok(Attempt::LostRace);
             };
@@ -468,23 +464,17 @@ impl Store {
                            FROM announce ON CONFLICT (id) DO NOTHING RETURNING id) \
                      SELECT id FROM s"
                 ),
-                vec![
-                    id.into(),
-                    s.agent_id.into(),
-                    s.session_type.clone().into(),
-                    s.status.as_str().into(),
-                    json(Value::Object(s.context.clone())),
-                    nullable_json(s.checkpoint.clone().map(Value::Object)),
-                    s.runtime_backend.as_str().into(),
-                    json(Value::Object(s.runtime_metadata.clone())),
-                    typed_json(&s.worker)?,
-                    s.forked_from.map(|f| f.session_id).into(),
-                    s.forked_from.map(|f| f.version).into(),
-                    s.version.into(),
-                    s.created_at.into(),
-                    s.updated_at.into(),
-                    typed_json(&s.usage)?,
-                ],
+                std::iter::once(id.into())
+                    .chain(new_session_values(&CreateSession::from(s))?)
+                    .chain([
+                        s.forked_from.map(|f| f.session_id).into(),
+                        s.forked_from.map(|f| f.version).into(),
+                        s.version.into(),
+                        s.created_at.into(),
+                        s.updated_at.into(),
+                        typed_json(&s.usage)?,
+                    ])
+                    .collect(),
             ))
             .await
             .map_err(clash)?;

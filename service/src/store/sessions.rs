@@ -172,6 +172,21 @@ pub(crate) fn typed_json<T: Serialize>(v: &T) -> Result<Param, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("value does not serialise: {e}")))
 }
 
+/// The values of a new session's own columns, in `INSERT_COLUMNS` order
+/// from `agent_id` to `worker` (a create, a fork and an import all write them).
+pub(crate) fn new_session_values(cmd: &CreateSession) -> Result<[Param; 8], StoreError> {
+    Ok([
+        cmd.agent_id.into(),
+        cmd.session_type.clone().into(),
+        cmd.status.as_str().into(),
+        json(Value::Object(cmd.context.clone())),
+        nullable_json(cmd.checkpoint.clone().map(Value::Object)),
+        cmd.runtime_backend.as_str().into(),
+        json(Value::Object(cmd.runtime_metadata.clone())),
+        typed_json(&cmd.worker)?,
+    ])
+}
+
 pub(crate) fn metadata(meta: &EventMetadata) -> Result<Param, StoreError> {
     serde_json::to_value(meta)
         .map(json)
@@ -195,20 +210,13 @@ impl Store {
         for _ in 0..MAX_ATTEMPTS {
             let id = Uuid::now_v7();
             tracing::Span::current().record("session_id", tracing::field::display(id));
-            let mut values: Vec<Param> = vec![
-                id.into(),
-                cmd.agent_id.into(),
-                cmd.session_type.clone().into(),
-                cmd.status.as_str().into(),
-                json(Value::Object(cmd.context.clone())),
-                nullable_json(cmd.checkpoint.clone().map(Value::Object)),
-                cmd.runtime_backend.as_str().into(),
-                json(Value::Object(cmd.runtime_metadata.clone())),
-                typed_json(&cmd.worker)?,
+            let mut values: Vec<Param> = vec![id.into()];
+            values.extend(new_session_values(cmd)?);
+            values.extend([
                 Uuid::new_v4().into(),
                 json(payload.clone()),
                 metadata(meta)?,
-            ];
+            ]);
             let (key_cte, from_key) = match idem {
                 Some(k) => {
                     values.push(k.key.clone().into());
