@@ -376,7 +376,7 @@ fn open_stdin(ws: &Workspace, generation: u64) -> Option<Stdin> {
 
 /// Output polling: quick while lines come, slower while the worker is quiet.
 const POLL_FAST: Duration = Duration::from_millis(2);
-const POLL_SLOW: Duration = Duration::from_millis(40);
+const POLL_SLOW: Duration = Duration::from_millis(25);
 
 async fn supervise(
     inner: Arc<Inner>,
@@ -450,13 +450,14 @@ async fn supervise(
                         ExitInfo { unknown: true, ..Default::default() }
                     }
                 }),
-                _ = live.nudged() => { driver.sync().await; None }
+                // An input written starts a turn: its lines come soon.
+                _ = live.nudged() => { driver.sync().await; poll = POLL_FAST; None }
                 _ = tokio::time::sleep(due) => None,
             },
             Proc::Adopted { proc_start } => {
                 if workspace::is_alive(p.pid, *proc_start) {
                     tokio::select! {
-                        _ = live.nudged() => driver.sync().await,
+                        _ = live.nudged() => { driver.sync().await; poll = POLL_FAST; }
                         _ = tokio::time::sleep(due.max(Duration::from_millis(20))) => {}
                     }
                     None
