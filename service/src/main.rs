@@ -34,6 +34,12 @@ async fn main() -> ExitCode {
             println!("{}", agent_sessions::auth::hash_token(token.trim()));
             return ExitCode::SUCCESS;
         }
+        Command::Completions { shell } => {
+            let script = agent_sessions::cli::completions(shell);
+            // A reader that stops early (`| head`) is not an error of ours.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &script);
+            return ExitCode::SUCCESS;
+        }
         Command::WorkerShim { command } => return agent_sessions::shim::run(command).await,
         Command::Sessions(args) => return agent_sessions::cli::sessions::run(*args).await,
         _ => {}
@@ -96,6 +102,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Openapi
         | Command::HashToken
+        | Command::Completions { .. }
         | Command::WorkerShim { .. }
         | Command::Sessions(_) => {
             unreachable!("handled before settings are loaded")

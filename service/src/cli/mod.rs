@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 pub mod sessions;
 
@@ -43,6 +43,12 @@ pub enum Command {
     },
     /// A command-line client of the API: create, list, follow and change sessions.
     Sessions(Box<sessions::SessionsArgs>),
+    /// Print a shell completion script: `agent-sessions completions bash > /etc/bash_completion.d/agent-sessions`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// A worker pod's entrypoint: take the framing the runner writes to stdin
     /// (a transcript to restore), run the command, report its transcript on stderr.
     WorkerShim {
@@ -60,4 +66,27 @@ pub enum MigrateAction {
     Down,
     /// List migrations and whether each is applied.
     Status,
+}
+
+/// The completion script of `shell` for the whole command line (every
+/// subcommand, the `sessions` verbs and their flags).
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut command = Cli::command();
+    let name = command.get_name().to_string();
+    let mut script = Vec::new();
+    // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+    clap_complete::generate(shell, &mut command, name, &mut script);
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete (4.6) names the `case` arms of a binary whose name
+        // has a `-` as if the part after it were a subcommand
+        // (`agent__subcmd__sessions__…`), not as the names it assigns
+        // (`agent__sessions__…`), so nothing below the first level
+        // completed. Give the arms the assigned names.
+        let text = String::from_utf8_lossy(&script).replace(
+            "agent__subcmd__sessions__subcmd__",
+            "agent__sessions__subcmd__",
+        );
+        return text.into_bytes();
+    }
+    script
 }

@@ -539,3 +539,44 @@ async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
         .unwrap()
         .expect("watch still running")
 }
+
+/// The bash completion script completes the `sessions` verbs and their flags:
+/// loaded into a real bash, asked as a shell would ask at `<TAB>`.
+#[tokio::test]
+async fn bash_completion_offers_the_verbs_and_flags() {
+    let out = std::process::Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .expect("run completions");
+    assert!(out.status.success());
+    let script = temp_file("completion.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let complete = |words: &str| {
+        let cword = words.split(' ').count() - 1;
+        let probe = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD={cword}; \
+             _agent__sessions agent-sessions \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display()
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &probe])
+            .output()
+            .expect("run bash");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let verbs = complete("agent-sessions sessions c");
+    let verbs: Vec<&str> = verbs.lines().collect();
+    assert!(
+        ["create", "complete"].iter().all(|v| verbs.contains(v)),
+        "{verbs:?}"
+    );
+    assert!(!verbs.contains(&"list"), "{verbs:?}");
+    let flags = complete("agent-sessions sessions list --st");
+    assert!(flags.lines().any(|f| f == "--status"), "{flags}");
+}
