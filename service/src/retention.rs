@@ -39,16 +39,28 @@ pub struct PassReport {
 
 impl std::fmt::Display for PassReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let verb = if self.dry_run { "would delete" } else { "deleted" };
+        let verb = if self.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
         write!(
             f,
             "{verb} {} session(s); {} the streams of {} deleted session(s) ({} event(s)); \
              {} {} expired idempotency key(s)",
             self.deleted_sessions,
-            if self.dry_run { "would purge" } else { "purged" },
+            if self.dry_run {
+                "would purge"
+            } else {
+                "purged"
+            },
             self.purged_sessions,
             self.purged_events,
-            if self.dry_run { "would remove" } else { "removed" },
+            if self.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            },
             self.expired_keys,
         )
     }
@@ -134,7 +146,9 @@ pub async fn run_once(
     } else {
         match LeaderLock::try_acquire(&settings.database.url, Leadership::Retention).await? {
             Some(lock) => Some(lock),
-            None => anyhow::bail!("another retention pass is running (a serve replica's sweep); try again later"),
+            None => anyhow::bail!(
+                "another retention pass is running (a serve replica's sweep); try again later"
+            ),
         }
     };
     let mut wrote = false;

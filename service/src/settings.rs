@@ -561,8 +561,7 @@ impl Settings {
         }
         let ret = &self.retention;
         match ret.statuses() {
-            Some(st)
-                if !st.is_empty() && !st.contains(&crate::domain::SessionStatus::Active) => {}
+            Some(st) if !st.is_empty() && !st.contains(&crate::domain::SessionStatus::Active) => {}
             _ => {
                 return bad(
                     "retention.delete_statuses",

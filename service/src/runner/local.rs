@@ -302,7 +302,9 @@ impl Backend for LocalBackend {
         match Workspace::at(&self.inner.cfg.root, session_id).remove() {
             Ok(true) => info!(%session_id, "the session is deleted: workspace removed"),
             Ok(false) => {}
-            Err(e) => warn!(%session_id, error = %e, "cannot remove the workspace of a deleted session"),
+            Err(e) => {
+                warn!(%session_id, error = %e, "cannot remove the workspace of a deleted session")
+            }
         }
     }
 }

@@ -526,7 +526,9 @@ impl Store {
         meta: &EventMetadata,
     ) -> Result<Written, StoreError> {
         self.on_version(id, expected_version, async |current| {
-            let mut appended = self.delete_many(std::slice::from_ref(&current), meta).await?;
+            let mut appended = self
+                .delete_many(std::slice::from_ref(&current), meta)
+                .await?;
             Ok(match appended.pop() {
                 Some(a) => Attempt::Done(Written {
                     session: current,
@@ -652,10 +654,7 @@ impl Store {
     pub async fn count(&self, filter: &ListFilter) -> Result<u64, StoreError> {
         let mut values = Vec::new();
         let cond = conditions(filter, &mut values);
-        let sql = format!(
-            "SELECT count(*) AS n FROM sessions {}",
-            where_clause(&cond)
-        );
+        let sql = format!("SELECT count(*) AS n FROM sessions {}", where_clause(&cond));
         let row = self
             .db
             .query_one_raw(stmt(&sql, values))
