@@ -237,8 +237,9 @@ pub struct RunnerSettings {
     /// A worker pod running longer than this is stopped by the kubelet
     /// (crash reason `deadline`).
     pub active_deadline_seconds: i64,
-    /// Delete a session's claim once it is completed (or deleted); keep it
-    /// otherwise (paused and crashed sessions may resume).
+    /// Delete a session's claim once it is completed; keep it otherwise
+    /// (paused and crashed sessions may resume). A deleted session's claim
+    /// is deleted either way.
     pub delete_claim_on_completion: bool,
     /// Worker pod resources when the session's `worker.resources` is unset.
     pub default_requests: BTreeMap<String, String>,
