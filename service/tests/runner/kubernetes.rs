@@ -437,6 +437,36 @@ async fn kubernetes_completion_records_usage_from_the_log_and_deletes_pod_and_cl
     rig.stop().await;
 }
 
+/// A deleted session can never resume: its claim goes even where claims
+/// are kept (`delete_claim_on_completion = false`), once its pod is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_deleting_a_session_deletes_its_claim_even_where_claims_are_kept() {
+    let mut rig = KubeRig::prepare().await;
+    let mut settings = kube_settings(&rig.api, &rig.kube);
+    settings.runner.api_url = rig.proxy.url.clone();
+    settings.runner.delete_claim_on_completion = false;
+    rig.runner = Some(InProcessRunner::start(settings, Vec::new()));
+    let id = rig.create_managed().await;
+    rig.until_pod(&id, 1).await;
+    rig.run_pod(&id).await;
+    rig.print(&id, &lines(SUCCESS, &id)[..3]);
+    let code = rig
+        .api
+        .merge_patch(&id, &json!({"status": "paused"}))
+        .await
+        .status;
+    assert_eq!(code, 200);
+    rig.until_no_pod(&pod_name(&id)).await;
+    rig.until_worker(&id, "the stop to be recorded", |w| {
+        w["stopped_at"].is_string()
+    })
+    .await;
+    assert!(rig.kube.claim(&claim_name(&id)).is_some(), "a paused session keeps its claim");
+    rig.api.delete(&id).await.expect(204);
+    rig.until_no_claim(&claim_name(&id)).await;
+    rig.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_pause_deletes_the_pod_keeps_the_claim_and_resume_recreates_it() {
     let rig = KubeRig::start().await;
