@@ -696,14 +696,19 @@ fn mask_password(url: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn defaults_are_valid() {
-        let s: Settings = config::Config::builder()
+    /// The built-in defaults alone.
+    fn defaults() -> Settings {
+        config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
             .build()
             .unwrap()
             .try_deserialize()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s: Settings = defaults();
         s.validate().unwrap();
         assert_eq!(s.server.port, 8011);
         assert_eq!(s.runner.backend, BackendChoice::Local);
@@ -763,12 +768,7 @@ mod tests {
 
     #[test]
     fn kubernetes_runner_settings_are_checked() {
-        let mut s: Settings = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap();
+        let mut s: Settings = defaults();
         s.runner.backend = BackendChoice::Kubernetes;
         s.validate().unwrap();
         s.runner.namespace = "Not_A_Namespace".into();
@@ -784,12 +784,7 @@ mod tests {
 
     #[test]
     fn retention_settings_are_checked() {
-        let mut s: Settings = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap();
+        let mut s: Settings = defaults();
         assert_eq!(s.retention.delete_after_secs, None, "off by default");
         assert_eq!(s.retention.purge_after_secs, None, "off by default");
         assert_eq!(

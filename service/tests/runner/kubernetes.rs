@@ -222,6 +222,22 @@ impl KubeRig {
         .await;
     }
 
+    /// Pause the session; once its pod is gone and the stop recorded, the
+    /// worker record.
+    async fn pause(&self, id: &str) -> Value {
+        let code = self
+            .api
+            .merge_patch(id, &json!({"status": "paused"}))
+            .await
+            .status;
+        assert_eq!(code, 200);
+        self.until_no_pod(&pod_name(id)).await;
+        self.until_worker(id, "the stop to be recorded", |w| {
+            w["stopped_at"].is_string()
+        })
+        .await
+    }
+
     /// Schedule and start the container, as the scheduler and kubelet would.
     async fn run_pod(&self, id: &str) {
         let name = pod_name(id);
@@ -450,18 +466,11 @@ async fn kubernetes_deleting_a_session_deletes_its_claim_even_where_claims_are_k
     rig.until_pod(&id, 1).await;
     rig.run_pod(&id).await;
     rig.print(&id, &lines(SUCCESS, &id)[..3]);
-    let code = rig
-        .api
-        .merge_patch(&id, &json!({"status": "paused"}))
-        .await
-        .status;
-    assert_eq!(code, 200);
-    rig.until_no_pod(&pod_name(&id)).await;
-    rig.until_worker(&id, "the stop to be recorded", |w| {
-        w["stopped_at"].is_string()
-    })
-    .await;
-    assert!(rig.kube.claim(&claim_name(&id)).is_some(), "a paused session keeps its claim");
+    rig.pause(&id).await;
+    assert!(
+        rig.kube.claim(&claim_name(&id)).is_some(),
+        "a paused session keeps its claim"
+    );
     rig.api.delete(&id).await.expect(204);
     rig.until_no_claim(&claim_name(&id)).await;
     rig.stop().await;
@@ -479,19 +488,11 @@ async fn kubernetes_pause_deletes_the_pod_keeps_the_claim_and_resume_recreates_i
     let claim_uid = rig.kube.claim(&claim_name(&id)).expect("claim")["metadata"]["uid"].clone();
 
     let t0 = Instant::now();
-    let code = rig
-        .api
-        .merge_patch(&id, &json!({"status": "paused"}))
-        .await
-        .status;
-    assert_eq!(code, 200);
-    rig.until_no_pod(&pod_name(&id)).await;
-    eprintln!("pod deleted {:?} after the pause", t0.elapsed());
-    let w = rig
-        .until_worker(&id, "the stop to be recorded", |w| {
-            w["stopped_at"].is_string()
-        })
-        .await;
+    let w = rig.pause(&id).await;
+    eprintln!(
+        "pod deleted and the stop recorded {:?} after the pause",
+        t0.elapsed()
+    );
     assert!(w["crash_reason"].is_null(), "a pause is no crash: {w}");
     assert_eq!(rig.api.get(&id).await["status"], "paused");
     let claim = rig.kube.claim(&claim_name(&id)).expect("the claim is kept");
