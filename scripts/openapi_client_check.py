@@ -45,6 +45,7 @@ from agent_sessions_client.api.sessions import (
     append_messages,
     create_session,
     delete_session,
+    delete_sessions,
     get_session,
     list_messages,
     list_sessions,
@@ -52,6 +53,7 @@ from agent_sessions_client.api.sessions import (
     update_session,
 )
 from agent_sessions_client.models import (
+    BulkDeleteResult,
     AppendMessagesBodyItem,
     Approval,
     ApprovalDecision,
@@ -411,6 +413,17 @@ check(copy.id != other.id and copy.version == doc.session.version, f"import: {co
 call(import_session, 409, Problem, body=doc)
 doc.format_version = 2
 call(import_session, 422, Problem, body=doc)
+
+# Bulk delete by the list's filters: never without one; a dry run counts.
+call(delete_sessions, 400, Problem)
+call(delete_sessions, 400, Problem, status="bogus")
+doomed = call(create_session, 201, Session, body=NewSession(agent_id=AGENT, session_type="bulk-check")).parsed
+dry = call(delete_sessions, 200, BulkDeleteResult, session_type="bulk-check", dry_run=True).parsed
+check(dry.dry_run and dry.matched == 1 and dry.deleted == 0, f"a dry run only counts: {dry}")
+call(get_session, 200, Session, id=doomed.id)
+done = call(delete_sessions, 200, BulkDeleteResult, session_type="bulk-check").parsed
+check(not done.dry_run and done.deleted == 1, f"the bulk delete deletes: {done}")
+call(get_session, 404, Problem, id=doomed.id)
 
 # Delete, guarded by the version.
 call(delete_session, 412, Problem, id=sid, if_match='"1"')

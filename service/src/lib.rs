@@ -1,7 +1,7 @@
 //! agent-sessions: an event-sourced store of AI-agent sessions.
 //!
 //! Layers, each importing only those below it:
-//! `startup` → `api` → `store`, `bus` → `contract` → `domain`;
+//! `startup`, `retention` → `api` → `store`, `bus` → `contract` → `domain`;
 //! `runner`, `cli` → `client` → `contract` → `domain` (the runner and the
 //! command-line client reach the API over HTTP only).
 
@@ -16,6 +16,7 @@ pub mod domain;
 mod metrics;
 mod monitor;
 mod relay;
+pub mod retention;
 pub mod runner;
 pub mod settings;
 pub mod shim;

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use agent_sessions::cli::{Cli, Command, MigrateAction};
+use agent_sessions::cli::{Cli, Command, MigrateAction, RetentionAction};
 use agent_sessions::settings::Settings;
 use agent_sessions::startup::Application;
 use agent_sessions::{api, store, telemetry};
@@ -99,6 +99,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             if !report.differences.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Retention {
+            action: RetentionAction::Run { dry_run },
+        } => {
+            let report = agent_sessions::retention::run_once(&settings, dry_run).await?;
+            println!("{report}");
         }
         Command::Openapi
         | Command::HashToken

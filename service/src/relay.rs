@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::bus::Bus;
 use crate::metrics::names;
-use crate::store::{FeedFilter, FeedListener, LeaderLock, Store};
+use crate::store::{FeedFilter, FeedListener, LeaderLock, Leadership, Store};
 
 /// Cursor name of the Redis relay.
 pub(crate) const CURSOR: &str = "redis";
@@ -153,7 +153,7 @@ impl Relay {
         loop {
             let lock = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                l = LeaderLock::try_acquire(&self.settings.database_url) => l,
+                l = LeaderLock::try_acquire(&self.settings.database_url, Leadership::Relay) => l,
             };
             match lock {
                 Ok(Some(lock)) => {

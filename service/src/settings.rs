@@ -19,6 +19,52 @@ pub struct Settings {
     pub relay: RelayConfig,
     pub auth: AuthSettings,
     pub runner: RunnerSettings,
+    pub retention: RetentionSettings,
+}
+
+/// Which sessions go and when (docs/design.md, retention). Off by default:
+/// without `delete_after_secs` no session is deleted by retention, and
+/// without `purge_after_secs` the events of deleted sessions are kept.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    /// Seconds between two sweeps inside `serve` (one replica at a time);
+    /// 0 runs none (`agent-sessions retention run` from a scheduler then).
+    pub sweep_interval_secs: u64,
+    /// Statuses of the sessions retention deletes, separated by commas, of
+    /// `completed`, `crashed` and `paused` (an active session is never
+    /// deleted by retention).
+    pub delete_statuses: String,
+    /// Delete sessions of those statuses not updated for this many seconds
+    /// (2592000: 30 days). Unset: retention deletes no session.
+    #[serde(default)]
+    pub delete_after_secs: Option<u64>,
+    /// Purge the events of a deleted session this many seconds after its
+    /// deletion (the grace period; 604800: 7 days). Unset: never. Give every
+    /// reader of the feed that long to catch up.
+    #[serde(default)]
+    pub purge_after_secs: Option<u64>,
+    /// An idempotency key is honoured this long (24 h by default), then
+    /// removed by the sweep and never honoured again.
+    pub idempotency_key_ttl_secs: u64,
+    /// Sessions deleted, streams purged or keys removed per statement
+    /// (1 to 1000), so a sweep never holds a long transaction.
+    pub batch_size: u64,
+}
+
+impl RetentionSettings {
+    /// `delete_statuses`, read.
+    pub fn statuses(&self) -> Option<Vec<crate::domain::SessionStatus>> {
+        self.delete_statuses
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(crate::domain::SessionStatus::parse)
+            .collect()
+    }
+
+    pub fn idempotency_key_ttl(&self) -> Duration {
+        Duration::from_secs(self.idempotency_key_ttl_secs)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,8 +237,9 @@ pub struct RunnerSettings {
     /// A worker pod running longer than this is stopped by the kubelet
     /// (crash reason `deadline`).
     pub active_deadline_seconds: i64,
-    /// Delete a session's claim once it is completed (or deleted); keep it
-    /// otherwise (paused and crashed sessions may resume).
+    /// Delete a session's claim once it is completed; keep it otherwise
+    /// (paused and crashed sessions may resume). A deleted session's claim
+    /// is deleted either way.
     pub delete_claim_on_completion: bool,
     /// Worker pod resources when the session's `worker.resources` is unset.
     pub default_requests: BTreeMap<String, String>,
@@ -355,6 +402,12 @@ lag_warn_secs = 5
 feed_held_warn_secs = 10
 sse_heartbeat_secs = 15
 
+[retention]
+sweep_interval_secs = 3600
+delete_statuses = "completed,crashed"
+idempotency_key_ttl_secs = 86400
+batch_size = 200
+
 [runner]
 api_url = "http://127.0.0.1:8011"
 metrics_listen = "127.0.0.1:9464"
@@ -507,6 +560,25 @@ impl Settings {
         if self.redis.channel_prefix.chars().any(char::is_whitespace) {
             return bad("redis.channel_prefix", "must not contain whitespace");
         }
+        let ret = &self.retention;
+        match ret.statuses() {
+            Some(st) if !st.is_empty() && !st.contains(&crate::domain::SessionStatus::Active) => {}
+            _ => {
+                return bad(
+                    "retention.delete_statuses",
+                    "must be one or more of completed, crashed and paused, separated by commas",
+                );
+            }
+        }
+        if ret.delete_after_secs == Some(0) {
+            return bad("retention.delete_after_secs", "must be at least 1 when set");
+        }
+        if ret.idempotency_key_ttl_secs == 0 {
+            return bad("retention.idempotency_key_ttl_secs", "must be at least 1");
+        }
+        if !(1..=1000).contains(&ret.batch_size) {
+            return bad("retention.batch_size", "must be between 1 and 1000");
+        }
         let r = &self.runner;
         if !(r.api_url.starts_with("http://") || r.api_url.starts_with("https://")) {
             return bad("runner.api_url", "must be an http:// or https:// URL");
@@ -624,14 +696,19 @@ fn mask_password(url: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn defaults_are_valid() {
-        let s: Settings = config::Config::builder()
+    /// The built-in defaults alone.
+    fn defaults() -> Settings {
+        config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
             .build()
             .unwrap()
             .try_deserialize()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s: Settings = defaults();
         s.validate().unwrap();
         assert_eq!(s.server.port, 8011);
         assert_eq!(s.runner.backend, BackendChoice::Local);
@@ -691,12 +768,7 @@ mod tests {
 
     #[test]
     fn kubernetes_runner_settings_are_checked() {
-        let mut s: Settings = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap();
+        let mut s: Settings = defaults();
         s.runner.backend = BackendChoice::Kubernetes;
         s.validate().unwrap();
         s.runner.namespace = "Not_A_Namespace".into();
@@ -707,6 +779,31 @@ mod tests {
         s.runner.kube_api_url = Some(String::new());
         s.validate().unwrap();
         s.runner.api_key_secret = String::new();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn retention_settings_are_checked() {
+        let mut s: Settings = defaults();
+        assert_eq!(s.retention.delete_after_secs, None, "off by default");
+        assert_eq!(s.retention.purge_after_secs, None, "off by default");
+        assert_eq!(
+            s.retention.idempotency_key_ttl(),
+            Duration::from_secs(86_400)
+        );
+        for bad in ["", "active", "completed,active", "done"] {
+            s.retention.delete_statuses = bad.into();
+            assert!(s.validate().is_err(), "{bad:?}");
+        }
+        s.retention.delete_statuses = " paused , crashed".into();
+        s.validate().unwrap();
+        s.retention.delete_after_secs = Some(0);
+        assert!(s.validate().is_err());
+        s.retention.delete_after_secs = Some(60);
+        s.retention.batch_size = 1001;
+        assert!(s.validate().is_err());
+        s.retention.batch_size = 1000;
+        s.retention.idempotency_key_ttl_secs = 0;
         assert!(s.validate().is_err());
     }
 

@@ -1,5 +1,6 @@
 //! Building the API application from settings, and running it with its
-//! background tasks (the relay and the feed listeners) until a signal.
+//! background tasks (the relay, the feed listeners and the retention sweep)
+//! until a signal.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, auth::AuthState, body::BodyLimit, params::PageSizes};
+use crate::api::{
+    self, AppState, CommitEffects, auth::AuthState, body::BodyLimit, params::PageSizes,
+};
 use crate::bus::{Bus, Hints};
 use crate::monitor::{self, FeedWatch};
 use crate::relay::{self, FeedSignal, Relay, RelaySettings};
@@ -85,6 +88,16 @@ impl Application {
             Duration::from_secs(settings.relay.feed_held_warn_secs),
             shutdown.clone(),
         )));
+        let commits = CommitEffects::new(relay_wake, hints);
+        if settings.retention.sweep_interval_secs > 0 {
+            tasks.push(tokio::spawn(crate::retention::sweep(
+                store.clone(),
+                settings.retention.clone(),
+                settings.database.url.clone(),
+                commits.clone(),
+                shutdown.clone(),
+            )));
+        }
         let state = web::Data::new(AppState {
             store: store.clone(),
             bus,
@@ -99,9 +112,10 @@ impl Application {
                 default: settings.api.default_page_size,
                 max: settings.api.max_page_size,
             },
-            relay_wake,
-            hints,
+            commits,
             feed_watch,
+            idempotency_ttl: settings.retention.idempotency_key_ttl(),
+            delete_batch: settings.retention.batch_size,
         });
         let limit = web::Data::new(BodyLimit(
             settings.server.body_limit_bytes,
@@ -189,7 +203,7 @@ impl Stopper {
         self.handle.stop(true).await;
     }
 }
-fn database_options(settings: &Settings, max_connections: u32) -> DatabaseOptions {
+pub(crate) fn database_options(settings: &Settings, max_connections: u32) -> DatabaseOptions {
     let db = &settings.database;
     DatabaseOptions {
         url: db.url.clone(),

@@ -103,6 +103,15 @@ APP__API__MAX_INPUT_BYTES: {{ $c.api.maxInputBytes | int64 | toString | quote }}
 APP__API__MAX_TRANSCRIPT_BYTES: {{ $c.api.maxTranscriptBytes | int64 | toString | quote }}
 APP__API__MAX_IMPORT_BYTES: {{ $c.api.maxImportBytes | int64 | toString | quote }}
 APP__AUTH__ENABLED: {{ $c.auth.enabled | toString | quote }}
+APP__RETENTION__DELETE_STATUSES: {{ $c.retention.deleteStatuses | quote }}
+APP__RETENTION__IDEMPOTENCY_KEY_TTL_SECS: {{ $c.retention.idempotencyKeyTtlSecs | int64 | toString | quote }}
+APP__RETENTION__SWEEP_INTERVAL_SECS: {{ $c.retention.sweepIntervalSecs | int64 | toString | quote }}
+{{- if gt ($c.retention.deleteAfterSecs | int64) 0 }}
+APP__RETENTION__DELETE_AFTER_SECS: {{ $c.retention.deleteAfterSecs | int64 | toString | quote }}
+{{- end }}
+{{- if gt ($c.retention.purgeAfterSecs | int64) 0 }}
+APP__RETENTION__PURGE_AFTER_SECS: {{ $c.retention.purgeAfterSecs | int64 | toString | quote }}
+{{- end }}
 {{- range $name, $value := $c.extra }}
 {{ $name }}: {{ $value | toString | quote }}
 {{- end }}

@@ -75,7 +75,13 @@ pub async fn input(
 ) -> Result<HttpResponse, ApiError> {
     let id = session_id(&id)?;
     let value = object(body.value)?;
-    let idem = idempotency(&req, Some(&format!("input:{id}")), &meta.0.actor, &value)?;
+    let idem = idempotency(
+        &state,
+        &req,
+        Some(&format!("input:{id}")),
+        &meta.0.actor,
+        &value,
+    )?;
     let dto: InputRequest = parse_dto(value)?;
     if dto.text.trim().is_empty() {
         return Err(ApiError::validation("text", "must not be empty"));

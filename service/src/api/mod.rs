@@ -48,18 +48,40 @@ pub struct AppState {
     pub max_transcript_bytes: usize,
     /// Largest import document (`api.max_import_bytes`).
     pub max_import_bytes: usize,
-    /// Wakes the relay after a commit, so publishing does not wait for a poll.
-    pub relay_wake: Arc<Notify>,
-    /// Best-effort wake-up hints on Redis, sent right after a commit.
-    pub hints: Hints,
+    /// What follows a commit (also the retention sweep's).
+    pub commits: CommitEffects,
     /// The feed's horizon as last measured, for `/readyz`.
     pub feed_watch: FeedWatch,
+    /// How long an idempotency key is honoured
+    /// (`retention.idempotency_key_ttl_secs`).
+    pub idempotency_ttl: std::time::Duration,
+    /// Sessions per statement of a bulk delete (`retention.batch_size`).
+    pub delete_batch: u64,
 }
 
 impl AppState {
-    /// What follows every committed write, in one place: count the event,
-    /// wake the relay and the long-polls, publish the hint. A write that
-    /// appended nothing does none of it.
+    /// See [`CommitEffects::after_commit`].
+    pub fn after_commit(&self, appended: Option<&Appended>) {
+        self.commits.after_commit(appended);
+    }
+}
+
+/// What follows every committed write, in one place: count the event, wake
+/// the relay and the long-polls, publish the hint.
+#[derive(Clone)]
+pub struct CommitEffects {
+    /// Wakes the relay after a commit, so publishing does not wait for a poll.
+    relay_wake: Arc<Notify>,
+    /// Best-effort wake-up hints on Redis, sent right after a commit.
+    hints: Hints,
+}
+
+impl CommitEffects {
+    pub fn new(relay_wake: Arc<Notify>, hints: Hints) -> Self {
+        Self { relay_wake, hints }
+    }
+
+    /// A write that appended nothing does none of it.
     pub fn after_commit(&self, appended: Option<&Appended>) {
         let Some(a) = appended else { return };
         crate::metrics::event_appended(a.kind.as_str());
@@ -87,6 +109,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource(["/sessions", "/sessions/"])
             .route(web::post().to(sessions::create))
             .route(web::get().to(sessions::list))
+            .route(web::delete().to(sessions::delete_many))
             .default_service(not_allowed()),
     )
     .service(

@@ -31,7 +31,7 @@ use crate::contract::{
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
-        sessions::create, sessions::list, sessions::get, sessions::update, sessions::delete,
+        sessions::create, sessions::list, sessions::delete_many, sessions::get, sessions::update, sessions::delete,
         messages::append, messages::list, stream::messages_stream,
         live::input, live::interrupt, live::inputs,
         live::request_approval, live::approvals, live::approval, live::decide,
@@ -43,7 +43,7 @@ use crate::contract::{
     components(schemas(
         Session, NewSession, SessionUpdate, SessionMergePatch, SessionStatus, RuntimeBackend, WorkerSpec,
         PermissionMode, Resources, RestartPolicy, CrashReason, EventEnvelope, EventKind,
-        EventMetadata, Problem, FieldProblem, Usage, messages::Message, health::Health, health::Checks, crate::monitor::FeedHealth,
+        EventMetadata, Problem, FieldProblem, Usage, messages::Message, sessions::BulkDeleteResult, health::Health, health::Checks, crate::monitor::FeedHealth,
         WorkerRecord, WorkerLaunch, PodPhase, PausedReason, WorkerState,
         InputRequest, InputKind, Input, InputAccepted, ApprovalRequest, DecisionRequest,
         DecisionReason, ApprovalStatus, Approval, ApprovalAnswer,

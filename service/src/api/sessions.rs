@@ -3,10 +3,10 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
@@ -135,6 +135,7 @@ pub(crate) fn parse_dto<T: serde::de::DeserializeOwned>(value: Value) -> Result<
 /// The request's `Idempotency-Key`, scoped to its actor and, for writes
 /// other than a create, to what it writes to (`scope`, e.g. `input:<id>`).
 pub(crate) fn idempotency(
+    state: &AppState,
     req: &HttpRequest,
     scope: Option<&str>,
     actor: &str,
@@ -160,6 +161,7 @@ pub(crate) fn idempotency(
             Some(scope) => format!("{actor} {scope} {key}"),
         },
         request_hash: hex::encode(Sha256::digest(canonical)),
+        ttl: state.idempotency_ttl,
     }))
 }
 
@@ -191,7 +193,7 @@ pub async fn create(
             detail: "the body must be a JSON object".into(),
         });
     }
-    let idem = idempotency(&req, None, &meta.0.actor, &body.value)?;
+    let idem = idempotency(&state, &req, None, &meta.0.actor, &body.value)?;
     let dto: NewSession = parse_dto(body.value)?;
     let cmd = CreateSession::new(
         dto.agent_id,
@@ -321,10 +323,10 @@ pub async fn delete(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// Query of `GET /sessions/`.
+/// The filters of `GET /sessions/` and `DELETE /sessions/`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct ListQuery {
+pub struct FilterQuery {
     #[param(value_type = Option<Uuid>)]
     pub agent_id: Option<String>,
     /// Only sessions forked from this one.
@@ -356,6 +358,12 @@ pub struct ListQuery {
     pub updated_after: Option<String>,
     #[param(value_type = Option<DateTime<Utc>>)]
     pub updated_before: Option<String>,
+}
+
+/// Paging of `GET /sessions/`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
     /// Page size (default 20, at most `api.max_page_size`, 500 by default).
     #[param(value_type = Option<i64>, minimum = 1)]
     pub limit: Option<String>,
@@ -373,22 +381,9 @@ fn time(field: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiErr
         .transpose()
 }
 
-/// List sessions, newest first.
-#[utoipa::path(
-    get, path = "/sessions/", tag = "sessions", operation_id = "list_sessions",
-    params(ListQuery),
-    responses(
-        (status = 200, description = "A page of sessions; the next page is in `Link: <…>; rel=\"next\"`", body = Vec<Session>,
-         headers(("Link" = String, description = "RFC 8288 link to the next page"))),
-        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-pub async fn list(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    _auth: Authorized<SessionsRead>,
-) -> Result<HttpResponse, ApiError> {
-    let q: ListQuery = params::query(&req)?;
+/// The request's session filters (`FilterQuery`), read.
+fn read_filter(req: &HttpRequest) -> Result<ListFilter, ApiError> {
+    let q: FilterQuery = params::query(req)?;
     let status = params::one_of(
         "status",
         &q.status,
@@ -401,22 +396,14 @@ pub async fn list(
         WorkerState::parse,
         "starting, running, idle, awaiting_approval, stopping or exited",
     )?;
-    let filter = ListFilter {
-        agent_id: q
-            .agent_id
-            .as_deref()
-            .map(|a| {
-                Uuid::parse_str(a).map_err(|_| ApiError::parameter("agent_id", "must be a UUID"))
-            })
-            .transpose()?,
-        parent_session_id: q
-            .parent_session_id
-            .as_deref()
-            .map(|a| {
-                Uuid::parse_str(a)
-                    .map_err(|_| ApiError::parameter("parent_session_id", "must be a UUID"))
-            })
-            .transpose()?,
+    let uuid = |field: &str, v: &Option<String>| {
+        v.as_deref()
+            .map(|a| Uuid::parse_str(a).map_err(|_| ApiError::parameter(field, "must be a UUID")))
+            .transpose()
+    };
+    Ok(ListFilter {
+        agent_id: uuid("agent_id", &q.agent_id)?,
+        parent_session_id: uuid("parent_session_id", &q.parent_session_id)?,
         status,
         session_type: q.session_type.clone(),
         runtime_backend: q
@@ -441,7 +428,117 @@ pub async fn list(
             })
             .transpose()?,
         worker_state,
+    })
+}
+
+/// Options of `DELETE /sessions/` beside the filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BulkDeleteQuery {
+    /// Answer how many sessions match, deleting nothing.
+    #[param(value_type = Option<bool>)]
+    pub dry_run: Option<String>,
+    // Paging belongs to the list: refused here rather than ignored.
+    #[serde(default)]
+    #[param(ignore)]
+    pub limit: Option<String>,
+    #[serde(default)]
+    #[param(ignore)]
+    pub cursor: Option<String>,
+}
+
+/// The answer of `DELETE /sessions/`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BulkDeleteResult {
+    /// True when nothing was deleted because `dry_run` asked so.
+    pub dry_run: bool,
+    /// Sessions the filters matched.
+    pub matched: u64,
+    /// Sessions deleted, each with its own `session.deleted` event (0 on a
+    /// dry run; below `matched` when some changed while being deleted,
+    /// which are left alone).
+    pub deleted: u64,
+}
+
+/// Delete every session the filters match (at least one filter is needed).
+#[utoipa::path(
+    delete, path = "/sessions/", tag = "sessions", operation_id = "delete_sessions",
+    params(FilterQuery, BulkDeleteQuery),
+    responses(
+        (status = 200, description = "How many sessions matched and were deleted; each deleted session has its own `session.deleted` event", body = BulkDeleteResult),
+        (status = 400, description = "An invalid parameter, paging, or no filter at all (a bulk delete of every session is refused)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn delete_many(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    meta: RequestMeta,
+    _auth: Authorized<SessionsWrite>,
+) -> Result<HttpResponse, ApiError> {
+    let filter = read_filter(&req)?;
+    let q: BulkDeleteQuery = params::query(&req)?;
+    for (field, v) in [("limit", &q.limit), ("cursor", &q.cursor)] {
+        if v.is_some() {
+            return Err(ApiError::parameter(
+                field,
+                "a bulk delete takes filters, not paging",
+            ));
+        }
+    }
+    let dry_run = match q.dry_run.as_deref() {
+        None => false,
+        Some(v) => v
+            .parse::<bool>()
+            .map_err(|_| ApiError::parameter("dry_run", "must be true or false"))?,
     };
+    if filter.is_empty() {
+        return Err(ApiError::parameter(
+            "query",
+            "a bulk delete needs at least one filter (status, updated_before, …); \
+             every session at once is refused",
+        ));
+    }
+    let result = if dry_run {
+        BulkDeleteResult {
+            dry_run,
+            matched: state.store.count(&filter).await?,
+            deleted: 0,
+        }
+    } else {
+        let done = state
+            .store
+            .delete_matching(&filter, state.delete_batch, &meta.0, |batch| {
+                for a in batch {
+                    state.after_commit(Some(a));
+                }
+            })
+            .await?;
+        BulkDeleteResult {
+            dry_run,
+            matched: done.matched,
+            deleted: done.deleted,
+        }
+    };
+    Ok(HttpResponse::Ok().json(result))
+}
+
+/// List sessions, newest first.
+#[utoipa::path(
+    get, path = "/sessions/", tag = "sessions", operation_id = "list_sessions",
+    params(FilterQuery, PageQuery),
+    responses(
+        (status = 200, description = "A page of sessions; the next page is in `Link: <…>; rel=\"next\"`", body = Vec<Session>,
+         headers(("Link" = String, description = "RFC 8288 link to the next page"))),
+        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    _auth: Authorized<SessionsRead>,
+) -> Result<HttpResponse, ApiError> {
+    let filter = read_filter(&req)?;
+    let q: PageQuery = params::query(&req)?;
     let limit = params::limit(&q.limit, &state.pages)?;
     let cursor = q
         .cursor

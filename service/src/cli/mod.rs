@@ -41,6 +41,12 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Retention: delete the sessions the settings select, purge deleted
+    /// sessions' streams after the grace period, remove expired idempotency keys.
+    Retention {
+        #[command(subcommand)]
+        action: RetentionAction,
+    },
     /// A command-line client of the API: create, list, follow and change sessions.
     Sessions(Box<sessions::SessionsArgs>),
     /// Print a shell completion script: `agent-sessions completions bash > /etc/bash_completion.d/agent-sessions`.
@@ -66,6 +72,16 @@ pub enum MigrateAction {
     Down,
     /// List migrations and whether each is applied.
     Status,
+}
+
+#[derive(Debug, Subcommand, Clone, Copy)]
+pub enum RetentionAction {
+    /// One pass (what the sweep in `serve` does), printing what it did.
+    Run {
+        /// Print what the pass would delete, purge and remove; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// The completion script of `shell` for the whole command line (every

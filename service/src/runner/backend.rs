@@ -105,5 +105,15 @@ pub trait Backend: Send + Sync + 'static {
 
     /// At start-up: find workers left by an earlier runner (after a crash or
     /// `kill -9`) and take them over; returns the sessions to reconcile.
+    /// Workspaces of sessions that no longer exist (deleted while no runner
+    /// watched, their events maybe purged since) are removed here too.
     fn adopt(&self) -> impl Future<Output = Vec<Uuid>> + Send;
+
+    /// Whether the backend keeps a workspace for the session (a local
+    /// directory, a claim).
+    fn has_workspace(&self, session_id: Uuid) -> bool;
+
+    /// The session is deleted, so nothing can resume it: remove its
+    /// workspace, unless a worker still holds it (its exit comes back here).
+    fn discard(&self, session_id: Uuid) -> impl Future<Output = ()> + Send;
 }

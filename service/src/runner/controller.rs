@@ -217,7 +217,7 @@ pub async fn reconcile_one<B: Backend>(ctx: &Context<B>, id: Uuid) -> Next {
 /// Read the session, observe the backend, decide, act.
 async fn step<B: Backend>(ctx: &Context<B>, id: Uuid) -> Result<Next, ApiError> {
     let Some(session) = ctx.api.session(id).await? else {
-        return Ok(on_deleted(ctx, id));
+        return Ok(on_deleted(ctx, id).await);
     };
     let view = SessionView::new(&session, ctx.backend.kind());
     ctx.remember(id, view.managed.is_some());
@@ -337,14 +337,19 @@ fn stop_cause(reason: StopReason) -> Option<StopCause> {
     })
 }
 
-/// The session is gone: a worker it had is unmanaged now.
-fn on_deleted<B: Backend>(ctx: &Context<B>, id: Uuid) -> Next {
+/// The session is gone: a worker it had is unmanaged now, and once no
+/// worker holds its workspace that goes too (a deleted session never resumes).
+async fn on_deleted<B: Backend>(ctx: &Context<B>, id: Uuid) -> Next {
     ctx.remember(id, false);
     let observed = ctx.backend.observe(id);
     match reconcile::decide_deleted(&observed) {
+        // Its exit wakes this session again.
         Action::Stop(reason) => ctx.backend.stop(id, reason),
         Action::Forget => forget_exited(ctx, id, &observed),
         _ => {}
+    }
+    if ctx.backend.observe(id).worker == reconcile::WorkerState::None {
+        ctx.backend.discard(id).await;
     }
     Next::Done
 }

@@ -145,7 +145,11 @@ impl<'a> Signal<'a> {
 
 /// Does this signal concern a session the backend manages (or now might)?
 pub fn relevant<B: Backend>(ctx: &Context<B>, s: &Signal<'_>) -> bool {
-    let known = ctx.is_known(s.id) || ctx.backend.sessions().contains(&s.id);
+    // A deletion also concerns a session the backend only keeps a workspace
+    // of (its runner restarted since it ran, and catches up from the feed).
+    let known = ctx.is_known(s.id)
+        || ctx.backend.sessions().contains(&s.id)
+        || (s.kind == EventKind::Deleted && ctx.backend.has_workspace(s.id));
     s.relevant(known, ctx.backend.kind().as_str())
 }
 

@@ -285,7 +285,52 @@ impl Backend for LocalBackend {
                 signals::signal_group(pgid, Signal::SIGKILL);
             }
         }
+        self.remove_orphaned_workspaces(&found).await;
         found
+    }
+
+    fn has_workspace(&self, session_id: Uuid) -> bool {
+        Workspace::at(&self.inner.cfg.root, session_id)
+            .dir()
+            .is_dir()
+    }
+
+    async fn discard(&self, session_id: Uuid) {
+        if self.inner.workers.contains(session_id) {
+            return;
+        }
+        match Workspace::at(&self.inner.cfg.root, session_id).remove() {
+            Ok(true) => info!(%session_id, "the session is deleted: workspace removed"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(%session_id, error = %e, "cannot remove the workspace of a deleted session")
+            }
+        }
+    }
+}
+
+impl LocalBackend {
+    /// At start-up, before any worker starts: remove the workspaces of
+    /// sessions the service answers 404 for. Deleted sessions only (ids are
+    /// never reused, and a workspace is made only for a session the runner
+    /// has read), whose deletion this runner may never see in the feed
+    /// (down meanwhile, and the events purged since). Those with a worker
+    /// just adopted wait for its exit; a session the service cannot be
+    /// asked about now is left for the feed or the next start.
+    async fn remove_orphaned_workspaces(&self, adopted: &[Uuid]) {
+        for ws in workspace::all(&self.inner.cfg.root) {
+            let id = ws.session_id;
+            if adopted.contains(&id) {
+                continue;
+            }
+            match self.inner.api.session(id).await {
+                Ok(None) => self.discard(id).await,
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    debug!(session_id = %id, error = %e, "cannot ask about a workspace's session; kept");
+                }
+            }
+        }
     }
 }
 

@@ -92,6 +92,16 @@ impl Workspace {
         &self.dir
     }
 
+    /// Remove the whole workspace (its session is deleted: nothing can
+    /// resume it); `false` when there was none.
+    pub fn remove(&self) -> Result<bool, WorkspaceError> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io(&self.dir)(e)),
+        }
+    }
+
     pub fn config_dir(&self) -> PathBuf {
         self.dir.join("claude")
     }
@@ -252,15 +262,23 @@ impl Workspace {
 
 /// Every session directory under `root` holding a pidfile.
 pub fn with_pidfiles(root: &Path) -> Vec<Workspace> {
+    all(root)
+        .into_iter()
+        .filter(|ws| ws.pidfile_path().is_file())
+        .collect()
+}
+
+/// Every session's workspace under `root` (directories named by a session id).
+pub fn all(root: &Path) -> Vec<Workspace> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return Vec::new();
     };
     entries
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| {
             let id = Uuid::parse_str(e.file_name().to_str()?).ok()?;
-            let ws = Workspace::at(root, id);
-            ws.pidfile_path().is_file().then_some(ws)
+            Some(Workspace::at(root, id))
         })
         .collect()
 }

@@ -65,6 +65,13 @@ impl<'a> EventRow<'a> {
     /// within the transaction, below 1024): its position is the
     /// transaction's id × 1024 + `index`.
     pub(crate) fn cte_as(&self, name: &str, index: u16) -> String {
+        self.cte_numbered(name, &index.to_string())
+    }
+
+    /// The CTE `name` writing one event per row of `source`, the row's
+    /// number within the transaction (below 1024) being the expression
+    /// `index` (a statement that appends a batch of events numbers them).
+    pub(crate) fn cte_numbered(&self, name: &str, index: &str) -> String {
         format!(
             "{name} AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
                                       event_type, payload, metadata, occurred_at) \

@@ -304,23 +304,15 @@ impl Store {
         id: Uuid,
         k: &IdempotencyRequest,
     ) -> Result<Option<InputWritten>, StoreError> {
-        let Some(row) = self
-            .db
-            .query_one_raw(Self::stmt(
-                "SELECT request_hash, input_id FROM idempotency_keys WHERE key = $1",
-                vec![k.key.clone().into()],
-            ))
-            .await?
-        else {
+        let Some(record) = self.key_record(k).await? else {
             return Ok(None);
         };
-        let hash: String = row.try_get("", "request_hash")?;
-        if hash != k.request_hash {
+        if record.request_hash != k.request_hash {
             return Err(StoreError::IdempotencyKeyReused);
         }
-        let input_id: Option<Uuid> = row.try_get("", "input_id")?;
-        let input_id =
-            input_id.ok_or_else(|| corrupt("an input's idempotency key names no input"))?;
+        let input_id = record
+            .input_id
+            .ok_or_else(|| corrupt("an input's idempotency key names no input"))?;
         let sql = format!("SELECT {INPUT_COLUMNS} FROM session_inputs WHERE id = $1");
         match self
             .db

@@ -14,6 +14,7 @@ mod messages;
 mod portable;
 mod relay;
 mod replay;
+mod retention;
 mod rows;
 mod sessions;
 
@@ -23,10 +24,13 @@ pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};
 pub use live::{ApprovalWritten, InputWritten, NewInput};
 pub use messages::StoredMessage;
 pub use portable::{ForkPlan, Forked, ImportPlan, SessionDump, TranscriptChunk};
-pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, RelayLag};
+pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, Leadership, RelayLag};
 pub(crate) use replay::fold;
 pub use replay::{ReplayDifference, ReplayReport};
-pub use sessions::{Appended, Created, IdempotencyRequest, ListCursor, ListFilter, Written};
+pub use retention::Purged;
+pub use sessions::{
+    Appended, BulkDeleted, Created, IdempotencyRequest, ListCursor, ListFilter, Written,
+};
 
 use std::time::Duration;
 

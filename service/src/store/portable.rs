@@ -484,7 +484,8 @@ impl Store {
         let event_ids: Vec<Value> = plan.events.iter().map(|e| json!(e.event_id)).collect();
         let taken = txn
             .query_one_raw(stmt(
-                "SELECT (SELECT count(*) FROM events WHERE aggregate_id = $1)::bigint AS stream, \
+                "SELECT (SELECT count(*) FROM events WHERE aggregate_id = $1)::bigint \
+                        + (SELECT count(*) FROM session_tombstones WHERE session_id = $1)::bigint AS stream, \
                         (SELECT count(*) FROM events WHERE event_id IN \
                            (SELECT x::uuid FROM jsonb_array_elements_text($2) x))::bigint AS ids",
                 vec![id.into(), json(Value::Array(event_ids))],

@@ -9,6 +9,8 @@
 //! state it was planned on was read, so positions follow each session's
 //! version order.
 
+use std::time::Duration;
+
 use base64::Engine as _;
 use chrono::{DateTime, TimeZone, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as Param};
@@ -35,6 +37,26 @@ const MAX_ATTEMPTS: usize = 64;
 pub struct IdempotencyRequest {
     pub key: String,
     pub request_hash: String,
+    /// How long a stored key is honoured (`retention.idempotency_key_ttl_secs`):
+    /// an older one is removed when met, and the request runs as a new one.
+    pub ttl: Duration,
+}
+
+/// What an idempotency key that is still honoured recorded.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyRecord {
+    pub request_hash: String,
+    pub session_id: Uuid,
+    pub input_id: Option<Uuid>,
+}
+
+/// What a bulk delete found and deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BulkDeleted {
+    /// Sessions that matched the filter when read.
+    pub matched: u64,
+    /// Those deleted (the others changed in between, so were left alone).
+    pub deleted: u64,
 }
 
 /// What a committed write appended to the log: the input of the effects
@@ -121,6 +143,36 @@ pub struct ListFilter {
     pub worker_state: Vec<WorkerState>,
     /// Only sessions forked from this one.
     pub parent_session_id: Option<Uuid>,
+}
+
+impl ListFilter {
+    /// No filter at all: it matches every session.
+    pub fn is_empty(&self) -> bool {
+        let Self {
+            agent_id,
+            status,
+            session_type,
+            runtime_backend,
+            created_after,
+            created_before,
+            updated_after,
+            updated_before,
+            has_worker,
+            worker_state,
+            parent_session_id,
+        } = self;
+        agent_id.is_none()
+            && status.is_empty()
+            && session_type.is_none()
+            && runtime_backend.is_none()
+            && created_after.is_none()
+            && created_before.is_none()
+            && updated_after.is_none()
+            && updated_before.is_none()
+            && has_worker.is_none()
+            && worker_state.is_empty()
+            && parent_session_id.is_none()
+    }
 }
 
 /// Keyset position in the newest-first list: the last row returned.
@@ -263,21 +315,13 @@ impl Store {
             let Some(k) = idem else {
                 return Err(StoreError::Corrupt("create inserted no row".into()));
             };
-            let existing = self
-                .db
-                .query_one_raw(stmt(
-                    "SELECT request_hash, session_id FROM idempotency_keys WHERE key = $1",
-                    vec![k.key.clone().into()],
-                ))
-                .await?;
-            let Some(row) = existing else {
-                continue; // the other request rolled back: try again
+            let Some(record) = self.key_record(k).await? else {
+                continue; // the other request rolled back, or the key expired: try again
             };
-            let hash: String = row.try_get("", "request_hash")?;
-            let session_id: Uuid = row.try_get("", "session_id")?;
-            if hash != k.request_hash {
+            if record.request_hash != k.request_hash {
                 return Err(StoreError::IdempotencyKeyReused);
             }
+            let session_id = record.session_id;
             return match self.get(session_id).await? {
                 Some(session) => Ok(Created {
                     session,
@@ -436,6 +480,43 @@ impl Store {
         }
     }
 
+    /// The record of an idempotency key while it is honoured. A key older
+    /// than its `ttl` is removed here (the retention sweep removes the rest
+    /// in batches), so it is never honoured even before a sweep runs.
+    pub(crate) async fn key_record(
+        &self,
+        k: &IdempotencyRequest,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let ttl = k.ttl.as_secs_f64();
+        let Some(row) = self
+            .db
+            .query_one_raw(stmt(
+                "SELECT request_hash, session_id, input_id, \
+                        created_at > now() - make_interval(secs => $2) AS live \
+                 FROM idempotency_keys WHERE key = $1",
+                vec![k.key.clone().into(), ttl.into()],
+            ))
+            .await?
+        else {
+            return Ok(None);
+        };
+        if !row.try_get::<bool>("", "live")? {
+            self.db
+                .execute_raw(stmt(
+                    "DELETE FROM idempotency_keys \
+                     WHERE key = $1 AND created_at <= now() - make_interval(secs => $2)",
+                    vec![k.key.clone().into(), ttl.into()],
+                ))
+                .await?;
+            return Ok(None);
+        }
+        Ok(Some(KeyRecord {
+            request_hash: row.try_get("", "request_hash")?,
+            session_id: row.try_get("", "session_id")?,
+            input_id: row.try_get("", "input_id")?,
+        }))
+    }
+
     /// Delete a session, appending `session.deleted`.
     #[instrument(skip(self, meta), fields(session_id = %id))]
     pub async fn delete(
@@ -444,46 +525,142 @@ impl Store {
         expected_version: Option<i64>,
         meta: &EventMetadata,
     ) -> Result<Written, StoreError> {
-        let event = EventRow {
-            source: "d",
-            kind: EventKind::Deleted,
-            aggregate_id: "$1",
-            version: "$2 + 1",
-            event_id: "$3",
-            payload: "$4",
-            metadata: "$5",
-            occurred_at: "now()",
-        }
-        .cte();
-        let sql = format!(
-            "WITH {ANNOUNCE}, \
-             d AS (DELETE FROM sessions USING announce WHERE id = $1 AND version = $2 RETURNING id), \
-             m AS (DELETE FROM session_messages WHERE session_id IN (SELECT id FROM d)), \
-             i AS (DELETE FROM session_inputs WHERE session_id IN (SELECT id FROM d)), \
-             a AS (DELETE FROM session_approvals WHERE session_id IN (SELECT id FROM d)), \
-             t AS (DELETE FROM session_transcript_chunks WHERE session_id IN (SELECT id FROM d)), \
-             {event} \
-             SELECT position FROM e"
-        );
         self.on_version(id, expected_version, async |current| {
-            let payload = event::deleted_payload(&current);
-            let values: Vec<Param> = vec![
-                id.into(),
-                current.version.into(),
-                Uuid::new_v4().into(),
-                json(payload.clone()),
-                metadata(meta)?,
-            ];
-            if self.db.query_one_raw(stmt(&sql, values)).await?.is_none() {
-                return Ok(Attempt::LostRace);
-            }
-            let appended = Appended::new(&current, EventKind::Deleted, &payload);
-            Ok(Attempt::Done(Written {
-                session: current,
-                appended: Some(appended),
-            }))
+            let mut appended = self
+                .delete_many(std::slice::from_ref(&current), meta)
+                .await?;
+            Ok(match appended.pop() {
+                Some(a) => Attempt::Done(Written {
+                    session: current,
+                    appended: Some(a),
+                }),
+                None => Attempt::LostRace,
+            })
         })
         .await
+    }
+
+    /// Delete each of `sessions` that is still at the version it was read
+    /// at, in one statement: its row, its messages, inputs, approvals and
+    /// transcript, a tombstone (`session_tombstones`, kept after a purge so
+    /// the id is never taken again), and one `session.deleted` event each.
+    /// Returns the events of those deleted; one that moved on meanwhile is
+    /// left alone. At most 1000 sessions (the events' numbers within the
+    /// transaction stay below 1024).
+    pub(crate) async fn delete_many(
+        &self,
+        sessions: &[SessionState],
+        meta: &EventMetadata,
+    ) -> Result<Vec<Appended>, StoreError> {
+        if sessions.is_empty() {
+            return Ok(Vec::new());
+        }
+        if sessions.len() > 1000 {
+            return Err(StoreError::Corrupt(format!(
+                "a delete of {} sessions in one statement (at most 1000)",
+                sessions.len()
+            )));
+        }
+        let payloads: Vec<Value> = sessions.iter().map(event::deleted_payload).collect();
+        let rows: Vec<Value> = sessions
+            .iter()
+            .zip(&payloads)
+            .map(|(s, payload)| {
+                serde_json::json!({
+                    "id": s.id, "version": s.version,
+                    "event_id": Uuid::new_v4(), "payload": payload,
+                })
+            })
+            .collect();
+        let event = EventRow {
+            source: "d JOIN p ON p.id = d.id",
+            kind: EventKind::Deleted,
+            aggregate_id: "d.id",
+            version: "d.version + 1",
+            event_id: "p.event_id",
+            payload: "p.payload",
+            metadata: "$2",
+            occurred_at: "now()",
+        }
+        .cte_numbered("e", "p.n - 1");
+        let sql = format!(
+            "WITH {ANNOUNCE}, \
+             p AS (SELECT (o.x->>'id')::uuid AS id, (o.x->>'version')::bigint AS version, \
+                          (o.x->>'event_id')::uuid AS event_id, o.x->'payload' AS payload, o.n \
+                   FROM jsonb_array_elements($1) WITH ORDINALITY AS o(x, n)), \
+             d AS (DELETE FROM sessions s USING announce, p \
+                   WHERE s.id = p.id AND s.version = p.version RETURNING s.id, s.version), \
+             dm AS (DELETE FROM session_messages WHERE session_id IN (SELECT id FROM d)), \
+             di AS (DELETE FROM session_inputs WHERE session_id IN (SELECT id FROM d)), \
+             da AS (DELETE FROM session_approvals WHERE session_id IN (SELECT id FROM d)), \
+             dt AS (DELETE FROM session_transcript_chunks WHERE session_id IN (SELECT id FROM d)), \
+             tb AS (INSERT INTO session_tombstones (session_id, deleted_at) \
+                    SELECT id, now() FROM d ON CONFLICT (session_id) DO NOTHING), \
+             {event} \
+             SELECT id FROM d"
+        );
+        let deleted: std::collections::HashSet<Uuid> = self
+            .db
+            .query_all_raw(stmt(&sql, vec![json(Value::Array(rows)), metadata(meta)?]))
+            .await?
+            .iter()
+            .map(|r| r.try_get::<Uuid>("", "id"))
+            .collect::<Result<_, _>>()?;
+        Ok(sessions
+            .iter()
+            .zip(&payloads)
+            .filter(|(s, _)| deleted.contains(&s.id))
+            .map(|(s, payload)| Appended::new(s, EventKind::Deleted, payload))
+            .collect())
+    }
+
+    /// Delete every session `filter` matches, `batch` at a time (each batch
+    /// one statement, so no sweep holds a long transaction), each with its
+    /// own `session.deleted`. A session is deleted at the version it matched
+    /// at; one changed in between is left alone. `committed` sees each
+    /// batch's events once it has committed.
+    #[instrument(skip(self, meta, committed))]
+    pub async fn delete_matching(
+        &self,
+        filter: &ListFilter,
+        batch: u64,
+        meta: &EventMetadata,
+        mut committed: impl FnMut(&[Appended]),
+    ) -> Result<BulkDeleted, StoreError> {
+        let batch = batch.clamp(1, 1000);
+        let mut done = BulkDeleted::default();
+        let mut cursor = None;
+        loop {
+            let page = self.list(filter, batch, cursor).await?;
+            let Some(last) = page.last() else {
+                return Ok(done);
+            };
+            cursor = Some(ListCursor {
+                created_at: last.created_at,
+                id: last.id,
+            });
+            let appended = self.delete_many(&page, meta).await?;
+            committed(&appended);
+            done.matched += page.len() as u64;
+            done.deleted += appended.len() as u64;
+            if (page.len() as u64) < batch {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// How many sessions `filter` matches now.
+    #[instrument(skip(self))]
+    pub async fn count(&self, filter: &ListFilter) -> Result<u64, StoreError> {
+        let mut values = Vec::new();
+        let cond = conditions(filter, &mut values);
+        let sql = format!("SELECT count(*) AS n FROM sessions {}", where_clause(&cond));
+        let row = self
+            .db
+            .query_one_raw(stmt(&sql, values))
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("a count returned nothing".into()))?;
+        Ok(row.try_get::<i64>("", "n")?.max(0) as u64)
     }
 
     /// Newest first, `limit` rows after `cursor`.
@@ -495,67 +672,7 @@ impl Store {
         cursor: Option<ListCursor>,
     ) -> Result<Vec<SessionState>, StoreError> {
         let mut values: Vec<Param> = Vec::new();
-        let mut cond: Vec<String> = Vec::new();
-        fn push(values: &mut Vec<Param>, cond: &mut Vec<String>, expr: &str, v: Param) {
-            values.push(v);
-            cond.push(expr.replace('?', &format!("${}", values.len())));
-        }
-        /// `expr` equal to one of `these` (nothing when empty).
-        fn push_any(values: &mut Vec<Param>, cond: &mut Vec<String>, expr: &str, these: &[&str]) {
-            match these {
-                [] => {}
-                [one] => push(values, cond, &format!("{expr} = ?"), (*one).into()),
-                many => {
-                    let mut marks = Vec::new();
-                    for s in many {
-                        values.push((*s).into());
-                        marks.push(format!("${}", values.len()));
-                    }
-                    cond.push(format!("{expr} IN ({})", marks.join(", ")));
-                }
-            }
-        }
-        if let Some(a) = filter.agent_id {
-            push(&mut values, &mut cond, "agent_id = ?", a.into());
-        }
-        if let Some(p) = filter.parent_session_id {
-            push(&mut values, &mut cond, "parent_session_id = ?", p.into());
-        }
-        let statuses: Vec<&str> = filter.status.iter().map(|s| s.as_str()).collect();
-        push_any(&mut values, &mut cond, "status", &statuses);
-        let states: Vec<&str> = filter.worker_state.iter().map(|s| s.as_str()).collect();
-        push_any(
-            &mut values,
-            &mut cond,
-            "(runtime_metadata -> 'worker' ->> 'state')",
-            &states,
-        );
-        if let Some(t) = &filter.session_type {
-            push(&mut values, &mut cond, "session_type = ?", t.clone().into());
-        }
-        if let Some(b) = filter.runtime_backend {
-            push(
-                &mut values,
-                &mut cond,
-                "runtime_backend = ?",
-                b.as_str().into(),
-            );
-        }
-        for (expr, v) in [
-            ("created_at >= ?", filter.created_after),
-            ("created_at < ?", filter.created_before),
-            ("updated_at >= ?", filter.updated_after),
-            ("updated_at < ?", filter.updated_before),
-        ] {
-            if let Some(t) = v {
-                push(&mut values, &mut cond, expr, t.into());
-            }
-        }
-        match filter.has_worker {
-            Some(true) => cond.push("worker IS NOT NULL".into()),
-            Some(false) => cond.push("worker IS NULL".into()),
-            None => {}
-        }
+        let mut cond = conditions(filter, &mut values);
         if let Some(c) = cursor {
             values.push(c.created_at.into());
             values.push(c.id.into());
@@ -563,14 +680,10 @@ impl Store {
             cond.push(format!("(created_at, id) < (${}, ${n})", n - 1));
         }
         values.push((limit as i64).into());
-        let where_ = if cond.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", cond.join(" AND "))
-        };
         let sql = format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions {where_} \
+            "SELECT {SESSION_COLUMNS} FROM sessions {} \
              ORDER BY created_at DESC, id DESC LIMIT ${}",
+            where_clause(&cond),
             values.len()
         );
         self.db
@@ -579,6 +692,77 @@ impl Store {
             .iter()
             .map(rows::session)
             .collect()
+    }
+}
+
+/// The SQL conditions of `filter` (combined with AND), their parameters
+/// appended to `values`: one reading of the filters for a list, a count and
+/// a bulk delete.
+fn conditions(filter: &ListFilter, values: &mut Vec<Param>) -> Vec<String> {
+    let mut cond: Vec<String> = Vec::new();
+    fn push(values: &mut Vec<Param>, cond: &mut Vec<String>, expr: &str, v: Param) {
+        values.push(v);
+        cond.push(expr.replace('?', &format!("${}", values.len())));
+    }
+    /// `expr` equal to one of `these` (nothing when empty).
+    fn push_any(values: &mut Vec<Param>, cond: &mut Vec<String>, expr: &str, these: &[&str]) {
+        match these {
+            [] => {}
+            [one] => push(values, cond, &format!("{expr} = ?"), (*one).into()),
+            many => {
+                let mut marks = Vec::new();
+                for s in many {
+                    values.push((*s).into());
+                    marks.push(format!("${}", values.len()));
+                }
+                cond.push(format!("{expr} IN ({})", marks.join(", ")));
+            }
+        }
+    }
+    if let Some(a) = filter.agent_id {
+        push(values, &mut cond, "agent_id = ?", a.into());
+    }
+    if let Some(p) = filter.parent_session_id {
+        push(values, &mut cond, "parent_session_id = ?", p.into());
+    }
+    let statuses: Vec<&str> = filter.status.iter().map(|s| s.as_str()).collect();
+    push_any(values, &mut cond, "status", &statuses);
+    let states: Vec<&str> = filter.worker_state.iter().map(|s| s.as_str()).collect();
+    push_any(
+        values,
+        &mut cond,
+        "(runtime_metadata -> 'worker' ->> 'state')",
+        &states,
+    );
+    if let Some(t) = &filter.session_type {
+        push(values, &mut cond, "session_type = ?", t.clone().into());
+    }
+    if let Some(b) = filter.runtime_backend {
+        push(values, &mut cond, "runtime_backend = ?", b.as_str().into());
+    }
+    for (expr, v) in [
+        ("created_at >= ?", filter.created_after),
+        ("created_at < ?", filter.created_before),
+        ("updated_at >= ?", filter.updated_after),
+        ("updated_at < ?", filter.updated_before),
+    ] {
+        if let Some(t) = v {
+            push(values, &mut cond, expr, t.into());
+        }
+    }
+    match filter.has_worker {
+        Some(true) => cond.push("worker IS NOT NULL".into()),
+        Some(false) => cond.push("worker IS NULL".into()),
+        None => {}
+    }
+    cond
+}
+
+fn where_clause(cond: &[String]) -> String {
+    if cond.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", cond.join(" AND "))
     }
 }
 

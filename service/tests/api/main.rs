@@ -14,6 +14,7 @@ mod messages;
 mod openapi;
 mod portable;
 mod relay;
+mod retention;
 mod sessions;
 #[path = "../support/mod.rs"]
 mod support;

@@ -222,6 +222,22 @@ impl KubeRig {
         .await;
     }
 
+    /// Pause the session; once its pod is gone and the stop recorded, the
+    /// worker record.
+    async fn pause(&self, id: &str) -> Value {
+        let code = self
+            .api
+            .merge_patch(id, &json!({"status": "paused"}))
+            .await
+            .status;
+        assert_eq!(code, 200);
+        self.until_no_pod(&pod_name(id)).await;
+        self.until_worker(id, "the stop to be recorded", |w| {
+            w["stopped_at"].is_string()
+        })
+        .await
+    }
+
     /// Schedule and start the container, as the scheduler and kubelet would.
     async fn run_pod(&self, id: &str) {
         let name = pod_name(id);
@@ -437,6 +453,29 @@ async fn kubernetes_completion_records_usage_from_the_log_and_deletes_pod_and_cl
     rig.stop().await;
 }
 
+/// A deleted session can never resume: its claim goes even where claims
+/// are kept (`delete_claim_on_completion = false`), once its pod is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_deleting_a_session_deletes_its_claim_even_where_claims_are_kept() {
+    let mut rig = KubeRig::prepare().await;
+    let mut settings = kube_settings(&rig.api, &rig.kube);
+    settings.runner.api_url = rig.proxy.url.clone();
+    settings.runner.delete_claim_on_completion = false;
+    rig.runner = Some(InProcessRunner::start(settings, Vec::new()));
+    let id = rig.create_managed().await;
+    rig.until_pod(&id, 1).await;
+    rig.run_pod(&id).await;
+    rig.print(&id, &lines(SUCCESS, &id)[..3]);
+    rig.pause(&id).await;
+    assert!(
+        rig.kube.claim(&claim_name(&id)).is_some(),
+        "a paused session keeps its claim"
+    );
+    rig.api.delete(&id).await.expect(204);
+    rig.until_no_claim(&claim_name(&id)).await;
+    rig.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_pause_deletes_the_pod_keeps_the_claim_and_resume_recreates_it() {
     let rig = KubeRig::start().await;
@@ -449,19 +488,11 @@ async fn kubernetes_pause_deletes_the_pod_keeps_the_claim_and_resume_recreates_i
     let claim_uid = rig.kube.claim(&claim_name(&id)).expect("claim")["metadata"]["uid"].clone();
 
     let t0 = Instant::now();
-    let code = rig
-        .api
-        .merge_patch(&id, &json!({"status": "paused"}))
-        .await
-        .status;
-    assert_eq!(code, 200);
-    rig.until_no_pod(&pod_name(&id)).await;
-    eprintln!("pod deleted {:?} after the pause", t0.elapsed());
-    let w = rig
-        .until_worker(&id, "the stop to be recorded", |w| {
-            w["stopped_at"].is_string()
-        })
-        .await;
+    let w = rig.pause(&id).await;
+    eprintln!(
+        "pod deleted and the stop recorded {:?} after the pause",
+        t0.elapsed()
+    );
     assert!(w["crash_reason"].is_null(), "a pause is no crash: {w}");
     assert_eq!(rig.api.get(&id).await["status"], "paused");
     let claim = rig.kube.claim(&claim_name(&id)).expect("the claim is kept");

@@ -6,7 +6,8 @@
 //! input, approvals, interrupt, idle timeout), and the Kubernetes backend
 //! against a fake Kubernetes API (`kubernetes`), with live sessions there
 //! too, the real CLI run as the pods' container (`kubernetes_live`), and
-//! sessions whose transcript moves between backends (`portable`); each
+//! sessions whose transcript moves between backends (`portable`), and
+//! workspaces removed when their session is deleted (`retention`); each
 //! with the API service in-process on its own database.
 
 // A test fails by panicking: unwrap and expect are how it says so.
@@ -20,6 +21,7 @@ mod policies;
 mod portable;
 mod portable_kube;
 mod restart;
+mod retention;
 #[path = "../support/mod.rs"]
 mod support;
 mod trace;

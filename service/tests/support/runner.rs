@@ -111,12 +111,20 @@ impl InProcessRunner {
         .await;
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        let root = self.halt().await;
+        clean_root(&root);
+    }
+
+    /// Stop, leaving the workspace root (and the workers) for a runner
+    /// started next on it; the root.
+    pub async fn halt(mut self) -> PathBuf {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
-        clean_root(&self.root);
+        // Dropping with an empty root cleans nothing.
+        std::mem::take(&mut self.root)
     }
 }
 

@@ -1,4 +1,5 @@
-//! The real `agent-sessions` binary: `migrate`, `replay --verify`, and a
+//! The real `agent-sessions` binary: `migrate`, `replay --verify`,
+//! `retention run`, and a
 //! `serve` process that can be SIGKILLed and started again on the same port,
 //! so clients keep their base URL across the crash.
 
@@ -34,6 +35,26 @@ pub fn replay_verify(database_url: &str) -> (bool, String) {
         .env("RUST_LOG", "warn")
         .output()
         .expect("agent-sessions replay");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    (out.status.success(), text)
+}
+
+/// `agent-sessions retention run [--dry-run]` with the retention settings
+/// in `env` (`APP__RETENTION__…`): whether it succeeded, and what it printed.
+pub fn retention_run(database_url: &str, env: &[(&str, &str)], dry_run: bool) -> (bool, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["retention", "run"])
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied());
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    let out = cmd.output().expect("agent-sessions retention run");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout).trim(),

@@ -8,7 +8,8 @@
 //! status from the pod watch, its stream-json from the pod log) until it
 //! ends, `attach` writes to a worker's stdin (the pod's `attach`). One watch over the managed pods feeds every supervisor; a sweep at
 //! start-up and every resync adopts pods of active sessions and deletes the
-//! rest (orphans), and removes the claims of completed sessions.
+//! rest (orphans), and removes the claims of deleted sessions (and of
+//! completed ones unless they are kept).
 
 pub mod access;
 pub mod attach;
@@ -211,7 +212,8 @@ impl KubernetesBackend {
 
     /// Adopt the pods of active sessions that no slot holds; delete the
     /// others (orphans: the session is gone, not active, unmanaged, or has
-    /// moved to a newer worker); delete the claims of completed sessions.
+    /// moved to a newer worker); delete the claims of deleted sessions, and
+    /// of completed ones unless claims are kept.
     /// Returns the sessions adopted.
     #[instrument(skip(self))]
     pub async fn sweep(&self) -> Vec<Uuid> {
@@ -236,7 +238,7 @@ impl KubernetesBackend {
                         continue;
                     };
                     lock(&inner.claims).entry(id).or_insert(true);
-                    if inner.cfg.delete_claim_on_completion && !inner.workers.contains(id) {
+                    if !inner.workers.contains(id) {
                         inner.release_claim_if_done(id, &name).await;
                     }
                 }
@@ -418,20 +420,27 @@ impl Inner {
         Err(KubeError::PodInTheWay(name))
     }
 
-    /// Delete the claim when the session is completed or gone, and claims
-    /// are not kept.
+    /// Delete the claim when the session is gone (deleted: nothing can
+    /// resume it, whatever `delete_claim_on_completion` says), or completed
+    /// and claims of completed sessions are not kept.
     async fn release_claim_if_done(&self, id: Uuid, claim: &str) {
         let done = match self.api.session(id).await {
             Ok(None) => true,
-            Ok(Some(s)) => SessionStatus::from(s.status) == SessionStatus::Completed,
+            Ok(Some(s)) => {
+                self.cfg.delete_claim_on_completion
+                    && SessionStatus::from(s.status) == SessionStatus::Completed
+            }
             Err(e) => {
                 warn!(session_id = %id, error = %e, "cannot read the session of a claim");
                 false
             }
         };
-        if !done {
-            return;
+        if done {
+            self.delete_claim(id, claim).await;
         }
+    }
+
+    async fn delete_claim(&self, id: Uuid, claim: &str) {
         match self.kube.delete_claim(claim).await {
             Ok(_) => {
                 info!(session_id = %id, %claim, "workspace claim deleted");
@@ -572,11 +581,9 @@ impl Backend for KubernetesBackend {
                 if let Err(e) = inner.kube.delete_pod(&name).await {
                     warn!(error = %e, "cannot delete the ended pod; the sweep will");
                 }
-                if inner.cfg.delete_claim_on_completion {
-                    inner
-                        .release_claim_if_done(session_id, &pod::claim_name(session_id))
-                        .await;
-                }
+                inner
+                    .release_claim_if_done(session_id, &pod::claim_name(session_id))
+                    .await;
             }
             .instrument(span),
         );
@@ -592,5 +599,17 @@ impl Backend for KubernetesBackend {
 
     async fn adopt(&self) -> Vec<Uuid> {
         self.sweep().await
+    }
+
+    fn has_workspace(&self, session_id: Uuid) -> bool {
+        lock(&self.inner.claims).contains_key(&session_id)
+    }
+
+    async fn discard(&self, session_id: Uuid) {
+        if !self.inner.workers.contains(session_id) {
+            self.inner
+                .delete_claim(session_id, &pod::claim_name(session_id))
+                .await;
+        }
     }
 }
