@@ -1,4 +1,5 @@
-//! What the relay needs from PostgreSQL: its durable cursor, a leader lock,
+//! What the relay needs from PostgreSQL: its durable cursor, a leader lock
+//! (shared with the analytics consumer, by role),
 //! the cross-replica wake-up (`NOTIFY`), and lag figures.
 
 use chrono::{DateTime, Utc};
@@ -11,9 +12,32 @@ use super::{Store, StoreError};
 /// `NOTIFY` channel that tells every replica the log has grown.
 pub const FEED_CHANNEL: &str = "agent_sessions_events";
 
-/// Advisory lock key held by the one publishing relay (bigint key space;
-/// session writes take no advisory locks).
-const RELAY_LOCK_KEY: i64 = 0x6167_7365_7373;
+/// What a leader lock elects: each role is held by one replica at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderRole {
+    /// The relay publishing events to Redis.
+    Relay,
+    /// The consumer keeping the analytics projection.
+    Analytics,
+}
+
+impl LeaderRole {
+    /// Its advisory lock key (bigint key space; the writers' announcement
+    /// lock of `append.rs` uses another).
+    fn key(self) -> i64 {
+        match self {
+            Self::Relay => 0x6167_7365_7373,
+            Self::Analytics => 0x6167_7365_616e,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Relay => "relay",
+            Self::Analytics => "analytics",
+        }
+    }
+}
 
 /// Lag behind the head of the log, capped so a huge backlog stays cheap to measure.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,23 +114,25 @@ impl Store {
     }
 }
 
-/// Leadership of the relay: a session-level advisory lock on a connection of
-/// its own. It is released when that connection ends, so a relay that dies
+/// Leadership of a role: a session-level advisory lock on a connection of
+/// its own. It is released when that connection ends, so a leader that dies
 /// hands over as soon as PostgreSQL notices.
 pub struct LeaderLock {
     conn: PgConnection,
+    key: i64,
 }
 
 impl LeaderLock {
-    /// `Ok(None)` when another relay holds the lock.
-    pub async fn try_acquire(url: &str) -> Result<Option<Self>, sqlx::Error> {
+    /// `Ok(None)` when another replica holds the role.
+    pub async fn try_acquire(url: &str, role: LeaderRole) -> Result<Option<Self>, sqlx::Error> {
+        let key = role.key();
         let mut conn = PgConnection::connect(url).await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(RELAY_LOCK_KEY)
+            .bind(key)
             .fetch_one(&mut conn)
             .await?;
         if got {
-            Ok(Some(Self { conn }))
+            Ok(Some(Self { conn, key }))
         } else {
             let _ = conn.close().await;
             Ok(None)
@@ -120,7 +146,7 @@ impl LeaderLock {
              AND pid = pg_backend_pid() AND granted AND objsubid = 1 \
              AND ((classid::bigint << 32) | objid::bigint) = $1)",
         )
-        .bind(RELAY_LOCK_KEY)
+        .bind(self.key)
         .fetch_one(&mut self.conn)
         .await
         .unwrap_or(false)
