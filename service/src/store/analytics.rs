@@ -297,8 +297,8 @@ fn rebuild_buckets_sql() -> String {
     format!(
         "INSERT INTO analytics_buckets (dimension, day, value, status, {cols}) \
          SELECT d.dimension, (s.created_at AT TIME ZONE 'UTC')::date, d.value, s.status, \
-                count(*), sum(extract(epoch FROM s.created_at) * 1000000), \
-                sum(extract(epoch FROM s.status_since) * 1000000), {sums} \
+                count(*), sum((extract(epoch FROM s.created_at) * 1000000)::bigint), \
+                sum((extract(epoch FROM s.status_since) * 1000000)::bigint), {sums} \
          FROM analytics_sessions s \
          CROSS JOIN LATERAL (VALUES ('all', ''), ('agent_id', s.agent_id::text), \
                                     ('session_type', s.session_type)) AS d(dimension, value) \
