@@ -6,10 +6,10 @@
 //! transaction as the rows it covers.
 //!
 //! A bucket sums the summaries of the sessions created on one UTC day with
-//! one status and one value of a dimension (`all`, `agent_id`,
-//! `session_type`), so a query over a range reads days × values rows, never
-//! the sessions. Time sums are microseconds (`numeric`: a million sessions'
-//! epoch microseconds overflow `bigint`).
+//! one value of a dimension (`agent_id`, `session_type`; or `all`, split by
+//! status), so a query over a range reads days × values rows, never the
+//! sessions. Sums of instants are epoch microseconds in `numeric` (a
+//! million sessions' overflow `bigint`).
 
 use sea_orm_migration::prelude::*;
 
@@ -50,23 +50,35 @@ CREATE TABLE analytics_buckets (
     dimension          text    NOT NULL CHECK (dimension IN ('all', 'agent_id', 'session_type')),
     day                date    NOT NULL,
     value              text    NOT NULL,
+    -- The sessions' status for `all` (so sums split by status); '' for the
+    -- other dimensions, whose rows count each status in columns instead.
     status             text    NOT NULL,
     sessions           bigint  NOT NULL,
+    n_active           bigint  NOT NULL,
+    n_paused           bigint  NOT NULL,
+    n_completed        bigint  NOT NULL,
+    n_crashed          bigint  NOT NULL,
+    -- Σ creation instants; Σ end instants of the completed sessions; Σ the
+    -- instants the others took their status, per status (epoch µs). Open
+    -- stretches are n × now − Σ, computed when read.
     created_us         numeric NOT NULL,
-    since_us           numeric NOT NULL,
-    active_us          numeric NOT NULL,
-    paused_us          numeric NOT NULL,
-    crashed_us         numeric NOT NULL,
-    pauses             numeric NOT NULL,
-    resumes            numeric NOT NULL,
-    recoveries         numeric NOT NULL,
-    crashes            numeric NOT NULL,
-    worker_generations numeric NOT NULL,
-    restarts           numeric NOT NULL,
-    turns              numeric NOT NULL,
-    input_tokens       numeric NOT NULL,
-    output_tokens      numeric NOT NULL,
-    cost_micro_usd     numeric NOT NULL,
+    ended_us           numeric NOT NULL,
+    active_since_us    numeric NOT NULL,
+    paused_since_us    numeric NOT NULL,
+    crashed_since_us   numeric NOT NULL,
+    active_us          bigint  NOT NULL,
+    paused_us          bigint  NOT NULL,
+    crashed_us         bigint  NOT NULL,
+    pauses             bigint  NOT NULL,
+    resumes            bigint  NOT NULL,
+    recoveries         bigint  NOT NULL,
+    crashes            bigint  NOT NULL,
+    worker_generations bigint  NOT NULL,
+    restarts           bigint  NOT NULL,
+    turns              bigint  NOT NULL,
+    input_tokens       bigint  NOT NULL,
+    output_tokens      bigint  NOT NULL,
+    cost_micro_usd     bigint  NOT NULL,
     PRIMARY KEY (dimension, day, value, status)
 );
 

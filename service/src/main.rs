@@ -79,8 +79,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             if !verify && !analytics {
                 anyhow::bail!("say what to replay: `--verify` (sessions), `--analytics`, or both");
             }
-            let db = sea_orm::Database::connect(&settings.database.url).await?;
-            let store = store::Store::from_connection(db);
+            let mut opts = sea_orm::ConnectOptions::new(settings.database.url.clone());
+            opts.sqlx_logging(false);
+            let store = store::Store::from_connection(sea_orm::Database::connect(opts).await?);
             if analytics {
                 let started = std::time::Instant::now();
                 let r = store.rebuild_analytics().await?;

@@ -35,11 +35,18 @@ const TALLY_COLUMNS: &str = "session_id, agent_id, session_type, status, created
      status_since, active_us, paused_us, crashed_us, pauses, resumes, recoveries, crashes, \
      worker_generations, restarts, turns, input_tokens, output_tokens, cost_micro_usd";
 
-/// The summed columns of a bucket, in order (`sessions` first).
-const BUCKET_SUMS: [&str; 16] = [
+/// The summed columns of a bucket, in order (see the migration).
+const BUCKET_SUMS: [&str; 23] = [
     "sessions",
+    "n_active",
+    "n_paused",
+    "n_completed",
+    "n_crashed",
     "created_us",
-    "since_us",
+    "ended_us",
+    "active_since_us",
+    "paused_since_us",
+    "crashed_since_us",
     "active_us",
     "paused_us",
     "crashed_us",
@@ -72,13 +79,21 @@ fn micros(t: DateTime<Utc>) -> i128 {
 }
 
 /// The rows a session adds to the buckets: one per dimension.
-fn contributions(t: &Tally) -> [(BucketKey, [i128; 16]); 3] {
+fn contributions(t: &Tally) -> [(BucketKey, [i128; 23]); 3] {
     let day = t.created_at.date_naive();
-    let status = t.status.as_str();
+    let is = |s: SessionStatus| i128::from(t.status == s);
+    let since = micros(t.status_since);
     let sums = [
         1,
+        is(SessionStatus::Active),
+        is(SessionStatus::Paused),
+        is(SessionStatus::Completed),
+        is(SessionStatus::Crashed),
         micros(t.created_at),
-        micros(t.status_since),
+        is(SessionStatus::Completed) * since,
+        is(SessionStatus::Active) * since,
+        is(SessionStatus::Paused) * since,
+        is(SessionStatus::Crashed) * since,
         t.active_us.into(),
         t.paused_us.into(),
         t.crashed_us.into(),
@@ -94,9 +109,9 @@ fn contributions(t: &Tally) -> [(BucketKey, [i128; 16]); 3] {
         t.cost_micro_usd.into(),
     ];
     [
-        (("all", day, String::new(), status), sums),
-        (("agent_id", day, t.agent_id.to_string(), status), sums),
-        (("session_type", day, t.session_type.clone(), status), sums),
+        (("all", day, String::new(), t.status.as_str()), sums),
+        (("agent_id", day, t.agent_id.to_string(), ""), sums),
+        (("session_type", day, t.session_type.clone(), ""), sums),
     ]
 }
 
@@ -293,24 +308,29 @@ WHERE NOT l.deleted AND l.created_at IS NOT NULL
 "#;
 
 /// The buckets from the summaries, one set-based aggregate per rebuild.
-fn rebuild_buckets_sql() -> String {
-    format!(
-        "INSERT INTO analytics_buckets (dimension, day, value, status, {cols}) \
-         SELECT d.dimension, (s.created_at AT TIME ZONE 'UTC')::date, d.value, s.status, \
-                count(*), sum((extract(epoch FROM s.created_at) * 1000000)::bigint), \
-                sum((extract(epoch FROM s.status_since) * 1000000)::bigint), {sums} \
-         FROM analytics_sessions s \
-         CROSS JOIN LATERAL (VALUES ('all', ''), ('agent_id', s.agent_id::text), \
-                                    ('session_type', s.session_type)) AS d(dimension, value) \
-         GROUP BY 1, 2, 3, 4",
-        cols = BUCKET_SUMS.join(", "),
-        sums = BUCKET_SUMS[3..]
-            .iter()
-            .map(|c| format!("sum(s.{c})"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    )
-}
+const REBUILD_BUCKETS: &str = r#"
+INSERT INTO analytics_buckets (dimension, day, value, status, sessions, n_active, n_paused,
+    n_completed, n_crashed, created_us, ended_us, active_since_us, paused_since_us,
+    crashed_since_us, active_us, paused_us, crashed_us, pauses, resumes, recoveries, crashes,
+    worker_generations, restarts, turns, input_tokens, output_tokens, cost_micro_usd)
+SELECT d.dimension, (s.created_at AT TIME ZONE 'UTC')::date, d.value, d.status, count(*),
+       count(*) FILTER (WHERE s.status = 'active'),
+       count(*) FILTER (WHERE s.status = 'paused'),
+       count(*) FILTER (WHERE s.status = 'completed'),
+       count(*) FILTER (WHERE s.status = 'crashed'),
+       sum((extract(epoch FROM s.created_at) * 1000000)::bigint),
+       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'completed'), 0),
+       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'active'), 0),
+       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'paused'), 0),
+       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'crashed'), 0),
+       sum(s.active_us), sum(s.paused_us), sum(s.crashed_us), sum(s.pauses), sum(s.resumes),
+       sum(s.recoveries), sum(s.crashes), sum(s.worker_generations), sum(s.restarts),
+       sum(s.turns), sum(s.input_tokens), sum(s.output_tokens), sum(s.cost_micro_usd)
+FROM analytics_sessions s
+CROSS JOIN LATERAL (VALUES ('all', '', s.status), ('agent_id', s.agent_id::text, ''),
+                           ('session_type', s.session_type, '')) AS d(dimension, value, status)
+GROUP BY 1, 2, 3, 4
+"#;
 
 impl Store {
     /// Every event of the projection up to this feed position is in it.
@@ -416,10 +436,10 @@ impl Store {
                 (_, None) => {}
             }
         }
-        let mut deltas: HashMap<BucketKey, [i128; 16]> = HashMap::new();
+        let mut deltas: HashMap<BucketKey, [i128; 23]> = HashMap::new();
         let mut add = |t: &Tally, sign: i128| {
             for (key, sums) in contributions(t) {
-                let d = deltas.entry(key).or_insert([0; 16]);
+                let d = deltas.entry(key).or_insert([0; 23]);
                 for (acc, v) in d.iter_mut().zip(sums) {
                     *acc += sign * v;
                 }
@@ -542,7 +562,7 @@ impl Store {
             .await?
             .rows_affected();
         let buckets = txn
-            .execute_raw(stmt(rebuild_buckets_sql(), vec![]))
+            .execute_raw(stmt(REBUILD_BUCKETS, vec![]))
             .await?
             .rows_affected();
         let position = horizon.saturating_sub(1).max(0);
@@ -571,28 +591,26 @@ impl Store {
             GroupBy::AgentId => ("agent_id", "value"),
             GroupBy::SessionType => ("session_type", "value"),
         };
-        let whole = |e: &str| format!("least(sum({e}), 9223372036854775807)::bigint");
-        let counts = BUCKET_SUMS[6..]
+        let counts = BUCKET_SUMS
             .iter()
-            .map(|c| format!("{} AS {c}", whole(c)))
+            .filter(|c| !c.ends_with("_us"))
+            .map(|c| format!("least(sum({c}), 9223372036854775807)::bigint AS {c}"))
             .collect::<Vec<_>>()
             .join(", ");
-        // Open stretches run to `now`: n × now − Σ since (and − Σ created).
+        // Open stretches run to `now` ($4): n × now − Σ since.
         // The position and the sums come from one statement, so one snapshot.
         let sql = format!(
             "WITH pos AS (SELECT coalesce((SELECT position FROM relay_cursors WHERE name = $5), 0) AS position), \
              g AS ( \
-               SELECT {key} AS key, status, \
-                    sum(sessions)::bigint AS sessions, \
-                    sum(CASE WHEN status = 'completed' THEN since_us ELSE sessions * $4::numeric END - created_us)::float8 AS duration_us, \
-                    sum(active_us + CASE WHEN status = 'active' THEN sessions * $4::numeric - since_us ELSE 0 END)::float8 AS active_time, \
-                    sum(paused_us + CASE WHEN status = 'paused' THEN sessions * $4::numeric - since_us ELSE 0 END)::float8 AS paused_time, \
-                    sum(crashed_us + CASE WHEN status = 'crashed' THEN sessions * $4::numeric - since_us ELSE 0 END)::float8 AS crashed_time, \
-                    {counts} \
+               SELECT {key} AS key, {counts}, \
+                    sum(ended_us + (sessions - n_completed) * $4::numeric - created_us)::float8 AS duration_us, \
+                    sum(active_us + n_active * $4::numeric - active_since_us)::float8 AS active_time, \
+                    sum(paused_us + n_paused * $4::numeric - paused_since_us)::float8 AS paused_time, \
+                    sum(crashed_us + n_crashed * $4::numeric - crashed_since_us)::float8 AS crashed_time \
                FROM analytics_buckets \
                WHERE dimension = $1 AND day >= $2 AND day < $3 \
-               GROUP BY 1, 2) \
-             SELECT pos.position, g.* FROM pos LEFT JOIN g ON true ORDER BY g.key, g.status"
+               GROUP BY 1) \
+             SELECT pos.position, g.* FROM pos LEFT JOIN g ON true ORDER BY g.key"
         );
         let rows = self
             .db
@@ -617,60 +635,38 @@ impl Store {
             let Some(key) = r.try_get::<Option<String>>("", "key")? else {
                 continue;
             };
-            let status: String = r.try_get("", "status")?;
-            if groups.last().is_none_or(|g| g.key != key) {
-                groups.push(AnalyticsGroup {
-                    key,
-                    sessions: 0,
-                    by_status: StatusCounts::default(),
-                    duration_seconds: 0.0,
-                    mean_duration_seconds: 0.0,
-                    time_in_status_seconds: TimeInStatus::default(),
-                    pauses: 0,
-                    resumes: 0,
-                    crashes: 0,
-                    recoveries: 0,
-                    worker_generations: 0,
-                    restarts: 0,
-                    turns: 0,
-                    input_tokens: 0,
-                    output_tokens: 0,
-                    cost_micro_usd: 0,
-                });
-            }
-            let Some(g) = groups.last_mut() else { continue };
-            let n: i64 = r.try_get("", "sessions")?;
-            g.sessions += n;
-            match SessionStatus::parse(&status) {
-                Some(SessionStatus::Active) => g.by_status.active += n,
-                Some(SessionStatus::Paused) => g.by_status.paused += n,
-                Some(SessionStatus::Completed) => g.by_status.completed += n,
-                Some(SessionStatus::Crashed) => g.by_status.crashed += n,
-                None => return Err(StoreError::Corrupt(format!("analytics status {status}"))),
-            }
+            let n = |col: &str| r.try_get::<i64>("", col);
             let secs =
                 |col: &str| -> Result<f64, StoreError> { Ok(r.try_get::<f64>("", col)? / 1e6) };
-            g.duration_seconds += secs("duration_us")?;
-            g.time_in_status_seconds.active += secs("active_time")?;
-            g.time_in_status_seconds.paused += secs("paused_time")?;
-            g.time_in_status_seconds.crashed += secs("crashed_time")?;
-            for (field, col) in [
-                (&mut g.pauses, "pauses"),
-                (&mut g.resumes, "resumes"),
-                (&mut g.recoveries, "recoveries"),
-                (&mut g.crashes, "crashes"),
-                (&mut g.worker_generations, "worker_generations"),
-                (&mut g.restarts, "restarts"),
-                (&mut g.turns, "turns"),
-                (&mut g.input_tokens, "input_tokens"),
-                (&mut g.output_tokens, "output_tokens"),
-                (&mut g.cost_micro_usd, "cost_micro_usd"),
-            ] {
-                *field = field.saturating_add(r.try_get::<i64>("", col)?);
-            }
-        }
-        for g in &mut groups {
-            g.mean_duration_seconds = g.duration_seconds / g.sessions.max(1) as f64;
+            let sessions = n("sessions")?;
+            let duration = secs("duration_us")?;
+            groups.push(AnalyticsGroup {
+                key,
+                sessions,
+                by_status: StatusCounts {
+                    active: n("n_active")?,
+                    paused: n("n_paused")?,
+                    completed: n("n_completed")?,
+                    crashed: n("n_crashed")?,
+                },
+                duration_seconds: duration,
+                mean_duration_seconds: duration / sessions.max(1) as f64,
+                time_in_status_seconds: TimeInStatus {
+                    active: secs("active_time")?,
+                    paused: secs("paused_time")?,
+                    crashed: secs("crashed_time")?,
+                },
+                pauses: n("pauses")?,
+                resumes: n("resumes")?,
+                crashes: n("crashes")?,
+                recoveries: n("recoveries")?,
+                worker_generations: n("worker_generations")?,
+                restarts: n("restarts")?,
+                turns: n("turns")?,
+                input_tokens: n("input_tokens")?,
+                output_tokens: n("output_tokens")?,
+                cost_micro_usd: n("cost_micro_usd")?,
+            });
         }
         Ok((position, groups))
     }
