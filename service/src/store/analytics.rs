@@ -15,7 +15,6 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait, Value as Param,
 };
-use serde::Serialize;
 use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
@@ -113,55 +112,6 @@ fn contributions(t: &Tally) -> [(BucketKey, [i128; 23]); 3] {
         (("agent_id", day, t.agent_id.to_string(), ""), sums),
         (("session_type", day, t.session_type.clone(), ""), sums),
     ]
-}
-
-#[derive(Serialize)]
-struct TallyRow<'a> {
-    session_id: Uuid,
-    agent_id: Uuid,
-    session_type: &'a str,
-    status: &'static str,
-    created_at: DateTime<Utc>,
-    status_since: DateTime<Utc>,
-    active_us: i64,
-    paused_us: i64,
-    crashed_us: i64,
-    pauses: i64,
-    resumes: i64,
-    recoveries: i64,
-    crashes: i64,
-    worker_generations: i64,
-    restarts: i64,
-    turns: i64,
-    input_tokens: i64,
-    output_tokens: i64,
-    cost_micro_usd: i64,
-}
-
-impl<'a> From<&'a Tally> for TallyRow<'a> {
-    fn from(t: &'a Tally) -> Self {
-        Self {
-            session_id: t.session_id,
-            agent_id: t.agent_id,
-            session_type: &t.session_type,
-            status: t.status.as_str(),
-            created_at: t.created_at,
-            status_since: t.status_since,
-            active_us: t.active_us,
-            paused_us: t.paused_us,
-            crashed_us: t.crashed_us,
-            pauses: t.pauses,
-            resumes: t.resumes,
-            recoveries: t.recoveries,
-            crashes: t.crashes,
-            worker_generations: t.worker_generations,
-            restarts: t.restarts,
-            turns: t.turns,
-            input_tokens: t.input_tokens,
-            output_tokens: t.output_tokens,
-            cost_micro_usd: t.cost_micro_usd,
-        }
-    }
 }
 
 fn tally_of(row: &sea_orm::QueryResult) -> Result<Tally, StoreError> {
@@ -455,7 +405,7 @@ impl Store {
                 Some(t) => {
                     add(t, 1);
                     if before.get(id) != Some(t) {
-                        kept.push(TallyRow::from(t));
+                        kept.push(t);
                     }
                 }
                 None if before.contains_key(id) => gone.push(*id),
