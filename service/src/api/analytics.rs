@@ -2,7 +2,7 @@
 //! analytics (read from the analytics projection, never from the log).
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveTime, Utc};
 use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
@@ -70,15 +70,26 @@ fn day(field: &str, raw: &str) -> Result<NaiveDate, ApiError> {
             "must be a UTC day: YYYY-MM-DD, or an RFC 3339 instant at 00:00:00 UTC",
         )
     };
-    if let Ok(d) = NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
-        return Ok(d);
+    let d = match NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        Ok(d) => d,
+        Err(_) => {
+            let t = DateTime::parse_from_rfc3339(raw)
+                .map_err(|_| bad())?
+                .with_timezone(&Utc);
+            if t.time() != NaiveTime::MIN {
+                return Err(bad());
+            }
+            t.date_naive()
+        }
+    };
+    // Years PostgreSQL's `date` and RFC 3339 both hold.
+    if !(1..=9999).contains(&d.year()) {
+        return Err(ApiError::parameter(
+            field,
+            "must be a day from year 1 to 9999",
+        ));
     }
-    let t = DateTime::parse_from_rfc3339(raw).map_err(|_| bad())?;
-    let t = t.with_timezone(&Utc);
-    if t.time() != NaiveTime::MIN {
-        return Err(bad());
-    }
-    Ok(t.date_naive())
+    Ok(d)
 }
 
 /// Live sessions created in `[from, to)`, grouped: counts, durations,
@@ -106,6 +117,7 @@ pub async fn analytics(
         })?,
     };
     let now = Utc::now();
+    let from = q.from.as_deref().map(|raw| day("from", raw)).transpose()?;
     let to = match q.to.as_deref() {
         Some(raw) => day("to", raw)?,
         None => now
@@ -113,8 +125,8 @@ pub async fn analytics(
             .checked_add_days(Days::new(1))
             .ok_or_else(|| ApiError::parameter("to", "out of range"))?,
     };
-    let from = match q.from.as_deref() {
-        Some(raw) => day("from", raw)?,
+    let from = match from {
+        Some(d) => d,
         None => to
             .checked_sub_days(Days::new(DEFAULT_RANGE_DAYS))
             .ok_or_else(|| ApiError::parameter("from", "out of range"))?,

@@ -337,11 +337,9 @@ impl Store {
         let Some(last) = events.last() else {
             return Ok(true);
         };
-        let txn = self.db.begin().await?;
-        if lock_cursor(&txn).await? != from {
-            txn.rollback().await?;
-            return Ok(false);
-        }
+        // The summaries are read before the transaction: should anyone else
+        // write them meanwhile, it moves the position too, which the
+        // transaction checks before writing.
         let folding: Vec<&StoredEvent> = events
             .iter()
             .filter(|e| {
@@ -357,17 +355,18 @@ impl Store {
         let before: HashMap<Uuid, Tally> = if ids.is_empty() {
             HashMap::new()
         } else {
-            txn.query_all_raw(stmt(
-                format!(
-                    "SELECT {TALLY_COLUMNS} FROM analytics_sessions WHERE session_id IN \
+            self.db
+                .query_all_raw(stmt(
+                    format!(
+                        "SELECT {TALLY_COLUMNS} FROM analytics_sessions WHERE session_id IN \
                      (SELECT value::uuid FROM jsonb_array_elements_text($1::jsonb))"
-                ),
-                vec![serde_json::to_value(&ids).unwrap_or_default().into()],
-            ))
-            .await?
-            .iter()
-            .map(|r| tally_of(r).map(|t| (t.session_id, t)))
-            .collect::<Result<_, _>>()?
+                    ),
+                    vec![serde_json::to_value(&ids).unwrap_or_default().into()],
+                ))
+                .await?
+                .iter()
+                .map(|r| tally_of(r).map(|t| (t.session_id, t)))
+                .collect::<Result<_, _>>()?
         };
         // `None`: deleted (or never seen whole) by the end of the page.
         let mut after: HashMap<Uuid, Option<Tally>> = before
@@ -382,7 +381,11 @@ impl Store {
                     *slot = Some(Tally::created(e.aggregate_id, e.occurred_at, &change));
                 }
                 (EventKind::Deleted, _) => *slot = None,
-                (_, Some(t)) => t.apply(e.kind, e.occurred_at, &change),
+                (_, Some(t)) => {
+                    t.apply(e.kind, e.occurred_at, &change);
+                    // Not kept in the projection: not a change to write.
+                    t.last_event_at = t.created_at;
+                }
                 (_, None) => {}
             }
         }
@@ -412,6 +415,27 @@ impl Store {
                 None => {}
             }
         }
+        deltas.retain(|_, d| d.iter().any(|v| *v != 0));
+        if gone.is_empty() && kept.is_empty() && deltas.is_empty() {
+            // Nothing to write (inputs, context edits): move the position
+            // alone, in one statement, unless someone else moved it.
+            let moved = self
+                .db
+                .execute_raw(stmt(
+                    "INSERT INTO relay_cursors (name, position) VALUES ($1, $3) \
+                     ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now() \
+                     WHERE relay_cursors.position = $2",
+                    vec![ANALYTICS_CURSOR.into(), from.into(), last.position.into()],
+                ))
+                .await?
+                .rows_affected();
+            return Ok(moved == 1);
+        }
+        let txn = self.db.begin().await?;
+        if lock_cursor(&txn).await? != from {
+            txn.rollback().await?;
+            return Ok(false);
+        }
         if !gone.is_empty() {
             txn.execute_raw(stmt(
                 "DELETE FROM analytics_sessions WHERE session_id IN \
@@ -439,7 +463,6 @@ impl Store {
             ))
             .await?;
         }
-        deltas.retain(|_, d| d.iter().any(|v| *v != 0));
         if !deltas.is_empty() {
             let rows: Vec<Value> = deltas
                 .iter()
