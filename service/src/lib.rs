@@ -5,6 +5,7 @@
 //! `runner`, `cli` → `client` → `contract` → `domain` (the runner and the
 //! command-line client reach the API over HTTP only).
 
+mod analytics;
 pub mod api;
 pub mod auth;
 mod backoff;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod contract;
 pub mod domain;
+mod leader;
 mod metrics;
 mod monitor;
 mod relay;

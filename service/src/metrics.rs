@@ -27,6 +27,12 @@ pub(crate) mod names {
     pub(crate) const FEED_BLOCKER_AGE_SECONDS: &str = "feed_blocker_transaction_age_seconds";
     pub(crate) const HINTS_PUBLISHED: &str = "hints_published_total";
     pub(crate) const HINTS_DROPPED: &str = "hints_dropped_total";
+    // Analytics projection.
+    pub(crate) const ANALYTICS_LEADER: &str = "analytics_leader";
+    pub(crate) const ANALYTICS_FOLDED: &str = "analytics_folded_events_total";
+    pub(crate) const ANALYTICS_POSITION: &str = "analytics_position";
+    /// Live sessions by status, read from the projection at each scrape.
+    pub(crate) const SESSIONS: &str = "sessions";
     // Runner.
     pub(crate) const RUNNER_WORKERS: &str = "runner_workers";
     pub(crate) const RUNNER_MAX_WORKERS: &str = "runner_max_workers";

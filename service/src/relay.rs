@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::bus::Bus;
+use crate::leader::{self, FeedWait, Held, sleep_or_shutdown};
 use crate::metrics::names;
-use crate::store::{FeedFilter, FeedListener, LeaderLock, Leadership, Store};
+use crate::store::{FeedFilter, FeedListener, LeaderLock, LeaderRole, Store};
 
 /// Cursor name of the Redis relay.
 pub(crate) const CURSOR: &str = "redis";
@@ -116,14 +116,6 @@ pub(crate) async fn listen_for_commits(
     }
 }
 
-/// Returns true when shutdown was requested during the sleep.
-async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(d) => false,
-    }
-}
-
 pub(crate) struct Relay {
     store: Store,
     bus: Arc<Bus>,
@@ -148,61 +140,25 @@ impl Relay {
 
     /// Contend for leadership, publish while leader, until shutdown.
     pub(crate) async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        metrics::gauge!(names::RELAY_LEADER).set(0.0);
-        loop {
-            let lock = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                l = LeaderLock::try_acquire(&self.settings.database_url, Leadership::Relay) => l,
-            };
-            match lock {
-                Ok(Some(lock)) => {
-                    backoff.reset();
-                    tracing::info!("relay is the leader: publishing events to Redis");
-                    metrics::gauge!(names::RELAY_LEADER).set(1.0);
-                    let span = tracing::info_span!("relay");
-                    self.lead(lock, &shutdown).instrument(span).await;
-                    metrics::gauge!(names::RELAY_LEADER).set(0.0);
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
-                    tracing::warn!("relay lost leadership");
-                }
-                Ok(None) => {
-                    if sleep_or_shutdown(self.settings.leader_check_interval, &shutdown).await {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay cannot reach PostgreSQL for its lock; retrying");
-                    if sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
-                        return;
-                    }
-                }
-            }
-        }
+        leader::run_elected(
+            LeaderRole::Relay,
+            &self.settings.database_url,
+            self.settings.leader_check_interval,
+            names::RELAY_LEADER,
+            &shutdown,
+            |lock| self.lead(lock, &shutdown),
+        )
+        .await;
     }
 
     /// Publish until leadership is lost or shutdown.
-    async fn lead(&self, mut lock: LeaderLock, shutdown: &CancellationToken) {
-        let mut changes = self.signal.subscribe();
+    async fn lead(&self, lock: LeaderLock, shutdown: &CancellationToken) {
+        let mut held = Held::new(lock, self.settings.leader_check_interval);
+        let mut wait = FeedWait::new(&self.signal, self.settings.poll_interval);
         let mut cursor = None;
-        let mut checked = Instant::now();
         let mut lag_checked = Instant::now() - Duration::from_secs(10);
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        let mut fast_retries = 0u32;
-        loop {
-            if shutdown.is_cancelled() {
-                lock.release().await;
-                return;
-            }
-            if checked.elapsed() >= self.settings.leader_check_interval {
-                if !lock.still_held().await {
-                    lock.release().await;
-                    return;
-                }
-                checked = Instant::now();
-            }
+        while held.still_leading(shutdown).await {
             let position = match cursor {
                 Some(p) => p,
                 None => match self.store.relay_cursor(CURSOR).await {
@@ -221,8 +177,7 @@ impl Relay {
                 self.report_lag(position).await;
                 lag_checked = Instant::now();
             }
-            // Mark the signal seen before reading, so a commit during the read wakes us again.
-            changes.borrow_and_update();
+            wait.before_read();
             let batch = match self
                 .store
                 .feed(position, self.settings.batch_size, &FeedFilter::default())
@@ -236,22 +191,10 @@ impl Relay {
                 }
             };
             if batch.is_empty() {
-                // An event may be held back behind an open transaction: look
-                // again shortly a few times before waiting for the next signal.
-                let wait = if fast_retries < 4 {
-                    fast_retries += 1;
-                    Duration::from_millis(1 << fast_retries)
-                } else {
-                    self.settings.poll_interval
-                };
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = changes.changed() => { fast_retries = 0; }
-                    _ = tokio::time::sleep(wait) => {}
-                }
+                wait.idle(shutdown).await;
                 continue;
             }
-            fast_retries = 0;
+            wait.found();
             match self
                 .bus
                 .publish_events(&self.settings.channel_prefix, &batch)

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::api::CommitEffects;
 use crate::domain::EventMetadata;
 use crate::settings::RetentionSettings;
-use crate::store::{Appended, LeaderLock, Leadership, ListFilter, Store, StoreError};
+use crate::store::{Appended, LeaderLock, LeaderRole, ListFilter, Store, StoreError};
 
 /// The actor of the events a retention pass writes.
 pub const ACTOR: &str = "retention";
@@ -144,7 +144,7 @@ pub async fn run_once(
     let lock = if dry_run {
         None
     } else {
-        match LeaderLock::try_acquire(&settings.database.url, Leadership::Retention).await? {
+        match LeaderLock::try_acquire(&settings.database.url, LeaderRole::Retention).await? {
             Some(lock) => Some(lock),
             None => anyhow::bail!(
                 "another retention pass is running (a serve replica's sweep); try again later"
@@ -185,7 +185,7 @@ pub(crate) async fn sweep(
             _ = tokio::time::sleep(wait) => {}
         }
         wait = interval;
-        let lock = match LeaderLock::try_acquire(&database_url, Leadership::Retention).await {
+        let lock = match LeaderLock::try_acquire(&database_url, LeaderRole::Retention).await {
             Ok(Some(lock)) => lock,
             Ok(None) => {
                 tracing::debug!("another replica runs the retention sweep");

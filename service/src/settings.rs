@@ -17,6 +17,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub api: ApiSettings,
     pub relay: RelayConfig,
+    pub analytics: AnalyticsConfig,
     pub auth: AuthSettings,
     pub runner: RunnerSettings,
     pub retention: RetentionSettings,
@@ -112,6 +113,16 @@ pub struct RelayConfig {
     pub feed_held_warn_secs: u64,
     /// Seconds between SSE keep-alive comments.
     pub sse_heartbeat_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AnalyticsConfig {
+    /// Keep the analytics projection in this process (one replica folds at
+    /// a time; it waits and polls like the relay, `relay.poll_interval_ms`
+    /// and `relay.leader_check_interval_ms`).
+    pub enabled: bool,
+    /// Events folded per transaction.
+    pub batch_size: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -408,6 +419,10 @@ delete_statuses = "completed,crashed"
 idempotency_key_ttl_secs = 86400
 batch_size = 200
 
+[analytics]
+enabled = true
+batch_size = 1000
+
 [runner]
 api_url = "http://127.0.0.1:8011"
 metrics_listen = "127.0.0.1:9464"
@@ -556,6 +571,9 @@ impl Settings {
                 "relay",
                 "batch_size, poll_interval_ms and sse_heartbeat_secs must be positive",
             );
+        }
+        if !(1..=10_000).contains(&self.analytics.batch_size) {
+            return bad("analytics.batch_size", "must be between 1 and 10000");
         }
         if self.redis.channel_prefix.chars().any(char::is_whitespace) {
             return bad("redis.channel_prefix", "must not contain whitespace");

@@ -1,6 +1,6 @@
 //! Building the API application from settings, and running it with its
-//! background tasks (the relay, the feed listeners and the retention sweep)
-//! until a signal.
+//! background tasks (the relay, the analytics consumer, the feed listeners
+//! and the retention sweep) until a signal.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::analytics::{AnalyticsConsumer, AnalyticsSettings};
 use crate::api::{
     self, AppState, CommitEffects, auth::AuthState, body::BodyLimit, params::PageSizes,
 };
@@ -78,6 +79,23 @@ impl Application {
                 feed.clone(),
             );
             tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+        }
+        if settings.analytics.enabled {
+            // Its own connections too, for the same reason.
+            let analytics_store = Store::connect(&database_options(settings, 2)).await?;
+            let consumer = AnalyticsConsumer::new(
+                analytics_store,
+                AnalyticsSettings {
+                    database_url: settings.database.url.clone(),
+                    batch_size: settings.analytics.batch_size,
+                    poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
+                    leader_check_interval: Duration::from_millis(
+                        settings.relay.leader_check_interval_ms,
+                    ),
+                },
+                feed.clone(),
+            );
+            tasks.push(tokio::spawn(consumer.run(shutdown.clone())));
         }
 
         let hints = Hints::start(bus.clone(), &settings.redis.channel_prefix);

@@ -5,6 +5,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use crate::domain::SessionStatus;
 use crate::metrics::names;
 use crate::monitor::FeedHealth;
 
@@ -73,10 +74,36 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// Set the `sessions` gauge from the analytics projection, which every
+/// replica shares, so each replica reports the same figures (aggregate them
+/// with `max`, not `sum`). Read at each scrape; when PostgreSQL does not
+/// answer in time the gauge keeps its last value.
+async fn refresh_sessions_gauge(state: &AppState) {
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        state.store.sessions_by_status(),
+    )
+    .await;
+    match read {
+        Ok(Ok(counts)) => {
+            for status in SessionStatus::ALL {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| *s == status)
+                    .map_or(0, |(_, n)| *n);
+                metrics::gauge!(names::SESSIONS, "status" => status.as_str()).set(n as f64);
+            }
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "sessions gauge not refreshed"),
+        Err(_) => tracing::debug!("sessions gauge not refreshed: timed out"),
+    }
+}
+
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    refresh_sessions_gauge(&state).await;
     let pool = state.store.pool_stats();
     let in_use = pool.size.saturating_sub(pool.idle);
     metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(pool.idle));

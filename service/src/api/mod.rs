@@ -1,6 +1,7 @@
 //! The HTTP edge: routes, extractors, problem+json. Handlers stay thin:
 //! they parse into domain commands, call the store and shape the response.
 
+pub mod analytics;
 pub mod auth;
 pub mod body;
 pub mod error;
@@ -127,6 +128,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(["/sessions/{id}/events", "/sessions/{id}/events/"])
             .route(web::get().to(events::session_events))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/sessions/{id}/metrics", "/sessions/{id}/metrics/"])
+            .route(web::get().to(analytics::session_metrics))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource(["/analytics", "/analytics/"])
+            .route(web::get().to(analytics::analytics))
             .default_service(not_allowed()),
     )
     .service(

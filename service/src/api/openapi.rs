@@ -6,11 +6,14 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, Secur
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{events, health, live, messages, portable, sessions, stream};
+use super::{analytics, events, health, live, messages, portable, sessions, stream};
 use crate::contract::live::{
     Approval, ApprovalAnswer, ApprovalDecidedPayload, ApprovalRequest, ApprovalStatus,
     DecisionReason, DecisionRequest, Input, InputAccepted, InputKind, InputReceivedPayload,
     InputRequest, InterruptedPayload,
+};
+use crate::contract::metrics::{
+    Analytics, AnalyticsGroup, GroupBy, SessionMetrics, StatusCounts, TimeInStatus,
 };
 use crate::contract::portable::{
     ExportedMessage, ForkRequest, ForkedFrom, ForkedPayload, ImportMarker, SessionExport,
@@ -32,6 +35,7 @@ use crate::contract::{
     ),
     paths(
         sessions::create, sessions::list, sessions::delete_many, sessions::get, sessions::update, sessions::delete,
+        analytics::session_metrics, analytics::analytics,
         messages::append, messages::list, stream::messages_stream,
         live::input, live::interrupt, live::inputs,
         live::request_approval, live::approvals, live::approval, live::decide,
@@ -50,6 +54,7 @@ use crate::contract::{
         InputReceivedPayload, InterruptedPayload, ApprovalDecidedPayload,
         ForkedFrom, ForkRequest, ForkedPayload, ImportMarker, TranscriptWritten, SessionExport,
         ExportedMessage, TranscriptChunk,
+        SessionMetrics, TimeInStatus, Analytics, AnalyticsGroup, GroupBy, StatusCounts,
     )),
     modifiers(&BearerAuth),
     tags(

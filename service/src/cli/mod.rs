@@ -35,11 +35,16 @@ pub enum Command {
     Openapi,
     /// Print the SHA-256 of an API token read from stdin, for `auth.tokens_json`.
     HashToken,
-    /// Rebuild sessions from the event log.
+    /// Rebuild from the event log: compare the sessions (`--verify`),
+    /// rebuild the analytics projection (`--analytics`), or both.
     Replay {
         /// Compare the rebuilt sessions with the `sessions` table; exit 1 on any difference.
         #[arg(long)]
         verify: bool,
+        /// Rebuild the analytics projection from the log (set-based SQL, one
+        /// transaction; readers keep the old projection until it commits).
+        #[arg(long)]
+        analytics: bool,
     },
     /// Retention: delete the sessions the settings select, purge deleted
     /// sessions' streams after the grace period, remove expired idempotency keys.

@@ -9,6 +9,7 @@ mod worker;
 mod worker_spec;
 
 pub mod live;
+pub mod metrics;
 pub mod portable;
 pub use event::{EventEnvelope, EventKind, EventMetadata};
 pub use hint::{WakeHint, hint_channel};

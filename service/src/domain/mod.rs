@@ -7,6 +7,7 @@
 
 pub mod event;
 pub mod json;
+pub mod metrics;
 pub mod session;
 pub mod transcript;
 pub mod usage;

@@ -5,6 +5,7 @@
 //! change and its event commit or vanish as one (G1). See `events.rs` for why
 //! feed positions are gap-safe.
 
+mod analytics;
 mod append;
 mod error;
 mod events;
@@ -18,13 +19,14 @@ mod retention;
 mod rows;
 mod sessions;
 
+pub use analytics::{ANALYTICS_CURSOR, AnalyticsRebuild};
 pub use error::StoreError;
 pub use events::{FeedFilter, StoredEvent};
 pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};
 pub use live::{ApprovalWritten, InputWritten, NewInput};
 pub use messages::StoredMessage;
 pub use portable::{ForkPlan, Forked, ImportPlan, SessionDump, TranscriptChunk};
-pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, Leadership, RelayLag};
+pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, LeaderRole, RelayLag};
 pub(crate) use replay::fold;
 pub use replay::{ReplayDifference, ReplayReport};
 pub use retention::Purged;

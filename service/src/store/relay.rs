@@ -1,5 +1,5 @@
 //! What the relay needs from PostgreSQL: its durable cursor, a leader lock
-//! (also the retention sweep's),
+//! (shared with the analytics consumer and the retention sweep, by role),
 //! the cross-replica wake-up (`NOTIFY`), and lag figures.
 
 use chrono::{DateTime, Utc};
@@ -12,22 +12,33 @@ use super::{Store, StoreError};
 /// `NOTIFY` channel that tells every replica the log has grown.
 pub const FEED_CHANNEL: &str = "agent_sessions_events";
 
-/// What a [`LeaderLock`] makes one replica at a time do; each is its own
-/// advisory lock key (bigint key space, apart from the writers' two-int4
-/// key of `append.rs`).
+/// What a leader lock elects: each role is held by one replica at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Leadership {
-    /// Publish the log to Redis.
+pub enum LeaderRole {
+    /// The relay publishing events to Redis.
     Relay,
-    /// Run the retention sweep.
+    /// The consumer keeping the analytics projection.
+    Analytics,
+    /// The retention sweep.
     Retention,
 }
 
-impl Leadership {
+impl LeaderRole {
+    /// Its advisory lock key (bigint key space; the writers' announcement
+    /// lock of `append.rs` uses another).
     fn key(self) -> i64 {
         match self {
             Self::Relay => 0x6167_7365_7373,
+            Self::Analytics => 0x6167_7365_616e,
             Self::Retention => 0x6167_7365_7274,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Relay => "relay",
+            Self::Analytics => "analytics",
+            Self::Retention => "retention",
         }
     }
 }
@@ -107,18 +118,17 @@ impl Store {
     }
 }
 
-/// Leadership of the relay or of the retention sweep: a session-level
-/// advisory lock on a connection of its own. It is released when that
-/// connection ends, so a leader that dies hands over as soon as PostgreSQL
-/// notices.
+/// Leadership of a role: a session-level advisory lock on a connection of
+/// its own. It is released when that connection ends, so a leader that dies
+/// hands over as soon as PostgreSQL notices.
 pub struct LeaderLock {
     conn: PgConnection,
     key: i64,
 }
 
 impl LeaderLock {
-    /// `Ok(None)` when another replica holds the lock.
-    pub async fn try_acquire(url: &str, role: Leadership) -> Result<Option<Self>, sqlx::Error> {
+    /// `Ok(None)` when another replica holds the role.
+    pub async fn try_acquire(url: &str, role: LeaderRole) -> Result<Option<Self>, sqlx::Error> {
         let key = role.key();
         let mut conn = PgConnection::connect(url).await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")

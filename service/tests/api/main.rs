@@ -11,6 +11,7 @@ mod horizon;
 mod live;
 mod load;
 mod messages;
+mod metrics;
 mod openapi;
 mod portable;
 mod relay;

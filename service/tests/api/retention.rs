@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use agent_sessions::store::{LeaderLock, Leadership};
+use agent_sessions::store::{LeaderLock, LeaderRole};
 use reqwest::Method;
 use sea_orm::{ConnectionTrait, Database, TransactionTrait};
 use serde_json::{Value, json};
@@ -437,7 +437,7 @@ async fn serve_sweeps_by_itself_and_one_pass_runs_at_a_time() {
     let app = TestApp::spawn_with(|s| s.retention.sweep_interval_secs = 0).await;
     let old = session_in(&app, "completed").await;
     age(&app, &[old.as_str()], 40).await;
-    let held = LeaderLock::try_acquire(&app.db.url, Leadership::Retention)
+    let held = LeaderLock::try_acquire(&app.db.url, LeaderRole::Retention)
         .await
         .unwrap()
         .expect("the retention lock is free");

@@ -29,8 +29,14 @@ pub fn migrate(database_url: &str) {
 
 /// `agent-sessions replay --verify`: whether it passed, and what it printed.
 pub fn replay_verify(database_url: &str) -> (bool, String) {
+    replay(database_url, &["--verify"])
+}
+
+/// `agent-sessions replay <args>`: whether it succeeded, and what it printed.
+pub fn replay(database_url: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(BIN)
-        .args(["replay", "--verify"])
+        .arg("replay")
+        .args(args)
         .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "warn")
         .output()

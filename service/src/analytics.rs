@@ -1,0 +1,117 @@
+//! The analytics consumer: keeps the analytics projection (`GET
+//! /analytics`, the `sessions` gauge) in step with the event log.
+//!
+//! It follows the feed like the relay: every `serve` replica runs one, an
+//! advisory lock (`LeaderRole::Analytics`) lets one fold at a time, and it
+//! wakes on the same commit signal. Each page of events is folded in one
+//! transaction with the projection's position (`store/analytics.rs`), so a
+//! crash between pages loses nothing and folds nothing twice. The write
+//! path is untouched: a request never waits for the projection.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::leader::{self, FeedWait, Held, sleep_or_shutdown};
+use crate::metrics::names;
+use crate::relay::FeedSignal;
+use crate::store::{FeedFilter, LeaderLock, LeaderRole, Store};
+
+#[derive(Debug, Clone)]
+pub(crate) struct AnalyticsSettings {
+    pub database_url: String,
+    pub batch_size: u64,
+    pub poll_interval: Duration,
+    pub leader_check_interval: Duration,
+}
+
+pub(crate) struct AnalyticsConsumer {
+    store: Store,
+    settings: AnalyticsSettings,
+    signal: FeedSignal,
+}
+
+impl AnalyticsConsumer {
+    pub(crate) fn new(store: Store, settings: AnalyticsSettings, signal: FeedSignal) -> Self {
+        Self {
+            store,
+            settings,
+            signal,
+        }
+    }
+
+    /// Contend for the role, fold while elected, until shutdown.
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        leader::run_elected(
+            LeaderRole::Analytics,
+            &self.settings.database_url,
+            self.settings.leader_check_interval,
+            names::ANALYTICS_LEADER,
+            &shutdown,
+            |lock| self.lead(lock, &shutdown),
+        )
+        .await;
+    }
+
+    async fn lead(&self, lock: LeaderLock, shutdown: &CancellationToken) {
+        let mut held = Held::new(lock, self.settings.leader_check_interval);
+        let mut wait = FeedWait::new(&self.signal, self.settings.poll_interval);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut position = None;
+        while held.still_leading(shutdown).await {
+            let from = match position {
+                Some(p) => p,
+                None => match self.store.analytics_position().await {
+                    Ok(p) => {
+                        position = Some(p);
+                        p
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "analytics cannot read its position; retrying");
+                        sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                        continue;
+                    }
+                },
+            };
+            wait.before_read();
+            let page = self
+                .store
+                .feed(from, self.settings.batch_size, &FeedFilter::default())
+                .await;
+            let page = match page {
+                Ok(p) if p.is_empty() => {
+                    wait.idle(shutdown).await;
+                    continue;
+                }
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "analytics cannot read the log; retrying");
+                    sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                    continue;
+                }
+            };
+            wait.found();
+            match self.store.fold_into_analytics(from, &page).await {
+                Ok(true) => {
+                    backoff.reset();
+                    let last = page.last().map_or(from, |e| e.position);
+                    metrics::counter!(names::ANALYTICS_FOLDED).increment(page.len() as u64);
+                    metrics::gauge!(names::ANALYTICS_POSITION).set(last as f64);
+                    position = Some(last);
+                }
+                Ok(false) => {
+                    tracing::info!(
+                        "the analytics projection moved (rebuilt?); reading its position again"
+                    );
+                    position = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "analytics cannot fold events; retrying");
+                    position = None;
+                    sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,666 @@
+//! The analytics projection (`analytics_sessions`, `analytics_buckets`):
+//! folding new events into it, rebuilding it from the whole log, and the
+//! reads behind `GET /sessions/{id}/metrics`, `GET /analytics` and the
+//! `sessions` gauge.
+//!
+//! The projection's position is the `analytics` row of `relay_cursors`. A
+//! fold and a rebuild each lock that row first and move it in the same
+//! transaction as the rows they write, so the projection always holds
+//! exactly the events up to its position, whoever writes it (a deposed
+//! consumer or a rebuild running beside one finds the row moved and stops).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait, Value as Param,
+};
+use serde_json::Value;
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{Store, StoreError, StoredEvent};
+use crate::contract::metrics::{AnalyticsGroup, GroupBy, StatusCounts, TimeInStatus, tally_change};
+use crate::domain::metrics::{Tally, tally};
+use crate::domain::{EventKind, SessionStatus};
+
+/// The projection's cursor in `relay_cursors`.
+pub const ANALYTICS_CURSOR: &str = "analytics";
+
+/// Events read per page when folding one session's stream.
+const STREAM_PAGE: u64 = 1000;
+
+const TALLY_COLUMNS: &str = "session_id, agent_id, session_type, status, created_at, \
+     status_since, active_us, paused_us, crashed_us, pauses, resumes, recoveries, crashes, \
+     worker_generations, restarts, turns, input_tokens, output_tokens, cost_micro_usd";
+
+/// The summed columns of a bucket, in order (see the migration).
+const BUCKET_SUMS: [&str; 23] = [
+    "sessions",
+    "n_active",
+    "n_paused",
+    "n_completed",
+    "n_crashed",
+    "created_us",
+    "ended_us",
+    "active_since_us",
+    "paused_since_us",
+    "crashed_since_us",
+    "active_us",
+    "paused_us",
+    "crashed_us",
+    "pauses",
+    "resumes",
+    "recoveries",
+    "crashes",
+    "worker_generations",
+    "restarts",
+    "turns",
+    "input_tokens",
+    "output_tokens",
+    "cost_micro_usd",
+];
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy)]
+pub struct AnalyticsRebuild {
+    pub sessions: u64,
+    pub buckets: u64,
+    /// The projection's position afterwards.
+    pub position: i64,
+}
+
+/// A bucket's key: dimension, UTC day of creation, value, status.
+type BucketKey = (&'static str, NaiveDate, String, &'static str);
+
+fn micros(t: DateTime<Utc>) -> i128 {
+    i128::from(t.timestamp_micros())
+}
+
+/// The rows a session adds to the buckets: one per dimension.
+fn contributions(t: &Tally) -> [(BucketKey, [i128; 23]); 3] {
+    let day = t.created_at.date_naive();
+    let is = |s: SessionStatus| i128::from(t.status == s);
+    let since = micros(t.status_since);
+    let sums = [
+        1,
+        is(SessionStatus::Active),
+        is(SessionStatus::Paused),
+        is(SessionStatus::Completed),
+        is(SessionStatus::Crashed),
+        micros(t.created_at),
+        is(SessionStatus::Completed) * since,
+        is(SessionStatus::Active) * since,
+        is(SessionStatus::Paused) * since,
+        is(SessionStatus::Crashed) * since,
+        t.active_us.into(),
+        t.paused_us.into(),
+        t.crashed_us.into(),
+        t.pauses.into(),
+        t.resumes.into(),
+        t.recoveries.into(),
+        t.crashes.into(),
+        t.worker_generations.into(),
+        t.restarts.into(),
+        t.turns.into(),
+        t.input_tokens.into(),
+        t.output_tokens.into(),
+        t.cost_micro_usd.into(),
+    ];
+    [
+        (("all", day, String::new(), t.status.as_str()), sums),
+        (("agent_id", day, t.agent_id.to_string(), ""), sums),
+        (("session_type", day, t.session_type.clone(), ""), sums),
+    ]
+}
+
+fn tally_of(row: &sea_orm::QueryResult) -> Result<Tally, StoreError> {
+    let status: String = row.try_get("", "status")?;
+    let created_at: DateTime<Utc> = row.try_get("", "created_at")?;
+    Ok(Tally {
+        session_id: row.try_get("", "session_id")?,
+        agent_id: row.try_get("", "agent_id")?,
+        session_type: row.try_get("", "session_type")?,
+        status: SessionStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("analytics status {status}")))?,
+        created_at,
+        status_since: row.try_get("", "status_since")?,
+        // Not kept in the projection (nothing there reads them).
+        last_event_at: created_at,
+        deleted_at: None,
+        active_us: row.try_get("", "active_us")?,
+        paused_us: row.try_get("", "paused_us")?,
+        crashed_us: row.try_get("", "crashed_us")?,
+        pauses: row.try_get("", "pauses")?,
+        resumes: row.try_get("", "resumes")?,
+        recoveries: row.try_get("", "recoveries")?,
+        crashes: row.try_get("", "crashes")?,
+        worker_generations: row.try_get("", "worker_generations")?,
+        restarts: row.try_get("", "restarts")?,
+        turns: row.try_get("", "turns")?,
+        input_tokens: row.try_get("", "input_tokens")?,
+        output_tokens: row.try_get("", "output_tokens")?,
+        cost_micro_usd: row.try_get("", "cost_micro_usd")?,
+    })
+}
+
+fn stmt(sql: impl Into<String>, values: Vec<Param>) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+/// `jsonb_to_recordset` column list of the tally rows.
+const TALLY_RECORD: &str = "session_id uuid, agent_id uuid, session_type text, status text, \
+     created_at timestamptz, status_since timestamptz, active_us bigint, paused_us bigint, \
+     crashed_us bigint, pauses bigint, resumes bigint, recoveries bigint, crashes bigint, \
+     worker_generations bigint, restarts bigint, turns bigint, input_tokens bigint, \
+     output_tokens bigint, cost_micro_usd bigint";
+
+/// Lock the cursor row; its position, created at 0 when absent.
+async fn lock_cursor(txn: &DatabaseTransaction) -> Result<i64, StoreError> {
+    txn.execute_raw(stmt(
+        "INSERT INTO relay_cursors (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING",
+        vec![ANALYTICS_CURSOR.into()],
+    ))
+    .await?;
+    let row = txn
+        .query_one_raw(stmt(
+            "SELECT position FROM relay_cursors WHERE name = $1 FOR UPDATE",
+            vec![ANALYTICS_CURSOR.into()],
+        ))
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("analytics cursor vanished".into()))?;
+    Ok(row.try_get("", "position")?)
+}
+
+async fn move_cursor(txn: &DatabaseTransaction, position: i64) -> Result<(), StoreError> {
+    txn.execute_raw(stmt(
+        "UPDATE relay_cursors SET position = $2, updated_at = now() WHERE name = $1",
+        vec![ANALYTICS_CURSOR.into(), position.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The session summaries of the rebuild, from the log below `$1`: the
+/// sessions not deleted, folded the way `domain::metrics` folds them (the
+/// worker record read with `analytics_whole`, as `tally_change` reads it).
+/// Two scans of the log, each grouped by session; no per-event round trip.
+const REBUILD_SESSIONS: &str = r#"
+INSERT INTO analytics_sessions (session_id, agent_id, session_type, status, created_at,
+    status_since, active_us, paused_us, crashed_us, pauses, resumes, recoveries, crashes,
+    worker_generations, restarts, turns, input_tokens, output_tokens, cost_micro_usd)
+WITH life AS (
+    SELECT aggregate_id AS id,
+           bool_or(event_type = 'session.deleted') AS deleted,
+           min(occurred_at) FILTER (WHERE event_type = 'session.created' AND version = 1) AS created_at,
+           (array_agg(payload #>> '{changes,agent_id}' ORDER BY version DESC)
+                FILTER (WHERE payload -> 'changes' ? 'agent_id'))[1] AS agent_id,
+           (array_agg(payload #>> '{changes,session_type}' ORDER BY version DESC)
+                FILTER (WHERE payload -> 'changes' ? 'session_type'))[1] AS session_type,
+           (array_agg(payload #> '{changes,runtime_metadata,worker}' ORDER BY version DESC)
+                FILTER (WHERE payload -> 'changes' ? 'runtime_metadata'))[1] AS w,
+           max(analytics_whole(payload #> '{changes,runtime_metadata,worker,generation}',
+                               18446744073709551615)) AS generations
+    FROM events
+    WHERE position < $1
+      AND event_type IN ('session.created', 'session.updated', 'session.deleted')
+    GROUP BY aggregate_id
+),
+marks AS (
+    SELECT aggregate_id AS id, version, occurred_at AS at,
+           CASE WHEN event_type = 'session.created'
+                THEN coalesce(payload #>> '{changes,status}', 'active')
+                ELSE payload #>> '{changes,status}' END AS status,
+           lag(CASE WHEN event_type = 'session.created'
+                    THEN coalesce(payload #>> '{changes,status}', 'active')
+                    ELSE payload #>> '{changes,status}' END)
+               OVER (PARTITION BY aggregate_id ORDER BY version) AS prev
+    FROM events
+    WHERE position < $1
+      AND ((event_type = 'session.created' AND version = 1)
+           OR (event_type = 'session.updated' AND payload -> 'changes' ? 'status'))
+),
+moves AS (
+    SELECT id, version, at, status, prev,
+           lead(at) OVER (PARTITION BY id ORDER BY version) AS next_at
+    FROM marks
+    WHERE prev IS NULL OR prev <> status
+),
+chain AS (
+    SELECT id,
+           (array_agg(status ORDER BY version DESC))[1] AS status,
+           (array_agg(at ORDER BY version DESC))[1] AS status_since,
+           coalesce(sum((extract(epoch FROM next_at) - extract(epoch FROM at)) * 1000000)
+               FILTER (WHERE status = 'active' AND next_at IS NOT NULL), 0) AS active_us,
+           coalesce(sum((extract(epoch FROM next_at) - extract(epoch FROM at)) * 1000000)
+               FILTER (WHERE status = 'paused' AND next_at IS NOT NULL), 0) AS paused_us,
+           coalesce(sum((extract(epoch FROM next_at) - extract(epoch FROM at)) * 1000000)
+               FILTER (WHERE status = 'crashed' AND next_at IS NOT NULL), 0) AS crashed_us,
+           count(*) FILTER (WHERE status = 'paused' AND prev IS NOT NULL AND prev <> 'paused') AS pauses,
+           count(*) FILTER (WHERE status = 'active' AND prev = 'paused') AS resumes,
+           count(*) FILTER (WHERE status = 'active' AND prev = 'crashed') AS recoveries,
+           count(*) FILTER (WHERE status = 'crashed' AND prev IS NOT NULL) AS crashes
+    FROM moves
+    GROUP BY id
+)
+SELECT l.id, coalesce(l.agent_id::uuid, '00000000-0000-0000-0000-000000000000'),
+       coalesce(l.session_type, ''), c.status, l.created_at, c.status_since,
+       c.active_us::bigint, c.paused_us::bigint, c.crashed_us::bigint,
+       c.pauses, c.resumes, c.recoveries, c.crashes,
+       coalesce(l.generations, 0),
+       coalesce(analytics_whole(l.w -> 'restarts', 4294967295), 0),
+       coalesce(analytics_whole(l.w -> 'turns', 18446744073709551615), 0),
+       coalesce(analytics_whole(l.w -> 'input_tokens', 18446744073709551615), 0),
+       coalesce(analytics_whole(l.w -> 'output_tokens', 18446744073709551615), 0),
+       coalesce(analytics_whole(l.w -> 'cost_micro_usd', 18446744073709551615), 0)
+FROM life l JOIN chain c ON c.id = l.id
+WHERE NOT l.deleted AND l.created_at IS NOT NULL
+"#;
+
+/// The buckets from the summaries, one set-based aggregate per rebuild.
+const REBUILD_BUCKETS: &str = r#"
+INSERT INTO analytics_buckets (dimension, day, value, status, sessions, n_active, n_paused,
+    n_completed, n_crashed, created_us, ended_us, active_since_us, paused_since_us,
+    crashed_since_us, active_us, paused_us, crashed_us, pauses, resumes, recoveries, crashes,
+    worker_generations, restarts, turns, input_tokens, output_tokens, cost_micro_usd)
+SELECT d.dimension, (s.created_at AT TIME ZONE 'UTC')::date, d.value, d.status, count(*),
+       count(*) FILTER (WHERE s.status = 'active'),
+       count(*) FILTER (WHERE s.status = 'paused'),
+       count(*) FILTER (WHERE s.status = 'completed'),
+       count(*) FILTER (WHERE s.status = 'crashed'),
+       sum((extract(epoch FROM s.created_at) * 1000000)::bigint),
+       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'completed'), 0),
+       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'active'), 0),
+       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'paused'), 0),
+       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'crashed'), 0),
+       sum(s.active_us), sum(s.paused_us), sum(s.crashed_us), sum(s.pauses), sum(s.resumes),
+       sum(s.recoveries), sum(s.crashes), sum(s.worker_generations), sum(s.restarts),
+       sum(s.turns), sum(s.input_tokens), sum(s.output_tokens), sum(s.cost_micro_usd)
+FROM analytics_sessions s
+CROSS JOIN LATERAL (VALUES ('all', '', s.status), ('agent_id', s.agent_id::text, ''),
+                           ('session_type', s.session_type, '')) AS d(dimension, value, status)
+GROUP BY 1, 2, 3, 4
+"#;
+
+impl Store {
+    /// Every event of the projection up to this feed position is in it.
+    pub async fn analytics_position(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .db
+            .query_one_raw(stmt(
+                "SELECT position FROM relay_cursors WHERE name = $1",
+                vec![ANALYTICS_CURSOR.into()],
+            ))
+            .await?
+            .map(|r| r.try_get::<i64>("", "position"))
+            .transpose()?
+            .unwrap_or(0))
+    }
+
+    /// One session's stream folded into its metrics; `None` when the log
+    /// holds no `session.created` for it.
+    #[instrument(skip(self))]
+    pub async fn session_tally(&self, id: Uuid) -> Result<Option<Tally>, StoreError> {
+        let mut folded: Option<Tally> = None;
+        let mut after = 0;
+        loop {
+            let page = self.session_events(id, after, STREAM_PAGE).await?;
+            for e in &page {
+                let change = tally_change(e.kind, &e.payload);
+                match folded.as_mut() {
+                    Some(t) => t.apply(e.kind, e.occurred_at, &change),
+                    None => {
+                        folded = tally(id, [(e.kind, e.occurred_at, &change)]);
+                        if folded.is_none() {
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() as u64 == STREAM_PAGE => after = last.version,
+                _ => return Ok(folded),
+            }
+        }
+    }
+
+    /// Fold a page of the feed that follows position `from` into the
+    /// projection. `Ok(false)` when the projection is no longer at `from`
+    /// (a rebuild or another consumer moved it): nothing is written and the
+    /// caller reads its position again.
+    #[instrument(skip(self, events), fields(events = events.len()))]
+    pub async fn fold_into_analytics(
+        &self,
+        from: i64,
+        events: &[StoredEvent],
+    ) -> Result<bool, StoreError> {
+        let Some(last) = events.last() else {
+            return Ok(true);
+        };
+        // The summaries are read before the transaction: should anyone else
+        // write them meanwhile, it moves the position too, which the
+        // transaction checks before writing.
+        let folding: Vec<&StoredEvent> = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    EventKind::Created | EventKind::Updated | EventKind::Deleted
+                )
+            })
+            .collect();
+        let mut ids: Vec<Uuid> = folding.iter().map(|e| e.aggregate_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let before: HashMap<Uuid, Tally> = if ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.db
+                .query_all_raw(stmt(
+                    format!(
+                        "SELECT {TALLY_COLUMNS} FROM analytics_sessions WHERE session_id IN \
+                     (SELECT value::uuid FROM jsonb_array_elements_text($1::jsonb))"
+                    ),
+                    vec![serde_json::to_value(&ids).unwrap_or_default().into()],
+                ))
+                .await?
+                .iter()
+                .map(|r| tally_of(r).map(|t| (t.session_id, t)))
+                .collect::<Result<_, _>>()?
+        };
+        // `None`: deleted (or never seen whole) by the end of the page.
+        let mut after: HashMap<Uuid, Option<Tally>> = before
+            .iter()
+            .map(|(id, t)| (*id, Some(t.clone())))
+            .collect();
+        for e in folding {
+            let change = tally_change(e.kind, &e.payload);
+            let slot = after.entry(e.aggregate_id).or_insert(None);
+            match (e.kind, slot.as_mut()) {
+                (EventKind::Created, _) => {
+                    *slot = Some(Tally::created(e.aggregate_id, e.occurred_at, &change));
+                }
+                (EventKind::Deleted, _) => *slot = None,
+                (_, Some(t)) => {
+                    t.apply(e.kind, e.occurred_at, &change);
+                    // Not kept in the projection: not a change to write.
+                    t.last_event_at = t.created_at;
+                }
+                (_, None) => {}
+            }
+        }
+        let mut deltas: HashMap<BucketKey, [i128; 23]> = HashMap::new();
+        let mut add = |t: &Tally, sign: i128| {
+            for (key, sums) in contributions(t) {
+                let d = deltas.entry(key).or_insert([0; 23]);
+                for (acc, v) in d.iter_mut().zip(sums) {
+                    *acc += sign * v;
+                }
+            }
+        };
+        for t in before.values() {
+            add(t, -1);
+        }
+        let mut gone = Vec::new();
+        let mut kept = Vec::new();
+        for (id, t) in &after {
+            match t {
+                Some(t) => {
+                    add(t, 1);
+                    if before.get(id) != Some(t) {
+                        kept.push(t);
+                    }
+                }
+                None if before.contains_key(id) => gone.push(*id),
+                None => {}
+            }
+        }
+        deltas.retain(|_, d| d.iter().any(|v| *v != 0));
+        if gone.is_empty() && kept.is_empty() && deltas.is_empty() {
+            // Nothing to write (inputs, context edits): move the position
+            // alone, in one statement, unless someone else moved it.
+            let moved = self
+                .db
+                .execute_raw(stmt(
+                    "INSERT INTO relay_cursors (name, position) VALUES ($1, $3) \
+                     ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now() \
+                     WHERE relay_cursors.position = $2",
+                    vec![ANALYTICS_CURSOR.into(), from.into(), last.position.into()],
+                ))
+                .await?
+                .rows_affected();
+            return Ok(moved == 1);
+        }
+        let txn = self.db.begin().await?;
+        if lock_cursor(&txn).await? != from {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        if !gone.is_empty() {
+            txn.execute_raw(stmt(
+                "DELETE FROM analytics_sessions WHERE session_id IN \
+                 (SELECT value::uuid FROM jsonb_array_elements_text($1::jsonb))",
+                vec![serde_json::to_value(&gone).unwrap_or_default().into()],
+            ))
+            .await?;
+        }
+        if !kept.is_empty() {
+            let rows = serde_json::to_value(&kept)
+                .map_err(|e| StoreError::Corrupt(format!("analytics rows: {e}")))?;
+            let set = TALLY_COLUMNS
+                .split(", ")
+                .skip(1)
+                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            txn.execute_raw(stmt(
+                format!(
+                    "INSERT INTO analytics_sessions ({TALLY_COLUMNS}) \
+                     SELECT {TALLY_COLUMNS} FROM jsonb_to_recordset($1::jsonb) AS x({TALLY_RECORD}) \
+                     ON CONFLICT (session_id) DO UPDATE SET {set}"
+                ),
+                vec![rows.into()],
+            ))
+            .await?;
+        }
+        if !deltas.is_empty() {
+            let rows: Vec<Value> = deltas
+                .iter()
+                .map(|((dimension, day, value, status), sums)| {
+                    let mut row = serde_json::Map::new();
+                    row.insert("dimension".into(), (*dimension).into());
+                    row.insert("day".into(), day.to_string().into());
+                    row.insert("value".into(), value.clone().into());
+                    row.insert("status".into(), (*status).into());
+                    for (name, v) in BUCKET_SUMS.iter().zip(sums) {
+                        // Decimal text: jsonb keeps it exact at any size.
+                        row.insert((*name).into(), Value::String(v.to_string()));
+                    }
+                    Value::Object(row)
+                })
+                .collect();
+            let rows = Value::Array(rows);
+            let record = BUCKET_SUMS
+                .iter()
+                .map(|c| format!("{c} numeric"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let cols = BUCKET_SUMS.join(", ");
+            let set = BUCKET_SUMS
+                .iter()
+                .map(|c| format!("{c} = b.{c} + EXCLUDED.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            txn.execute_raw(stmt(
+                format!(
+                    "INSERT INTO analytics_buckets AS b (dimension, day, value, status, {cols}) \
+                     SELECT dimension, day, value, status, {cols} FROM jsonb_to_recordset($1::jsonb) \
+                     AS x(dimension text, day date, value text, status text, {record}) \
+                     ON CONFLICT (dimension, day, value, status) DO UPDATE SET {set}"
+                ),
+                vec![rows.clone().into()],
+            ))
+            .await?;
+            txn.execute_raw(stmt(
+                "DELETE FROM analytics_buckets b USING jsonb_to_recordset($1::jsonb) \
+                 AS x(dimension text, day date, value text, status text) \
+                 WHERE b.dimension = x.dimension AND b.day = x.day AND b.value = x.value \
+                   AND b.status = x.status AND b.sessions = 0",
+                vec![rows.into()],
+            ))
+            .await?;
+        }
+        move_cursor(&txn, last.position).await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// Rebuild the projection from the whole log, set-based, in one
+    /// transaction (readers see the old projection until it commits), up to
+    /// the feed's horizon; its position becomes that horizon.
+    #[instrument(skip(self))]
+    pub async fn rebuild_analytics(&self) -> Result<AnalyticsRebuild, StoreError> {
+        let horizon = self.horizon().await?;
+        let txn = self.db.begin().await?;
+        txn.execute_raw(stmt("SET LOCAL statement_timeout = 0", vec![]))
+            .await?;
+        // A consumer folding now waits for this, then finds the position moved.
+        lock_cursor(&txn).await?;
+        txn.execute_raw(stmt("DELETE FROM analytics_buckets", vec![]))
+            .await?;
+        txn.execute_raw(stmt("DELETE FROM analytics_sessions", vec![]))
+            .await?;
+        let sessions = txn
+            .execute_raw(stmt(REBUILD_SESSIONS, vec![horizon.into()]))
+            .await?
+            .rows_affected();
+        let buckets = txn
+            .execute_raw(stmt(REBUILD_BUCKETS, vec![]))
+            .await?
+            .rows_affected();
+        let position = horizon.saturating_sub(1).max(0);
+        move_cursor(&txn, position).await?;
+        txn.commit().await?;
+        Ok(AnalyticsRebuild {
+            sessions,
+            buckets,
+            position,
+        })
+    }
+
+    /// Sessions created on UTC days `[from, to)`, grouped, as of `now`; and
+    /// the projection's position they were read at (one snapshot).
+    #[instrument(skip(self))]
+    pub async fn analytics(
+        &self,
+        group_by: GroupBy,
+        from: NaiveDate,
+        to: NaiveDate,
+        now: DateTime<Utc>,
+    ) -> Result<(i64, Vec<AnalyticsGroup>), StoreError> {
+        let (dimension, key) = match group_by {
+            GroupBy::Status => ("all", "status"),
+            GroupBy::Day => ("all", "to_char(day, 'YYYY-MM-DD')"),
+            GroupBy::AgentId => ("agent_id", "value"),
+            GroupBy::SessionType => ("session_type", "value"),
+        };
+        let counts = BUCKET_SUMS
+            .iter()
+            .filter(|c| !c.ends_with("_us"))
+            .map(|c| format!("least(sum({c}), 9223372036854775807)::bigint AS {c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Open stretches run to `now` ($4): n × now − Σ since.
+        // The position and the sums come from one statement, so one snapshot.
+        let sql = format!(
+            "WITH pos AS (SELECT coalesce((SELECT position FROM relay_cursors WHERE name = $5), 0) AS position), \
+             g AS ( \
+               SELECT {key} AS key, {counts}, \
+                    sum(ended_us + (sessions - n_completed) * $4::numeric - created_us)::float8 AS duration_us, \
+                    sum(active_us + n_active * $4::numeric - active_since_us)::float8 AS active_time, \
+                    sum(paused_us + n_paused * $4::numeric - paused_since_us)::float8 AS paused_time, \
+                    sum(crashed_us + n_crashed * $4::numeric - crashed_since_us)::float8 AS crashed_time \
+               FROM analytics_buckets \
+               WHERE dimension = $1 AND day >= $2 AND day < $3 \
+               GROUP BY 1) \
+             SELECT pos.position, g.* FROM pos LEFT JOIN g ON true ORDER BY g.key"
+        );
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                sql,
+                vec![
+                    dimension.into(),
+                    from.into(),
+                    to.into(),
+                    now.timestamp_micros().into(),
+                    ANALYTICS_CURSOR.into(),
+                ],
+            ))
+            .await?;
+        let position = match rows.first() {
+            Some(r) => r.try_get("", "position")?,
+            None => 0,
+        };
+        let mut groups: Vec<AnalyticsGroup> = Vec::new();
+        for r in &rows {
+            // The one row of an empty answer has no group.
+            let Some(key) = r.try_get::<Option<String>>("", "key")? else {
+                continue;
+            };
+            let n = |col: &str| r.try_get::<i64>("", col);
+            let secs =
+                |col: &str| -> Result<f64, StoreError> { Ok(r.try_get::<f64>("", col)? / 1e6) };
+            let sessions = n("sessions")?;
+            let duration = secs("duration_us")?;
+            groups.push(AnalyticsGroup {
+                key,
+                sessions,
+                by_status: StatusCounts {
+                    active: n("n_active")?,
+                    paused: n("n_paused")?,
+                    completed: n("n_completed")?,
+                    crashed: n("n_crashed")?,
+                },
+                duration_seconds: duration,
+                mean_duration_seconds: duration / sessions.max(1) as f64,
+                time_in_status_seconds: TimeInStatus {
+                    active: secs("active_time")?,
+                    paused: secs("paused_time")?,
+                    crashed: secs("crashed_time")?,
+                },
+                pauses: n("pauses")?,
+                resumes: n("resumes")?,
+                crashes: n("crashes")?,
+                recoveries: n("recoveries")?,
+                worker_generations: n("worker_generations")?,
+                restarts: n("restarts")?,
+                turns: n("turns")?,
+                input_tokens: n("input_tokens")?,
+                output_tokens: n("output_tokens")?,
+                cost_micro_usd: n("cost_micro_usd")?,
+            });
+        }
+        Ok((position, groups))
+    }
+
+    /// Live sessions per status, from the projection (the `sessions` gauge).
+    pub async fn sessions_by_status(&self) -> Result<Vec<(SessionStatus, i64)>, StoreError> {
+        let rows = self
+            .db
+            .query_all_raw(stmt(
+                "SELECT status, sum(sessions)::bigint AS n FROM analytics_buckets \
+                 WHERE dimension = 'all' GROUP BY status",
+                vec![],
+            ))
+            .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let status: String = r.try_get("", "status")?;
+            if let Some(s) = SessionStatus::parse(&status) {
+                out.push((s, r.try_get("", "n")?));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,437 @@
+//! Session metrics and analytics: `GET /sessions/{id}/metrics` against the
+//! times of the session's own events, `GET /analytics` against the
+//! `sessions` table over a mixed workload, the projection rebuilt by
+//! `replay --analytics`, the `sessions` gauge, and bad parameters.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Days, Utc};
+use futures_util::StreamExt;
+use futures_util::stream;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use serde_json::{Value, json};
+
+use crate::support::app::{Api, TestApp, id_of};
+use crate::support::serve::replay;
+use crate::support::{AGENT, eventually};
+
+fn time(v: &Value) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(v.as_str().expect("a time"))
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+/// Seconds between two instants, as the API computes them (whole
+/// microseconds / 10^6).
+fn secs(from: DateTime<Utc>, to: DateTime<Utc>) -> i64 {
+    (to - from).num_microseconds().expect("micros")
+}
+
+fn s(us: i64) -> f64 {
+    us as f64 / 1e6
+}
+
+async fn events_of(app: &Api, id: &str) -> Vec<Value> {
+    app.fetch(&format!("/sessions/{id}/events?limit=500"))
+        .await
+        .expect(200)
+        .parse()
+}
+
+#[tokio::test]
+async fn session_metrics_match_the_times_of_its_events() {
+    let app = TestApp::spawn().await;
+    let id = app
+        .create_id(&json!({"agent_id": AGENT, "session_type": "task"}))
+        .await;
+    app.patch(&id, &json!({"status": "paused"}))
+        .await
+        .expect(200);
+    app.patch(&id, &json!({"status": "active"}))
+        .await
+        .expect(200);
+    app.merge_patch(
+        &id,
+        &json!({"runtime_metadata": {"worker": {"generation": 2, "restarts": 1, "turns": 3,
+            "input_tokens": 40, "output_tokens": 7, "cost_micro_usd": 1234}}}),
+    )
+    .await
+    .expect(200);
+    app.patch(&id, &json!({"status": "completed"}))
+        .await
+        .expect(200);
+
+    let events = events_of(&app, &id).await;
+    let at: Vec<DateTime<Utc>> = events.iter().map(|e| time(&e["occurred_at"])).collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.len(), 5, "{kinds:?}");
+    let (created, paused, resumed, completed) = (at[0], at[1], at[2], at[4]);
+
+    let m = app.get_json(&format!("/sessions/{id}/metrics")).await;
+    assert_eq!(m["session_id"], json!(id));
+    assert_eq!(m["status"], "completed");
+    assert_eq!(m["deleted"], false);
+    assert_eq!(time(&m["first_activity_at"]), created);
+    assert_eq!(time(&m["last_activity_at"]), completed);
+    assert_eq!(time(&m["ended_at"]), completed);
+    assert_eq!(m["duration_seconds"], json!(s(secs(created, completed))));
+    let active = secs(created, paused) + secs(resumed, completed);
+    assert_eq!(m["time_in_status_seconds"]["active"], json!(s(active)));
+    assert_eq!(
+        m["time_in_status_seconds"]["paused"],
+        json!(s(secs(paused, resumed)))
+    );
+    assert_eq!(m["time_in_status_seconds"]["crashed"], json!(0.0));
+    for (field, n) in [
+        ("pauses", 1),
+        ("resumes", 1),
+        ("crashes", 0),
+        ("recoveries", 0),
+        ("worker_generations", 2),
+        ("restarts", 1),
+        ("turns", 3),
+        ("input_tokens", 40),
+        ("output_tokens", 7),
+        ("cost_micro_usd", 1234),
+    ] {
+        assert_eq!(m[field], json!(n), "{field}: {m}");
+    }
+
+    // A live session counts its open stretch up to `as_of`; a deleted one
+    // ends at its deletion, and its metrics stay readable from its events.
+    let live = app
+        .create_id(&json!({"agent_id": AGENT, "session_type": "task"}))
+        .await;
+    let m = app.get_json(&format!("/sessions/{live}/metrics")).await;
+    let created = time(&events_of(&app, &live).await[0]["occurred_at"]);
+    let open = secs(created, time(&m["as_of"]));
+    assert!(m["ended_at"].is_null(), "{m}");
+    assert_eq!(m["duration_seconds"], json!(s(open)));
+    assert_eq!(m["time_in_status_seconds"]["active"], json!(s(open)));
+    app.delete(&live).await.expect(204);
+    let deleted_at = time(&events_of(&app, &live).await[1]["occurred_at"]);
+    let m = app.get_json(&format!("/sessions/{live}/metrics")).await;
+    assert_eq!(m["deleted"], true);
+    assert_eq!(time(&m["ended_at"]), deleted_at);
+    assert_eq!(m["duration_seconds"], json!(s(secs(created, deleted_at))));
+
+    for path in [
+        format!("/sessions/{}/metrics", uuid::Uuid::new_v4()),
+        "/sessions/not-a-uuid/metrics".to_owned(),
+    ] {
+        let r = app.fetch(&path).await.expect(404);
+        r.problem();
+    }
+    app.teardown().await;
+}
+
+/// The projection's position, once it has folded everything up to `target`.
+async fn projection_reaches(app: &Api, target: i64) -> i64 {
+    eventually(
+        format!("the analytics projection to reach position {target}"),
+        Duration::from_secs(60),
+        || async {
+            let r = app.fetch("/analytics").await.expect(200);
+            let p: i64 = r.header("x-projection-position").parse().expect("position");
+            assert_eq!(r.json()["position"], json!(p));
+            (p >= target).then_some(p)
+        },
+    )
+    .await
+}
+
+async fn rows(app: &TestApp, sql: &str) -> Vec<sea_orm::QueryResult> {
+    let db = app.db.connect().await;
+    let rows = db
+        .query_all_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .expect("query");
+    db.close().await.ok();
+    rows
+}
+
+/// Per group key: (sessions, [active, paused, completed, crashed], cost, turns).
+type Expected = BTreeMap<String, (i64, [i64; 4], i64, i64)>;
+
+/// What each group should hold, straight from the `sessions` table.
+async fn expected(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
+    let sql = format!(
+        "SELECT {key} AS key, count(*) AS n, \
+           count(*) FILTER (WHERE status = 'active') AS a, \
+           count(*) FILTER (WHERE status = 'paused') AS p, \
+           count(*) FILTER (WHERE status = 'completed') AS c, \
+           count(*) FILTER (WHERE status = 'crashed') AS x, \
+           coalesce(sum((runtime_metadata #>> '{{worker,cost_micro_usd}}')::bigint), 0)::bigint AS cost, \
+           coalesce(sum((runtime_metadata #>> '{{worker,turns}}')::bigint), 0)::bigint AS turns \
+         FROM sessions WHERE created_at >= '{from}' AND created_at < '{to}' GROUP BY 1"
+    );
+    rows(app, &sql)
+        .await
+        .iter()
+        .map(|r| {
+            let g = |c: &str| r.try_get::<i64>("", c).unwrap();
+            (
+                r.try_get::<String>("", "key").unwrap(),
+                (
+                    g("n"),
+                    [g("a"), g("p"), g("c"), g("x")],
+                    g("cost"),
+                    g("turns"),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn answered(body: &Value) -> Expected {
+    body["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| {
+            let n = |v: &Value| v.as_i64().expect("a count");
+            let b = &g["by_status"];
+            (
+                g["key"].as_str().unwrap().to_owned(),
+                (
+                    n(&g["sessions"]),
+                    [
+                        n(&b["active"]),
+                        n(&b["paused"]),
+                        n(&b["completed"]),
+                        n(&b["crashed"]),
+                    ],
+                    n(&g["cost_micro_usd"]),
+                    n(&g["turns"]),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Every row of both tables of the projection, as text, in a fixed order.
+async fn projection(app: &TestApp) -> Vec<String> {
+    rows(
+        app,
+        "SELECT t FROM (SELECT 1 AS k, session_id::text AS o, to_jsonb(s)::text AS t \
+                        FROM analytics_sessions s \
+                        UNION ALL SELECT 2, concat_ws('/', dimension, day, value, status), to_jsonb(b)::text \
+                        FROM analytics_buckets b) x ORDER BY k, o",
+    )
+    .await
+    .iter()
+    .map(|r| r.try_get::<String>("", "t").unwrap())
+    .collect()
+}
+
+/// The rows that differ, for a readable failure.
+fn differences(a: &[String], b: &[String]) -> String {
+    let mut out: Vec<String> = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x != y)
+        .take(3)
+        .map(|(x, y)| format!("kept    {x}\nrebuilt {y}"))
+        .collect();
+    out.push(format!("{} rows kept, {} rebuilt", a.len(), b.len()));
+    out.join("\n")
+}
+
+async fn max_position(app: &TestApp) -> i64 {
+    app.db
+        .sql_i64("SELECT coalesce(max(position), 0) FROM events")
+        .await
+}
+
+#[tokio::test]
+async fn analytics_match_the_sessions_table_and_replay_rebuilds_the_same_projection() {
+    let app = TestApp::spawn().await;
+    let agents: Vec<String> = (0..7).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let types = ["conversation", "development", "task", "batch"];
+    // 1,000 sessions, created 32 at a time, each then moved by its index:
+    // paused, completed, crashed, paused and resumed, or left active; a third
+    // get a worker record with spend; every eleventh is deleted.
+    let done: Vec<()> = stream::iter(0..1000usize)
+        .map(|i| {
+            let api = app.api.clone();
+            let body = json!({"agent_id": agents[i % agents.len()], "session_type": types[i % types.len()]});
+            async move {
+                let id = id_of(&api.post("/sessions/", &body).await.expect(201).json());
+                let moves: &[&str] = match i % 5 {
+                    1 => &["paused"],
+                    2 => &["completed"],
+                    3 => &["crashed"],
+                    4 => &["paused", "active"],
+                    _ => &[],
+                };
+                for m in moves {
+                    api.patch(&id, &json!({"status": m})).await.expect(200);
+                }
+                if i % 3 == 0 {
+                    api.merge_patch(
+                        &id,
+                        &json!({"runtime_metadata": {"worker": {"generation": 1,
+                            "turns": i % 13, "cost_micro_usd": i * 10}}}),
+                    )
+                    .await
+                    .expect(200);
+                }
+                if i % 11 == 0 {
+                    api.delete(&id).await.expect(204);
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert_eq!(done.len(), 1000);
+    assert_eq!(
+        app.db.sql_i64("SELECT count(*) FROM sessions").await,
+        1000 - 91
+    );
+
+    let position = projection_reaches(&app, max_position(&app).await).await;
+    let today = Utc::now().date_naive();
+    // A day either side: the workload may straddle midnight.
+    let (from, to) = (
+        today.checked_sub_days(Days::new(1)).unwrap().to_string(),
+        today.checked_add_days(Days::new(2)).unwrap().to_string(),
+    );
+    let by = [
+        ("status", "status"),
+        ("agent_id", "agent_id::text"),
+        ("session_type", "session_type"),
+        (
+            "day",
+            "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        ),
+    ];
+    let mut first_answers = Vec::new();
+    for (group_by, key) in by {
+        let r = app
+            .fetch(&format!(
+                "/analytics?from={from}&to={to}&group_by={group_by}"
+            ))
+            .await
+            .expect(200);
+        let body = r.json();
+        assert_eq!(body["group_by"], group_by);
+        assert!(body["position"].as_i64().unwrap() >= position);
+        let want = expected(&app, key, &from, &to).await;
+        assert_eq!(want.values().map(|v| v.0).sum::<i64>(), 909);
+        assert_eq!(answered(&body), want, "group_by={group_by}");
+        first_answers.push(answered(&body));
+    }
+
+    // Durations: a completed session's runs from creation to the event that
+    // completed it (later updates do not extend it); the others run to `as_of`.
+    let r = app
+        .fetch(&format!("/analytics?from={from}&to={to}&group_by=status"))
+        .await
+        .expect(200)
+        .json();
+    let completed = r["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == "completed")
+        .expect("completed sessions")
+        .clone();
+    let want_us = app
+        .db
+        .sql_i64(
+            "SELECT (sum(extract(epoch FROM e.occurred_at) - extract(epoch FROM s.created_at)) * 1000000)::bigint \
+             FROM sessions s JOIN events e ON e.aggregate_id = s.id \
+               AND e.payload #>> '{changes,status}' = 'completed' \
+             WHERE s.status = 'completed'",
+        )
+        .await;
+    let got = completed["duration_seconds"].as_f64().unwrap();
+    assert!(
+        (got - s(want_us)).abs() < 1e-3,
+        "completed durations {got} s, sessions table {} s",
+        s(want_us)
+    );
+
+    // The gauge, from the projection.
+    let text = app.fetch("/metrics").await.expect(200).text();
+    for status in ["active", "paused", "completed", "crashed"] {
+        let want = app
+            .db
+            .sql_i64(&format!(
+                "SELECT count(*) FROM sessions WHERE status = '{status}'"
+            ))
+            .await;
+        let line = format!("sessions{{status=\"{status}\"}} {want}");
+        assert!(text.lines().any(|l| l == line), "no `{line}` in /metrics");
+    }
+
+    // The rebuild from the log gives the same rows.
+    let incremental = projection(&app).await;
+    let (ok, out) = replay(&app.db.url, &["--analytics"]);
+    assert!(ok, "replay --analytics: {out}");
+    assert!(out.contains("909 sessions"), "{out}");
+    let rebuilt = projection(&app).await;
+    assert!(
+        rebuilt == incremental,
+        "{}",
+        differences(&incremental, &rebuilt)
+    );
+
+    // And the consumer carries on from the rebuilt position.
+    let extra = app
+        .create_id(&json!({"agent_id": agents[0], "session_type": "task"}))
+        .await;
+    app.patch(&extra, &json!({"status": "crashed"}))
+        .await
+        .expect(200);
+    projection_reaches(&app, max_position(&app).await).await;
+    let after = app
+        .fetch(&format!("/analytics?from={from}&to={to}&group_by=agent_id"))
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(
+        answered(&after),
+        expected(&app, "agent_id::text", &from, &to).await
+    );
+    assert_ne!(answered(&after), first_answers[1]);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn analytics_refuses_bad_parameters_with_a_problem() {
+    let app = TestApp::spawn().await;
+    for (query, field) in [
+        ("group_by=agent", "group_by"),
+        ("group_by=", "group_by"),
+        ("from=yesterday", "from"),
+        ("from=2026-11-29T10:00:00Z&to=2026-11-30", "from"),
+        ("from=2026-11-29&to=2026-13-01", "to"),
+        ("from=2026-11-29&to=2026-11-29", "to"),
+        ("from=2026-11-30&to=2026-11-29", "to"),
+        ("from=2020-01-01&to=2026-01-01", "to"),
+    ] {
+        let r = app.fetch(&format!("/analytics?{query}")).await;
+        assert_eq!(r.status, 400, "{query}: {}", r.text());
+        assert_eq!(r.problem().field.as_deref(), Some(field), "{query}");
+    }
+    // Out of what a date column holds: refused, never a 5xx.
+    let r = app
+        .fetch("/analytics?from=-200000-01-01&to=-200000-06-01")
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.problem().field.as_deref(), Some("from"));
+    // Midnight UTC in any offset is a day boundary.
+    let r = app
+        .fetch("/analytics?from=2026-11-29T01:00:00%2B01:00&to=2026-11-30&group_by=day")
+        .await
+        .expect(200);
+    assert_eq!(r.json()["from"], "2026-11-29");
+    assert_eq!(r.json()["groups"], json!([]));
+    app.teardown().await;
+}
