@@ -243,18 +243,37 @@ bases_secs=$((SECONDS - bases_started))
 # ---- 3. the images, from the real Dockerfile ---------------------------------
 cache_flag=()
 [ "${IMAGES_NO_CACHE:-}" = 1 ] && cache_flag=(--no-cache)
-build() { # LOG TAG [ARGS...]
-  local log=$1 tag=$2 started=$SECONDS
+# CPU seconds used so far by all containers (the build steps run in them),
+# from the cgroup docker puts them under (v1 cpuacct or v2), or "?".
+cpu_secs() {
+  local f
+  for f in /sys/fs/cgroup/cpuacct/docker/cpuacct.usage /sys/fs/cgroup/cpu,cpuacct/docker/cpuacct.usage; do
+    [ -r "$f" ] && { awk '{printf "%d", $1 / 1e9}' "$f"; return; }
+  done
+  f=/sys/fs/cgroup/docker/cpu.stat
+  [ -r "$f" ] && { awk '$1 == "usage_usec" {printf "%d", $2 / 1e6}' "$f"; return; }
+  echo '?'
+}
+build() { # LOG TAG [ARGS...]: prints "WALL_SECONDS CPU_SECONDS"
+  local log=$1 tag=$2 started=$SECONDS cpu_before cpu_after
   shift 2
   say "docker build ${cache_flag[*]} --network host -t $tag $* . (log: $log)"
+  cpu_before=$(cpu_secs)
   docker build "${cache_flag[@]}" --network host -t "$tag" "$@" . >"$log" 2>&1 \
     || { tail -n 40 "$log" >&2; die "docker build of $tag"; }
-  echo $((SECONDS - started))
+  cpu_after=$(cpu_secs)
+  if [ "$cpu_before" = '?' ] || [ "$cpu_after" = '?' ]; then
+    echo "$((SECONDS - started)) ?"
+  else
+    echo "$((SECONDS - started)) $((cpu_after - cpu_before))"
+  fi
 }
 # The worker target first: the classic builder builds every stage before the
 # one asked for, so the default target then reuses the builder and worker.
-worker_secs=$(build "$WORK/build-worker.log" "$WORKER_IMAGE" --target worker)
-service_secs=$(build "$WORK/build-service.log" "$IMAGE")
+built=$(build "$WORK/build-worker.log" "$WORKER_IMAGE" --target worker)
+read -r worker_secs worker_cpu <<<"$built"
+built=$(build "$WORK/build-service.log" "$IMAGE")
+read -r service_secs service_cpu <<<"$built"
 
 # ---- 4. run them -------------------------------------------------------------
 free_port() {
@@ -340,5 +359,5 @@ size() { docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.0f MB", $1 /
 echo
 echo "images: all checks passed"
 echo "  stand-ins built in ${bases_secs} s (0 when they were there already)"
-echo "  $WORKER_IMAGE: built in ${worker_secs} s${cache_flag:+ (--no-cache)}, $(size "$WORKER_IMAGE")"
-echo "  $IMAGE: built in ${service_secs} s${cache_flag:+ (--no-cache)} after the worker target, $(size "$IMAGE")"
+echo "  $WORKER_IMAGE: built in ${worker_secs} s (${worker_cpu} CPU-s)${cache_flag:+ with --no-cache}, $(size "$WORKER_IMAGE")"
+echo "  $IMAGE: built in ${service_secs} s (${service_cpu} CPU-s)${cache_flag:+ with --no-cache} after the worker target, $(size "$IMAGE")"
