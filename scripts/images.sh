@@ -211,7 +211,8 @@ COPY usr/ /usr/
 RUN chmod -R a+w /usr/local/rustup /usr/local/cargo \\
  && rustup --version && cargo --version && rustc --version
 EOF
-  docker build -q --network host -t rust:1-bookworm "$ctx" >/dev/null
+  docker build --network host -t rust:1-bookworm "$ctx" >"$WORK/build-rust.log" 2>&1 \
+    || { tail -n 30 "$WORK/build-rust.log" >&2; die "rust:1-bookworm"; }
   rm -rf "$ctx"
 fi
 
@@ -246,14 +247,16 @@ RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \\
 $ca_env
 CMD ["node"]
 EOF
-  docker build -q --network host -t node:22-bookworm-slim "$ctx" >/dev/null
+  docker build --network host -t node:22-bookworm-slim "$ctx" >"$WORK/build-node.log" 2>&1 \
+    || { tail -n 30 "$WORK/build-node.log" >&2; die "node:22-bookworm-slim"; }
   rm -rf "$ctx"
 fi
 bases_secs=$((SECONDS - bases_started))
 
 # ---- 3. the images, from the real Dockerfile ---------------------------------
 cache_flag=()
-[ "${IMAGES_NO_CACHE:-}" = 1 ] && cache_flag=(--no-cache)
+cache_note=
+if [ "${IMAGES_NO_CACHE:-}" = 1 ]; then cache_flag=(--no-cache); cache_note=" with --no-cache"; fi
 # CPU seconds used so far by all containers (the build steps run in them),
 # from the cgroup docker puts them under (v1 cpuacct or v2), or "?".
 cpu_secs() {
@@ -280,16 +283,17 @@ build() { # LOG TAG [ARGS...]: prints "WALL_SECONDS CPU_SECONDS"
   fi
 }
 # The worker target first: the classic builder builds every stage before the
-# one asked for, so the default target then reuses the builder and worker.
+# one asked for, so the default target then reuses the builder and worker
+# stages just built (with --no-cache too: they are that clean build's).
 built=$(build "$WORK/build-worker.log" "$WORKER_IMAGE" --target worker)
 read -r worker_secs worker_cpu <<<"$built"
+cache_flag=()
 built=$(build "$WORK/build-service.log" "$IMAGE")
 read -r service_secs service_cpu <<<"$built"
 
 # ---- 4. run them -------------------------------------------------------------
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/lib/serve.sh
+. scripts/lib/serve.sh   # serve_free_port
 # wait_status URL CODE CONTAINER: until URL answers CODE, or the container
 # exits, or 120 s pass.
 wait_status() {
@@ -324,7 +328,7 @@ token=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 hash=$(printf '%s\n' "$token" | "${run[@]}" -i "$IMAGE" hash-token)
 tokens_json="[{\"subject\": \"runner\", \"sha256\": \"$hash\", \"scopes\": [\"sessions:read\", \"sessions:write\", \"events:read\", \"sessions:run\"]}]"
 
-api_port=$(free_port)
+api_port=$(serve_free_port)
 api="http://127.0.0.1:$api_port"
 serve="agent-sessions-images-serve-$suffix"
 CONTAINERS+=("$serve")
@@ -344,7 +348,7 @@ id=$(printf '%s' "$created" | python3 -c 'import json, sys; print(json.load(sys.
 curl -sf -o /dev/null "$api/sessions/$id" -H "Authorization: Bearer $token" || die "GET /sessions/$id"
 say "serve: created and read session $id"
 
-metrics_port=$(free_port)
+metrics_port=$(serve_free_port)
 runner="agent-sessions-images-runner-$suffix"
 CONTAINERS+=("$runner")
 say "runner against $api, its /healthz and /metrics on 127.0.0.1:$metrics_port"
@@ -370,5 +374,5 @@ size() { docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.0f MB", $1 /
 echo
 echo "images: all checks passed"
 echo "  stand-ins built in ${bases_secs} s (0 when they were there already)"
-echo "  $WORKER_IMAGE: built in ${worker_secs} s (${worker_cpu} CPU-s)${cache_flag:+ with --no-cache}, $(size "$WORKER_IMAGE")"
-echo "  $IMAGE: built in ${service_secs} s (${service_cpu} CPU-s)${cache_flag:+ with --no-cache} after the worker target, $(size "$IMAGE")"
+echo "  $WORKER_IMAGE: built in ${worker_secs} s (${worker_cpu} CPU-s)${cache_note}, $(size "$WORKER_IMAGE")"
+echo "  $IMAGE: built in ${service_secs} s (${service_cpu} CPU-s) after the worker target, $(size "$IMAGE")"
