@@ -11,6 +11,8 @@
 #   CONNS="16 32" DURATION=20 bench/p1p2.sh
 #   SINGLE=0 bench/p1p2.sh             # skip the 1-in-flight latencies
 #   BIN=/tmp/old/agent-sessions bench/p1p2.sh   # measure another build (no cargo build)
+#   PERF_DIR=/tmp/prof bench/p1p2.sh   # also `perf record` the service during each wrk run
+#                                      # (<path>@<conns>.data; perf report --no-children)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNS_LIST=${CONNS:-16 64}
@@ -106,8 +108,16 @@ LUA
 } > "$work/read.lua"
 
 wrk_rate() { # $1: lua script, $2: connections
-  local out; out=$(wrk -t$THREADS -c$2 -d${DURATION}s -s "$1" "http://127.0.0.1:$PORT/sessions/")
+  local out rec=
+  if [ -n "${PERF_DIR:-}" ]; then
+    mkdir -p "$PERF_DIR"
+    perf record -q -e cpu-clock -F 999 -g -p "$pid" -o "$PERF_DIR/$(basename "$1" .lua)@$2.data" \
+      -- sleep "$DURATION" 2>/dev/null &
+    rec=$!
+  fi
+  out=$(wrk -t$THREADS -c$2 -d${DURATION}s -s "$1" "http://127.0.0.1:$PORT/sessions/")
   if grep -q "Non-2xx" <<<"$out"; then echo "wrk: $(grep Non-2xx <<<"$out")" >&2; fi
+  [ -z "$rec" ] || wait "$rec" || true
   awk '/Requests\/sec/ {print $2}' <<<"$out"
 }
 pgbench_rate() { # $1: sql file, $2: connections
