@@ -2,14 +2,22 @@
 # P1 and P2 (docs/design.md, performance targets): the service's create,
 # update and read-by-id paths under wrk, and pgbench running the same SQL at
 # the same concurrency, in one run. Prints each rate and the ratio
-# service / pgbench.
+# service / pgbench for every connection count in CONNS, then the p50
+# latency of each path with one request in flight (wrk --latency against
+# pgbench's per-transaction log), and a `RESULT ...` line per figure for
+# bench/run.sh.
 #
-#   bench/p1p2.sh            # 16 connections, 10 s per measurement
-#   CONNS=32 DURATION=20 bench/p1p2.sh
+#   bench/p1p2.sh                      # 16 and 64 connections, 10 s each; 5 s at 1 in flight
+#   CONNS="16 32" DURATION=20 bench/p1p2.sh
+#   SINGLE=0 bench/p1p2.sh             # skip the 1-in-flight latencies
+#   BIN=/tmp/old/agent-sessions bench/p1p2.sh   # measure another build (no cargo build)
+#   PERF_DIR=/tmp/prof bench/p1p2.sh   # also `perf record` the service during each wrk run
+#                                      # (<path>@<conns>.data; perf report --no-children)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONNS=${CONNS:-16}
+CONNS_LIST=${CONNS:-16 64}
 DURATION=${DURATION:-10}
+SINGLE=${SINGLE:-5}   # seconds per path at 1 request in flight; 0 skips it
 THREADS=${THREADS:-1}
 SESSIONS=1000
 PORT=${PORT_BENCH:-18011}
@@ -20,19 +28,27 @@ work=$(mktemp -d)
 
 bash scripts/deps.sh
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-cargo build -q --release --bin agent-sessions --example p3_latency   # same set as p3.sh: no rebuild between them
+if [ -z "${BIN:-}" ]; then
+  cargo build -q --release --bin agent-sessions --example p3_latency   # same set as p3.sh: no rebuild between them
+  BIN=./target/release/agent-sessions
+fi
 psql "$ADMIN" -qc "drop database if exists $DB with (force)" -qc "create database $DB"
-DATABASE_URL=$URL ./target/release/agent-sessions migrate
+DATABASE_URL=$URL "$BIN" migrate
 
-cleanup() { [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+cleanup() { stop_service; rm -rf "$work"; }
 trap cleanup EXIT
-DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__SERVER__WORKERS=2 \
-  APP__DATABASE__MAX_CONNECTIONS=$CONNS APP__REDIS__CHANNEL_PREFIX="bench:" \
-  ./target/release/agent-sessions serve &
-pid=$!
-for _ in $(seq 1 100); do curl -s -o /dev/null "localhost:$PORT/healthz" && break; sleep 0.1; done
+stop_service() { [ -z "${pid:-}" ] || { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; pid=; }; }
+start_service() { # $1: pool size (the connection count under test)
+  stop_service
+  DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__SERVER__WORKERS=2 \
+    APP__DATABASE__MAX_CONNECTIONS=$1 APP__REDIS__CHANNEL_PREFIX="bench:" \
+    "$BIN" serve &
+  pid=$!
+  for _ in $(seq 1 100); do curl -s -o /dev/null "localhost:$PORT/healthz" && break; sleep 0.1; done
+}
 
 # The create statement, exactly as the store sends it (literals for parameters).
+results=()
 payload='{"agent_id": "550e8400-e29b-41d4-a716-446655440000", "session_type": "bench", "runtime_backend": "unknown", "changes": {"agent_id": "550e8400-e29b-41d4-a716-446655440000", "session_type": "bench", "status": "active", "context": {"n": 0}, "checkpoint": null, "runtime_backend": "unknown", "runtime_metadata": {}, "worker": null}}'
 create_sql() { # $1: id expression
   cat <<SQL
@@ -91,19 +107,67 @@ end
 LUA
 } > "$work/read.lua"
 
-wrk_rate() { # $1: lua script
-  local out; out=$(wrk -t$THREADS -c$CONNS -d${DURATION}s -s "$1" "http://127.0.0.1:$PORT/sessions/")
+wrk_rate() { # $1: lua script, $2: connections
+  local out rec=
+  if [ -n "${PERF_DIR:-}" ]; then
+    mkdir -p "$PERF_DIR"
+    perf record -q -e cpu-clock -F 999 -g -p "$pid" -o "$PERF_DIR/$(basename "$1" .lua)@$2.data" \
+      -- sleep "$DURATION" 2>/dev/null &
+    rec=$!
+  fi
+  out=$(wrk -t$THREADS -c$2 -d${DURATION}s -s "$1" "http://127.0.0.1:$PORT/sessions/")
   if grep -q "Non-2xx" <<<"$out"; then echo "wrk: $(grep Non-2xx <<<"$out")" >&2; fi
+  [ -z "$rec" ] || wait "$rec" || true
   awk '/Requests\/sec/ {print $2}' <<<"$out"
 }
-pgbench_rate() { # $1: sql file
-  pgbench -n -M prepared -c$CONNS -j$THREADS -T$DURATION -f "$1" "$URL" 2>"$work/pgbench.err" | awk '/^tps/ {print $3; exit}'
+pgbench_rate() { # $1: sql file, $2: connections
+  pgbench -n -M prepared -c$2 -j$THREADS -T$DURATION -f "$1" "$URL" 2>"$work/pgbench.err" | awk '/^tps/ {print $3; exit}'
 }
+# One request in flight: the median round trip, in ms.
+wrk_p50() { # $1: lua script
+  local out; out=$(wrk -t1 -c1 -d${SINGLE}s --latency -s "$1" "http://127.0.0.1:$PORT/sessions/")
+  if grep -q "Non-2xx" <<<"$out"; then echo "wrk: $(grep Non-2xx <<<"$out")" >&2; fi
+  awk '$1 == "50%" { v = $2; u = v; sub(/[a-z]+$/, "", v); sub(/^[0-9.]+/, "", u);
+         print (u == "us" ? v / 1000 : u == "s" ? v * 1000 : v); exit }' <<<"$out"
+}
+pgbench_p50() { # $1: sql file; median of the per-transaction log (microseconds, 3rd column)
+  rm -f "$work"/pgl.*
+  pgbench -n -M prepared -c1 -j1 -T$SINGLE -l --log-prefix="$work/pgl" -f "$1" "$URL" >/dev/null 2>"$work/pgbench.err" || return 1
+  cat "$work"/pgl.* | awk '{print $3}' | sort -n | awk '{a[NR] = $1} END {if (NR) printf "%.3f\n", a[int((NR + 1) / 2)] / 1000}'
+}
+target_of() { case $1 in read) echo "P2 0.8" ;; *) echo "P1 1.0" ;; esac; }
 
-printf '%-22s %12s %12s %8s\n' "path ($CONNS conns)" "service/s" "pgbench/s" "ratio"
-for path in create update read; do
-  s=$(wrk_rate "$work/$path.lua")
-  p=$(pgbench_rate "$work/$path.sql") || true
-  [ -n "$p" ] || { echo "pgbench failed:" >&2; cat "$work/pgbench.err" >&2; exit 1; }
-  printf '%-22s %12.0f %12.0f %8.2f\n' "$path" "$s" "$p" "$(echo "$s / $p" | bc -l)"
+# The service is stopped while pgbench runs: its idle pool would otherwise
+# hold connections PostgreSQL's max_connections (100 here) cannot spare at 64.
+declare -A svc
+for conns in $CONNS_LIST; do
+  start_service "$conns"
+  for path in create update read; do svc[$path]=$(wrk_rate "$work/$path.lua" "$conns"); done
+  stop_service
+  printf '%-22s %12s %12s %8s\n' "path ($conns conns)" "service/s" "pgbench/s" "ratio"
+  for path in create update read; do
+    s=${svc[$path]}
+    p=$(pgbench_rate "$work/$path.sql" "$conns") || true
+    [ -n "$p" ] || { echo "pgbench failed:" >&2; cat "$work/pgbench.err" >&2; exit 1; }
+    ratio=$(echo "$s / $p" | bc -l)
+    printf '%-22s %12.0f %12.0f %8.2f\n' "$path" "$s" "$p" "$ratio"
+    read -r id target < <(target_of "$path")
+    results+=("$(printf 'RESULT %s %s@%s ratio=%.2f target>=%s service=%.0f/s pgbench=%.0f/s' \
+      "$id" "$path" "$conns" "$ratio" "$target" "$s" "$p")")
+  done
 done
+
+if [ "$SINGLE" != 0 ]; then
+  start_service 4
+  for path in create update read; do svc[$path]=$(wrk_p50 "$work/$path.lua"); done
+  stop_service
+  printf '%-22s %12s %12s\n' "path (1 in flight)" "service p50" "pgbench p50"
+  for path in create update read; do
+    s=${svc[$path]}
+    p=$(pgbench_p50 "$work/$path.sql") || { echo "pgbench failed:" >&2; cat "$work/pgbench.err" >&2; exit 1; }
+    printf '%-22s %9.3f ms %9.3f ms\n' "$path" "$s" "$p"
+    read -r id _ < <(target_of "$path")
+    results+=("$(printf 'RESULT %s %s@1 p50_ms=%.3f pgbench_p50_ms=%.3f' "$id" "$path" "$s" "$p")")
+  done
+fi
+printf '%s\n' "${results[@]}"

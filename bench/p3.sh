@@ -15,5 +15,11 @@ DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__REDIS__
 pid=$!
 trap 'kill $pid 2>/dev/null; wait 2>/dev/null' EXIT
 for _ in $(seq 1 100); do curl -s -o /dev/null "localhost:$PORT/healthz" && break; sleep 0.1; done
-./target/release/examples/p3_latency "http://127.0.0.1:$PORT" redis://127.0.0.1:6379 "bench:p3:"
+out=$(mktemp)
+trap 'kill $pid 2>/dev/null; wait 2>/dev/null; rm -f "$out"' EXIT
+./target/release/examples/p3_latency "http://127.0.0.1:$PORT" redis://127.0.0.1:6379 "bench:p3:" | tee "$out"
 curl -s "localhost:$PORT/metrics" | grep -E "^relay_commit_to_publish_seconds_(bucket|count)" | sed "s/^/  relay: /"
+# For bench/run.sh: the p99, and whether every acknowledged write arrived.
+awk '/^writes:/ {ok = $2} /^received:/ {got = $2}
+     /^commit→subscriber/ {p99 = $8}
+     END {printf "RESULT P3 commit_to_subscriber p99_ms=%s target<=3 received=%s/%s\n", p99, got, ok}' "$out"

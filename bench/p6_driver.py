@@ -160,6 +160,10 @@ def main():
     rate = ingest(a.api, a.clients, a.seconds, a.batch)
     print(f"message ingest: {rate:,.0f} lines/s ({a.clients} clients, batches of {a.batch}) "
           f"(target >= 20,000 lines/s)")
+    # For bench/run.sh.
+    print(f"RESULT P6 line_to_sse p99_ms={pct(out_lat, 99):.1f} target<=50 p50_ms={pct(out_lat, 50):.1f}")
+    print(f"RESULT P6 input_to_stdin p99_ms={pct(in_lat, 99):.1f} p50_ms={pct(in_lat, 50):.1f}")
+    print(f"RESULT P6 ingest lines_per_s={rate:.0f} target>=20000")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 //! Prometheus metrics: one recorder per process, rendered at `/metrics`.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Every metric name the service and the runner export, in one place.
@@ -73,14 +76,53 @@ pub(crate) fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// The request counter and duration histogram of one method, route and
+/// status, registered once: a request then only bumps them.
+struct HttpSeries {
+    method: Box<str>,
+    status: u16,
+    count: Counter,
+    duration: Histogram,
+}
+
+thread_local! {
+    /// Per route pattern, the series seen on this thread (each actix
+    /// worker has its own; the recorder holds the shared values).
+    static HTTP_SERIES: RefCell<HashMap<Box<str>, Vec<HttpSeries>>> = RefCell::new(HashMap::new());
+}
+
 pub(crate) fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
-    let labels = [
-        ("method", method.to_owned()),
-        ("route", route.to_owned()),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!(HTTP_REQUESTS, &labels).increment(1);
-    metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
+    HTTP_SERIES.with_borrow_mut(|routes| {
+        if !routes.contains_key(route) {
+            routes.insert(route.into(), Vec::new());
+        }
+        let Some(series) = routes.get_mut(route) else {
+            return;
+        };
+        let at = match series
+            .iter()
+            .position(|s| s.status == status && &*s.method == method)
+        {
+            Some(at) => at,
+            None => {
+                let labels = [
+                    ("method", method.to_owned()),
+                    ("route", route.to_owned()),
+                    ("status", status.to_string()),
+                ];
+                series.push(HttpSeries {
+                    method: method.into(),
+                    status,
+                    count: metrics::counter!(HTTP_REQUESTS, &labels),
+                    duration: metrics::histogram!(HTTP_REQUEST_DURATION, &labels),
+                });
+                series.len() - 1
+            }
+        };
+        let s = &series[at];
+        s.count.increment(1);
+        s.duration.record(elapsed.as_secs_f64());
+    });
 }
 
 pub(crate) fn event_appended(kind: &'static str) {

@@ -15,7 +15,6 @@ use actix_web::{Error, FromRequest, HttpMessage, HttpRequest, ResponseError, web
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::error::ApiError;
-use super::middleware::Actor;
 use crate::auth::{AuthError, Authenticator, Principal, Scope};
 use crate::settings::AuthSettings;
 
@@ -26,6 +25,10 @@ pub struct AuthState {
     metrics_public: bool,
     docs_public: bool,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// Who calls when authentication is off, and who calls an open route
+    /// when it is on: built once, shared by every request.
+    anonymous: Arc<Principal>,
+    open: Arc<Principal>,
 }
 
 impl AuthState {
@@ -49,6 +52,11 @@ impl AuthState {
             metrics_public: s.metrics_public,
             docs_public: s.docs_public,
             limiter,
+            anonymous: Arc::new(Principal::anonymous()),
+            open: Arc::new(Principal {
+                subject: "anonymous".into(),
+                scopes: Default::default(),
+            }),
         }))
     }
 
@@ -75,14 +83,11 @@ pub async fn authenticate(
         return Ok(next.call(req).await?.map_into_left_body());
     };
     let principal = match (&state.authenticator, state.is_open(req.path())) {
-        (None, _) => Ok(Principal::anonymous()),
-        (Some(_), true) => Ok(Principal {
-            subject: "anonymous".into(),
-            scopes: Default::default(),
-        }),
+        (None, _) => Ok(state.anonymous.clone()),
+        (Some(_), true) => Ok(state.open.clone()),
         (Some(auth), false) => match bearer(&req) {
             None => Err(AuthError::Missing),
-            Some(token) => auth.verify(token),
+            Some(token) => auth.verify(token).map(Arc::new),
         },
     };
     let principal = match principal {
@@ -102,8 +107,6 @@ pub async fn authenticate(
         let res = ApiError::RateLimited(wait.as_secs().max(1)).error_response();
         return Ok(req.into_response(res).map_into_right_body());
     }
-    req.extensions_mut()
-        .insert(Actor(principal.subject.clone()));
     req.extensions_mut().insert(principal);
     Ok(next.call(req).await?.map_into_left_body())
 }
@@ -142,7 +145,7 @@ impl<S: RequiredScope> FromRequest for Authorized<S> {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let ok = req
             .extensions()
-            .get::<Principal>()
+            .get::<Arc<Principal>>()
             .is_none_or(|p| p.scopes.contains(&S::SCOPE));
         std::future::ready(if ok {
             Ok(Self(PhantomData))

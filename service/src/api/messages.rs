@@ -12,7 +12,7 @@ use super::body::JsonBody;
 use super::error::ApiError;
 use super::middleware::RequestMeta;
 use super::params::{self, link_next};
-use super::sessions::{existing_session, session_id};
+use super::sessions::{existing_session, session_id, with_session};
 use crate::contract::{Problem, Session, format_time};
 
 /// Most messages accepted in one append.
@@ -110,10 +110,7 @@ pub async fn append(
     let items: Vec<Value> = items.into_iter().map(without_nul).collect();
     let written = state.store.append_messages(id, &items, &meta.0).await?;
     state.after_commit(written.appended.as_ref());
-    let s = written.session;
-    Ok(HttpResponse::Ok()
-        .insert_header((header::ETAG, format!("\"{}\"", s.version)))
-        .json(Session::from(&s)))
+    Ok(with_session(HttpResponse::Ok(), written.session))
 }
 
 /// Read the message log.

@@ -5,15 +5,18 @@
 //! of everything the request does, and stored in the metadata of the events
 //! the request writes.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{Error, FromRequest, HttpMessage, HttpRequest, dev::Payload};
 use tracing::Instrument;
 
+use crate::auth::Principal;
 use crate::domain::EventMetadata;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -29,17 +32,25 @@ pub async fn request_context(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let id = req
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| acceptable(v))
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    req.extensions_mut().insert(RequestId(id.clone()));
-    let method = req.method().to_string();
-    let path = req.path().to_owned();
-    let span = tracing::info_span!("http", request_id = %id, %method, %path);
+    // The client's id is sent back as it came (the same header value); a
+    // new one is made into a header value once.
+    let sent = req.headers().get(&REQUEST_ID).and_then(|v| {
+        Some((
+            v.to_str().ok().filter(|v| acceptable(v))?.to_owned(),
+            v.clone(),
+        ))
+    });
+    let (id, header) = match sent {
+        Some((id, header)) => (id, Some(header)),
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            let header = HeaderValue::from_str(&id).ok();
+            (id, header)
+        }
+    };
+    let method = req.method().clone();
+    let span = tracing::info_span!("http", request_id = %id, %method, path = %req.path());
+    req.extensions_mut().insert(RequestId(id));
     let started = Instant::now();
     let draining = req
         .app_data::<actix_web::web::Data<super::AppState>>()
@@ -59,10 +70,10 @@ pub async fn request_context(
         .match_pattern()
         .unwrap_or_else(|| "unmatched".to_owned());
     let elapsed = started.elapsed();
-    crate::metrics::http_request(&method, &route, status, elapsed);
+    crate::metrics::http_request(method.as_str(), &route, status, elapsed);
     // Reads that succeed are what pollers and dashboards repeat all day:
     // `debug`. Writes and every failure are worth a line at `info`.
-    let quiet = (method == "GET" || method == "HEAD") && status < 400;
+    let quiet = (method == Method::GET || method == Method::HEAD) && status < 400;
     let elapsed_ms = elapsed.as_secs_f64() * 1e3;
     span.in_scope(|| {
         if quiet {
@@ -71,7 +82,7 @@ pub async fn request_context(
             tracing::info!(status, elapsed_ms, %route, "request");
         }
     });
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    if let Some(v) = header {
         res.headers_mut().insert(REQUEST_ID, v);
     }
     Ok(res)
@@ -89,9 +100,8 @@ impl FromRequest for RequestMeta {
         let ext = req.extensions();
         let request_id = ext.get::<RequestId>().map(|r| r.0.clone());
         let actor = ext
-            .get::<Actor>()
-            .map(|a| a.0.clone())
-            .unwrap_or_else(|| "anonymous".to_owned());
+            .get::<Arc<Principal>>()
+            .map_or_else(|| "anonymous".to_owned(), |p| p.subject.clone());
         std::future::ready(Ok(RequestMeta(EventMetadata {
             actor,
             request_id,
@@ -100,7 +110,3 @@ impl FromRequest for RequestMeta {
         })))
     }
 }
-
-/// The authenticated subject, set by authentication when it is on.
-#[derive(Debug, Clone)]
-pub struct Actor(pub String);

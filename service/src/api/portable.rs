@@ -20,7 +20,7 @@ use super::body::{
 use super::error::{ApiError, TRANSCRIPT_LENGTH};
 use super::middleware::RequestMeta;
 use super::params;
-use super::sessions::{existing_session, parse_dto, session_id};
+use super::sessions::{created, existing_session, parse_dto, session_id, with_session};
 use crate::contract::portable::{
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ExportedMessage, ForkRequest, SessionExport,
     TranscriptChunk as WireChunk, TranscriptWritten,
@@ -218,11 +218,7 @@ pub async fn fork(
     for a in &forked.appended {
         state.after_commit(Some(a));
     }
-    let child = &forked.child;
-    Ok(HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/sessions/{}", child.id)))
-        .insert_header((header::ETAG, format!("\"{}\"", child.version)))
-        .json(Session::from(child)))
+    Ok(with_session(created(&forked.child), forked.child))
 }
 
 fn document(dump: SessionDump) -> Result<SessionExport, ApiError> {
@@ -579,9 +575,5 @@ pub async fn import(
     let plan = plan_import(doc, new_id)?;
     let appended = state.store.import(&plan).await?;
     state.after_commit(Some(&appended));
-    let s = &plan.session;
-    Ok(HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/sessions/{}", s.id)))
-        .insert_header((header::ETAG, format!("\"{}\"", s.version)))
-        .json(Session::from(s)))
+    Ok(with_session(created(&plan.session), plan.session))
 }

@@ -1,7 +1,7 @@
 //! `/sessions/` handlers: parse the request, call the store, shape the answer.
 
 use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,9 +28,18 @@ fn etag(version: i64) -> String {
     format!("\"{version}\"")
 }
 
-fn with_session(mut res: actix_web::HttpResponseBuilder, s: &SessionState) -> HttpResponse {
+/// A session as the answer: its `ETag` and its representation.
+pub(crate) fn with_session(mut res: HttpResponseBuilder, s: SessionState) -> HttpResponse {
     res.insert_header((header::ETAG, etag(s.version)))
         .json(Session::from(s))
+}
+
+/// `201 Created` for a new session, with its `Location`; finish it with
+/// [`with_session`].
+pub(crate) fn created(s: &SessionState) -> HttpResponseBuilder {
+    let mut res = HttpResponse::Created();
+    res.insert_header((header::LOCATION, format!("/sessions/{}", s.id)));
+    res
 }
 
 /// What a write's `If-Match` asks for.
@@ -207,15 +216,11 @@ pub async fn create(
     )?;
     let created = state.store.create(&cmd, &meta.0, idem.as_ref()).await?;
     state.after_commit(created.appended.as_ref());
-    let mut res = HttpResponse::Created();
-    res.insert_header((
-        header::LOCATION,
-        format!("/sessions/{}", created.session.id),
-    ));
+    let mut res = self::created(&created.session);
     if created.replayed {
         res.insert_header(("Idempotent-Replayed", "true"));
     }
-    Ok(with_session(res, &created.session))
+    Ok(with_session(res, created.session))
 }
 
 /// Get one session.
@@ -249,7 +254,7 @@ pub async fn get(
             .insert_header((header::ETAG, tag))
             .finish());
     }
-    Ok(with_session(HttpResponse::Ok(), &s))
+    Ok(with_session(HttpResponse::Ok(), s))
 }
 
 /// Update a session.
@@ -292,7 +297,7 @@ pub async fn update(
     let expected = expected_version(&state, id, pre).await?;
     let written = state.store.update(id, &patch, expected, &meta.0).await?;
     state.after_commit(written.appended.as_ref());
-    Ok(with_session(HttpResponse::Ok(), &written.session))
+    Ok(with_session(HttpResponse::Ok(), written.session))
 }
 
 /// Delete a session (appends `session.deleted`).

@@ -119,18 +119,19 @@ pub struct Session {
     pub updated_at: String,
 }
 
-impl From<&SessionState> for Session {
-    fn from(s: &SessionState) -> Self {
+impl From<SessionState> for Session {
+    /// Moves the state's documents into the representation (no copy).
+    fn from(s: SessionState) -> Self {
         Self {
             id: s.id,
             agent_id: s.agent_id,
-            session_type: s.session_type.clone(),
+            session_type: s.session_type,
             status: s.status.into(),
-            context: s.context.clone(),
-            checkpoint: s.checkpoint.clone(),
+            context: s.context,
+            checkpoint: s.checkpoint,
             runtime_backend: s.runtime_backend.into(),
-            runtime_metadata: s.runtime_metadata.clone(),
-            worker: s.worker.clone().map(Into::into),
+            runtime_metadata: s.runtime_metadata,
+            worker: s.worker.map(Into::into),
             usage: Usage::from(&s.usage),
             parent_session_id: s.forked_from.map(|f| f.session_id),
             forked_from: s.forked_from.map(Into::into),
@@ -138,6 +139,12 @@ impl From<&SessionState> for Session {
             created_at: format_time(&s.created_at),
             updated_at: format_time(&s.updated_at),
         }
+    }
+}
+
+impl From<&SessionState> for Session {
+    fn from(s: &SessionState) -> Self {
+        Self::from(s.clone())
     }
 }
 
