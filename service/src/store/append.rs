@@ -65,10 +65,17 @@ impl<'a> EventRow<'a> {
     /// within the transaction, below 1024): its position is the
     /// transaction's id × 1024 + `index`.
     pub(crate) fn cte_as(&self, name: &str, index: u16) -> String {
+        self.cte_at(name, &index.to_string())
+    }
+
+    /// The CTE `name` whose rows take the positions xid × 1024 + `index`, an
+    /// expression over `source` (a batched statement numbers its rows); the
+    /// statement keeps it distinct per row and below 1024.
+    pub(crate) fn cte_at(&self, name: &str, index: &str) -> String {
         format!(
             "{name} AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
                                       event_type, payload, metadata, occurred_at) \
-                   SELECT {POSITION} + {index}, {event_id}, '{AGGREGATE_TYPE}', {aggregate_id}, {version}, \
+                   SELECT {POSITION} + ({index}), {event_id}, '{AGGREGATE_TYPE}', {aggregate_id}, {version}, \
                           '{kind}', {payload}, {metadata}, {occurred_at} \
                    FROM {source} RETURNING position)",
             event_id = self.event_id,
