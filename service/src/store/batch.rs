@@ -205,9 +205,11 @@ async fn run_batch<C: Batch>(
             fail_all(replies, e);
         }
         Err(e) if cmds.len() == 1 => answer_alone(replies, Err(e)),
-        Err(_) => {
+        Err(e) => {
             // One row may be at fault: each command again, alone (nothing of
             // the failed statement committed).
+            tracing::warn!(kind = C::KIND, commands = cmds.len(), error = %e,
+                "a batched statement failed; running its commands one by one");
             for (cmd, reply) in cmds.iter().zip(replies) {
                 let result = C::run(conn, std::slice::from_ref(cmd)).await;
                 answer_alone(vec![reply], result);

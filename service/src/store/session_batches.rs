@@ -238,7 +238,7 @@ static UPDATE_SQL: LazyLock<String> = LazyLock::new(|| {
                FROM announce, v WHERE s.id = v.id AND s.version = v.version \
                RETURNING s.id, s.version, s.updated_at, v.ord, v.event_id, v.payload, v.metadata), \
          {event} \
-         SELECT u.ord, u.updated_at FROM u"
+         SELECT u.event_id, u.updated_at FROM u"
     )
 });
 
@@ -252,48 +252,57 @@ impl Batch for UpdateRow {
     type Out = UpdateOut;
 
     async fn run(conn: &mut PgConnection, cmds: &[Self]) -> Result<Vec<UpdateOut>, sqlx::Error> {
+        // Rows in id order, so that two batches touching the same sessions
+        // lock them in the same order rather than deadlock.
+        let mut order: Vec<&UpdateRow> = cmds.iter().collect();
+        order.sort_by_key(|c| c.id);
         let written = sqlx::query(UPDATE_SQL.as_str())
-            .bind(cmds.iter().map(|c| c.id).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| c.version).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| c.status).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| c.runtime_backend).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| c.context.as_ref()).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.id).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.version).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.status).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.runtime_backend).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.context.as_ref()).collect::<Vec<_>>())
             .bind(
-                cmds.iter()
+                order
+                    .iter()
                     .map(|c| c.runtime_metadata.as_ref())
                     .collect::<Vec<_>>(),
             )
             .bind(
-                cmds.iter()
+                order
+                    .iter()
                     .map(|c| c.checkpoint.is_some())
                     .collect::<Vec<_>>(),
             )
             .bind(
-                cmds.iter()
+                order
+                    .iter()
                     .map(|c| c.checkpoint.as_ref().and_then(Option::as_ref))
                     .collect::<Vec<_>>(),
             )
-            .bind(cmds.iter().map(|c| c.worker.is_some()).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.worker.is_some()).collect::<Vec<_>>())
             .bind(
-                cmds.iter()
+                order
+                    .iter()
                     .map(|c| c.worker.as_ref().and_then(Option::as_ref))
                     .collect::<Vec<_>>(),
             )
-            .bind(cmds.iter().map(|c| c.event_id).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| &c.payload).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| &c.metadata).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.event_id).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| &c.payload).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| &c.metadata).collect::<Vec<_>>())
             .fetch_all(conn)
             .await?;
-        let mut at: Vec<Option<DateTime<Utc>>> = vec![None; cmds.len()];
+        // Event ids are unique per command: they name the rows written.
+        let mut at: HashMap<Uuid, DateTime<Utc>> = HashMap::with_capacity(written.len());
         for row in written {
-            let ord: i64 = row.try_get("ord")?;
-            if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| at.get_mut(i)) {
-                *slot = Some(row.try_get("updated_at")?);
-            }
+            at.insert(row.try_get("event_id")?, row.try_get("updated_at")?);
         }
-        Ok(at
-            .into_iter()
-            .map(|t| t.map_or(UpdateOut::LostRace, UpdateOut::Written))
+        Ok(cmds
+            .iter()
+            .map(|c| {
+                at.get(&c.event_id)
+                    .map_or(UpdateOut::LostRace, |t| UpdateOut::Written(*t))
+            })
             .collect())
     }
 }

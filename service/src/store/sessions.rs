@@ -3,7 +3,8 @@
 //! Each write is a single autocommit statement: a CTE that announces the
 //! writer (`append.rs`), changes the `sessions` row only if it is still at the
 //! version the change was planned against, and appends the event only if the
-//! row changed. Losing that race re-plans against the new state, or answers
+//! row changed. Reads by id, creates and updates run batched with concurrent
+//! ones (`batch.rs`, `session_batches.rs`): the same guards, per row. Losing that race re-plans against the new state, or answers
 //! 412 when the client asked for a specific version ([`Store::on_version`]).
 //! The transaction id, and so the event's position, is taken only after the
 //! state it was planned on was read, so positions follow each session's
