@@ -18,6 +18,11 @@ pub(crate) mod names {
     pub(crate) const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
     pub(crate) const DB_POOL_MAX_CONNECTIONS: &str = "db_pool_max_connections";
     pub(crate) const DB_STATEMENT_TIMEOUTS: &str = "db_statement_timeouts_total";
+    /// Commands waiting for a batch, and batches and commands run, by `kind`
+    /// (`read`, `create`, `update`): commands / batches is the mean batch.
+    pub(crate) const DB_BATCH_QUEUED: &str = "db_batch_queued_commands";
+    pub(crate) const DB_BATCHES: &str = "db_batches_total";
+    pub(crate) const DB_BATCH_COMMANDS: &str = "db_batch_commands_total";
     // Relay and feed.
     pub(crate) const RELAY_LEADER: &str = "relay_leader";
     pub(crate) const RELAY_PUBLISHED: &str = "relay_published_total";

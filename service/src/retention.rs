@@ -140,7 +140,7 @@ pub async fn run_once(
     settings: &crate::settings::Settings,
     dry_run: bool,
 ) -> anyhow::Result<PassReport> {
-    let store = Store::connect(&crate::startup::database_options(settings, 2)).await?;
+    let store = Store::connect(&crate::startup::database_options(settings, 2, 0)).await?;
     let lock = if dry_run {
         None
     } else {

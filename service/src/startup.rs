@@ -34,9 +34,12 @@ impl Application {
     /// Bind the listener (port 0 picks a free port), build the server and
     /// start the background tasks.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        // The recorder first: the store registers its metrics as it starts.
+        crate::metrics::handle();
         let store = Store::connect(&database_options(
             settings,
             settings.database.max_connections,
+            settings.database.batch_executors,
         ))
         .await?;
         let bus = Arc::new(Bus::new(&settings.redis.url)?);
@@ -62,7 +65,7 @@ impl Application {
         if settings.relay.enabled {
             // The relay has connections of its own: under write load it must
             // not queue behind requests for the shared pool.
-            let relay_store = Store::connect(&database_options(settings, 2)).await?;
+            let relay_store = Store::connect(&database_options(settings, 2, 0)).await?;
             let relay = Relay::new(
                 relay_store,
                 bus.clone(),
@@ -82,7 +85,7 @@ impl Application {
         }
         if settings.analytics.enabled {
             // Its own connections too, for the same reason.
-            let analytics_store = Store::connect(&database_options(settings, 2)).await?;
+            let analytics_store = Store::connect(&database_options(settings, 2, 0)).await?;
             let consumer = AnalyticsConsumer::new(
                 analytics_store,
                 AnalyticsSettings {
@@ -140,7 +143,6 @@ impl Application {
             settings.server.max_json_depth,
         ));
         let auth = web::Data::new(AuthState::from_settings(&settings.auth)?);
-        crate::metrics::handle();
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -221,7 +223,13 @@ impl Stopper {
         self.handle.stop(true).await;
     }
 }
-pub(crate) fn database_options(settings: &Settings, max_connections: u32) -> DatabaseOptions {
+/// `batch_executors`: executors per batched kind (`database.batch_executors`
+/// for the API's store, 0 for the relay's, which writes nothing batched).
+pub(crate) fn database_options(
+    settings: &Settings,
+    max_connections: u32,
+    batch_executors: usize,
+) -> DatabaseOptions {
     let db = &settings.database;
     DatabaseOptions {
         url: db.url.clone(),
@@ -230,5 +238,6 @@ pub(crate) fn database_options(settings: &Settings, max_connections: u32) -> Dat
         acquire_timeout: settings.acquire_timeout(),
         statement_timeout: Duration::from_millis(db.statement_timeout_ms),
         idle_in_transaction_timeout: Duration::from_millis(db.idle_in_transaction_timeout_ms),
+        batch_executors,
     }
 }

@@ -75,7 +75,7 @@ impl<'a> EventRow<'a> {
         format!(
             "{name} AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
                                       event_type, payload, metadata, occurred_at) \
-                   SELECT {POSITION} + {index}, {event_id}, '{AGGREGATE_TYPE}', {aggregate_id}, {version}, \
+                   SELECT {POSITION} + ({index}), {event_id}, '{AGGREGATE_TYPE}', {aggregate_id}, {version}, \
                           '{kind}', {payload}, {metadata}, {occurred_at} \
                    FROM {source} RETURNING position)",
             event_id = self.event_id,

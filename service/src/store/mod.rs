@@ -7,6 +7,7 @@
 
 mod analytics;
 mod append;
+mod batch;
 mod error;
 mod events;
 mod horizon;
@@ -17,6 +18,7 @@ mod relay;
 mod replay;
 mod retention;
 mod rows;
+mod session_batches;
 mod sessions;
 
 pub use analytics::{ANALYTICS_CURSOR, AnalyticsRebuild};
@@ -34,9 +36,14 @@ pub use sessions::{
     Appended, BulkDeleted, Created, IdempotencyRequest, ListCursor, ListFilter, Written,
 };
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, Statement};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use batch::{Batch, Lane};
 
 /// How to reach PostgreSQL and how many connections to keep.
 #[derive(Debug, Clone)]
@@ -49,6 +56,10 @@ pub struct DatabaseOptions {
     /// ours can hold the feed's horizon).
     pub statement_timeout: Duration,
     pub idle_in_transaction_timeout: Duration,
+    /// Executors (each holding a connection) of each of the two lanes of
+    /// batched commands: reads by id, and writes (creates, updates). 0 runs
+    /// each command alone on a pooled connection.
+    pub batch_executors: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +72,31 @@ pub struct PoolStats {
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    lanes: Option<Arc<Lanes>>,
+}
+
+/// The two lanes of batched commands (`batch.rs`) and their executors.
+struct Lanes {
+    read: Lane,
+    write: Lane,
+    closing: CancellationToken,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Lanes {
+    fn start(db: &DatabaseConnection, executors: usize) -> Self {
+        let pool = db.get_postgres_connection_pool();
+        let closing = CancellationToken::new();
+        let (read, mut tasks) = Lane::start(pool, executors, &closing);
+        let (write, t) = Lane::start(pool, executors, &closing);
+        tasks.extend(t);
+        Self {
+            read,
+            write,
+            closing,
+            tasks: std::sync::Mutex::new(tasks),
+        }
+    }
 }
 
 impl Store {
@@ -88,11 +124,23 @@ impl Store {
             .connect_lazy(true)
             .sqlx_logging(false);
         let db = Database::connect(co).await.map_err(StoreError::from)?;
-        Ok(Self { db })
+        let lanes =
+            (opts.batch_executors > 0).then(|| Arc::new(Lanes::start(&db, opts.batch_executors)));
+        Ok(Self { db, lanes })
     }
 
+    /// A store without batching (tools and tests that bring a connection).
     pub fn from_connection(db: DatabaseConnection) -> Self {
-        Self { db }
+        Self { db, lanes: None }
+    }
+
+    /// Run `cmd` in the next batch of its lane, or alone without lanes.
+    async fn batched<C: Batch>(&self, cmd: C) -> Result<C::Out, StoreError> {
+        match &self.lanes {
+            Some(lanes) if C::WRITES => lanes.write.submit(cmd).await,
+            Some(lanes) => lanes.read.submit(cmd).await,
+            None => batch::run_one(self.db.get_postgres_connection_pool(), cmd).await,
+        }
     }
 
     /// Connections open, idle and allowed, for `/metrics`.
@@ -116,8 +164,16 @@ impl Store {
         Ok(())
     }
 
-    /// Close the pool's connections (graceful shutdown).
+    /// Answer the queued commands, then close the pool's connections
+    /// (graceful shutdown).
     pub async fn close(self) {
+        if let Some(lanes) = &self.lanes {
+            lanes.closing.cancel();
+            let tasks = std::mem::take(&mut *lanes.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
         let _ = self.db.close().await;
     }
 }

@@ -3,7 +3,8 @@
 //! Each write is a single autocommit statement: a CTE that announces the
 //! writer (`append.rs`), changes the `sessions` row only if it is still at the
 //! version the change was planned against, and appends the event only if the
-//! row changed. Losing that race re-plans against the new state, or answers
+//! row changed. Reads by id, creates and updates run batched with concurrent
+//! ones (`batch.rs`, `session_batches.rs`): the same guards, per row. Losing that race re-plans against the new state, or answers
 //! 412 when the client asked for a specific version ([`Store::on_version`]).
 //! The transaction id, and so the event's position, is taken only after the
 //! state it was planned on was read, so positions follow each session's
@@ -20,7 +21,8 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::append::{ANNOUNCE, EventRow};
-use super::rows::{self, INSERT_COLUMNS, SESSION_COLUMNS};
+use super::rows::{self, SESSION_COLUMNS};
+use super::session_batches::{CreateOut, NewSession, ReadById, UpdateOut, UpdateRow};
 use super::{Store, StoreError};
 use crate::contract::{WakeHint, WorkerState};
 use crate::domain::event;
@@ -239,9 +241,19 @@ pub(crate) fn new_session_values(cmd: &CreateSession) -> Result<[Param; 8], Stor
     ])
 }
 
+/// A typed value as `jsonb` (`None` for SQL `NULL`).
+fn to_json<T: Serialize>(v: &T) -> Result<Option<Value>, StoreError> {
+    serde_json::to_value(v)
+        .map(|v| Some(v).filter(|v| !v.is_null()))
+        .map_err(|e| StoreError::Corrupt(format!("value does not serialise: {e}")))
+}
+
 pub(crate) fn metadata(meta: &EventMetadata) -> Result<Param, StoreError> {
+    metadata_json(meta).map(json)
+}
+
+fn metadata_json(meta: &EventMetadata) -> Result<Value, StoreError> {
     serde_json::to_value(meta)
-        .map(json)
         .map_err(|e| StoreError::Corrupt(format!("event metadata does not serialise: {e}")))
 }
 
@@ -259,50 +271,27 @@ impl Store {
             ));
         }
         let payload = event::created_payload(cmd);
+        let metadata = metadata_json(meta)?;
+        let worker = to_json(&cmd.worker)?;
         for _ in 0..MAX_ATTEMPTS {
             let id = Uuid::now_v7();
             tracing::Span::current().record("session_id", tracing::field::display(id));
-            let mut values: Vec<Param> = vec![id.into()];
-            values.extend(new_session_values(cmd)?);
-            values.extend([
-                Uuid::new_v4().into(),
-                json(payload.clone()),
-                metadata(meta)?,
-            ]);
-            let (key_cte, from_key) = match idem {
-                Some(k) => {
-                    values.push(k.key.clone().into());
-                    values.push(k.request_hash.clone().into());
-                    (
-                        "k AS (INSERT INTO idempotency_keys (key, request_hash, session_id) \
-                         SELECT $13, $14, $1 FROM announce \
-                         ON CONFLICT (key) DO NOTHING RETURNING session_id),",
-                        "FROM k",
-                    )
-                }
-                None => ("", "FROM announce"),
+            let row = NewSession {
+                id,
+                agent_id: cmd.agent_id,
+                session_type: cmd.session_type.clone(),
+                status: cmd.status.as_str(),
+                context: Value::Object(cmd.context.clone()),
+                checkpoint: cmd.checkpoint.clone().map(Value::Object),
+                runtime_backend: cmd.runtime_backend.as_str(),
+                runtime_metadata: Value::Object(cmd.runtime_metadata.clone()),
+                worker: worker.clone(),
+                event_id: Uuid::new_v4(),
+                payload: payload.clone(),
+                metadata: metadata.clone(),
+                idempotency: idem.map(|k| (k.key.clone(), k.request_hash.clone())),
             };
-            let event = EventRow {
-                source: "s",
-                kind: EventKind::Created,
-                aggregate_id: "$1",
-                version: "1",
-                event_id: "$10",
-                payload: "$11",
-                metadata: "$12",
-                occurred_at: "s.created_at",
-            }
-            .cte();
-            let sql = format!(
-                "WITH {ANNOUNCE}, {key_cte} \
-                 s AS (INSERT INTO sessions ({INSERT_COLUMNS}) \
-                       SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, 1, now(), now() {from_key} \
-                       RETURNING created_at), \
-                 {event} \
-                 SELECT s.created_at FROM s, e"
-            );
-            if let Some(row) = self.db.query_one_raw(stmt(&sql, values)).await? {
-                let at: DateTime<Utc> = row.try_get("", "created_at")?;
+            if let CreateOut::Created(at) = self.batched(row).await? {
                 let session = SessionState::from_create(id, cmd, at);
                 let appended = Appended::new(&session, EventKind::Created, &payload);
                 return Ok(Created {
@@ -338,12 +327,7 @@ impl Store {
 
     #[instrument(skip(self))]
     pub async fn get(&self, id: Uuid) -> Result<Option<SessionState>, StoreError> {
-        let sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1");
-        self.db
-            .query_one_raw(stmt(&sql, vec![id.into()]))
-            .await?
-            .map(|r| rows::session(&r))
-            .transpose()
+        self.batched(ReadById(id)).await?.transpose()
     }
 
     /// Run `attempt` against the session's current state until it wins the
@@ -430,54 +414,29 @@ impl Store {
         payload: &Value,
         meta: &EventMetadata,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let mut values: Vec<Param> = vec![
-            current.id.into(),
-            current.version.into(),
-            Uuid::new_v4().into(),
-            json(payload.clone()),
-            metadata(meta)?,
-        ];
-        let mut sets = String::new();
-        let mut set = |column: &str, param: Param| {
-            values.push(param);
-            sets.push_str(&format!("{column} = ${}, ", values.len()));
-        };
-        if let Some(s) = changes.status {
-            set("status", s.as_str().into());
-        }
-        if let Some(b) = changes.runtime_backend {
-            set("runtime_backend", b.as_str().into());
-        }
-        if let Some(c) = &changes.context {
-            set("context", typed_json(c)?);
-        }
-        if let Some(m) = &changes.runtime_metadata {
-            set("runtime_metadata", typed_json(m)?);
-        }
-        if let Some(c) = &changes.checkpoint {
-            set("checkpoint", typed_json(c)?);
-        }
-        if let Some(w) = &changes.worker {
-            set("worker", typed_json(w)?);
-        }
         if changes.agent_id.is_some() || changes.session_type.is_some() || changes.usage.is_some() {
             return Err(StoreError::Corrupt(format!(
                 "an update cannot set {:?}",
                 changes.names()
             )));
         }
-        let event = EventRow::updated("$4", "$5").cte();
-        let sql = format!(
-            "WITH {ANNOUNCE}, \
-             u AS (UPDATE sessions SET {sets}version = $2 + 1, updated_at = now() FROM announce \
-                   WHERE id = $1 AND version = $2 RETURNING updated_at), \
-             {event} \
-             SELECT u.updated_at FROM u, e"
-        );
-        match self.db.query_one_raw(stmt(&sql, values)).await? {
-            Some(row) => Ok(Some(row.try_get("", "updated_at")?)),
-            None => Ok(None),
-        }
+        let row = UpdateRow {
+            id: current.id,
+            version: current.version,
+            status: changes.status.map(|s| s.as_str()),
+            runtime_backend: changes.runtime_backend.map(|b| b.as_str()),
+            context: changes.context.clone().map(Value::Object),
+            runtime_metadata: changes.runtime_metadata.clone().map(Value::Object),
+            checkpoint: changes.checkpoint.clone().map(|c| c.map(Value::Object)),
+            worker: changes.worker.as_ref().map(to_json).transpose()?,
+            event_id: Uuid::new_v4(),
+            payload: payload.clone(),
+            metadata: metadata_json(meta)?,
+        };
+        Ok(match self.batched(row).await? {
+            UpdateOut::Written(at) => Some(at),
+            UpdateOut::LostRace => None,
+        })
     }
 
     /// The record of an idempotency key while it is honoured. A key older

@@ -247,6 +247,7 @@ async fn readers_never_pass_an_announced_writer_over_ten_thousand_writes() {
         acquire_timeout: Duration::from_secs(30),
         statement_timeout: Duration::from_secs(30),
         idle_in_transaction_timeout: Duration::from_secs(30),
+        batch_executors: 0,
     })
     .await
     .unwrap();

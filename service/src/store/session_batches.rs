@@ -1,0 +1,314 @@
+//! The batched statements of the hot path: reads by id, creates and updates.
+//!
+//! Each takes its batch as arrays (`unnest(…) WITH ORDINALITY`), so its SQL
+//! text is one static string, prepared once per connection and cached by the
+//! driver. Writes open with the writers' announcement (`append.rs`) like every
+//! event-writing statement, and a row's event takes the position
+//! xid × 1024 + (its ordinal − 1) — distinct within the statement, below 1024
+//! because a batch holds at most [`super::batch::MAX_BATCH`] commands.
+//!
+//! Updates are planned in Rust on a state read before the statement (the
+//! state machine, the merge patches, the event payload) and guarded per row by
+//! the planned version; a row that lost its race is answered as such and
+//! re-planned by its caller, the others commit. The read takes no row lock on
+//! purpose: a lock would assign the transaction id at the read, and a batch
+//! that then waited for another writer of the same session could append that
+//! session's next version at a lower position than the one before it.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use chrono::{DateTime, Utc};
+use sea_orm::QueryResult;
+use sea_orm::sqlx::{self, PgConnection, Row, postgres::PgRow};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::StoreError;
+use super::append::{ANNOUNCE, EventRow};
+use super::batch::{Batch, Job, Queued};
+use super::rows::{self, INSERT_COLUMNS, SESSION_COLUMNS};
+use crate::domain::{EventKind, SessionState};
+
+/// `GET` of one session by id.
+pub(crate) struct ReadById(pub Uuid);
+
+/// `None` when no such session.
+pub(crate) type ReadOut = Option<Result<SessionState, StoreError>>;
+
+static READ_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ANY($1)"));
+
+impl Batch for ReadById {
+    const KIND: &'static str = "read";
+    const WRITES: bool = false;
+
+    fn queued(job: Job<Self>) -> Queued {
+        Queued::Read(job)
+    }
+    type Out = ReadOut;
+
+    async fn run(conn: &mut PgConnection, cmds: &[Self]) -> Result<Vec<ReadOut>, sqlx::Error> {
+        let ids: Vec<Uuid> = cmds.iter().map(|c| c.0).collect();
+        let found = sqlx::query(READ_SQL.as_str())
+            .bind(&ids)
+            .fetch_all(conn)
+            .await?;
+        let mut by_id: HashMap<Uuid, Result<SessionState, StoreError>> =
+            HashMap::with_capacity(found.len());
+        for row in found {
+            let id: Uuid = row.try_get("id")?;
+            by_id.insert(id, rows::session(&QueryResult::from(row)));
+        }
+        Ok(cmds
+            .iter()
+            .map(|c| match by_id.get(&c.0)? {
+                Ok(s) => Some(Ok(s.clone())),
+                Err(e) => Some(Err(StoreError::Corrupt(e.to_string()))),
+            })
+            .collect())
+    }
+}
+
+/// A new session's row and its `session.created` event, with the
+/// idempotency key it is created under.
+pub(crate) struct NewSession {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    pub session_type: String,
+    pub status: &'static str,
+    pub context: Value,
+    pub checkpoint: Option<Value>,
+    pub runtime_backend: &'static str,
+    pub runtime_metadata: Value,
+    pub worker: Option<Value>,
+    pub event_id: Uuid,
+    pub payload: Value,
+    pub metadata: Value,
+    /// `(key, request_hash)`.
+    pub idempotency: Option<(String, String)>,
+}
+
+pub(crate) enum CreateOut {
+    Created(DateTime<Utc>),
+    /// The idempotency key is another request's: nothing written.
+    KeyTaken,
+}
+
+static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
+    let event = EventRow {
+        source: "s JOIN v ON v.id = s.id",
+        kind: EventKind::Created,
+        aggregate_id: "s.id",
+        version: "1",
+        event_id: "v.event_id",
+        payload: "v.payload",
+        metadata: "v.metadata",
+        occurred_at: "s.created_at",
+    }
+    .cte_numbered("e", "v.ord - 1");
+    format!(
+        "WITH {ANNOUNCE}, \
+         v AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], \
+                                    $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::uuid[], \
+                                    $11::jsonb[], $12::jsonb[], $13::text[], $14::text[]) \
+               WITH ORDINALITY AS v(id, agent_id, session_type, status, context, checkpoint, \
+                                    runtime_backend, runtime_metadata, worker, event_id, payload, \
+                                    metadata, key, request_hash, ord)), \
+         k AS (INSERT INTO idempotency_keys (key, request_hash, session_id) \
+               SELECT v.key, v.request_hash, v.id FROM announce, v WHERE v.key IS NOT NULL \
+               ON CONFLICT (key) DO NOTHING RETURNING session_id), \
+         s AS (INSERT INTO sessions ({INSERT_COLUMNS}) \
+               SELECT v.id, v.agent_id, v.session_type, v.status, v.context, v.checkpoint, \
+                      v.runtime_backend, v.runtime_metadata, v.worker, NULL, NULL, 1, now(), now() \
+               FROM announce, v WHERE v.key IS NULL OR v.id IN (SELECT session_id FROM k) \
+               RETURNING id, created_at), \
+         {event} \
+         SELECT s.id, s.created_at FROM s"
+    )
+});
+
+impl Batch for NewSession {
+    const KIND: &'static str = "create";
+    const WRITES: bool = true;
+
+    fn queued(job: Job<Self>) -> Queued {
+        Queued::Create(job)
+    }
+    type Out = CreateOut;
+
+    async fn run(conn: &mut PgConnection, cmds: &[Self]) -> Result<Vec<CreateOut>, sqlx::Error> {
+        let written = sqlx::query(CREATE_SQL.as_str())
+            .bind(cmds.iter().map(|c| c.id).collect::<Vec<_>>())
+            .bind(cmds.iter().map(|c| c.agent_id).collect::<Vec<_>>())
+            .bind(
+                cmds.iter()
+                    .map(|c| c.session_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(cmds.iter().map(|c| c.status).collect::<Vec<_>>())
+            .bind(cmds.iter().map(|c| &c.context).collect::<Vec<_>>())
+            .bind(
+                cmds.iter()
+                    .map(|c| c.checkpoint.as_ref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(cmds.iter().map(|c| c.runtime_backend).collect::<Vec<_>>())
+            .bind(cmds.iter().map(|c| &c.runtime_metadata).collect::<Vec<_>>())
+            .bind(cmds.iter().map(|c| c.worker.as_ref()).collect::<Vec<_>>())
+            .bind(cmds.iter().map(|c| c.event_id).collect::<Vec<_>>())
+            .bind(cmds.iter().map(|c| &c.payload).collect::<Vec<_>>())
+            .bind(cmds.iter().map(|c| &c.metadata).collect::<Vec<_>>())
+            .bind(
+                cmds.iter()
+                    .map(|c| c.idempotency.as_ref().map(|k| k.0.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                cmds.iter()
+                    .map(|c| c.idempotency.as_ref().map(|k| k.1.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(conn)
+            .await?;
+        let at = by_id(written, "created_at")?;
+        Ok(cmds
+            .iter()
+            .map(|c| match at.get(&c.id) {
+                Some(t) => CreateOut::Created(*t),
+                None => CreateOut::KeyTaken,
+            })
+            .collect())
+    }
+}
+
+/// A planned update of one session: the columns it changes (`None` keeps the
+/// stored value) and its `session.updated` event, guarded by `version`.
+pub(crate) struct UpdateRow {
+    pub id: Uuid,
+    /// The version the change was planned against.
+    pub version: i64,
+    pub status: Option<&'static str>,
+    pub runtime_backend: Option<&'static str>,
+    pub context: Option<Value>,
+    pub runtime_metadata: Option<Value>,
+    /// `Some(None)` clears the checkpoint.
+    pub checkpoint: Option<Option<Value>>,
+    /// `Some(None)` removes the worker spec.
+    pub worker: Option<Option<Value>>,
+    pub event_id: Uuid,
+    pub payload: Value,
+    pub metadata: Value,
+}
+
+pub(crate) enum UpdateOut {
+    Written(DateTime<Utc>),
+    /// The session moved on (or is gone) since the update was planned.
+    LostRace,
+}
+
+static UPDATE_SQL: LazyLock<String> = LazyLock::new(|| {
+    let event = EventRow {
+        source: "u",
+        kind: EventKind::Updated,
+        aggregate_id: "u.id",
+        version: "u.version",
+        event_id: "u.event_id",
+        payload: "u.payload",
+        metadata: "u.metadata",
+        occurred_at: "u.updated_at",
+    }
+    .cte_numbered("e", "u.ord - 1");
+    format!(
+        "WITH {ANNOUNCE}, \
+         v AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::jsonb[], \
+                                    $6::jsonb[], $7::bool[], $8::jsonb[], $9::bool[], $10::jsonb[], \
+                                    $11::uuid[], $12::jsonb[], $13::jsonb[]) \
+               WITH ORDINALITY AS v(id, version, status, runtime_backend, context, runtime_metadata, \
+                                    set_checkpoint, checkpoint, set_worker, worker, event_id, \
+                                    payload, metadata, ord)), \
+         u AS (UPDATE sessions s SET \
+                   status = coalesce(v.status, s.status), \
+                   runtime_backend = coalesce(v.runtime_backend, s.runtime_backend), \
+                   context = coalesce(v.context, s.context), \
+                   runtime_metadata = coalesce(v.runtime_metadata, s.runtime_metadata), \
+                   checkpoint = CASE WHEN v.set_checkpoint THEN v.checkpoint ELSE s.checkpoint END, \
+                   worker = CASE WHEN v.set_worker THEN v.worker ELSE s.worker END, \
+                   version = v.version + 1, updated_at = now() \
+               FROM announce, v WHERE s.id = v.id AND s.version = v.version \
+               RETURNING s.id, s.version, s.updated_at, v.ord, v.event_id, v.payload, v.metadata), \
+         {event} \
+         SELECT u.event_id, u.updated_at FROM u"
+    )
+});
+
+impl Batch for UpdateRow {
+    const KIND: &'static str = "update";
+    const WRITES: bool = true;
+
+    fn queued(job: Job<Self>) -> Queued {
+        Queued::Update(job)
+    }
+    type Out = UpdateOut;
+
+    async fn run(conn: &mut PgConnection, cmds: &[Self]) -> Result<Vec<UpdateOut>, sqlx::Error> {
+        // Rows in id order, so that two batches touching the same sessions
+        // lock them in the same order rather than deadlock.
+        let mut order: Vec<&UpdateRow> = cmds.iter().collect();
+        order.sort_by_key(|c| c.id);
+        let written = sqlx::query(UPDATE_SQL.as_str())
+            .bind(order.iter().map(|c| c.id).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.version).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.status).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.runtime_backend).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.context.as_ref()).collect::<Vec<_>>())
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.runtime_metadata.as_ref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.checkpoint.is_some())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.checkpoint.as_ref().and_then(Option::as_ref))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(order.iter().map(|c| c.worker.is_some()).collect::<Vec<_>>())
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.worker.as_ref().and_then(Option::as_ref))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(order.iter().map(|c| c.event_id).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| &c.payload).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| &c.metadata).collect::<Vec<_>>())
+            .fetch_all(conn)
+            .await?;
+        // Event ids are unique per command: they name the rows written.
+        let mut at: HashMap<Uuid, DateTime<Utc>> = HashMap::with_capacity(written.len());
+        for row in written {
+            at.insert(row.try_get("event_id")?, row.try_get("updated_at")?);
+        }
+        Ok(cmds
+            .iter()
+            .map(|c| {
+                at.get(&c.event_id)
+                    .map_or(UpdateOut::LostRace, |t| UpdateOut::Written(*t))
+            })
+            .collect())
+    }
+}
+
+fn by_id(rows: Vec<PgRow>, column: &str) -> Result<HashMap<Uuid, DateTime<Utc>>, sqlx::Error> {
+    rows.iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get(column)?)))
+        .collect()
+}

@@ -1,0 +1,278 @@
+//! Natural batching (`docs/design.md`, the store): concurrent writes run as
+//! one statement, and a row that fails fails only its own request.
+//!
+//! The batch is made deterministically: a test transaction holds a lock the
+//! executor's first statement needs (a session's row, an idempotency key), so
+//! that statement waits; the requests under test queue behind it (the lane's
+//! queued-commands gauge shows them all), the lock is released, and they run
+//! as one batch. The app runs one executor per lane, so the held statement
+//! holds the whole write lane.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use serde_json::{Value, json};
+
+use crate::support::app::{Reply, TestApp, id_of};
+use crate::support::{AGENT, eventually};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A sample of `/metrics`: the value of `name{kind="…"}`.
+async fn lane_metric(app: &TestApp, name: &str, kind: &str) -> f64 {
+    let text = app.fetch("/metrics").await.expect(200).text();
+    let prefix = format!("{name}{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
+}
+
+async fn wait_queued(app: &TestApp, kind: &str, n: f64) {
+    eventually(format!("{n} {kind} commands queued"), WAIT, async || {
+        (lane_metric(app, "db_batch_queued_commands", kind).await == n).then_some(())
+    })
+    .await;
+}
+
+/// Wait until some backend of the test database waits for a lock.
+async fn wait_lock_waiter(db: &DatabaseConnection) {
+    eventually("a statement waiting for the held lock", WAIT, async || {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE NOT l.granted AND a.datname = current_database()",
+            ))
+            .await
+            .expect("pg_locks")?;
+        (row.try_get::<i64>("", "n").expect("n") > 0).then_some(())
+    })
+    .await;
+}
+
+async fn exec(db: &impl ConnectionTrait, sql: &str) {
+    db.execute_unprepared(sql).await.expect(sql);
+}
+
+/// (batches, commands) run so far by the lane of `kind`.
+async fn lane_counts(app: &TestApp, kind: &str) -> (f64, f64) {
+    (
+        lane_metric(app, "db_batches_total", kind).await,
+        lane_metric(app, "db_batch_commands_total", kind).await,
+    )
+}
+
+/// Each session's event versions, in position order.
+async fn versions(app: &TestApp, id: &str) -> Vec<i64> {
+    app.db
+        .committed_events()
+        .await
+        .into_iter()
+        .filter(|(_, a, _)| a == id)
+        .map(|(_, _, v)| v)
+        .collect()
+}
+
+fn statuses(replies: &[Reply]) -> Vec<u16> {
+    replies.iter().map(|r| r.status).collect()
+}
+
+/// A trigger that refuses any row whose context holds `poison` with a data
+/// exception (22023): a row PostgreSQL refuses, which fails its statement.
+async fn install_poison(db: &DatabaseConnection) {
+    exec(
+        db,
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.context ? 'poison' THEN RAISE EXCEPTION 'poisoned row' USING ERRCODE = '22023'; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON sessions \
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn one_failing_update_in_a_batch_fails_only_its_own_request() {
+    let app = TestApp::spawn_with(|s| s.database.batch_executors = 1).await;
+    let db = app.db.connect().await;
+    install_poison(&db).await;
+    let body = json!({"agent_id": AGENT, "session_type": "task", "context": {"n": 0}});
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(app.create_id(&body).await);
+    }
+    let [held, ok, raced, gone, poisoned, done] = <[String; 6]>::try_from(ids).unwrap();
+    app.patch(&done, &json!({"status": "completed"}))
+        .await
+        .expect(200);
+
+    // The executor's batch of one waits for a row lock held here.
+    let lock: DatabaseTransaction = db.begin().await.unwrap();
+    exec(
+        &lock,
+        &format!("SELECT 1 FROM sessions WHERE id = '{held}' FOR UPDATE"),
+    )
+    .await;
+    let first = tokio::spawn({
+        let api = app.api.clone();
+        let held = held.clone();
+        async move { api.patch(&held, &json!({"context": {"n": 1}})).await }
+    });
+    wait_lock_waiter(&db).await;
+    let (batches, commands) = lane_counts(&app, "update").await;
+
+    // Queued behind it: a good row, two writers planned on the same version
+    // with If-Match, a row deleted before its batch runs, a row PostgreSQL
+    // refuses; and an illegal move, refused before it is queued.
+    let if_match = |id: &str, n: i64| {
+        app.http
+            .patch(app.at(&format!("/sessions/{id}")))
+            .header("If-Match", "\"1\"")
+            .json(&json!({"context": {"n": n}}))
+    };
+    let queued = tokio::spawn({
+        let api = app.api.clone();
+        let (ok, gone, poisoned) = (ok.clone(), gone.clone(), poisoned.clone());
+        let racers = [if_match(&raced, 1), if_match(&raced, 2)];
+        async move {
+            let [a, b] = racers;
+            let (one, poison) = (
+                json!({"context": {"n": 1}}),
+                json!({"context": {"poison": true}}),
+            );
+            let (ok, racers, gone, poisoned) = tokio::join!(
+                api.patch(&ok, &one),
+                join_all([api.send(a), api.send(b)]),
+                api.patch(&gone, &one),
+                api.patch(&poisoned, &poison),
+            );
+            (ok, racers, gone, poisoned)
+        }
+    });
+    wait_queued(&app, "update", 5.0).await;
+    app.patch(&done, &json!({"status": "active"}))
+        .await
+        .expect(409);
+    app.delete(&gone).await.expect(204);
+    lock.rollback().await.unwrap();
+
+    first.await.unwrap().expect(200);
+    let (ok_reply, racers, gone_reply, poisoned_reply) = queued.await.unwrap();
+    ok_reply.expect(200);
+    let mut raced_statuses = statuses(&racers);
+    raced_statuses.sort_unstable();
+    assert_eq!(raced_statuses, [200, 412], "one If-Match writer wins");
+    let loser = racers.iter().find(|r| r.status == 412).unwrap();
+    assert_eq!(
+        loser.problem().kind,
+        "urn:agent-sessions:problem:version-mismatch"
+    );
+    gone_reply.expect(404);
+    let refused = poisoned_reply.expect(422);
+    assert_eq!(
+        refused.problem().kind,
+        "urn:agent-sessions:problem:validation"
+    );
+
+    // The five ran as one batch (the retries of the lost rows ran alone or
+    // not at all), and exactly the winners' events are in the log.
+    let (b, c) = lane_counts(&app, "update").await;
+    assert_eq!((b - batches, c - commands), (1.0, 5.0));
+    for id in [&held, &ok, &raced] {
+        assert_eq!(versions(&app, id).await, [1, 2], "session {id}");
+    }
+    assert_eq!(versions(&app, &gone).await, [1, 2], "created, deleted");
+    assert_eq!(versions(&app, &poisoned).await, [1]);
+    assert_eq!(versions(&app, &done).await, [1, 2]);
+    assert_eq!(app.get(&poisoned).await["version"], 1);
+    assert_eq!(app.get(&ok).await["context"], json!({"n": 1}));
+    db.close().await.ok();
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn one_failing_create_in_a_batch_fails_only_its_own_request() {
+    let app = TestApp::spawn_with(|s| s.database.batch_executors = 1).await;
+    let db = app.db.connect().await;
+    install_poison(&db).await;
+    let body = |n: i64| json!({"agent_id": AGENT, "session_type": "task", "context": {"n": n}});
+    let create = |key: Option<&str>, body: Value| {
+        let mut req = app.http.post(app.at("/sessions/")).json(&body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        app.send(req)
+    };
+    let earlier = create(Some("earlier"), body(3)).await.expect(201).json();
+
+    // The executor's batch of one waits for an idempotency key inserted, not
+    // yet committed, here (keys are scoped to the actor: "anonymous").
+    let lock: DatabaseTransaction = db.begin().await.unwrap();
+    exec(
+        &lock,
+        "INSERT INTO idempotency_keys (key, request_hash, session_id) \
+         VALUES ('anonymous held', 'x', gen_random_uuid())",
+    )
+    .await;
+    let api = app.api.clone();
+    let first = tokio::spawn(async move {
+        let req = api
+            .http
+            .post(api.at("/sessions/"))
+            .header("Idempotency-Key", "held")
+            .json(&json!({"agent_id": AGENT, "session_type": "task"}));
+        api.send(req).await
+    });
+    wait_lock_waiter(&db).await;
+    let (batches, commands) = lane_counts(&app, "create").await;
+
+    // Queued behind it: a plain create, one key twice with the same body (in
+    // one statement: one inserts the key, the other finds it), an earlier
+    // key with its body and with another. (A row PostgreSQL refuses is the
+    // update test's: a failed statement is retried row by row, whatever its
+    // kind.)
+    let (replies, _) = tokio::join!(
+        join_all([
+            create(None, body(1)),
+            create(Some("twice"), body(2)),
+            create(Some("twice"), body(2)),
+            create(Some("earlier"), body(3)),
+            create(Some("earlier"), body(4)),
+        ]),
+        async {
+            wait_queued(&app, "create", 5.0).await;
+            lock.rollback().await.unwrap();
+        }
+    );
+    first.await.unwrap().expect(201);
+    let [plain, twice_a, twice_b, earlier_same, earlier_other] =
+        <[Reply; 5]>::try_from(replies).unwrap();
+    plain.expect(201);
+    let (twice_a, twice_b) = (twice_a.expect(201), twice_b.expect(201));
+    assert_eq!(id_of(&twice_a.json()), id_of(&twice_b.json()));
+    let replayed = [&twice_a, &twice_b]
+        .iter()
+        .filter(|r| r.header("Idempotent-Replayed") == "true")
+        .count();
+    assert_eq!(replayed, 1, "one of the two created, the other replayed");
+    let same = earlier_same.expect(201);
+    assert_eq!(same.header("Idempotent-Replayed"), "true");
+    assert_eq!(id_of(&same.json()), id_of(&earlier));
+    assert_eq!(
+        earlier_other.expect(422).problem().kind,
+        "urn:agent-sessions:problem:idempotency-key-reused"
+    );
+
+    let (b, c) = lane_counts(&app, "create").await;
+    assert_eq!(
+        (b - batches, c - commands),
+        (1.0, 5.0),
+        "the five ran as one batch"
+    );
+    // One session and one `session.created` per create that wrote: the
+    // earlier one, the held one, the plain one and the key used twice.
+    assert_eq!(app.counts().await, (4, 4));
+    db.close().await.ok();
+    app.teardown().await;
+}
