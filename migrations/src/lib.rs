@@ -10,6 +10,7 @@ mod m20261121_000002_create_relay_cursors;
 mod m20261121_000003_create_session_messages;
 mod m20261129_000004_create_session_inputs_and_approvals;
 mod m20261203_000005_create_session_transcripts_and_forks;
+mod m20261230_000008_list_indexes;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000003_create_session_messages::Migration),
             Box::new(m20261129_000004_create_session_inputs_and_approvals::Migration),
             Box::new(m20261203_000005_create_session_transcripts_and_forks::Migration),
+            Box::new(m20261230_000008_list_indexes::Migration),
         ]
     }
 }

@@ -9,6 +9,7 @@ mod append;
 mod error;
 mod events;
 mod horizon;
+mod list;
 mod live;
 mod messages;
 mod portable;
@@ -20,13 +21,14 @@ mod sessions;
 pub use error::StoreError;
 pub use events::{FeedFilter, StoredEvent};
 pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};
+pub use list::{ListCursor, ListFilter};
 pub use live::{ApprovalWritten, InputWritten, NewInput};
 pub use messages::StoredMessage;
 pub use portable::{ForkPlan, Forked, ImportPlan, SessionDump, TranscriptChunk};
 pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, RelayLag};
 pub(crate) use replay::fold;
 pub use replay::{ReplayDifference, ReplayReport};
-pub use sessions::{Appended, Created, IdempotencyRequest, ListCursor, ListFilter, Written};
+pub use sessions::{Appended, Created, IdempotencyRequest, Written};
 
 use std::time::Duration;
 
