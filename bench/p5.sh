@@ -36,7 +36,7 @@ else
   DATABASE_URL=$URL RUST_LOG=warn ./target/release/agent-sessions migrate
   DATABASE_URL=$URL SESSIONS=${SESSIONS:-1000000} bench/scale/generate.sh
 fi
-psql "$URL" -X -qc "vacuum (analyze) sessions, events"
+psql "$URL" -X -qc "analyze sessions"
 
 cleanup() { [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; }
 trap cleanup EXIT

@@ -32,7 +32,7 @@ t2=$(now)
 echo "events ($PARTS writers): $(secs "$t1" "$t2") s"
 sql -v phase=finish
 t3=$(now)
-echo "indexes and analyze: $(secs "$t2" "$t3") s"
+echo "indexes and vacuum: $(secs "$t2" "$t3") s"
 psql "$DATABASE_URL" -X -qAt -c "SELECT format('loaded %s sessions, %s events in %s s; database %s',
     (SELECT count(*) FROM sessions), (SELECT count(*) FROM events), '$(secs "$t0" "$t3")',
     pg_size_pretty(pg_database_size(current_database())))"
