@@ -12,6 +12,7 @@ mod m20261129_000004_create_session_inputs_and_approvals;
 mod m20261203_000005_create_session_transcripts_and_forks;
 mod m20261230_000006_create_session_tombstones;
 mod m20261230_000007_create_session_analytics;
+mod m20261230_000008_list_indexes;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000005_create_session_transcripts_and_forks::Migration),
             Box::new(m20261230_000006_create_session_tombstones::Migration),
             Box::new(m20261230_000007_create_session_analytics::Migration),
+            Box::new(m20261230_000008_list_indexes::Migration),
         ]
     }
 }

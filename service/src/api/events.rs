@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use actix_web::http::header;
+use actix_web::http::header::{self, ContentType};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -48,22 +48,21 @@ pub async fn session_events(
     let q: StreamQuery = params::query(&req)?;
     let after = params::non_negative("after_version", &q.after_version)?;
     let limit = params::limit(&q.limit, &state.pages)?;
-    let events = state.store.session_events(sid, after, limit).await?;
-    if events.is_empty() && !state.store.session_exists_in_log(sid).await? {
+    let page = state.store.session_events_page(sid, after, limit).await?;
+    if page.count == 0 && !state.store.session_exists_in_log(sid).await? {
         return Err(not_found());
     }
     let mut res = HttpResponse::Ok();
-    if events.len() as u64 == limit
-        && let Some(last) = events.last()
+    if page.count as u64 == limit
+        && let Some((_, version)) = page.last
     {
         let path = format!("/sessions/{sid}/events");
         res.insert_header((
             header::LINK,
-            link_next(&req, &path, "after_version", &last.version.to_string()),
+            link_next(&req, &path, "after_version", &version.to_string()),
         ));
     }
-    let body: Vec<EventEnvelope> = events.iter().map(|e| e.envelope(true)).collect();
-    Ok(res.json(body))
+    Ok(res.content_type(ContentType::json()).body(page.json))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -147,26 +146,26 @@ pub async fn feed(
     }
     let deadline = Instant::now() + Duration::from_secs(wait as u64).min(state.max_wait);
     let mut changes = state.feed.subscribe();
-    let events = loop {
+    let page = loop {
         // Mark the signal seen before reading, so a commit during the read wakes us.
         changes.borrow_and_update();
-        let events = state.store.feed(after, limit, &filter).await?;
+        let page = state.store.feed_page(after, limit, &filter).await?;
         let left = deadline.saturating_duration_since(Instant::now());
-        if !events.is_empty() || left.is_zero() {
-            break events;
+        if page.count > 0 || left.is_zero() {
+            break page;
         }
         tokio::select! {
-            _ = state.shutdown.cancelled() => break events,
+            _ = state.shutdown.cancelled() => break page,
             _ = changes.changed() => {}
             _ = tokio::time::sleep(left.min(WAIT_POLL)) => {}
         }
     };
-    let last = events.last().map_or(after, |e| e.position);
-    let body: Vec<EventEnvelope> = events.iter().map(|e| e.envelope(true)).collect();
+    let last = page.last.map_or(after, |(position, _)| position);
     Ok(HttpResponse::Ok()
         .insert_header((
             header::LINK,
             link_next(&req, "/events", "after", &last.to_string()),
         ))
-        .json(body))
+        .content_type(ContentType::json())
+        .body(page.json))
 }

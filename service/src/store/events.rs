@@ -8,7 +8,7 @@
 //! transaction leaves no hole to wait for.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as Param};
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, Value as Param};
 use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
@@ -29,6 +29,16 @@ pub struct StoredEvent {
     pub payload: Value,
     pub metadata: Value,
     pub occurred_at: DateTime<Utc>,
+}
+
+impl EventPage {
+    fn empty() -> Self {
+        Self {
+            json: "[]".into(),
+            count: 0,
+            last: None,
+        }
+    }
 }
 
 impl StoredEvent {
@@ -58,6 +68,98 @@ pub struct FeedFilter {
     pub kinds: Vec<EventKind>,
 }
 
+/// A page of events in its JSON form, the body `/events` and
+/// `/sessions/{id}/events` answer: each payload is copied from PostgreSQL's
+/// text form of the `jsonb` into the output, never parsed and built again.
+#[derive(Debug, Clone, Default)]
+pub struct EventPage {
+    /// A JSON array of envelopes (the `EventEnvelope` schema).
+    pub json: String,
+    pub count: usize,
+    /// Position and version of the last event of the page.
+    pub last: Option<(i64, i64)>,
+}
+
+/// The columns of an [`EventPage`] row: `payload` and `metadata` as text.
+const EVENT_TEXT_COLUMNS: &str = "position, event_id, aggregate_id, version, event_type, \
+     payload::text AS payload, metadata::text AS metadata, occurred_at";
+
+/// The feed's statement over `columns`: events after `after`, strictly below
+/// the horizon's position.
+fn feed_statement(
+    columns: &str,
+    after: i64,
+    horizon: i64,
+    limit: u64,
+    filter: &FeedFilter,
+) -> (String, Vec<Param>) {
+    let mut values: Vec<Param> = vec![after.into(), horizon.into()];
+    let mut cond = String::new();
+    if let Some(id) = filter.aggregate_id {
+        values.push(id.into());
+        cond.push_str(&format!(" AND aggregate_id = ${}", values.len()));
+    }
+    if !filter.kinds.is_empty() {
+        let mut marks = Vec::new();
+        for k in &filter.kinds {
+            values.push(k.as_str().into());
+            marks.push(format!("${}", values.len()));
+        }
+        cond.push_str(&format!(" AND event_type IN ({})", marks.join(", ")));
+    }
+    values.push((limit as i64).into());
+    let sql = format!(
+        "SELECT {columns} FROM events \
+         WHERE position > $1 AND position < $2{cond} \
+         ORDER BY position LIMIT ${}",
+        values.len()
+    );
+    (sql, values)
+}
+
+fn session_statement(columns: &str, id: Uuid, after_version: i64, limit: u64) -> Statement {
+    Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "SELECT {columns} FROM events WHERE aggregate_id = $1 AND version > $2 \
+             ORDER BY version LIMIT $3"
+        ),
+        vec![id.into(), after_version.into(), (limit as i64).into()],
+    )
+}
+
+/// Appends one envelope, as `EventEnvelope` serialises (metadata included).
+fn write_envelope(out: &mut String, row: &QueryResult) -> Result<(i64, i64), StoreError> {
+    use std::fmt::Write as _;
+    let kind: String = row.try_get("", "event_type")?;
+    let kind =
+        EventKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("event type {kind}")))?;
+    let position: i64 = row.try_get("", "position")?;
+    let version: i64 = row.try_get("", "version")?;
+    let payload: String = row.try_get("", "payload")?;
+    let metadata: String = row.try_get("", "metadata")?;
+    let occurred_at: DateTime<Utc> = row.try_get("", "occurred_at")?;
+    let _ = write!(
+        out,
+        "{{\"event_id\":\"{}\",\"event_type\":\"{}\",\"aggregate_type\":\"{AGGREGATE_TYPE}\",\
+         \"aggregate_id\":\"{}\",\"version\":{version},\"position\":{position},\
+         \"occurred_at\":\"{}\",\"payload\":{payload}",
+        row.try_get::<Uuid>("", "event_id")?,
+        kind.as_str(),
+        row.try_get::<Uuid>("", "aggregate_id")?,
+        format_time(&occurred_at),
+    );
+    // The metadata goes through its type, as `StoredEvent::envelope` does:
+    // only the known fields, and none when it does not read.
+    if let Ok(m) = serde_json::from_str::<EventMetadata>(&metadata) {
+        let m: crate::contract::EventMetadata = m.into();
+        out.push_str(",\"metadata\":");
+        out.push_str(&serde_json::to_string(&m).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+    }
+    out.push('}');
+    Ok((position, version))
+}
+
 impl Store {
     /// Events after `after` in position order, never past the safe horizon.
     #[instrument(skip(self))]
@@ -71,28 +173,29 @@ impl Store {
         if horizon.saturating_sub(1) <= after {
             return Ok(Vec::new());
         }
-        let mut values: Vec<Param> = vec![after.into(), horizon.into()];
-        let mut cond = String::new();
-        if let Some(id) = filter.aggregate_id {
-            values.push(id.into());
-            cond.push_str(&format!(" AND aggregate_id = ${}", values.len()));
-        }
-        if !filter.kinds.is_empty() {
-            let mut marks = Vec::new();
-            for k in &filter.kinds {
-                values.push(k.as_str().into());
-                marks.push(format!("${}", values.len()));
-            }
-            cond.push_str(&format!(" AND event_type IN ({})", marks.join(", ")));
-        }
-        values.push((limit as i64).into());
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE position > $1 AND position < $2{cond} \
-             ORDER BY position LIMIT ${}",
-            values.len()
-        );
+        let (sql, values) = feed_statement(EVENT_COLUMNS, after, horizon, limit, filter);
         self.events(sql, values).await
+    }
+
+    /// [`Store::feed`] as the JSON body of `/events`.
+    #[instrument(skip(self))]
+    pub async fn feed_page(
+        &self,
+        after: i64,
+        limit: u64,
+        filter: &FeedFilter,
+    ) -> Result<EventPage, StoreError> {
+        let horizon = self.horizon().await?;
+        if horizon.saturating_sub(1) <= after {
+            return Ok(EventPage::empty());
+        }
+        let (sql, values) = feed_statement(EVENT_TEXT_COLUMNS, after, horizon, limit, filter);
+        self.page(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            values,
+        ))
+        .await
     }
 
     /// One session's stream, by version; empty when the session never existed.
@@ -103,15 +206,47 @@ impl Store {
         after_version: i64,
         limit: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 AND version > $2 \
-             ORDER BY version LIMIT $3"
-        );
-        self.events(
-            sql,
-            vec![id.into(), after_version.into(), (limit as i64).into()],
-        )
+        self.db
+            .query_all_raw(session_statement(EVENT_COLUMNS, id, after_version, limit))
+            .await?
+            .iter()
+            .map(rows::event)
+            .collect()
+    }
+
+    /// [`Store::session_events`] as the JSON body of `/sessions/{id}/events`.
+    #[instrument(skip(self))]
+    pub async fn session_events_page(
+        &self,
+        id: Uuid,
+        after_version: i64,
+        limit: u64,
+    ) -> Result<EventPage, StoreError> {
+        self.page(session_statement(
+            EVENT_TEXT_COLUMNS,
+            id,
+            after_version,
+            limit,
+        ))
         .await
+    }
+
+    async fn page(&self, statement: Statement) -> Result<EventPage, StoreError> {
+        let rows = self.db.query_all_raw(statement).await?;
+        let mut page = EventPage {
+            json: String::with_capacity(64 + rows.len() * 768),
+            count: rows.len(),
+            last: None,
+        };
+        page.json.push('[');
+        for (i, row) in rows.iter().enumerate() {
+            if i > 0 {
+                page.json.push(',');
+            }
+            page.last = Some(write_envelope(&mut page.json, row)?);
+        }
+        page.json.push(']');
+        Ok(page)
     }
 
     /// Whether a session ever existed (it has at least one event).

@@ -11,6 +11,7 @@ mod batch;
 mod error;
 mod events;
 mod horizon;
+mod list;
 mod live;
 mod messages;
 mod portable;
@@ -25,6 +26,7 @@ pub use analytics::{ANALYTICS_CURSOR, AnalyticsRebuild};
 pub use error::StoreError;
 pub use events::{FeedFilter, StoredEvent};
 pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};
+pub use list::{ListCursor, ListFilter};
 pub use live::{ApprovalWritten, InputWritten, NewInput};
 pub use messages::StoredMessage;
 pub use portable::{ForkPlan, Forked, ImportPlan, SessionDump, TranscriptChunk};
@@ -32,9 +34,7 @@ pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, LeaderRole, RelayLag};
 pub(crate) use replay::fold;
 pub use replay::{ReplayDifference, ReplayReport};
 pub use retention::Purged;
-pub use sessions::{
-    Appended, BulkDeleted, Created, IdempotencyRequest, ListCursor, ListFilter, Written,
-};
+pub use sessions::{Appended, BulkDeleted, Created, IdempotencyRequest, Written};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,23 +12,22 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as Param};
+
+use super::list::{ListCursor, ListFilter};
 use serde::Serialize;
 use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::append::{ANNOUNCE, EventRow};
-use super::rows::{self, SESSION_COLUMNS};
 use super::session_batches::{CreateOut, NewSession, ReadById, UpdateOut, UpdateRow};
 use super::{Store, StoreError};
-use crate::contract::{WakeHint, WorkerState};
+use crate::contract::WakeHint;
 use crate::domain::event;
 use crate::domain::{
-    CreateSession, EventKind, EventMetadata, RuntimeBackend, SessionChanges, SessionPatch,
-    SessionState, SessionStatus,
+    CreateSession, EventKind, EventMetadata, SessionChanges, SessionPatch, SessionState,
 };
 
 /// Attempts at an update that keeps losing to concurrent writers before 409.
@@ -125,86 +124,6 @@ pub(crate) enum Attempt<T> {
     Done(T),
     /// The session moved on between reading and writing.
     LostRace,
-}
-
-/// Filters of `GET /sessions/`; all optional, combined with AND.
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    pub agent_id: Option<Uuid>,
-    pub status: Vec<SessionStatus>,
-    pub session_type: Option<String>,
-    pub runtime_backend: Option<RuntimeBackend>,
-    pub created_after: Option<DateTime<Utc>>,
-    pub created_before: Option<DateTime<Utc>>,
-    pub updated_after: Option<DateTime<Utc>>,
-    pub updated_before: Option<DateTime<Utc>>,
-    /// Only sessions with (true) or without (false) a worker spec.
-    pub has_worker: Option<bool>,
-    /// Only sessions whose worker the runner last reported in one of these
-    /// states (`runtime_metadata.worker.state`).
-    pub worker_state: Vec<WorkerState>,
-    /// Only sessions forked from this one.
-    pub parent_session_id: Option<Uuid>,
-}
-
-impl ListFilter {
-    /// No filter at all: it matches every session.
-    pub fn is_empty(&self) -> bool {
-        let Self {
-            agent_id,
-            status,
-            session_type,
-            runtime_backend,
-            created_after,
-            created_before,
-            updated_after,
-            updated_before,
-            has_worker,
-            worker_state,
-            parent_session_id,
-        } = self;
-        agent_id.is_none()
-            && status.is_empty()
-            && session_type.is_none()
-            && runtime_backend.is_none()
-            && created_after.is_none()
-            && created_before.is_none()
-            && updated_after.is_none()
-            && updated_before.is_none()
-            && has_worker.is_none()
-            && worker_state.is_empty()
-            && parent_session_id.is_none()
-    }
-}
-
-/// Keyset position in the newest-first list: the last row returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListCursor {
-    pub created_at: DateTime<Utc>,
-    pub id: Uuid,
-}
-
-impl ListCursor {
-    pub fn encode(&self) -> String {
-        let raw = format!(
-            "{}.{}",
-            self.created_at.timestamp_micros(),
-            self.id.simple()
-        );
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-    }
-
-    pub fn decode(s: &str) -> Option<Self> {
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s)
-            .ok()?;
-        let raw = std::str::from_utf8(&raw).ok()?;
-        let (micros, id) = raw.split_once('.')?;
-        Some(Self {
-            created_at: Utc.timestamp_micros(micros.parse().ok()?).single()?,
-            id: Uuid::parse_str(id).ok()?,
-        })
-    }
 }
 
 pub(crate) fn stmt(sql: &str, values: Vec<Param>) -> Statement {
@@ -608,136 +527,17 @@ impl Store {
         }
     }
 
-    /// How many sessions `filter` matches now.
+    /// How many sessions `filter` matches now (the list's statement, every
+    /// row of it).
     #[instrument(skip(self))]
     pub async fn count(&self, filter: &ListFilter) -> Result<u64, StoreError> {
-        let mut values = Vec::new();
-        let cond = conditions(filter, &mut values);
-        let sql = format!("SELECT count(*) AS n FROM sessions {}", where_clause(&cond));
+        let (sql, values) = super::list::list_statement(filter, i64::MAX as u64, None);
+        let sql = format!("SELECT count(*) AS n FROM ({sql}) matching");
         let row = self
             .db
             .query_one_raw(stmt(&sql, values))
             .await?
             .ok_or_else(|| StoreError::Corrupt("a count returned nothing".into()))?;
         Ok(row.try_get::<i64>("", "n")?.max(0) as u64)
-    }
-
-    /// Newest first, `limit` rows after `cursor`.
-    #[instrument(skip(self))]
-    pub async fn list(
-        &self,
-        filter: &ListFilter,
-        limit: u64,
-        cursor: Option<ListCursor>,
-    ) -> Result<Vec<SessionState>, StoreError> {
-        let mut values: Vec<Param> = Vec::new();
-        let mut cond = conditions(filter, &mut values);
-        if let Some(c) = cursor {
-            values.push(c.created_at.into());
-            values.push(c.id.into());
-            let n = values.len();
-            cond.push(format!("(created_at, id) < (${}, ${n})", n - 1));
-        }
-        values.push((limit as i64).into());
-        let sql = format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions {} \
-             ORDER BY created_at DESC, id DESC LIMIT ${}",
-            where_clause(&cond),
-            values.len()
-        );
-        self.db
-            .query_all_raw(stmt(&sql, values))
-            .await?
-            .iter()
-            .map(rows::session)
-            .collect()
-    }
-}
-
-/// The SQL conditions of `filter` (combined with AND), their parameters
-/// appended to `values`: one reading of the filters for a list, a count and
-/// a bulk delete.
-fn conditions(filter: &ListFilter, values: &mut Vec<Param>) -> Vec<String> {
-    let mut cond: Vec<String> = Vec::new();
-    fn push(values: &mut Vec<Param>, cond: &mut Vec<String>, expr: &str, v: Param) {
-        values.push(v);
-        cond.push(expr.replace('?', &format!("${}", values.len())));
-    }
-    /// `expr` equal to one of `these` (nothing when empty).
-    fn push_any(values: &mut Vec<Param>, cond: &mut Vec<String>, expr: &str, these: &[&str]) {
-        match these {
-            [] => {}
-            [one] => push(values, cond, &format!("{expr} = ?"), (*one).into()),
-            many => {
-                let mut marks = Vec::new();
-                for s in many {
-                    values.push((*s).into());
-                    marks.push(format!("${}", values.len()));
-                }
-                cond.push(format!("{expr} IN ({})", marks.join(", ")));
-            }
-        }
-    }
-    if let Some(a) = filter.agent_id {
-        push(values, &mut cond, "agent_id = ?", a.into());
-    }
-    if let Some(p) = filter.parent_session_id {
-        push(values, &mut cond, "parent_session_id = ?", p.into());
-    }
-    let statuses: Vec<&str> = filter.status.iter().map(|s| s.as_str()).collect();
-    push_any(values, &mut cond, "status", &statuses);
-    let states: Vec<&str> = filter.worker_state.iter().map(|s| s.as_str()).collect();
-    push_any(
-        values,
-        &mut cond,
-        "(runtime_metadata -> 'worker' ->> 'state')",
-        &states,
-    );
-    if let Some(t) = &filter.session_type {
-        push(values, &mut cond, "session_type = ?", t.clone().into());
-    }
-    if let Some(b) = filter.runtime_backend {
-        push(values, &mut cond, "runtime_backend = ?", b.as_str().into());
-    }
-    for (expr, v) in [
-        ("created_at >= ?", filter.created_after),
-        ("created_at < ?", filter.created_before),
-        ("updated_at >= ?", filter.updated_after),
-        ("updated_at < ?", filter.updated_before),
-    ] {
-        if let Some(t) = v {
-            push(values, &mut cond, expr, t.into());
-        }
-    }
-    match filter.has_worker {
-        Some(true) => cond.push("worker IS NOT NULL".into()),
-        Some(false) => cond.push("worker IS NULL".into()),
-        None => {}
-    }
-    cond
-}
-
-fn where_clause(cond: &[String]) -> String {
-    if cond.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", cond.join(" AND "))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursor_round_trips_and_rejects_garbage() {
-        let c = ListCursor {
-            created_at: Utc.timestamp_micros(1_763_700_000_123_456).unwrap(),
-            id: Uuid::now_v7(),
-        };
-        assert_eq!(ListCursor::decode(&c.encode()), Some(c));
-        for bad in ["", "!!", "bm90LWEtY3Vyc29y"] {
-            assert_eq!(ListCursor::decode(bad), None);
-        }
     }
 }
