@@ -124,6 +124,9 @@ const WORKER_STATE: &str = "(runtime_metadata -> 'worker' ->> 'state')";
 /// listed by `updated_before` / `updated_after` (see the module's notes).
 const CLOCK_SLACK: Duration = Duration::minutes(1);
 
+/// A filtered expression and the values it may take.
+type Column<'a> = (&'a str, &'a [&'a str]);
+
 const ORDER: &str = "ORDER BY created_at DESC, id DESC";
 
 /// A statement under construction: its parameters and `AND`ed conditions.
@@ -192,7 +195,7 @@ pub(super) fn list_statement(
     let states: Vec<&str> = filter.worker_state.iter().map(|s| s.as_str()).collect();
     // One branch per value of the first filter that has several; the other
     // (if any) stays a plain condition of every branch.
-    let (split, rest): ((&str, &[&str]), (&str, &[&str])) = if statuses.len() > 1 {
+    let (split, rest): (Column, Column) = if statuses.len() > 1 {
         (("status", &statuses), (WORKER_STATE, &states))
     } else {
         ((WORKER_STATE, &states), ("status", &statuses))
