@@ -158,7 +158,7 @@ for conns in $CONNS_LIST; do
 done
 
 if [ "$SINGLE" != 0 ]; then
-  start_service 4
+  start_service 8
   for path in create update read; do svc[$path]=$(wrk_p50 "$work/$path.lua"); done
   stop_service
   printf '%-22s %12s %12s\n' "path (1 in flight)" "service p50" "pgbench p50"
