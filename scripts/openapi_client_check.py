@@ -13,6 +13,7 @@ set the client has and the set the document lists are one and the same.
 
 from __future__ import annotations
 
+import datetime
 import json
 import pkgutil
 import sys
@@ -46,14 +47,19 @@ from agent_sessions_client.api.sessions import (
     create_session,
     delete_session,
     delete_sessions,
+    get_analytics,
     get_session,
+    get_session_metrics,
     list_messages,
     list_sessions,
     stream_messages,
     update_session,
 )
 from agent_sessions_client.models import (
+    Analytics,
     BulkDeleteResult,
+    GroupBy,
+    SessionMetrics,
     AppendMessagesBodyItem,
     Approval,
     ApprovalDecision,
@@ -413,6 +419,14 @@ check(copy.id != other.id and copy.version == doc.session.version, f"import: {co
 call(import_session, 409, Problem, body=doc)
 doc.format_version = 2
 call(import_session, 422, Problem, body=doc)
+
+# Metrics folded from a session's events; analytics from the projection.
+m = call(get_session_metrics, 200, SessionMetrics, id=sid).parsed
+check(m.duration_seconds >= 0, f"metrics: {m}")
+call(get_session_metrics, 404, Problem, id=uuid.uuid4())
+for group_by in GroupBy:
+    call(get_analytics, 200, Analytics, group_by=group_by)
+call(get_analytics, 400, Problem, from_=datetime.date(2020, 1, 1), to=datetime.date(2026, 1, 1))
 
 # Bulk delete by the list's filters: never without one; a dry run counts.
 call(delete_sessions, 400, Problem)
