@@ -90,6 +90,19 @@ async fn learned_and_paused(api: &TestApp, runner: &InProcessRunner) -> String {
     id
 }
 
+/// Resume a paused session, wait for its worker, send `text`: the model
+/// request that carries it.
+async fn resume_and_ask(api: &TestApp, fake: &FakeAnthropic, id: &str, text: &str) -> Recorded {
+    api.merge_patch(id, &json!({"status": "active"}))
+        .await
+        .expect(200);
+    until_worker(api, id, "idle").await;
+    api.post(&format!("/sessions/{id}/input"), &json!({"text": text}))
+        .await
+        .expect(202);
+    until_asked(fake, text).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_session_resumes_with_its_history_after_its_workspace_is_lost() {
     let api = TestApp::spawn().await;
@@ -99,17 +112,7 @@ async fn a_paused_session_resumes_with_its_history_after_its_workspace_is_lost()
     let id = learned_and_paused(&api, &runner).await;
 
     std::fs::remove_dir_all(root.join(&id)).expect("remove the workspace");
-    api.merge_patch(&id, &json!({"status": "active"}))
-        .await
-        .expect(200);
-    until_worker(&api, &id, "idle").await;
-    api.post(
-        &format!("/sessions/{id}/input"),
-        &json!({"text": "What is the code word?"}),
-    )
-    .await
-    .expect(202);
-    let r = until_asked(&fake, "What is the code word?").await;
+    let r = resume_and_ask(&api, &fake, &id, "What is the code word?").await;
     assert!(
         history(&r).contains("the code word is kiwi"),
         "the model gets the earlier turns: {}",
@@ -133,17 +136,7 @@ async fn another_runner_with_another_workspace_root_resumes_it() {
 
     let second_root = temp_root();
     let second = InProcessRunner::start(runner_settings(&api, &second_root), worker_env(&fake.url));
-    api.merge_patch(&id, &json!({"status": "active"}))
-        .await
-        .expect(200);
-    until_worker(&api, &id, "idle").await;
-    api.post(
-        &format!("/sessions/{id}/input"),
-        &json!({"text": "Say the code word"}),
-    )
-    .await
-    .expect(202);
-    let r = until_asked(&fake, "Say the code word").await;
+    let r = resume_and_ask(&api, &fake, &id, "Say the code word").await;
     assert!(
         history(&r).contains("the code word is kiwi"),
         "{}",
