@@ -427,6 +427,15 @@ call(get_session_metrics, 404, Problem, id=uuid.uuid4())
 for group_by in GroupBy:
     call(get_analytics, 200, Analytics, group_by=group_by)
 call(get_analytics, 400, Problem, from_=datetime.date(2020, 1, 1), to=datetime.date(2026, 1, 1))
+# Pages of one key: the Link header's cursor continues after the first.
+first = call(get_analytics, 200, Analytics, group_by=GroupBy.STATUS, limit=1)
+link = first.headers.get("link", "")
+check(link.startswith("</analytics?") and 'rel="next"' in link, f"analytics Link: {link!r}")
+cursor = link.split("cursor=", 1)[1].split(">", 1)[0].split("&", 1)[0]
+rest = call(get_analytics, 200, Analytics, group_by=GroupBy.STATUS, limit=1000, cursor=cursor).parsed
+check(all(g.key > first.parsed.groups[0].key for g in rest.groups), f"analytics pages: {rest}")
+call(get_analytics, 400, Problem, limit=0)
+call(get_analytics, 400, Problem, cursor="not-a-cursor")
 
 # Bulk delete by the list's filters: never without one; a dry run counts.
 call(delete_sessions, 400, Problem)

@@ -13,6 +13,7 @@ mod m20261203_000005_create_session_transcripts_and_forks;
 mod m20261230_000006_create_session_tombstones;
 mod m20261230_000007_create_session_analytics;
 mod m20261230_000008_list_indexes;
+mod m20261230_000009_analytics_running_sums;
 
 pub struct Migrator;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261230_000006_create_session_tombstones::Migration),
             Box::new(m20261230_000007_create_session_analytics::Migration),
             Box::new(m20261230_000008_list_indexes::Migration),
+            Box::new(m20261230_000009_analytics_running_sums::Migration),
         ]
     }
 }

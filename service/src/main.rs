@@ -92,9 +92,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 let started = std::time::Instant::now();
                 let r = store.rebuild_analytics().await?;
                 println!(
-                    "rebuilt the analytics projection: {} sessions, {} buckets, position {} ({:.1} s)",
+                    "rebuilt the analytics projection: {} sessions, {} running rows, position {} ({:.1} s)",
                     r.sessions,
-                    r.buckets,
+                    r.running_rows,
                     r.position,
                     started.elapsed().as_secs_f64()
                 );

@@ -1,7 +1,9 @@
 //! Session metrics (folded from one session's events on request) and
 //! analytics (read from the analytics projection, never from the log).
 
+use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine;
 use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveTime, Utc};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -10,7 +12,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::{Authorized, SessionsRead};
 use super::error::ApiError;
-use super::params;
+use super::params::{self, PageSizes};
 use crate::contract::metrics::{Analytics, GroupBy, SessionMetrics};
 use crate::contract::{Problem, format_time};
 
@@ -21,6 +23,31 @@ pub const PROJECTION_POSITION: &str = "x-projection-position";
 pub const MAX_RANGE_DAYS: u64 = 366;
 /// The range when `from` is not given.
 const DEFAULT_RANGE_DAYS: u64 = 30;
+/// Keys walked per page: `limit`'s default and largest value. A page
+/// costs two index probes per key walked, so its cost is bounded by
+/// `limit`, not by the number of agents.
+pub const ANALYTICS_PAGES: PageSizes = PageSizes {
+    default: 100,
+    max: 1000,
+};
+
+/// The opaque `cursor` of the next page: the last key walked.
+fn encode_cursor(key: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("g1:{key}"))
+}
+
+fn decode_cursor(group_by: GroupBy, raw: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::parameter("cursor", "is not a cursor this service issued");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let key = text.strip_prefix("g1:").ok_or_else(bad)?;
+    if matches!(group_by, GroupBy::Day) && NaiveDate::parse_from_str(key, "%Y-%m-%d").is_err() {
+        return Err(bad());
+    }
+    Ok(key.to_owned())
+}
 
 /// A session's figures, derived from its events.
 #[utoipa::path(
@@ -60,6 +87,14 @@ pub struct AnalyticsQuery {
     /// `status` (default), `agent_id`, `session_type` or `day`.
     #[param(value_type = Option<GroupBy>)]
     pub group_by: Option<String>,
+    /// Keys (days, for `day`) walked in this page, 1 to 1000 (default
+    /// 100). Only those with sessions in the range are answered, so a page
+    /// may hold fewer groups; the `Link: rel="next"` header says whether
+    /// there are more.
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    pub limit: Option<String>,
+    /// The opaque cursor from the previous page's `Link: rel="next"`.
+    pub cursor: Option<String>,
 }
 
 /// A day boundary: a date, or an RFC 3339 instant that falls on midnight UTC.
@@ -99,8 +134,9 @@ fn day(field: &str, raw: &str) -> Result<NaiveDate, ApiError> {
     get, path = "/analytics", tag = "sessions", operation_id = "get_analytics",
     params(AnalyticsQuery),
     responses(
-        (status = 200, description = "Groups of the sessions created in the range, as the projection holds them at `position`", body = Analytics,
-            headers(("X-Projection-Position" = i64, description = "The feed position the projection has folded up to"))),
+        (status = 200, description = "One page of the groups of the sessions created in the range, by key, as the projection holds them at `position`", body = Analytics,
+            headers(("X-Projection-Position" = i64, description = "The feed position the projection has folded up to"),
+                    ("Link" = String, description = "`<…>; rel=\"next\"` while there are more keys to walk"))),
         (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -140,15 +176,31 @@ pub async fn analytics(
             format!("the range may span at most {MAX_RANGE_DAYS} days"),
         ));
     }
-    let (position, groups) = state.store.analytics(group_by, from, to, now).await?;
-    Ok(HttpResponse::Ok()
-        .insert_header((PROJECTION_POSITION, position.to_string()))
-        .json(Analytics {
-            from: from.to_string(),
-            to: to.to_string(),
-            group_by,
-            as_of: format_time(&now),
-            position,
-            groups,
-        }))
+    let limit = params::limit(&q.limit, &ANALYTICS_PAGES)?;
+    let after = q
+        .cursor
+        .as_deref()
+        .map(|c| decode_cursor(group_by, c))
+        .transpose()?;
+    let page = state
+        .store
+        .analytics(group_by, (from, to), now, after.as_deref(), limit)
+        .await?;
+    let (position, groups) = (page.position, page.groups);
+    let mut res = HttpResponse::Ok();
+    res.insert_header((PROJECTION_POSITION, position.to_string()));
+    if let Some(next) = page.next {
+        res.insert_header((
+            header::LINK,
+            params::link_next(&req, "/analytics", "cursor", &encode_cursor(&next)),
+        ));
+    }
+    Ok(res.json(Analytics {
+        from: from.to_string(),
+        to: to.to_string(),
+        group_by,
+        as_of: format_time(&now),
+        position,
+        groups,
+    }))
 }

@@ -1,7 +1,12 @@
-//! The analytics projection (`analytics_sessions`, `analytics_buckets`):
-//! folding new events into it, rebuilding it from the whole log, and the
-//! reads behind `GET /sessions/{id}/metrics`, `GET /analytics` and the
-//! `sessions` gauge.
+//! The analytics projection (`analytics_sessions`, `analytics_running`,
+//! `analytics_keys`): folding new events into it, rebuilding it from the
+//! whole log, and the reads behind `GET /sessions/{id}/metrics`,
+//! `GET /analytics` and the `sessions` gauge.
+//!
+//! `analytics_running` keeps, per key (dimension, value, status) and per
+//! UTC day on which a session of the key was created, the sums over the
+//! key's sessions created up to that day. A range is the difference of two
+//! rows, so a query reads two rows per key whatever the range's length.
 //!
 //! The projection's position is the `analytics` row of `relay_cursors`. A
 //! fold and a rebuild each lock that row first and move it in the same
@@ -34,8 +39,8 @@ const TALLY_COLUMNS: &str = "session_id, agent_id, session_type, status, created
      status_since, active_us, paused_us, crashed_us, pauses, resumes, recoveries, crashes, \
      worker_generations, restarts, turns, input_tokens, output_tokens, cost_micro_usd";
 
-/// The summed columns of a bucket, in order (see the migration).
-const BUCKET_SUMS: [&str; 23] = [
+/// The summed columns of a running row, in order (see the migrations).
+const SUMS: [&str; 23] = [
     "sessions",
     "n_active",
     "n_paused",
@@ -61,23 +66,34 @@ const BUCKET_SUMS: [&str; 23] = [
     "cost_micro_usd",
 ];
 
+/// One page of `GET /analytics`.
+#[derive(Debug, Clone)]
+pub struct AnalyticsPage {
+    /// The projection's position the groups were read at.
+    pub position: i64,
+    pub groups: Vec<AnalyticsGroup>,
+    /// The key to continue after; `None` on the last page.
+    pub next: Option<String>,
+}
+
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy)]
 pub struct AnalyticsRebuild {
     pub sessions: u64,
-    pub buckets: u64,
+    /// Rows of `analytics_running`: keys × days with sessions.
+    pub running_rows: u64,
     /// The projection's position afterwards.
     pub position: i64,
 }
 
-/// A bucket's key: dimension, UTC day of creation, value, status.
+/// Where a session counts: dimension, UTC day of creation, value, status.
 type BucketKey = (&'static str, NaiveDate, String, &'static str);
 
 fn micros(t: DateTime<Utc>) -> i128 {
     i128::from(t.timestamp_micros())
 }
 
-/// The rows a session adds to the buckets: one per dimension.
+/// What a session adds on its day of creation: one row per dimension.
 fn contributions(t: &Tally) -> [(BucketKey, [i128; 23]); 3] {
     let day = t.created_at.date_naive();
     let is = |s: SessionStatus| i128::from(t.status == s);
@@ -257,30 +273,145 @@ FROM life l JOIN chain c ON c.id = l.id
 WHERE NOT l.deleted AND l.created_at IS NOT NULL
 "#;
 
-/// The buckets from the summaries, one set-based aggregate per rebuild.
-const REBUILD_BUCKETS: &str = r#"
-INSERT INTO analytics_buckets (dimension, day, value, status, sessions, n_active, n_paused,
+/// The running sums from the summaries: each day's sums per key, then
+/// summed over the key's days so far; one set-based statement per rebuild.
+const REBUILD_RUNNING: &str = r#"
+INSERT INTO analytics_running (dimension, value, status, day, sessions, n_active, n_paused,
     n_completed, n_crashed, created_us, ended_us, active_since_us, paused_since_us,
     crashed_since_us, active_us, paused_us, crashed_us, pauses, resumes, recoveries, crashes,
     worker_generations, restarts, turns, input_tokens, output_tokens, cost_micro_usd)
-SELECT d.dimension, (s.created_at AT TIME ZONE 'UTC')::date, d.value, d.status, count(*),
-       count(*) FILTER (WHERE s.status = 'active'),
-       count(*) FILTER (WHERE s.status = 'paused'),
-       count(*) FILTER (WHERE s.status = 'completed'),
-       count(*) FILTER (WHERE s.status = 'crashed'),
-       sum((extract(epoch FROM s.created_at) * 1000000)::bigint),
-       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'completed'), 0),
-       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'active'), 0),
-       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'paused'), 0),
-       coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'crashed'), 0),
-       sum(s.active_us), sum(s.paused_us), sum(s.crashed_us), sum(s.pauses), sum(s.resumes),
-       sum(s.recoveries), sum(s.crashes), sum(s.worker_generations), sum(s.restarts),
-       sum(s.turns), sum(s.input_tokens), sum(s.output_tokens), sum(s.cost_micro_usd)
-FROM analytics_sessions s
-CROSS JOIN LATERAL (VALUES ('all', '', s.status), ('agent_id', s.agent_id::text, ''),
-                           ('session_type', s.session_type, '')) AS d(dimension, value, status)
-GROUP BY 1, 2, 3, 4
+SELECT dimension, value, status, day,
+       sum(sessions) OVER w, sum(n_active) OVER w, sum(n_paused) OVER w,
+       sum(n_completed) OVER w, sum(n_crashed) OVER w, sum(created_us) OVER w,
+       sum(ended_us) OVER w, sum(active_since_us) OVER w, sum(paused_since_us) OVER w,
+       sum(crashed_since_us) OVER w, sum(active_us) OVER w, sum(paused_us) OVER w,
+       sum(crashed_us) OVER w, sum(pauses) OVER w, sum(resumes) OVER w,
+       sum(recoveries) OVER w, sum(crashes) OVER w, sum(worker_generations) OVER w,
+       sum(restarts) OVER w, sum(turns) OVER w, sum(input_tokens) OVER w,
+       sum(output_tokens) OVER w, sum(cost_micro_usd) OVER w
+FROM (
+    SELECT d.dimension, d.value, d.status, (s.created_at AT TIME ZONE 'UTC')::date AS day,
+           count(*) AS sessions,
+           count(*) FILTER (WHERE s.status = 'active') AS n_active,
+           count(*) FILTER (WHERE s.status = 'paused') AS n_paused,
+           count(*) FILTER (WHERE s.status = 'completed') AS n_completed,
+           count(*) FILTER (WHERE s.status = 'crashed') AS n_crashed,
+           sum((extract(epoch FROM s.created_at) * 1000000)::bigint) AS created_us,
+           coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'completed'), 0) AS ended_us,
+           coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'active'), 0) AS active_since_us,
+           coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'paused'), 0) AS paused_since_us,
+           coalesce(sum((extract(epoch FROM s.status_since) * 1000000)::bigint) FILTER (WHERE s.status = 'crashed'), 0) AS crashed_since_us,
+           sum(s.active_us) AS active_us, sum(s.paused_us) AS paused_us,
+           sum(s.crashed_us) AS crashed_us, sum(s.pauses) AS pauses, sum(s.resumes) AS resumes,
+           sum(s.recoveries) AS recoveries, sum(s.crashes) AS crashes,
+           sum(s.worker_generations) AS worker_generations, sum(s.restarts) AS restarts,
+           sum(s.turns) AS turns, sum(s.input_tokens) AS input_tokens,
+           sum(s.output_tokens) AS output_tokens, sum(s.cost_micro_usd) AS cost_micro_usd
+    FROM analytics_sessions s
+    CROSS JOIN LATERAL (VALUES ('all', '', s.status), ('agent_id', s.agent_id::text, ''),
+                               ('session_type', s.session_type, '')) AS d(dimension, value, status)
+    GROUP BY 1, 2, 3, 4
+) daily
+WINDOW w AS (PARTITION BY dimension, value, status ORDER BY day)
 "#;
+
+/// Move the running sums by a page's deltas, in the fold's transaction:
+/// the keys are recorded, each delta's day gets a row (a copy of the key's
+/// row before it) if it has none, every row of the key from that day on
+/// moves by the delta, and rows left equal to the row before them (no
+/// session of the key created that day any more) go, as do keys left with
+/// no rows, so the result is what a rebuild would write.
+async fn apply_deltas(
+    txn: &DatabaseTransaction,
+    deltas: &HashMap<BucketKey, [i128; 23]>,
+) -> Result<(), StoreError> {
+    let rows: Vec<Value> = deltas
+        .iter()
+        .map(|((dimension, day, value, status), sums)| {
+            let mut row = serde_json::Map::new();
+            row.insert("dimension".into(), (*dimension).into());
+            row.insert("day".into(), day.to_string().into());
+            row.insert("value".into(), value.clone().into());
+            row.insert("status".into(), (*status).into());
+            for (name, v) in SUMS.iter().zip(sums) {
+                // Decimal text: jsonb keeps it exact at any size.
+                row.insert((*name).into(), Value::String(v.to_string()));
+            }
+            Value::Object(row)
+        })
+        .collect();
+    let rows = Value::Array(rows);
+    let record = SUMS
+        .iter()
+        .map(|c| format!("{c} numeric"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let x = format!(
+        "jsonb_to_recordset($1::jsonb) AS x(dimension text, day date, value text, status text, {record})"
+    );
+    let cols = SUMS.join(", ");
+    let same_key = |r: &str, k: &str| {
+        format!(
+            "{r}.dimension = {k}.dimension AND {r}.value = {k}.value AND {r}.status = {k}.status"
+        )
+    };
+    let statements = [
+        format!(
+            "INSERT INTO analytics_keys (dimension, value, status) \
+             SELECT DISTINCT dimension, value, status FROM {x} ON CONFLICT DO NOTHING"
+        ),
+        format!(
+            "INSERT INTO analytics_running (dimension, value, status, day, {cols}) \
+             SELECT x.dimension, x.value, x.status, x.day, {copied} FROM {x} \
+             LEFT JOIN LATERAL (SELECT {cols} FROM analytics_running r \
+                 WHERE {key} AND r.day < x.day ORDER BY r.day DESC LIMIT 1) p ON true \
+             ON CONFLICT DO NOTHING",
+            copied = SUMS
+                .iter()
+                .map(|c| format!("coalesce(p.{c}, 0)"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            key = same_key("r", "x"),
+        ),
+        format!(
+            "UPDATE analytics_running r SET {set} FROM ( \
+                 SELECT r.dimension, r.value, r.status, r.day, {summed} \
+                 FROM {x} JOIN analytics_running r ON {key} AND r.day >= x.day \
+                 GROUP BY 1, 2, 3, 4) d \
+             WHERE {same} AND r.day = d.day",
+            set = SUMS
+                .iter()
+                .map(|c| format!("{c} = r.{c} + d.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            summed = SUMS
+                .iter()
+                .map(|c| format!("sum(x.{c}) AS {c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            key = same_key("r", "x"),
+            same = same_key("r", "d"),
+        ),
+        format!(
+            "DELETE FROM analytics_running r USING {x} WHERE {key} AND r.day = x.day \
+               AND r.sessions = coalesce((SELECT p.sessions FROM analytics_running p \
+                   WHERE {prev} AND p.day < r.day ORDER BY p.day DESC LIMIT 1), 0)",
+            key = same_key("r", "x"),
+            prev = same_key("p", "r"),
+        ),
+        format!(
+            "DELETE FROM analytics_keys k USING {x} WHERE {key} \
+               AND NOT EXISTS (SELECT 1 FROM analytics_running r WHERE {gone})",
+            key = same_key("k", "x"),
+            gone = same_key("r", "k"),
+        ),
+    ];
+    for sql in statements {
+        txn.execute_raw(stmt(sql, vec![rows.clone().into()]))
+            .await?;
+    }
+    Ok(())
+}
 
 impl Store {
     /// Every event of the projection up to this feed position is in it.
@@ -464,51 +595,7 @@ impl Store {
             .await?;
         }
         if !deltas.is_empty() {
-            let rows: Vec<Value> = deltas
-                .iter()
-                .map(|((dimension, day, value, status), sums)| {
-                    let mut row = serde_json::Map::new();
-                    row.insert("dimension".into(), (*dimension).into());
-                    row.insert("day".into(), day.to_string().into());
-                    row.insert("value".into(), value.clone().into());
-                    row.insert("status".into(), (*status).into());
-                    for (name, v) in BUCKET_SUMS.iter().zip(sums) {
-                        // Decimal text: jsonb keeps it exact at any size.
-                        row.insert((*name).into(), Value::String(v.to_string()));
-                    }
-                    Value::Object(row)
-                })
-                .collect();
-            let rows = Value::Array(rows);
-            let record = BUCKET_SUMS
-                .iter()
-                .map(|c| format!("{c} numeric"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let cols = BUCKET_SUMS.join(", ");
-            let set = BUCKET_SUMS
-                .iter()
-                .map(|c| format!("{c} = b.{c} + EXCLUDED.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            txn.execute_raw(stmt(
-                format!(
-                    "INSERT INTO analytics_buckets AS b (dimension, day, value, status, {cols}) \
-                     SELECT dimension, day, value, status, {cols} FROM jsonb_to_recordset($1::jsonb) \
-                     AS x(dimension text, day date, value text, status text, {record}) \
-                     ON CONFLICT (dimension, day, value, status) DO UPDATE SET {set}"
-                ),
-                vec![rows.clone().into()],
-            ))
-            .await?;
-            txn.execute_raw(stmt(
-                "DELETE FROM analytics_buckets b USING jsonb_to_recordset($1::jsonb) \
-                 AS x(dimension text, day date, value text, status text) \
-                 WHERE b.dimension = x.dimension AND b.day = x.day AND b.value = x.value \
-                   AND b.status = x.status AND b.sessions = 0",
-                vec![rows.into()],
-            ))
-            .await?;
+            apply_deltas(&txn, &deltas).await?;
         }
         move_cursor(&txn, last.position).await?;
         txn.commit().await?;
@@ -526,7 +613,9 @@ impl Store {
             .await?;
         // A consumer folding now waits for this, then finds the position moved.
         lock_cursor(&txn).await?;
-        txn.execute_raw(stmt("DELETE FROM analytics_buckets", vec![]))
+        txn.execute_raw(stmt("DELETE FROM analytics_keys", vec![]))
+            .await?;
+        txn.execute_raw(stmt("DELETE FROM analytics_running", vec![]))
             .await?;
         txn.execute_raw(stmt("DELETE FROM analytics_sessions", vec![]))
             .await?;
@@ -534,70 +623,166 @@ impl Store {
             .execute_raw(stmt(REBUILD_SESSIONS, vec![horizon.into()]))
             .await?
             .rows_affected();
-        let buckets = txn
-            .execute_raw(stmt(REBUILD_BUCKETS, vec![]))
+        let running_rows = txn
+            .execute_raw(stmt(REBUILD_RUNNING, vec![]))
             .await?
             .rows_affected();
+        txn.execute_raw(stmt(
+            "INSERT INTO analytics_keys (dimension, value, status) \
+             SELECT DISTINCT dimension, value, status FROM analytics_running",
+            vec![],
+        ))
+        .await?;
         let position = horizon.saturating_sub(1).max(0);
         move_cursor(&txn, position).await?;
         txn.commit().await?;
         Ok(AnalyticsRebuild {
             sessions,
-            buckets,
+            running_rows,
             position,
         })
     }
 
-    /// Sessions created on UTC days `[from, to)`, grouped, as of `now`; and
-    /// the projection's position they were read at (one snapshot).
+    /// Sessions created on UTC days `[from, to)`, grouped, as of `now`: one
+    /// page of groups, by key, after `after` (a key of an earlier page);
+    /// and the projection's position they were read at (one snapshot).
+    ///
+    /// A page walks at most `limit` keys of the dimension (days, for `day`)
+    /// and answers those with sessions in the range, so it may hold fewer
+    /// groups than `limit`; `next` is the key to continue after, `None`
+    /// on the last page. Two index probes per key walked, whatever the
+    /// range's length or the number of sessions.
     #[instrument(skip(self))]
     pub async fn analytics(
         &self,
         group_by: GroupBy,
-        from: NaiveDate,
-        to: NaiveDate,
+        range: (NaiveDate, NaiveDate),
         now: DateTime<Utc>,
-    ) -> Result<(i64, Vec<AnalyticsGroup>), StoreError> {
-        let (dimension, key) = match group_by {
-            GroupBy::Status => ("all", "status"),
-            GroupBy::Day => ("all", "to_char(day, 'YYYY-MM-DD')"),
-            GroupBy::AgentId => ("agent_id", "value"),
-            GroupBy::SessionType => ("session_type", "value"),
-        };
-        let counts = BUCKET_SUMS
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<AnalyticsPage, StoreError> {
+        let (from, to) = range;
+        let counts = SUMS
             .iter()
             .filter(|c| !c.ends_with("_us"))
             .map(|c| format!("least(sum({c}), 9223372036854775807)::bigint AS {c}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let cols = SUMS.join(", ");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (ranged, params): (String, Vec<Param>) = match group_by {
+            GroupBy::Day => {
+                // Each day's row minus the one before it, per status of
+                // `all`; the row before the first day comes from a probe.
+                // Every day of the range has at most one row per status.
+                let daily = SUMS
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{c} - coalesce(lag({c}) OVER (PARTITION BY status ORDER BY day), 0) AS {c}"
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let start = match after {
+                    Some(a) => NaiveDate::parse_from_str(a, "%Y-%m-%d")
+                        .map_err(|_| StoreError::Corrupt(format!("analytics day cursor {a}")))?
+                        .succ_opt()
+                        .unwrap_or(to)
+                        .max(from),
+                    None => from,
+                };
+                (
+                    format!(
+                        "walk AS (SELECT NULL::text AS key, 0::bigint AS n WHERE false), \
+                         d AS (SELECT day, {daily} FROM ( \
+                             SELECT k.status, lo.day, lo.{lo_cols} \
+                               FROM analytics_keys k CROSS JOIN LATERAL ( \
+                                 SELECT day, {cols} FROM analytics_running r \
+                                 WHERE r.dimension = k.dimension AND r.value = k.value \
+                                   AND r.status = k.status AND r.day < $2 \
+                                 ORDER BY r.day DESC LIMIT 1) lo \
+                               WHERE k.dimension = 'all' \
+                             UNION ALL \
+                             SELECT status, day, {cols} FROM analytics_running \
+                               WHERE dimension = 'all' AND day >= $2 AND day < $3) rows), \
+                         days AS (SELECT day FROM d WHERE day >= $2 GROUP BY day \
+                             HAVING sum(sessions) > 0 ORDER BY day LIMIT $5), \
+                         ranged AS (SELECT to_char(day, 'YYYY-MM-DD') AS key, d.* FROM d \
+                             WHERE day IN (SELECT day FROM days))",
+                        lo_cols = SUMS.join(", lo."),
+                    ),
+                    vec![start.into(), to.into(), (limit + 1).into()],
+                )
+            }
+            _ => {
+                let (dimension, key) = match group_by {
+                    GroupBy::AgentId => ("agent_id", "value"),
+                    GroupBy::SessionType => ("session_type", "value"),
+                    _ => ("all", "status"),
+                };
+                let diff = SUMS
+                    .iter()
+                    .map(|c| format!("hi.{c} - coalesce(lo.{c}, 0) AS {c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let last_before = |alias: &str, bound: &str| {
+                    format!(
+                        "LATERAL (SELECT day, {cols} FROM analytics_running r \
+                           WHERE r.dimension = k.dimension AND r.value = k.value \
+                             AND r.status = k.status AND r.day < {bound} \
+                           ORDER BY r.day DESC LIMIT 1) {alias}"
+                    )
+                };
+                (
+                    format!(
+                        "walk AS (SELECT dimension, value, status, {key} AS key, \
+                             row_number() OVER (ORDER BY value, status) AS n \
+                           FROM (SELECT dimension, value, status FROM analytics_keys \
+                                 WHERE dimension = '{dimension}' \
+                                   AND ($6::text IS NULL OR {key} > $6::text COLLATE \"C\") \
+                                 ORDER BY value, status LIMIT $5) w), \
+                         ranged AS (SELECT k.key, {diff} FROM walk k \
+                           CROSS JOIN {hi} LEFT JOIN {lo} ON true \
+                           WHERE k.n < $5 AND hi.day >= $2)",
+                        hi = last_before("hi", "$3"),
+                        lo = last_before("lo", "$2"),
+                    ),
+                    vec![
+                        from.into(),
+                        to.into(),
+                        (limit + 1).into(),
+                        after.map(str::to_owned).into(),
+                    ],
+                )
+            }
+        };
         // Open stretches run to `now` ($4): n × now − Σ since.
         // The position and the sums come from one statement, so one snapshot.
         let sql = format!(
-            "WITH pos AS (SELECT coalesce((SELECT position FROM relay_cursors WHERE name = $5), 0) AS position), \
+            "WITH pos AS (SELECT coalesce((SELECT position FROM relay_cursors WHERE name = $1), 0) AS position), \
+             {ranged}, \
              g AS ( \
-               SELECT {key} AS key, {counts}, \
+               SELECT key, {counts}, \
                     sum(ended_us + (sessions - n_completed) * $4::numeric - created_us)::float8 AS duration_us, \
                     sum(active_us + n_active * $4::numeric - active_since_us)::float8 AS active_time, \
                     sum(paused_us + n_paused * $4::numeric - paused_since_us)::float8 AS paused_time, \
                     sum(crashed_us + n_crashed * $4::numeric - crashed_since_us)::float8 AS crashed_time \
-               FROM analytics_buckets \
-               WHERE dimension = $1 AND day >= $2 AND day < $3 \
-               GROUP BY 1) \
-             SELECT pos.position, g.* FROM pos LEFT JOIN g ON true ORDER BY g.key"
+               FROM ranged GROUP BY key HAVING sum(sessions) > 0) \
+             SELECT pos.position, \
+                    (SELECT key FROM walk WHERE n = $5 - 1 AND EXISTS (SELECT 1 FROM walk WHERE n = $5)) AS walked_to, \
+                    g.* \
+             FROM pos LEFT JOIN g ON true ORDER BY g.key"
         );
-        let rows = self
-            .db
-            .query_all_raw(stmt(
-                sql,
-                vec![
-                    dimension.into(),
-                    from.into(),
-                    to.into(),
-                    now.timestamp_micros().into(),
-                    ANALYTICS_CURSOR.into(),
-                ],
-            ))
-            .await?;
+        let mut values: Vec<Param> = vec![
+            ANALYTICS_CURSOR.into(),
+            params[0].clone(),
+            params[1].clone(),
+            now.timestamp_micros().into(),
+            params[2].clone(),
+        ];
+        values.extend(params.into_iter().skip(3));
+        let rows = self.db.query_all_raw(stmt(sql, values)).await?;
         let position = match rows.first() {
             Some(r) => r.try_get("", "position")?,
             None => 0,
@@ -641,7 +826,22 @@ impl Store {
                 cost_micro_usd: n("cost_micro_usd")?,
             });
         }
-        Ok((position, groups))
+        let next = match group_by {
+            GroupBy::Day if groups.len() as i64 > limit => {
+                groups.truncate(limit as usize);
+                groups.last().map(|g| g.key.clone())
+            }
+            GroupBy::Day => None,
+            _ => match rows.first() {
+                Some(r) => r.try_get::<Option<String>>("", "walked_to")?,
+                None => None,
+            },
+        };
+        Ok(AnalyticsPage {
+            position,
+            groups,
+            next,
+        })
     }
 
     /// Live sessions per status, from the projection (the `sessions` gauge).
@@ -649,8 +849,11 @@ impl Store {
         let rows = self
             .db
             .query_all_raw(stmt(
-                "SELECT status, sum(sessions)::bigint AS n FROM analytics_buckets \
-                 WHERE dimension = 'all' GROUP BY status",
+                "SELECT k.status, r.sessions AS n FROM analytics_keys k CROSS JOIN LATERAL ( \
+                     SELECT sessions FROM analytics_running r \
+                     WHERE r.dimension = k.dimension AND r.value = k.value AND r.status = k.status \
+                     ORDER BY r.day DESC LIMIT 1) r \
+                 WHERE k.dimension = 'all'",
                 vec![],
             ))
             .await?;

@@ -22,7 +22,7 @@ mod rows;
 mod session_batches;
 mod sessions;
 
-pub use analytics::{ANALYTICS_CURSOR, AnalyticsRebuild};
+pub use analytics::{ANALYTICS_CURSOR, AnalyticsPage, AnalyticsRebuild};
 pub use error::StoreError;
 pub use events::{FeedFilter, StoredEvent};
 pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};

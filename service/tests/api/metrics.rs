@@ -213,14 +213,16 @@ fn answered(body: &Value) -> Expected {
         .collect()
 }
 
-/// Every row of both tables of the projection, as text, in a fixed order.
+/// Every row of the projection's tables, as text, in a fixed order.
 async fn projection(app: &TestApp) -> Vec<String> {
     rows(
         app,
         "SELECT t FROM (SELECT 1 AS k, session_id::text AS o, to_jsonb(s)::text AS t \
                         FROM analytics_sessions s \
-                        UNION ALL SELECT 2, concat_ws('/', dimension, day, value, status), to_jsonb(b)::text \
-                        FROM analytics_buckets b) x ORDER BY k, o",
+                        UNION ALL SELECT 2, concat_ws('/', dimension, value, status, day), to_jsonb(r)::text \
+                        FROM analytics_running r \
+                        UNION ALL SELECT 3, concat_ws('/', dimension, value, status), to_jsonb(k)::text \
+                        FROM analytics_keys k) x ORDER BY k, o",
     )
     .await
     .iter()
@@ -403,11 +405,223 @@ async fn analytics_match_the_sessions_table_and_replay_rebuilds_the_same_project
     app.teardown().await;
 }
 
+/// What each group should hold, from the projection's own per-session
+/// summaries (checked against the `sessions` table above): the running
+/// sums over days must add up to them for any range.
+async fn expected_from_summaries(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
+    let sql = format!(
+        "SELECT {key} AS key, count(*) AS n, \
+           count(*) FILTER (WHERE status = 'active') AS a, \
+           count(*) FILTER (WHERE status = 'paused') AS p, \
+           count(*) FILTER (WHERE status = 'completed') AS c, \
+           count(*) FILTER (WHERE status = 'crashed') AS x, \
+           sum(cost_micro_usd)::bigint AS cost, sum(turns)::bigint AS turns \
+         FROM analytics_sessions \
+         WHERE created_at >= '{from}T00:00:00Z' AND created_at < '{to}T00:00:00Z' GROUP BY 1"
+    );
+    rows(app, &sql)
+        .await
+        .iter()
+        .map(|r| {
+            let g = |c: &str| r.try_get::<i64>("", c).unwrap();
+            (
+                r.try_get::<String>("", "key").unwrap(),
+                (
+                    g("n"),
+                    [g("a"), g("p"), g("c"), g("x")],
+                    g("cost"),
+                    g("turns"),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Every page of `path`, following `Link: rel="next"`: the groups, in
+/// order, after checking each page holds at most `limit` and keys only grow.
+async fn all_pages(app: &Api, path: &str, limit: usize) -> Vec<Value> {
+    let mut groups: Vec<Value> = Vec::new();
+    let mut next = Some(format!("{path}&limit={limit}"));
+    let mut pages = 0;
+    while let Some(url) = next.take() {
+        pages += 1;
+        assert!(pages < 1000, "{path}: pages never end");
+        let r = app.fetch(&url).await.expect(200);
+        let link = r.header("link").to_owned();
+        let body = r.json();
+        let page = body["groups"].as_array().expect("groups").clone();
+        assert!(page.len() <= limit, "{url}: {} groups", page.len());
+        for g in page {
+            if let Some(last) = groups.last() {
+                assert!(
+                    last["key"].as_str() < g["key"].as_str(),
+                    "{url}: {} after {}",
+                    g["key"],
+                    last["key"]
+                );
+            }
+            groups.push(g);
+        }
+        if !link.is_empty() {
+            let target = link
+                .strip_prefix('<')
+                .and_then(|l| l.split_once(">; rel=\"next\""))
+                .map(|(t, _)| t.to_owned())
+                .unwrap_or_else(|| panic!("{url}: Link {link}"));
+            next = Some(target);
+        }
+    }
+    groups
+}
+
+/// Copy every event of the log, `k` days back for each `k` of `days`,
+/// under new session ids (one transaction per copy, positions from its
+/// transaction id as the service writes them): sessions created on many
+/// past days, with the payloads the service writes.
+async fn copy_back_in_time(app: &TestApp, days: &[u32]) {
+    let originals = max_position(app).await;
+    let db = app.db.connect().await;
+    for k in days {
+        db.execute_unprepared(&format!(
+            "BEGIN; \
+             INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
+                                 event_type, payload, metadata, occurred_at) \
+             SELECT pg_current_xact_id()::text::bigint * 1024 + row_number() OVER (ORDER BY position), \
+                    gen_random_uuid(), aggregate_type, md5(aggregate_id::text || '/{k}')::uuid, \
+                    version, event_type, payload, metadata, occurred_at - interval '{k} days' \
+             FROM events WHERE position <= {originals} \
+               AND event_type IN ('session.created', 'session.updated'); \
+             COMMIT;"
+        ))
+        .await
+        .expect("copy events");
+    }
+    db.close().await.ok();
+}
+
+#[tokio::test]
+async fn analytics_over_many_days_pages_and_matches_the_summaries() {
+    let app = TestApp::spawn().await;
+    let agents: Vec<String> = (0..5).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let types = ["conversation", "task", "batch"];
+    for i in 0..24usize {
+        let body =
+            json!({"agent_id": agents[i % agents.len()], "session_type": types[i % types.len()]});
+        let id = app.create_id(&body).await;
+        let moves: &[&str] = match i % 4 {
+            1 => &["paused"],
+            2 => &["completed"],
+            3 => &["crashed", "active"],
+            _ => &[],
+        };
+        for m in moves {
+            app.patch(&id, &json!({"status": m})).await.expect(200);
+        }
+        if i % 3 == 0 {
+            app.merge_patch(
+                &id,
+                &json!({"runtime_metadata": {"worker": {"generation": 1, "turns": i, "cost_micro_usd": i * 7}}}),
+            )
+            .await
+            .expect(200);
+        }
+    }
+    // The same sessions created 1 to 40 days ago (not every day), then
+    // every copy 13 days back deleted: its day empties again.
+    let days: Vec<u32> = (1..=40).filter(|d| d % 3 != 0).collect();
+    copy_back_in_time(&app, &days).await;
+    projection_reaches(&app, max_position(&app).await).await;
+    let db = app.db.connect().await;
+    db.execute_unprepared(
+        "BEGIN; \
+         INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, \
+                             event_type, payload, metadata, occurred_at) \
+         SELECT pg_current_xact_id()::text::bigint * 1024 + row_number() OVER (ORDER BY aggregate_id), \
+                gen_random_uuid(), 'session', aggregate_id, max(version) + 1, 'session.deleted', \
+                jsonb_build_object('changes', '{}'::jsonb), '{}'::jsonb, now() \
+         FROM events GROUP BY aggregate_id \
+         HAVING (min(occurred_at) AT TIME ZONE 'UTC')::date \
+                = ((now() AT TIME ZONE 'UTC') - interval '13 days')::date; \
+         COMMIT;",
+    )
+    .await
+    .expect("delete a day's copies");
+    db.close().await.ok();
+    projection_reaches(&app, max_position(&app).await).await;
+    let summaries = app
+        .db
+        .sql_i64("SELECT count(*) FROM analytics_sessions")
+        .await;
+    assert!(summaries > 24 * 20, "{summaries} summaries");
+
+    let today = Utc::now().date_naive();
+    let day = |back: u64| today.checked_sub_days(Days::new(back)).unwrap().to_string();
+    let tomorrow = today.checked_add_days(Days::new(1)).unwrap().to_string();
+    let by = [
+        ("status", "status"),
+        ("agent_id", "agent_id::text"),
+        ("session_type", "session_type"),
+        (
+            "day",
+            "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        ),
+    ];
+    // A day, a week, a month, a range starting before the first session,
+    // one holding only the emptied day, and one ending before today.
+    let ranges = [
+        (day(5), day(4)),
+        (day(9), day(2)),
+        (day(30), tomorrow.clone()),
+        (day(60), tomorrow.clone()),
+        (day(13), day(12)),
+        (day(41), day(20)),
+    ];
+    for (from, to) in &ranges {
+        for (group_by, key) in by {
+            let path = format!("/analytics?from={from}&to={to}&group_by={group_by}");
+            let want = expected_from_summaries(&app, key, from, to).await;
+            let whole = app.fetch(&path).await.expect(200).json();
+            assert_eq!(answered(&whole), want, "{path}");
+            for limit in [1, 2, 3] {
+                let paged = json!({"groups": all_pages(&app.api, &path, limit).await});
+                assert_eq!(answered(&paged), want, "{path} in pages of {limit}");
+            }
+        }
+    }
+    assert!(
+        expected_from_summaries(&app, "status", &day(13), &day(12))
+            .await
+            .is_empty(),
+        "the emptied day still has sessions"
+    );
+
+    // Kept and rebuilt agree row for row (no row left for the emptied day).
+    let incremental = projection(&app).await;
+    let (ok, out) = replay(&app.db.url, &["--analytics"]);
+    assert!(ok, "replay --analytics: {out}");
+    let rebuilt = projection(&app).await;
+    assert!(
+        rebuilt == incremental,
+        "{}",
+        differences(&incremental, &rebuilt)
+    );
+
+    // A cursor from another grouping or made up is refused.
+    let r = app
+        .fetch("/analytics?group_by=day&cursor=bm90LWEtY3Vyc29y")
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    app.teardown().await;
+}
+
 #[tokio::test]
 async fn analytics_refuses_bad_parameters_with_a_problem() {
     let app = TestApp::spawn().await;
     for (query, field) in [
         ("group_by=agent", "group_by"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("cursor=zz", "cursor"),
         ("group_by=", "group_by"),
         ("from=yesterday", "from"),
         ("from=2026-11-29T10:00:00Z&to=2026-11-30", "from"),
