@@ -157,17 +157,34 @@ async fn rows(app: &TestApp, sql: &str) -> Vec<sea_orm::QueryResult> {
 /// Per group key: (sessions, [active, paused, completed, crashed], cost, turns).
 type Expected = BTreeMap<String, (i64, [i64; 4], i64, i64)>;
 
-/// What each group should hold, straight from the `sessions` table.
-async fn expected(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
+/// Where a group's figures come from: the `sessions` table, or the
+/// projection's own per-session summaries.
+#[derive(Clone, Copy)]
+enum Truth {
+    Sessions,
+    Summaries,
+}
+
+/// What each group should hold, summed per session from `truth` over the
+/// sessions created in `[from, to)` (UTC days).
+async fn expected_from(app: &TestApp, truth: Truth, key: &str, from: &str, to: &str) -> Expected {
+    let (table, cost, turns) = match truth {
+        Truth::Sessions => (
+            "sessions",
+            "(runtime_metadata #>> '{worker,cost_micro_usd}')::bigint",
+            "(runtime_metadata #>> '{worker,turns}')::bigint",
+        ),
+        Truth::Summaries => ("analytics_sessions", "cost_micro_usd", "turns"),
+    };
     let sql = format!(
         "SELECT {key} AS key, count(*) AS n, \
            count(*) FILTER (WHERE status = 'active') AS a, \
            count(*) FILTER (WHERE status = 'paused') AS p, \
            count(*) FILTER (WHERE status = 'completed') AS c, \
            count(*) FILTER (WHERE status = 'crashed') AS x, \
-           coalesce(sum((runtime_metadata #>> '{{worker,cost_micro_usd}}')::bigint), 0)::bigint AS cost, \
-           coalesce(sum((runtime_metadata #>> '{{worker,turns}}')::bigint), 0)::bigint AS turns \
-         FROM sessions WHERE created_at >= '{from}' AND created_at < '{to}' GROUP BY 1"
+           coalesce(sum({cost}), 0)::bigint AS cost, coalesce(sum({turns}), 0)::bigint AS turns \
+         FROM {table} \
+         WHERE created_at >= '{from}T00:00:00Z' AND created_at < '{to}T00:00:00Z' GROUP BY 1"
     );
     rows(app, &sql)
         .await
@@ -185,6 +202,10 @@ async fn expected(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
             )
         })
         .collect()
+}
+
+async fn expected(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
+    expected_from(app, Truth::Sessions, key, from, to).await
 }
 
 fn answered(body: &Value) -> Expected {
@@ -409,32 +430,7 @@ async fn analytics_match_the_sessions_table_and_replay_rebuilds_the_same_project
 /// summaries (checked against the `sessions` table above): the running
 /// sums over days must add up to them for any range.
 async fn expected_from_summaries(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
-    let sql = format!(
-        "SELECT {key} AS key, count(*) AS n, \
-           count(*) FILTER (WHERE status = 'active') AS a, \
-           count(*) FILTER (WHERE status = 'paused') AS p, \
-           count(*) FILTER (WHERE status = 'completed') AS c, \
-           count(*) FILTER (WHERE status = 'crashed') AS x, \
-           sum(cost_micro_usd)::bigint AS cost, sum(turns)::bigint AS turns \
-         FROM analytics_sessions \
-         WHERE created_at >= '{from}T00:00:00Z' AND created_at < '{to}T00:00:00Z' GROUP BY 1"
-    );
-    rows(app, &sql)
-        .await
-        .iter()
-        .map(|r| {
-            let g = |c: &str| r.try_get::<i64>("", c).unwrap();
-            (
-                r.try_get::<String>("", "key").unwrap(),
-                (
-                    g("n"),
-                    [g("a"), g("p"), g("c"), g("x")],
-                    g("cost"),
-                    g("turns"),
-                ),
-            )
-        })
-        .collect()
+    expected_from(app, Truth::Summaries, key, from, to).await
 }
 
 /// Every page of `path`, following `Link: rel="next"`: the groups, in
