@@ -44,7 +44,10 @@ serve_build() {
     release) dir=release ;;
     *) dir=$profile ;;
   esac
-  cargo build -q --locked --profile "$profile" --bin agent-sessions
+  # With an example, so dev-dependencies take part in feature resolution as
+  # in the tests and the other benchmarks: the binary alone resolves other
+  # features and rebuilds a hundred crates.
+  cargo build -q --locked --profile "$profile" --bin agent-sessions --example p3_latency
   SERVE_BIN="${CARGO_TARGET_DIR:-target}/$dir/agent-sessions"
 }
 
