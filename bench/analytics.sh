@@ -135,6 +135,7 @@ end
 LUA
 SPAN=$(q "SELECT ('$LAST'::date - '$FIRST'::date) + 1")
 printf '%-13s %10s %9s %9s %9s %s\n' group_by requests p50_ms p99_ms target verdict
+: >"$WORK/results"
 for g in status agent_id session_type day; do
   out=$(FIRST_DAY=$FIRST SPAN_DAYS=$SPAN GROUP_BY=$g LIMIT=${ANALYTICS_LIMIT:-} \
         wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/ranges.lua" "$SERVE_URL")
@@ -146,4 +147,7 @@ for g in status agent_id session_type day; do
   n=$(awk '/requests in/ {print $1}' <<<"$out")
   verdict=$(python3 -c "print('met' if $p99 <= $TARGET_MS else 'NOT met')")
   printf '%-13s %10s %9s %9s %9s %s\n' "$g" "$n" "$p50" "$p99" "<= $TARGET_MS" "$verdict"
+  echo "RESULT A analytics_${g}_p99 ms=$p99 target<=$TARGET_MS p50_ms=$p50" >>"$WORK/results"
 done
+# For bench/run.sh (ONLY=analytics): one line per group_by.
+cat "$WORK/results"

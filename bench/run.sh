@@ -12,6 +12,9 @@
 #
 #   bash bench/run.sh                 # everything
 #   ONLY="p1p2 p3" bash bench/run.sh  # a subset
+#   ONLY=analytics ANALYTICS_DB=bench_p5 bash bench/run.sh
+#                                     # issue 14's analytics target (not in the
+#                                     # default set: it loads 1 M sessions first)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ONLY=${ONLY:-p1p2 p3 p4 p5 p6}
