@@ -234,6 +234,7 @@ pub struct Analytics {
     /// the `X-Projection-Position` header): wait for it to reach a write's
     /// event position to read that write's effect.
     pub position: i64,
-    /// Groups with at least one session, by key.
+    /// This page's groups with at least one session, by key (byte order;
+    /// days in date order). More may follow: see the `Link` header.
     pub groups: Vec<AnalyticsGroup>,
 }
