@@ -66,6 +66,75 @@ const SUMS: [&str; 23] = [
     "cost_micro_usd",
 ];
 
+/// The sums of instants (epoch microseconds): `numeric` in the tables.
+const INSTANT_SUMS: [&str; 5] = [
+    "created_us",
+    "ended_us",
+    "active_since_us",
+    "paused_since_us",
+    "crashed_since_us",
+];
+
+/// A group's figures from its sums (in the order of `SUMS`), as of `now`
+/// (epoch µs): open stretches run to `now`, n × now − Σ since.
+fn group_of(key: String, s: &[i128; 23], now: i128) -> AnalyticsGroup {
+    let [
+        sessions,
+        n_active,
+        n_paused,
+        n_completed,
+        n_crashed,
+        created_us,
+        ended_us,
+        active_since_us,
+        paused_since_us,
+        crashed_since_us,
+        active_us,
+        paused_us,
+        crashed_us,
+        pauses,
+        resumes,
+        recoveries,
+        crashes,
+        worker_generations,
+        restarts,
+        turns,
+        input_tokens,
+        output_tokens,
+        cost_micro_usd,
+    ] = *s;
+    let n = |v: i128| i64::try_from(v.max(0)).unwrap_or(i64::MAX);
+    let secs = |us: i128| us as f64 / 1e6;
+    let duration = secs(ended_us + (sessions - n_completed) * now - created_us);
+    AnalyticsGroup {
+        key,
+        sessions: n(sessions),
+        by_status: StatusCounts {
+            active: n(n_active),
+            paused: n(n_paused),
+            completed: n(n_completed),
+            crashed: n(n_crashed),
+        },
+        duration_seconds: duration,
+        mean_duration_seconds: duration / n(sessions).max(1) as f64,
+        time_in_status_seconds: TimeInStatus {
+            active: secs(active_us + n_active * now - active_since_us),
+            paused: secs(paused_us + n_paused * now - paused_since_us),
+            crashed: secs(crashed_us + n_crashed * now - crashed_since_us),
+        },
+        pauses: n(pauses),
+        resumes: n(resumes),
+        crashes: n(crashes),
+        recoveries: n(recoveries),
+        worker_generations: n(worker_generations),
+        restarts: n(restarts),
+        turns: n(turns),
+        input_tokens: n(input_tokens),
+        output_tokens: n(output_tokens),
+        cost_micro_usd: n(cost_micro_usd),
+    }
+}
+
 /// One page of `GET /analytics`.
 #[derive(Debug, Clone)]
 pub struct AnalyticsPage {
@@ -662,12 +731,6 @@ impl Store {
         limit: u64,
     ) -> Result<AnalyticsPage, StoreError> {
         let (from, to) = range;
-        let counts = SUMS
-            .iter()
-            .filter(|c| !c.ends_with("_us"))
-            .map(|c| format!("least(sum({c}), 9223372036854775807)::bigint AS {c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let cols = SUMS.join(", ");
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (ranged, params): (String, Vec<Param>) = match group_by {
@@ -707,7 +770,7 @@ impl Store {
                              SELECT status, day, {cols} FROM analytics_running \
                                WHERE dimension = 'all' AND day >= $2 AND day < $3) rows), \
                          days AS (SELECT day FROM d WHERE day >= $2 GROUP BY day \
-                             HAVING sum(sessions) > 0 ORDER BY day LIMIT $5), \
+                             HAVING sum(sessions) > 0 ORDER BY day LIMIT $4), \
                          ranged AS (SELECT to_char(day, 'YYYY-MM-DD') AS key, d.* FROM d \
                              WHERE day IN (SELECT day FROM days))",
                         lo_cols = SUMS.join(", lo."),
@@ -740,11 +803,11 @@ impl Store {
                              row_number() OVER (ORDER BY value, status) AS n \
                            FROM (SELECT dimension, value, status FROM analytics_keys \
                                  WHERE dimension = '{dimension}' \
-                                   AND ($6::text IS NULL OR {key} > $6::text COLLATE \"C\") \
-                                 ORDER BY value, status LIMIT $5) w), \
+                                   AND ($5::text IS NULL OR {key} > $5::text COLLATE \"C\") \
+                                 ORDER BY value, status LIMIT $4) w), \
                          ranged AS (SELECT k.key, {diff} FROM walk k \
                            CROSS JOIN {hi} LEFT JOIN {lo} ON true \
-                           WHERE k.n < $5 AND hi.day >= $2)",
+                           WHERE k.n < $4 AND hi.day >= $2)",
                         hi = last_before("hi", "$3"),
                         lo = last_before("lo", "$2"),
                     ),
@@ -757,28 +820,33 @@ impl Store {
                 )
             }
         };
-        // Open stretches run to `now` ($4): n × now − Σ since.
-        // The position and the sums come from one statement, so one snapshot.
+        // Rows of differences, by key (a day has one per status); summed
+        // per key and turned into figures here, in i128: the instants' sums
+        // are beyond bigint (they come as decimal text).
+        // The position and the rows come from one statement, so one snapshot.
+        let as_text = SUMS
+            .iter()
+            .map(|c| {
+                if INSTANT_SUMS.contains(c) {
+                    format!("r.{c}::text AS {c}")
+                } else {
+                    format!("r.{c}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         let sql = format!(
             "WITH pos AS (SELECT coalesce((SELECT position FROM relay_cursors WHERE name = $1), 0) AS position), \
-             {ranged}, \
-             g AS ( \
-               SELECT key, {counts}, \
-                    sum(ended_us + (sessions - n_completed) * $4::numeric - created_us)::float8 AS duration_us, \
-                    sum(active_us + n_active * $4::numeric - active_since_us)::float8 AS active_time, \
-                    sum(paused_us + n_paused * $4::numeric - paused_since_us)::float8 AS paused_time, \
-                    sum(crashed_us + n_crashed * $4::numeric - crashed_since_us)::float8 AS crashed_time \
-               FROM ranged GROUP BY key HAVING sum(sessions) > 0) \
+             {ranged} \
              SELECT pos.position, \
-                    (SELECT key FROM walk WHERE n = $5 - 1 AND EXISTS (SELECT 1 FROM walk WHERE n = $5)) AS walked_to, \
-                    g.* \
-             FROM pos LEFT JOIN g ON true ORDER BY g.key"
+                    (SELECT key FROM walk WHERE n = $4 - 1 AND EXISTS (SELECT 1 FROM walk WHERE n = $4)) AS walked_to, \
+                    r.key, {as_text} \
+             FROM pos LEFT JOIN ranged r ON true ORDER BY r.key"
         );
         let mut values: Vec<Param> = vec![
             ANALYTICS_CURSOR.into(),
             params[0].clone(),
             params[1].clone(),
-            now.timestamp_micros().into(),
             params[2].clone(),
         ];
         values.extend(params.into_iter().skip(3));
@@ -787,45 +855,37 @@ impl Store {
             Some(r) => r.try_get("", "position")?,
             None => 0,
         };
-        let mut groups: Vec<AnalyticsGroup> = Vec::new();
+        let now_us = i128::from(now.timestamp_micros());
+        let mut summed: Vec<(String, [i128; 23])> = Vec::new();
         for r in &rows {
             // The one row of an empty answer has no group.
             let Some(key) = r.try_get::<Option<String>>("", "key")? else {
                 continue;
             };
-            let n = |col: &str| r.try_get::<i64>("", col);
-            let secs =
-                |col: &str| -> Result<f64, StoreError> { Ok(r.try_get::<f64>("", col)? / 1e6) };
-            let sessions = n("sessions")?;
-            let duration = secs("duration_us")?;
-            groups.push(AnalyticsGroup {
-                key,
-                sessions,
-                by_status: StatusCounts {
-                    active: n("n_active")?,
-                    paused: n("n_paused")?,
-                    completed: n("n_completed")?,
-                    crashed: n("n_crashed")?,
-                },
-                duration_seconds: duration,
-                mean_duration_seconds: duration / sessions.max(1) as f64,
-                time_in_status_seconds: TimeInStatus {
-                    active: secs("active_time")?,
-                    paused: secs("paused_time")?,
-                    crashed: secs("crashed_time")?,
-                },
-                pauses: n("pauses")?,
-                resumes: n("resumes")?,
-                crashes: n("crashes")?,
-                recoveries: n("recoveries")?,
-                worker_generations: n("worker_generations")?,
-                restarts: n("restarts")?,
-                turns: n("turns")?,
-                input_tokens: n("input_tokens")?,
-                output_tokens: n("output_tokens")?,
-                cost_micro_usd: n("cost_micro_usd")?,
-            });
+            let mut sums = [0i128; 23];
+            for (v, c) in sums.iter_mut().zip(SUMS) {
+                *v = if INSTANT_SUMS.contains(&c) {
+                    let text: String = r.try_get("", c)?;
+                    text.parse()
+                        .map_err(|_| StoreError::Corrupt(format!("analytics {c} = {text}")))?
+                } else {
+                    r.try_get::<i64>("", c)?.into()
+                };
+            }
+            match summed.last_mut() {
+                Some((k, acc)) if *k == key => {
+                    for (a, v) in acc.iter_mut().zip(sums) {
+                        *a += v;
+                    }
+                }
+                _ => summed.push((key, sums)),
+            }
         }
+        let mut groups: Vec<AnalyticsGroup> = summed
+            .into_iter()
+            .filter(|(_, sums)| sums[0] > 0)
+            .map(|(key, sums)| group_of(key, &sums, now_us))
+            .collect();
         let next = match group_by {
             GroupBy::Day if groups.len() as i64 > limit => {
                 groups.truncate(limit as usize);
