@@ -34,7 +34,7 @@ use sea_orm::{DbErr, RuntimeErr};
 use tokio::sync::{Notify, oneshot};
 
 use super::StoreError;
-use super::session_batches::{NewSession, ReadById, UpdateRow};
+use super::session_batches::{NewSession, PatchRow, ReadById, UpdateRow};
 use crate::metrics::names;
 
 /// The most commands one statement carries. A statement is one transaction,
@@ -67,6 +67,7 @@ pub(crate) enum Queued {
     Read(Job<ReadById>),
     Create(Job<NewSession>),
     Update(Job<UpdateRow>),
+    Patch(Job<PatchRow>),
 }
 
 impl Queued {
@@ -75,6 +76,7 @@ impl Queued {
             Self::Read(_) => ReadById::KIND,
             Self::Create(_) => NewSession::KIND,
             Self::Update(_) => UpdateRow::KIND,
+            Self::Patch(_) => PatchRow::KIND,
         }
     }
 
@@ -88,6 +90,7 @@ impl Queued {
             Self::Read(j) => j.reply.is_closed(),
             Self::Create(j) => j.reply.is_closed(),
             Self::Update(j) => j.reply.is_closed(),
+            Self::Patch(j) => j.reply.is_closed(),
         }
     }
 }
@@ -265,7 +268,8 @@ async fn drain(shared: Arc<Shared>, conn: Option<PoolConnection<Postgres>>) {
             let n = st.queue.len().min(MAX_BATCH);
             st.queue.drain(..n).collect()
         };
-        let (mut reads, mut creates, mut updates) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut reads, mut creates, mut updates, mut patches) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for job in taken {
             // A caller that went away (its request was cancelled) is not
             // run, as if it had been cancelled before its statement was sent.
@@ -277,11 +281,13 @@ async fn drain(shared: Arc<Shared>, conn: Option<PoolConnection<Postgres>>) {
                 Queued::Read(j) => reads.push(j),
                 Queued::Create(j) => creates.push(j),
                 Queued::Update(j) => updates.push(j),
+                Queued::Patch(j) => patches.push(j),
             }
         }
         run_batch(&shared.pool, &mut me.conn, reads).await;
         run_batch(&shared.pool, &mut me.conn, creates).await;
         run_batch(&shared.pool, &mut me.conn, updates).await;
+        run_batch(&shared.pool, &mut me.conn, patches).await;
     }
 }
 
