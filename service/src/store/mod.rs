@@ -54,7 +54,7 @@ pub struct DatabaseOptions {
     /// ours can hold the feed's horizon).
     pub statement_timeout: Duration,
     pub idle_in_transaction_timeout: Duration,
-    /// Executors (each holding a connection) of each of the two lanes of
+    /// Drainers (each holding a connection) of each of the two lanes of
     /// batched commands: reads by id, and writes (creates, updates). 0 runs
     /// each command alone on a pooled connection.
     pub batch_executors: usize,

@@ -2,10 +2,10 @@
 //! one statement, and a row that fails fails only its own request.
 //!
 //! The batch is made deterministically: a test transaction holds a lock the
-//! executor's first statement needs (a session's row, an idempotency key), so
+//! lane's first statement needs (a session's row, an idempotency key), so
 //! that statement waits; the requests under test queue behind it (the lane's
 //! queued-commands gauge shows them all), the lock is released, and they run
-//! as one batch. The app runs one executor per lane, so the held statement
+//! as one batch. The app runs one drainer per lane, so the held statement
 //! holds the whole write lane.
 
 use std::time::Duration;
@@ -107,7 +107,7 @@ async fn one_failing_update_in_a_batch_fails_only_its_own_request() {
         .await
         .expect(200);
 
-    // The executor's batch of one waits for a row lock held here.
+    // The drainer's batch of one waits for a row lock held here.
     let lock: DatabaseTransaction = db.begin().await.unwrap();
     exec(
         &lock,
@@ -206,7 +206,7 @@ async fn one_failing_create_in_a_batch_fails_only_its_own_request() {
     };
     let earlier = create(Some("earlier"), body(3)).await.expect(201).json();
 
-    // The executor's batch of one waits for an idempotency key inserted, not
+    // The drainer's batch of one waits for an idempotency key inserted, not
     // yet committed, here (keys are scoped to the actor: "anonymous").
     let lock: DatabaseTransaction = db.begin().await.unwrap();
     exec(
