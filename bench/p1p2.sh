@@ -186,13 +186,30 @@ for conns in $CONNS_LIST; do
   done
 done
 
+# Wait (at most 60 s) until the relay and the analytics consumer have caught
+# up with the log the runs before left behind: their catching up shares the
+# cores with the request under test and would count against whichever mode
+# runs first.
+settle() {
+  local last= now lag
+  for _ in $(seq 1 120); do
+    now=$(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {l = $2} /^analytics_position / {a = $2} END {print l + 0, a}')
+    lag=${now%% *}
+    [ "$lag" = 0 ] && [ "$now" = "$last" ] && return 0
+    last=$now
+    sleep 0.5
+  done
+  echo "settle: still catching up ($now)" >&2
+}
 median() { sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}'; }
 if [ "$SINGLE" != 0 ]; then
   declare -A on off
   for _ in $(seq 1 "$ROUNDS"); do
     start_service 8 2
+    settle
     for path in create update read; do on[$path]+="$(wrk_p50 "$work/$path.lua") "; done
     start_service 8 0
+    settle
     for path in create update read; do off[$path]+="$(wrk_p50 "$work/$path.lua") "; done
   done
   stop_service
