@@ -4,12 +4,15 @@
 # the same concurrency, in one run. Prints each rate and the ratio
 # service / pgbench for every connection count in CONNS, then the p50
 # latency of each path with one request in flight (wrk --latency against
-# pgbench's per-transaction log), and a `RESULT ...` line per figure for
-# bench/run.sh.
+# pgbench's per-transaction log), with batching on (the default) and off
+# (`database.batch_executors = 0`) side by side: batching must not make a
+# request slower at low load, so the 1-in-flight RESULT's bound is the p50
+# with batching off. A `RESULT ...` line per figure for bench/run.sh.
 #
 #   bench/p1p2.sh                      # 16 and 64 connections, 10 s each; 5 s at 1 in flight
 #   CONNS="16 32" DURATION=20 bench/p1p2.sh
 #   SINGLE=0 bench/p1p2.sh             # skip the 1-in-flight latencies
+#   ROUNDS=3 bench/p1p2.sh             # 1 in flight: batching on, off, on, off, ... (median of each)
 #   BIN=/tmp/old/agent-sessions bench/p1p2.sh   # measure another build (no cargo build)
 #   PERF_DIR=/tmp/prof bench/p1p2.sh   # also `perf record` the service during each wrk run
 #                                      # (<path>@<conns>.data; perf report --no-children)
@@ -18,6 +21,7 @@ cd "$(dirname "$0")/.."
 CONNS_LIST=${CONNS:-16 64}
 DURATION=${DURATION:-10}
 SINGLE=${SINGLE:-5}   # seconds per path at 1 request in flight; 0 skips it
+ROUNDS=${ROUNDS:-1}   # rounds of batching on then off at 1 in flight
 THREADS=${THREADS:-1}
 SESSIONS=1000
 PORT=${PORT_BENCH:-18011}
@@ -38,10 +42,10 @@ DATABASE_URL=$URL "$BIN" migrate
 cleanup() { stop_service; rm -rf "$work"; }
 trap cleanup EXIT
 stop_service() { [ -z "${pid:-}" ] || { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; pid=; }; }
-start_service() { # $1: pool size (the connection count under test)
+start_service() { # $1: pool size (the connection count under test); $2: drainers per lane (2; 0: batching off)
   stop_service
   DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__SERVER__WORKERS=2 \
-    APP__DATABASE__MAX_CONNECTIONS=$1 APP__REDIS__CHANNEL_PREFIX="bench:" \
+    APP__DATABASE__MAX_CONNECTIONS=$1 APP__DATABASE__BATCH_EXECUTORS=${2:-${APP__DATABASE__BATCH_EXECUTORS:-2}} APP__REDIS__CHANNEL_PREFIX="bench:" \
     "$BIN" serve &
   pid=$!
   for _ in $(seq 1 100); do curl -s -o /dev/null "localhost:$PORT/healthz" && break; sleep 0.1; done
@@ -65,6 +69,12 @@ psql -qAt "$URL" -c "select md5(n::text)::uuid from generate_series(1, $SESSIONS
 cols="id, agent_id, session_type, status, context, checkpoint, runtime_backend, runtime_metadata, worker, version, created_at, updated_at"
 
 create_sql "gen_random_uuid()" > "$work/create.sql"
+# An update as the store sends a plain patch of `context` (one statement:
+# the version read, the field set where it differs, the event appended).
+# UPDATE2=1 runs the reference of a planned update instead (read, then the
+# version-guarded write: two statements), the store's path before
+# 2026-11-30 and still that of a status, worker or merge patch.
+if [ "${UPDATE2:-0}" = 1 ]; then
 cat > "$work/update.sql" <<SQL
 \set r random(1, $SESSIONS)
 \set n random(1, 1000000000)
@@ -78,6 +88,25 @@ WITH u AS (UPDATE sessions SET context = jsonb_build_object('n', :n::bigint), ve
                   '{"actor": "anonymous"}'::jsonb, u.updated_at FROM u RETURNING position)
 SELECT u.updated_at FROM u, e;
 SQL
+else
+scols=$(sed -E 's/([a-z_]+)/s.\1/g' <<<"$cols")
+cat > "$work/update.sql" <<SQL
+\set r random(1, $SESSIONS)
+\set n random(1, 1000000000)
+WITH d AS (SELECT s.version AS planned, s.context IS DISTINCT FROM jsonb_build_object('n', :n::bigint) AS dc
+           FROM sessions s WHERE s.id = md5(:r::text)::uuid),
+     u AS (UPDATE sessions s SET context = CASE WHEN d.dc THEN jsonb_build_object('n', :n::bigint) ELSE s.context END,
+                  version = d.planned + 1, updated_at = now()
+           FROM d WHERE s.id = md5(:r::text)::uuid AND s.version = d.planned AND d.dc
+           RETURNING $scols,
+                  jsonb_build_object('agent_id', s.agent_id, 'status', s.status, 'updates', '["context"]'::jsonb,
+                                     'changes', jsonb_build_object('context', s.context)) AS payload),
+     e AS (INSERT INTO events (position, event_id, aggregate_type, aggregate_id, version, event_type, payload, metadata, occurred_at)
+           SELECT pg_current_xact_id()::text::bigint * 1024, gen_random_uuid(), 'session', u.id, u.version, 'session.updated',
+                  u.payload, '{"actor": "anonymous"}'::jsonb, u.updated_at FROM u RETURNING position)
+SELECT u.* FROM u;
+SQL
+fi
 cat > "$work/read.sql" <<SQL
 \set r random(1, $SESSIONS)
 SELECT $cols FROM sessions WHERE id = md5(:r::text)::uuid;
@@ -157,17 +186,42 @@ for conns in $CONNS_LIST; do
   done
 done
 
+# Wait (at most 60 s) until the relay and the analytics consumer have caught
+# up with the log the runs before left behind: their catching up shares the
+# cores with the request under test and would count against whichever mode
+# runs first.
+settle() {
+  local last= now lag
+  for _ in $(seq 1 120); do
+    now=$(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {l = $2} /^analytics_position / {a = $2} END {print l + 0, a}')
+    lag=${now%% *}
+    [ "$lag" = 0 ] && [ "$now" = "$last" ] && return 0
+    last=$now
+    sleep 0.5
+  done
+  echo "settle: still catching up ($now)" >&2
+}
+median() { sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}'; }
 if [ "$SINGLE" != 0 ]; then
-  start_service 8
-  for path in create update read; do svc[$path]=$(wrk_p50 "$work/$path.lua"); done
+  declare -A on off
+  for _ in $(seq 1 "$ROUNDS"); do
+    start_service 8 2
+    settle
+    for path in create update read; do on[$path]+="$(wrk_p50 "$work/$path.lua") "; done
+    start_service 8 0
+    settle
+    for path in create update read; do off[$path]+="$(wrk_p50 "$work/$path.lua") "; done
+  done
   stop_service
-  printf '%-22s %12s %12s\n' "path (1 in flight)" "service p50" "pgbench p50"
+  printf '%-22s %14s %14s %12s\n' "path (1 in flight)" "batching on" "batching off" "pgbench"
   for path in create update read; do
-    s=${svc[$path]}
+    s=$(tr ' ' '\n' <<<"${on[$path]}" | grep . | median)
+    o=$(tr ' ' '\n' <<<"${off[$path]}" | grep . | median)
     p=$(pgbench_p50 "$work/$path.sql") || { echo "pgbench failed:" >&2; cat "$work/pgbench.err" >&2; exit 1; }
-    printf '%-22s %9.3f ms %9.3f ms\n' "$path" "$s" "$p"
+    printf '%-22s %11.3f ms %11.3f ms %9.3f ms\n' "$path" "$s" "$o" "$p"
     read -r id _ < <(target_of "$path")
-    results+=("$(printf 'RESULT %s %s@1 p50_ms=%.3f pgbench_p50_ms=%.3f' "$id" "$path" "$s" "$p")")
+    results+=("$(printf 'RESULT %s %s@1 p50_ms=%.3f target<=%.3f off_p50_ms=%.3f pgbench_p50_ms=%.3f rounds=%s' \
+      "$id" "$path" "$s" "$o" "$o" "$p" "$ROUNDS")")
   done
 fi
 printf '%s\n' "${results[@]}"

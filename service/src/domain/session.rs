@@ -447,6 +447,42 @@ impl SessionPatch {
     }
 }
 
+impl SessionPatch {
+    /// The change of a patch whose outcome does not depend on the stored
+    /// state, with every field it names as if its value differed; `None`
+    /// for any other patch. That is a plain (`application/json`) patch of
+    /// `checkpoint`, `context`, `runtime_backend` and `runtime_metadata`
+    /// only, each value valid: it replaces each named field, needs no state
+    /// transition, and changes exactly the fields whose stored value differs
+    /// (the store compares them where it writes). Any other patch, or one
+    /// whose values [`SessionState::plan_update`] would refuse, is planned
+    /// against the state as usual.
+    pub fn blind_change(&self) -> Option<SessionChanges> {
+        if self.mode != PatchMode::Replace || self.status.is_some() || self.worker.is_some() {
+            return None;
+        }
+        let object = |field: &str, v: &Option<Value>| match v {
+            None => Ok(None),
+            Some(v) => storable_object(field, v.clone()).map(Some),
+        };
+        let changes = SessionChanges {
+            checkpoint: match &self.checkpoint {
+                None => None,
+                Some(Value::Null) => Some(None),
+                Some(v @ Value::Object(_)) => {
+                    Some(Some(storable_object("checkpoint", v.clone()).ok()?))
+                }
+                Some(_) => return None,
+            },
+            context: object("context", &self.context).ok()?,
+            runtime_backend: self.runtime_backend,
+            runtime_metadata: object("runtime_metadata", &self.runtime_metadata).ok()?,
+            ..SessionChanges::default()
+        };
+        (!changes.is_empty()).then_some(changes)
+    }
+}
+
 impl SessionState {
     pub fn from_create(id: Uuid, cmd: &CreateSession, at: DateTime<Utc>) -> Self {
         let mut s = Self {

@@ -1,16 +1,22 @@
 //! Natural batching: concurrent commands of one kind run as one statement.
 //!
-//! Commands go to a [`Lane`]: a queue and a few executor tasks, each holding
-//! its own connection. There are two lanes, reads and writes, so a read
-//! never waits behind a write that waits for a lock. An executor takes the
-//! first queued command, then everything else that queued while it waited or
-//! ran its previous batch (at most [`MAX_BATCH`]), and runs the commands of
-//! each kind (read by id, create, update) as one statement, answering each
-//! caller through its own oneshot. There is no timer: at one request in
-//! flight a batch is that request, and its cost is one statement on a held
-//! connection (no pool acquire, no release). With several executors a
-//! batch held up by a lock (another writer's row) holds up only the commands
-//! it took: the next ones go to another executor.
+//! Commands go to a [`Lane`]: a queue drained by at most a few drainers at a
+//! time, each holding a connection of its own. There are two lanes, reads
+//! and writes, so a read never waits behind a write that waits for a lock.
+//! A caller queues its command; when fewer drainers than the lane's limit
+//! are running, it starts one as a task on its own thread (no hand-over to
+//! another thread and back). A drainer takes everything queued (at most
+//! [`MAX_BATCH`]), runs the commands of each kind (read by id, create,
+//! update) as one statement, answers each caller through its own oneshot,
+//! and goes on until the queue is empty; then it puts its connection back
+//! with the lane and ends. There is no timer: at one request in flight a
+//! batch is that request, run on the caller's thread on a held connection
+//! (no pool acquire, no release). Under load the drainers never find the
+//! queue empty, and a batch is whatever queued while the previous one ran.
+//! With several drainers a batch held up by a lock (another writer's row)
+//! holds up only the commands it took: the next ones go to another drainer.
+//! A drainer is a task of its own, so a caller that goes away (its request
+//! cancelled) never cancels a statement that carries others' commands.
 //!
 //! Per-row results: a statement answers every command of its batch (a row
 //! written, a version race lost, an idempotency key taken). When the whole
@@ -20,16 +26,15 @@
 //! or the statement timed out, every command of that statement gets the
 //! error (503), the connection is dropped and the next batch connects again.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use sea_orm::sqlx::{self, PgConnection, PgPool, Postgres, pool::PoolConnection};
 use sea_orm::{DbErr, RuntimeErr};
-use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, oneshot};
 
 use super::StoreError;
-use super::session_batches::{NewSession, ReadById, UpdateRow};
+use super::session_batches::{NewSession, PatchRow, ReadById, UpdateRow};
 use crate::metrics::names;
 
 /// The most commands one statement carries. A statement is one transaction,
@@ -62,49 +67,133 @@ pub(crate) enum Queued {
     Read(Job<ReadById>),
     Create(Job<NewSession>),
     Update(Job<UpdateRow>),
+    Patch(Job<PatchRow>),
 }
 
 impl Queued {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Read(_) => ReadById::KIND,
+            Self::Create(_) => NewSession::KIND,
+            Self::Update(_) => UpdateRow::KIND,
+            Self::Patch(_) => PatchRow::KIND,
+        }
+    }
+
+    /// No longer counted as queued (its caller went away).
+    fn forget_queued(&self) {
+        metrics::gauge!(names::DB_BATCH_QUEUED, "kind" => self.kind()).decrement(1);
+    }
+
     fn is_abandoned(&self) -> bool {
         match self {
             Self::Read(j) => j.reply.is_closed(),
             Self::Create(j) => j.reply.is_closed(),
             Self::Update(j) => j.reply.is_closed(),
+            Self::Patch(j) => j.reply.is_closed(),
         }
     }
 }
 
-/// A queue and the executors that drain it.
+/// A queue and the drainers that run it.
 pub(crate) struct Lane {
-    tx: mpsc::UnboundedSender<Queued>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: PgPool,
+    /// The most drainers running at once (`database.batch_executors`).
+    drainers: usize,
+    state: Mutex<State>,
+    /// Signalled when the last drainer ends.
+    stopped: Notify,
+}
+
+struct State {
+    queue: VecDeque<Queued>,
+    /// Drainers running.
+    running: usize,
+    /// The connections of the drainers that ended, for the next ones.
+    idle: Vec<PoolConnection<Postgres>>,
+    /// Closing: no command is queued any more.
+    closed: bool,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock is held leaves the state consistent: each
+        // change under it is a single push, pop or counter step.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Lane {
-    /// A lane of `executors` tasks on connections of `pool`; once `closing`
-    /// is cancelled they answer what is queued, then stop.
-    pub(crate) fn start(
-        pool: &PgPool,
-        executors: usize,
-        closing: &CancellationToken,
-    ) -> (Self, Vec<JoinHandle<()>>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let rx = Arc::new(Mutex::new(rx));
-        let tasks = (0..executors)
-            .map(|_| tokio::spawn(execute(pool.clone(), rx.clone(), closing.clone())))
-            .collect();
-        (Self { tx }, tasks)
+    /// A lane of at most `drainers` statements at once, on connections of
+    /// `pool` (kept between batches, at most `drainers` of them).
+    pub(crate) fn new(pool: &PgPool, drainers: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                pool: pool.clone(),
+                drainers: drainers.max(1),
+                state: Mutex::new(State {
+                    queue: VecDeque::new(),
+                    running: 0,
+                    idle: Vec::new(),
+                    closed: false,
+                }),
+                stopped: Notify::new(),
+            }),
+        }
     }
 
     /// Queue `cmd` for the next batch and wait for its answer.
     pub(crate) async fn submit<C: Batch>(&self, cmd: C) -> Result<C::Out, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(C::queued(Job { cmd, reply }))
-            .map_err(|_| sqlx_error(sqlx::Error::PoolClosed))?;
-        metrics::gauge!(names::DB_BATCH_QUEUED, "kind" => C::KIND).increment(1);
+        let start = {
+            let mut st = self.shared.state();
+            if st.closed {
+                return Err(sqlx_error(sqlx::Error::PoolClosed));
+            }
+            st.queue.push_back(C::queued(Job { cmd, reply }));
+            metrics::gauge!(names::DB_BATCH_QUEUED, "kind" => C::KIND).increment(1);
+            let start = st.running < self.shared.drainers;
+            if start {
+                st.running += 1;
+            }
+            start.then(|| st.idle.pop())
+        };
+        if let Some(conn) = start {
+            tokio::spawn(drain(self.shared.clone(), conn));
+        }
         answer
             .await
             .map_err(|_| sqlx_error(sqlx::Error::PoolClosed))?
+    }
+
+    /// Refuse new commands, let the drainers answer the queued ones, and
+    /// give the lane's connections back to the pool.
+    pub(crate) async fn close(&self) {
+        let orphaned = {
+            let mut st = self.shared.state();
+            st.closed = true;
+            st.idle.clear();
+            // Left by a drainer whose task was dropped: drained here.
+            let orphaned = st.running == 0 && !st.queue.is_empty();
+            if orphaned {
+                st.running += 1;
+            }
+            orphaned
+        };
+        if orphaned {
+            tokio::spawn(drain(self.shared.clone(), None));
+        }
+        loop {
+            let stopped = self.shared.stopped.notified();
+            if self.shared.state().running == 0 {
+                return;
+            }
+            stopped.await;
+        }
     }
 }
 
@@ -118,50 +207,87 @@ pub(crate) async fn run_one<C: Batch>(pool: &PgPool, cmd: C) -> Result<C::Out, S
         .ok_or_else(|| StoreError::Corrupt("a batch of one answered nothing".into()))
 }
 
-async fn execute(
-    pool: PgPool,
-    rx: Arc<Mutex<mpsc::UnboundedReceiver<Queued>>>,
-    closing: CancellationToken,
-) {
-    let mut conn: Option<PoolConnection<Postgres>> = None;
-    loop {
-        let taken = {
-            let mut rx = rx.lock().await;
-            let first = tokio::select! {
-                biased;
-                job = rx.recv() => job,
-                () = closing.cancelled() => {
-                    // Refuse new commands; drain the queued ones.
-                    rx.close();
-                    rx.recv().await
-                }
-            };
-            let Some(first) = first else { break };
-            let mut taken = vec![first];
-            while taken.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => taken.push(job),
-                    Err(_) => break,
-                }
+/// A running drainer's place in its lane, given back when it ends; also
+/// when its task is dropped mid-batch (its runtime shutting down), and then
+/// its connection, whose statement was cut off, is closed.
+struct Running {
+    shared: Arc<Shared>,
+    conn: Option<PoolConnection<Postgres>>,
+    ended: bool,
+}
+
+impl Running {
+    /// Give the place back (and the connection, unless closing), with the
+    /// lane's state locked by the caller.
+    fn end(&mut self, mut st: MutexGuard<'_, State>) {
+        self.ended = true;
+        st.running -= 1;
+        if let Some(c) = self.conn.take()
+            && !st.closed
+        {
+            st.idle.push(c);
+        }
+        let last = st.running == 0;
+        drop(st);
+        if last {
+            self.shared.stopped.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.ended {
+            if let Some(c) = &mut self.conn {
+                c.close_on_drop();
             }
-            taken
+            drop(self.conn.take());
+            let shared = self.shared.clone();
+            self.end(shared.state());
+        }
+    }
+}
+
+/// Run batches until the queue is empty.
+async fn drain(shared: Arc<Shared>, conn: Option<PoolConnection<Postgres>>) {
+    let mut me = Running {
+        shared: shared.clone(),
+        conn,
+        ended: false,
+    };
+    loop {
+        let taken: Vec<Queued> = {
+            let mut st = shared.state();
+            if st.queue.is_empty() {
+                // Ends under the same lock a caller queues under, so a
+                // command queued from now on finds a free place and starts
+                // a drainer of its own.
+                me.end(st);
+                return;
+            }
+            let n = st.queue.len().min(MAX_BATCH);
+            st.queue.drain(..n).collect()
         };
-        let (mut reads, mut creates, mut updates) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut reads, mut creates, mut updates, mut patches) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for job in taken {
             // A caller that went away (its request was cancelled) is not
             // run, as if it had been cancelled before its statement was sent.
             if job.is_abandoned() {
+                job.forget_queued();
                 continue;
             }
             match job {
                 Queued::Read(j) => reads.push(j),
                 Queued::Create(j) => creates.push(j),
                 Queued::Update(j) => updates.push(j),
+                Queued::Patch(j) => patches.push(j),
             }
         }
-        run_batch(&pool, &mut conn, reads).await;
-        run_batch(&pool, &mut conn, creates).await;
-        run_batch(&pool, &mut conn, updates).await;
+        run_batch(&shared.pool, &mut me.conn, reads).await;
+        run_batch(&shared.pool, &mut me.conn, creates).await;
+        run_batch(&shared.pool, &mut me.conn, updates).await;
+        run_batch(&shared.pool, &mut me.conn, patches).await;
     }
 }
 

@@ -40,8 +40,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, Statement};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use batch::{Batch, Lane};
 
@@ -56,7 +54,7 @@ pub struct DatabaseOptions {
     /// ours can hold the feed's horizon).
     pub statement_timeout: Duration,
     pub idle_in_transaction_timeout: Duration,
-    /// Executors (each holding a connection) of each of the two lanes of
+    /// Drainers (each holding a connection) of each of the two lanes of
     /// batched commands: reads by id, and writes (creates, updates). 0 runs
     /// each command alone on a pooled connection.
     pub batch_executors: usize,
@@ -75,26 +73,18 @@ pub struct Store {
     lanes: Option<Arc<Lanes>>,
 }
 
-/// The two lanes of batched commands (`batch.rs`) and their executors.
+/// The two lanes of batched commands (`batch.rs`).
 struct Lanes {
     read: Lane,
     write: Lane,
-    closing: CancellationToken,
-    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Lanes {
     fn start(db: &DatabaseConnection, executors: usize) -> Self {
         let pool = db.get_postgres_connection_pool();
-        let closing = CancellationToken::new();
-        let (read, mut tasks) = Lane::start(pool, executors, &closing);
-        let (write, t) = Lane::start(pool, executors, &closing);
-        tasks.extend(t);
         Self {
-            read,
-            write,
-            closing,
-            tasks: std::sync::Mutex::new(tasks),
+            read: Lane::new(pool, executors),
+            write: Lane::new(pool, executors),
         }
     }
 }
@@ -168,11 +158,7 @@ impl Store {
     /// (graceful shutdown).
     pub async fn close(self) {
         if let Some(lanes) = &self.lanes {
-            lanes.closing.cancel();
-            let tasks = std::mem::take(&mut *lanes.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-            for t in tasks {
-                let _ = t.await;
-            }
+            tokio::join!(lanes.read.close(), lanes.write.close());
         }
         let _ = self.db.close().await;
     }

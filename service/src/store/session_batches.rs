@@ -307,6 +307,160 @@ impl Batch for UpdateRow {
     }
 }
 
+/// An update whose outcome does not depend on the stored state
+/// ([`crate::domain::SessionPatch::blind_change`]), written in one round
+/// trip: each named field is set where its stored value differs, and the
+/// session's next version and its `session.updated` are written when any
+/// does. No row (the session is gone, at another version than `expected`,
+/// moved on while the statement waited for its lock, or nothing differs)
+/// writes nothing, and its caller plans the patch against the state as
+/// usual, which answers each of those cases.
+pub(crate) struct PatchRow {
+    pub id: Uuid,
+    /// `If-Match`: only at this version.
+    pub expected: Option<i64>,
+    pub context: Option<Value>,
+    pub runtime_metadata: Option<Value>,
+    /// `Some(None)` clears the checkpoint.
+    pub checkpoint: Option<Option<Value>>,
+    pub runtime_backend: Option<&'static str>,
+    pub event_id: Uuid,
+    pub metadata: Value,
+}
+
+/// The session after the write and its event's payload, or `None` when
+/// nothing was written.
+pub(crate) type PatchOut = Option<Result<(SessionState, Value), StoreError>>;
+
+static PATCH_SQL: LazyLock<String> = LazyLock::new(|| {
+    let event = EventRow {
+        source: "u",
+        kind: EventKind::Updated,
+        aggregate_id: "u.id",
+        version: "u.version",
+        event_id: "u.event_id",
+        payload: "u.payload",
+        metadata: "u.metadata",
+        occurred_at: "u.updated_at",
+    }
+    .cte_numbered("e", "u.ord - 1");
+    let returned = SESSION_COLUMNS
+        .split(',')
+        .map(|c| format!("s.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // A field is changed when named and its stored value differs; the
+    // payload is `event::updated_payload`'s, built from those flags
+    // (`updates` in name order, `changes` holding the new values).
+    format!(
+        "WITH {ANNOUNCE}, \
+         v AS (SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bool[], $4::jsonb[], $5::bool[], \
+                                    $6::jsonb[], $7::bool[], $8::jsonb[], $9::text[], $10::uuid[], \
+                                    $11::jsonb[]) \
+               WITH ORDINALITY AS v(id, expected, set_context, context, set_metadata, \
+                                    runtime_metadata, set_checkpoint, checkpoint, runtime_backend, \
+                                    event_id, metadata, ord)), \
+         d AS (SELECT v.*, s.version AS planned, \
+                      v.set_checkpoint AND s.checkpoint IS DISTINCT FROM v.checkpoint AS dk, \
+                      v.set_context AND s.context IS DISTINCT FROM v.context AS dc, \
+                      v.runtime_backend IS NOT NULL \
+                        AND s.runtime_backend IS DISTINCT FROM v.runtime_backend AS db, \
+                      v.set_metadata AND s.runtime_metadata IS DISTINCT FROM v.runtime_metadata AS dm \
+               FROM v JOIN sessions s ON s.id = v.id \
+               WHERE v.expected IS NULL OR s.version = v.expected), \
+         u AS (UPDATE sessions s SET \
+                   checkpoint = CASE WHEN d.dk THEN d.checkpoint ELSE s.checkpoint END, \
+                   context = CASE WHEN d.dc THEN d.context ELSE s.context END, \
+                   runtime_backend = CASE WHEN d.db THEN d.runtime_backend ELSE s.runtime_backend END, \
+                   runtime_metadata = CASE WHEN d.dm THEN d.runtime_metadata ELSE s.runtime_metadata END, \
+                   version = d.planned + 1, updated_at = now() \
+               FROM announce, d \
+               WHERE s.id = d.id AND s.version = d.planned AND (d.dk OR d.dc OR d.db OR d.dm) \
+               RETURNING {returned}, d.ord, d.event_id, d.metadata, \
+                   jsonb_build_object( \
+                       'agent_id', s.agent_id, 'status', s.status, \
+                       'updates', to_jsonb(array_remove(ARRAY[ \
+                           CASE WHEN d.dk THEN 'checkpoint' END, CASE WHEN d.dc THEN 'context' END, \
+                           CASE WHEN d.db THEN 'runtime_backend' END, \
+                           CASE WHEN d.dm THEN 'runtime_metadata' END]::text[], NULL)), \
+                       'changes', \
+                           CASE WHEN d.dk THEN jsonb_build_object('checkpoint', d.checkpoint) ELSE '{{}}'::jsonb END \
+                        || CASE WHEN d.dc THEN jsonb_build_object('context', d.context) ELSE '{{}}'::jsonb END \
+                        || CASE WHEN d.db THEN jsonb_build_object('runtime_backend', d.runtime_backend) ELSE '{{}}'::jsonb END \
+                        || CASE WHEN d.dm THEN jsonb_build_object('runtime_metadata', d.runtime_metadata) ELSE '{{}}'::jsonb END \
+                   ) AS payload), \
+         {event} \
+         SELECT u.* FROM u"
+    )
+});
+
+impl Batch for PatchRow {
+    /// Counted with the planned updates: the same request, one round trip.
+    const KIND: &'static str = "update";
+    const WRITES: bool = true;
+
+    fn queued(job: Job<Self>) -> Queued {
+        Queued::Patch(job)
+    }
+    type Out = PatchOut;
+
+    async fn run(conn: &mut PgConnection, cmds: &[Self]) -> Result<Vec<PatchOut>, sqlx::Error> {
+        // Rows in id order, so that two batches touching the same sessions
+        // lock them in the same order rather than deadlock.
+        let mut order: Vec<&PatchRow> = cmds.iter().collect();
+        order.sort_by_key(|c| c.id);
+        let written = sqlx::query(PATCH_SQL.as_str())
+            .bind(order.iter().map(|c| c.id).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.expected).collect::<Vec<_>>())
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.context.is_some())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(order.iter().map(|c| c.context.as_ref()).collect::<Vec<_>>())
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.runtime_metadata.is_some())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.runtime_metadata.as_ref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.checkpoint.is_some())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                order
+                    .iter()
+                    .map(|c| c.checkpoint.as_ref().and_then(Option::as_ref))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(order.iter().map(|c| c.runtime_backend).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| c.event_id).collect::<Vec<_>>())
+            .bind(order.iter().map(|c| &c.metadata).collect::<Vec<_>>())
+            .fetch_all(conn)
+            .await?;
+        // Event ids are unique per command: they name the rows written.
+        let mut by_event: HashMap<Uuid, Result<(SessionState, Value), StoreError>> =
+            HashMap::with_capacity(written.len());
+        for row in written {
+            let event_id: Uuid = row.try_get("event_id")?;
+            let payload: Value = row.try_get("payload")?;
+            let session = rows::session(&QueryResult::from(row));
+            by_event.insert(event_id, session.map(|s| (s, payload)));
+        }
+        Ok(cmds.iter().map(|c| by_event.remove(&c.event_id)).collect())
+    }
+}
+
 fn by_id(rows: Vec<PgRow>, column: &str) -> Result<HashMap<Uuid, DateTime<Utc>>, sqlx::Error> {
     rows.iter()
         .map(|r| Ok((r.try_get("id")?, r.try_get(column)?)))

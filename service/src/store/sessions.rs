@@ -22,7 +22,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::append::{ANNOUNCE, EventRow};
-use super::session_batches::{CreateOut, NewSession, ReadById, UpdateOut, UpdateRow};
+use super::session_batches::{CreateOut, NewSession, PatchRow, ReadById, UpdateOut, UpdateRow};
 use super::{Store, StoreError};
 use crate::contract::WakeHint;
 use crate::domain::event;
@@ -295,6 +295,27 @@ impl Store {
         expected_version: Option<i64>,
         meta: &EventMetadata,
     ) -> Result<Written, StoreError> {
+        if let Some(changes) = patch.blind_change() {
+            // One round trip when it writes; when it does not, the patch is
+            // planned against the state below, which tells why.
+            let row = PatchRow {
+                id,
+                expected: expected_version,
+                context: changes.context.map(Value::Object),
+                runtime_metadata: changes.runtime_metadata.map(Value::Object),
+                checkpoint: changes.checkpoint.map(|c| c.map(Value::Object)),
+                runtime_backend: changes.runtime_backend.map(|b| b.as_str()),
+                event_id: Uuid::new_v4(),
+                metadata: metadata_json(meta)?,
+            };
+            if let Some((session, payload)) = self.batched(row).await?.transpose()? {
+                let appended = Appended::new(&session, EventKind::Updated, &payload);
+                return Ok(Written {
+                    session,
+                    appended: Some(appended),
+                });
+            }
+        }
         self.on_version(id, expected_version, async |current| {
             let Some(changes) = current.plan_update(patch)? else {
                 return Ok(Attempt::Done(Written {

@@ -2,10 +2,10 @@
 //! one statement, and a row that fails fails only its own request.
 //!
 //! The batch is made deterministically: a test transaction holds a lock the
-//! executor's first statement needs (a session's row, an idempotency key), so
+//! lane's first statement needs (a session's row, an idempotency key), so
 //! that statement waits; the requests under test queue behind it (the lane's
 //! queued-commands gauge shows them all), the lock is released, and they run
-//! as one batch. The app runs one executor per lane, so the held statement
+//! as one batch. The app runs one drainer per lane, so the held statement
 //! holds the whole write lane.
 
 use std::time::Duration;
@@ -107,7 +107,7 @@ async fn one_failing_update_in_a_batch_fails_only_its_own_request() {
         .await
         .expect(200);
 
-    // The executor's batch of one waits for a row lock held here.
+    // The drainer's batch of one waits for a row lock held here.
     let lock: DatabaseTransaction = db.begin().await.unwrap();
     exec(
         &lock,
@@ -206,7 +206,7 @@ async fn one_failing_create_in_a_batch_fails_only_its_own_request() {
     };
     let earlier = create(Some("earlier"), body(3)).await.expect(201).json();
 
-    // The executor's batch of one waits for an idempotency key inserted, not
+    // The drainer's batch of one waits for an idempotency key inserted, not
     // yet committed, here (keys are scoped to the actor: "anonymous").
     let lock: DatabaseTransaction = db.begin().await.unwrap();
     exec(
@@ -274,5 +274,95 @@ async fn one_failing_create_in_a_batch_fails_only_its_own_request() {
     // earlier one, the held one, the plain one and the key used twice.
     assert_eq!(app.counts().await, (4, 4));
     db.close().await.ok();
+    app.teardown().await;
+}
+
+/// A plain patch of fields whose outcome does not depend on the stored
+/// state (`checkpoint`, `context`, `runtime_backend`, `runtime_metadata`) is
+/// written in one statement, without reading the session first; its answer
+/// and its event are those of the same change planned against the state (a
+/// merge patch), naming only the fields whose value changed. A patch that
+/// changes nothing, a stale `If-Match` and an unknown session are answered
+/// as before.
+#[tokio::test]
+async fn a_plain_patch_is_one_statement_with_the_planned_answer_and_event() {
+    let app = TestApp::spawn().await;
+    let body = json!({"agent_id": AGENT, "session_type": "task", "context": {"n": 0},
+                      "checkpoint": {"step": 1}, "runtime_metadata": {"m": 1}});
+    let (plain, merged) = (app.create_id(&body).await, app.create_id(&body).await);
+    let change = json!({"context": {"n": 1}, "runtime_metadata": {"m": 1}, "checkpoint": null,
+                        "runtime_backend": "local"});
+
+    let reads = lane_counts(&app, "read").await.1;
+    let one = app.patch(&plain, &change).await.expect(200).json();
+    assert_eq!(
+        lane_counts(&app, "read").await.1,
+        reads,
+        "no read before the write"
+    );
+    let planned = app.merge_patch(&merged, &change).await.expect(200).json();
+    assert_eq!(lane_counts(&app, "read").await.1, reads + 1.0);
+
+    let without = |mut v: Value, keys: &[&str]| {
+        for k in keys {
+            v.as_object_mut().unwrap().remove(*k);
+        }
+        v
+    };
+    let volatile = ["id", "created_at", "updated_at"];
+    assert_eq!(without(one.clone(), &volatile), without(planned, &volatile));
+    assert_eq!(one["version"], 2);
+    assert_eq!(one["checkpoint"], Value::Null);
+    let event = |id: String| {
+        let app = &app;
+        async move {
+            let events = app.get_json(&format!("/sessions/{id}/events")).await;
+            events.as_array().unwrap().last().unwrap().clone()
+        }
+    };
+    let (a, b) = (event(plain.clone()).await, event(merged).await);
+    assert_eq!(a["payload"], b["payload"]);
+    assert_eq!(
+        a["payload"],
+        json!({"agent_id": AGENT, "status": "active",
+               "updates": ["checkpoint", "context", "runtime_backend"],
+               "changes": {"checkpoint": null, "context": {"n": 1}, "runtime_backend": "local"}})
+    );
+    assert_eq!(a["version"], 2);
+    assert_eq!(a["event_type"], "session.updated");
+    assert_eq!(a["metadata"]["actor"], b["metadata"]["actor"]);
+
+    // Nothing to change: no event, the version stays.
+    let same = app.patch(&plain, &change).await.expect(200).json();
+    assert_eq!(same["version"], 2);
+    assert_eq!(versions(&app, &plain).await, [1, 2]);
+    // A stale If-Match, and an unknown session.
+    let stale = app
+        .send(
+            app.http
+                .patch(app.at(&format!("/sessions/{plain}")))
+                .header("If-Match", "\"1\"")
+                .json(&json!({"context": {"n": 2}})),
+        )
+        .await
+        .expect(412);
+    assert_eq!(
+        stale.problem().kind,
+        "urn:agent-sessions:problem:version-mismatch"
+    );
+    let fresh = app
+        .send(
+            app.http
+                .patch(app.at(&format!("/sessions/{plain}")))
+                .header("If-Match", "\"2\"")
+                .json(&json!({"context": {"n": 2}})),
+        )
+        .await
+        .expect(200);
+    assert_eq!(fresh.json()["version"], 3);
+    app.patch(&uuid::Uuid::now_v7().to_string(), &json!({"context": {}}))
+        .await
+        .expect(404);
+    assert_eq!(versions(&app, &plain).await, [1, 2, 3]);
     app.teardown().await;
 }
