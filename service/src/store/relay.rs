@@ -227,10 +227,10 @@ impl FeedNotifier {
             .bind(from)
             .execute(conn)
             .await;
-        if sent.is_err() {
-            if let Some(c) = self.conn.take() {
-                let _ = c.close().await;
-            }
+        if sent.is_err()
+            && let Some(c) = self.conn.take()
+        {
+            let _ = c.close().await;
         }
         sent.map(|_| ())
     }
