@@ -55,11 +55,12 @@ impl AnalyticsConsumer {
     }
 
     async fn lead(&self, lock: LeaderLock, shutdown: &CancellationToken) {
-        let mut held = Held::new(lock, self.settings.leader_check_interval);
+        let mut held = Held::new(lock, self.settings.leader_check_interval, shutdown);
+        let leading = held.token().clone();
         let mut wait = FeedWait::new(&self.signal, self.settings.poll_interval);
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut position = None;
-        while held.still_leading(shutdown).await {
+        while held.still_leading().await {
             let from = match position {
                 Some(p) => p,
                 None => match self.store.analytics_position().await {
@@ -69,7 +70,7 @@ impl AnalyticsConsumer {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "analytics cannot read its position; retrying");
-                        sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                        sleep_or_shutdown(backoff.next_delay(), &leading).await;
                         continue;
                     }
                 },
@@ -81,13 +82,13 @@ impl AnalyticsConsumer {
                 .await;
             let page = match page {
                 Ok(p) if p.is_empty() => {
-                    wait.idle(shutdown).await;
+                    wait.idle(&leading).await;
                     continue;
                 }
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "analytics cannot read the log; retrying");
-                    sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                    sleep_or_shutdown(backoff.next_delay(), &leading).await;
                     continue;
                 }
             };
@@ -109,7 +110,7 @@ impl AnalyticsConsumer {
                 Err(e) => {
                     tracing::warn!(error = %e, "analytics cannot fold events; retrying");
                     position = None;
-                    sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                    sleep_or_shutdown(backoff.next_delay(), &leading).await;
                 }
             }
         }

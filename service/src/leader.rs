@@ -4,9 +4,10 @@
 //! (a local commit, another replica's `NOTIFY`, or a short poll).
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -71,40 +72,69 @@ pub(crate) async fn run_elected<F, Fut>(
     }
 }
 
-/// A leader's lock, checked every `interval`.
+/// A leader's lock, checked every `interval` by a task of its own, so the
+/// work it guards never waits for the check: the task cancels [`Held::token`]
+/// when the lock is gone (or on shutdown), and the leader stops at its next
+/// look at [`Held::still_leading`] or wakes from any wait on the token.
 pub(crate) struct Held {
-    lock: Option<LeaderLock>,
-    interval: Duration,
-    checked: Instant,
+    lost: CancellationToken,
+    checker: Option<JoinHandle<()>>,
 }
 
 impl Held {
-    pub(crate) fn new(lock: LeaderLock, interval: Duration) -> Self {
+    pub(crate) fn new(lock: LeaderLock, interval: Duration, shutdown: &CancellationToken) -> Self {
+        let lost = shutdown.child_token();
+        let checker = tokio::spawn(check_lock(lock, interval, lost.clone()));
         Self {
-            lock: Some(lock),
-            interval,
-            checked: Instant::now(),
+            lost,
+            checker: Some(checker),
         }
     }
 
+    /// Cancelled when leadership ends: the lock is gone, or shutdown.
+    pub(crate) fn token(&self) -> &CancellationToken {
+        &self.lost
+    }
+
     /// False (and the lock released) on shutdown or when the lock is gone.
-    pub(crate) async fn still_leading(&mut self, shutdown: &CancellationToken) -> bool {
-        let Some(lock) = self.lock.as_mut() else {
-            return false;
-        };
-        let keep = !shutdown.is_cancelled()
-            && (self.checked.elapsed() < self.interval || lock.still_held().await);
-        if keep {
-            if self.checked.elapsed() >= self.interval {
-                self.checked = Instant::now();
-            }
+    /// It does not touch the database: the check runs in the background.
+    pub(crate) async fn still_leading(&mut self) -> bool {
+        if !self.lost.is_cancelled() {
             return true;
         }
-        if let Some(lock) = self.lock.take() {
-            lock.release().await;
+        if let Some(checker) = self.checker.take() {
+            // It releases the lock on its way out.
+            let _ = checker.await;
         }
         false
     }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // The checker then releases the lock by itself.
+        self.lost.cancel();
+    }
+}
+
+/// Check `lock` every `interval` until `lost` is cancelled, cancelling it
+/// when the lock is gone; then release the lock.
+async fn check_lock(mut lock: LeaderLock, interval: Duration, lost: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = lost.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let held = tokio::select! {
+            _ = lost.cancelled() => break,
+            h = lock.still_held() => h,
+        };
+        if !held {
+            lost.cancel();
+            break;
+        }
+    }
+    lock.release().await;
 }
 
 /// Waiting for the feed to grow between reads.

@@ -7,12 +7,19 @@
 //! between re-publishes (at least once; consumers drop duplicates by
 //! `event_id`), never skips.
 //!
+//! The publish loop does nothing but read the feed and publish: the cursor
+//! is saved by a task of its own (at most every [`CURSOR_SAVE_EVERY`], not
+//! waiting for the disk), the lag is measured by another, and the leader
+//! lock is checked in the background (`leader::Held`).
+//!
 //! Wake-ups: a commit on this replica wakes it at once; commits on other
-//! replicas arrive as PostgreSQL `NOTIFY`; a short poll covers the rest (for
-//! instance an event held back behind a transaction that then rolled back).
+//! replicas arrive as PostgreSQL `NOTIFY` (one per burst of local commits,
+//! tagged with the sender so it ignores its own); a short poll covers the
+//! rest (for instance an event held back behind a transaction that then
+//! rolled back).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -21,10 +28,17 @@ use crate::backoff::Backoff;
 use crate::bus::Bus;
 use crate::leader::{self, FeedWait, Held, sleep_or_shutdown};
 use crate::metrics::names;
-use crate::store::{FeedFilter, FeedListener, LeaderLock, LeaderRole, Store};
+use crate::store::{FeedFilter, FeedListener, FeedNotifier, LeaderLock, LeaderRole, Store};
 
 /// Cursor name of the Redis relay.
 pub(crate) const CURSOR: &str = "redis";
+
+/// The cursor is saved at most this often: a crash re-publishes at most
+/// about this much (consumers drop repeats by `event_id`).
+const CURSOR_SAVE_EVERY: Duration = Duration::from_millis(50);
+
+/// How often the lag behind the log is measured.
+const LAG_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub(crate) struct RelaySettings {
@@ -61,30 +75,35 @@ impl FeedSignal {
     }
 }
 
-/// Turn local commits into signals here and `NOTIFY`s for other replicas.
+/// Turn local commits into signals here and `NOTIFY`s for other replicas,
+/// tagged `replica`. Commits that arrive while a `NOTIFY` is in flight
+/// coalesce into the next one: one per burst.
 pub(crate) async fn forward_local_commits(
-    store: Store,
+    database_url: String,
+    replica: String,
     wake: Arc<Notify>,
     signal: FeedSignal,
     shutdown: CancellationToken,
 ) {
+    let mut notifier = FeedNotifier::new(&database_url);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = wake.notified() => {}
         }
         signal.bump();
-        // Commits that arrive while this NOTIFY is in flight coalesce into one permit.
-        if let Err(e) = store.notify_feed().await {
+        if let Err(e) = notifier.notify(&replica).await {
             tracing::debug!(error = %e, "could not NOTIFY other replicas");
         }
     }
 }
 
-/// Listen for other replicas' commits; a lost connection also bumps the
-/// signal, since notifications may have been missed meanwhile.
+/// Listen for other replicas' commits (notifications from `replica`, this
+/// one, are skipped: its commits signal directly); a lost connection also
+/// bumps the signal, since notifications may have been missed meanwhile.
 pub(crate) async fn listen_for_commits(
     database_url: String,
+    replica: String,
     signal: FeedSignal,
     shutdown: CancellationToken,
 ) {
@@ -105,12 +124,14 @@ pub(crate) async fn listen_for_commits(
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                alive = listener.next() => {
-                    signal.bump();
-                    if !alive {
+                from = listener.next() => match from {
+                    Some(from) if from == replica => {}
+                    Some(_) => signal.bump(),
+                    None => {
+                        signal.bump();
                         break;
                     }
-                }
+                },
             }
         }
     }
@@ -153,30 +174,49 @@ impl Relay {
 
     /// Publish until leadership is lost or shutdown.
     async fn lead(&self, lock: LeaderLock, shutdown: &CancellationToken) {
-        let mut held = Held::new(lock, self.settings.leader_check_interval);
-        let mut wait = FeedWait::new(&self.signal, self.settings.poll_interval);
-        let mut cursor = None;
-        let mut lag_checked = Instant::now() - Duration::from_secs(10);
+        let mut held = Held::new(lock, self.settings.leader_check_interval, shutdown);
+        let leading = held.token().clone();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        while held.still_leading(shutdown).await {
-            let position = match cursor {
-                Some(p) => p,
-                None => match self.store.relay_cursor(CURSOR).await {
-                    Ok(p) => {
-                        cursor = Some(p);
-                        p
+        let start = loop {
+            match self.store.relay_cursor(CURSOR).await {
+                Ok(p) => break Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay cannot read its cursor; retrying");
+                    if sleep_or_shutdown(backoff.next_delay(), &leading).await {
+                        break None;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "relay cannot read its cursor; retrying");
-                        sleep_or_shutdown(backoff.next_delay(), shutdown).await;
-                        continue;
-                    }
-                },
-            };
-            if lag_checked.elapsed() >= Duration::from_secs(1) {
-                self.report_lag(position).await;
-                lag_checked = Instant::now();
+                }
             }
+        };
+        let Some(start) = start else {
+            held.still_leading().await;
+            return;
+        };
+        let (published, watch_published) = watch::channel(start);
+        let saver = tokio::spawn(save_cursor(
+            self.store.clone(),
+            watch_published.clone(),
+            leading.clone(),
+        ));
+        let lag = tokio::spawn(report_lag(
+            self.store.clone(),
+            watch_published,
+            self.settings.lag_warn_after,
+            leading.clone(),
+        ));
+        self.publish(&mut held, start, &published).await;
+        // Leadership is over: the saver saves what was published, once more.
+        let _ = saver.await;
+        let _ = lag.await;
+    }
+
+    /// Read the feed after `position` and publish it, until `held` ends;
+    /// `published` follows the last event published.
+    async fn publish(&self, held: &mut Held, mut position: i64, published: &watch::Sender<i64>) {
+        let leading = held.token().clone();
+        let mut wait = FeedWait::new(&self.signal, self.settings.poll_interval);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        while held.still_leading().await {
             wait.before_read();
             let batch = match self
                 .store
@@ -186,14 +226,14 @@ impl Relay {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay cannot read the log; retrying");
-                    sleep_or_shutdown(backoff.next_delay(), shutdown).await;
+                    sleep_or_shutdown(backoff.next_delay(), &leading).await;
                     continue;
                 }
             };
-            if batch.is_empty() {
-                wait.idle(shutdown).await;
+            let Some(last) = batch.last() else {
+                wait.idle(&leading).await;
                 continue;
-            }
+            };
             wait.found();
             match self
                 .bus
@@ -202,33 +242,73 @@ impl Relay {
             {
                 Ok(()) => {
                     backoff.reset();
-                    let last = batch.last().map_or(position, |e| e.position);
                     metrics::counter!(names::RELAY_PUBLISHED).increment(batch.len() as u64);
-                    if let Some(e) = batch.last() {
-                        let age = (chrono::Utc::now() - e.occurred_at)
-                            .num_microseconds()
-                            .unwrap_or(0);
-                        metrics::histogram!(names::RELAY_COMMIT_TO_PUBLISH)
-                            .record(age as f64 / 1e6);
-                    }
-                    cursor = Some(last);
-                    if let Err(e) = self.store.save_relay_cursor(CURSOR, last).await {
-                        // Publishing again after a restart is allowed; skipping is not.
-                        tracing::warn!(error = %e, "relay could not save its cursor");
-                    }
+                    let age = (chrono::Utc::now() - last.occurred_at)
+                        .num_microseconds()
+                        .unwrap_or(0);
+                    metrics::histogram!(names::RELAY_COMMIT_TO_PUBLISH).record(age as f64 / 1e6);
+                    position = last.position;
+                    published.send_replace(position);
                 }
                 Err(e) => {
                     let d = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, pending = batch.len(), "relay cannot publish to Redis; retrying");
                     metrics::counter!(names::RELAY_PUBLISH_FAILURES).increment(1);
-                    sleep_or_shutdown(d, shutdown).await;
+                    sleep_or_shutdown(d, &leading).await;
                 }
             }
         }
     }
+}
 
-    async fn report_lag(&self, cursor: i64) {
-        match self.store.relay_lag(cursor).await {
+/// Save the relay's cursor as `published` advances, at most every
+/// [`CURSOR_SAVE_EVERY`], and once more when `leading` ends. A save that
+/// fails is tried again at the next turn: publishing again after a restart
+/// is allowed, skipping is not (and the save never moves the cursor back).
+async fn save_cursor(
+    store: Store,
+    mut published: watch::Receiver<i64>,
+    leading: CancellationToken,
+) {
+    let mut saved = *published.borrow_and_update();
+    loop {
+        let last_turn = leading.is_cancelled();
+        let position = *published.borrow_and_update();
+        if position > saved {
+            match store.save_relay_cursor(CURSOR, position).await {
+                Ok(()) => saved = position,
+                Err(e) => tracing::warn!(error = %e, "relay could not save its cursor"),
+            }
+        }
+        if last_turn {
+            return;
+        }
+        if saved >= position {
+            // Caught up: wait for the next publish (or the end).
+            tokio::select! {
+                _ = leading.cancelled() => continue,
+                changed = published.changed() => {
+                    if changed.is_err() {
+                        leading.cancelled().await;
+                        continue;
+                    }
+                }
+            }
+        }
+        sleep_or_shutdown(CURSOR_SAVE_EVERY, &leading).await;
+    }
+}
+
+/// Measure the lag behind the log every [`LAG_EVERY`] while `leading`.
+async fn report_lag(
+    store: Store,
+    published: watch::Receiver<i64>,
+    warn_after: Duration,
+    leading: CancellationToken,
+) {
+    loop {
+        let cursor = *published.borrow();
+        match store.relay_lag(cursor).await {
             Ok(lag) => {
                 let seconds = lag
                     .oldest_unpublished
@@ -236,7 +316,7 @@ impl Relay {
                     .unwrap_or(0.0);
                 metrics::gauge!(names::RELAY_LAG_EVENTS).set(lag.events as f64);
                 metrics::gauge!(names::RELAY_LAG_SECONDS).set(seconds);
-                if seconds >= self.settings.lag_warn_after.as_secs_f64() {
+                if seconds >= warn_after.as_secs_f64() {
                     tracing::warn!(
                         lag_events = lag.events,
                         lag_seconds = seconds,
@@ -245,6 +325,9 @@ impl Relay {
                 }
             }
             Err(e) => tracing::debug!(error = %e, "relay lag not measured"),
+        }
+        if sleep_or_shutdown(LAG_EVERY, &leading).await {
+            return;
         }
     }
 }

@@ -157,7 +157,7 @@ pub async fn run_once(
     })
     .await;
     if wrote {
-        let _ = store.notify_feed().await;
+        let _ = store.notify_feed("").await;
     }
     if let Some(lock) = lock {
         lock.release().await;

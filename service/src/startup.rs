@@ -48,24 +48,30 @@ impl Application {
         let shutdown = CancellationToken::new();
         let feed = FeedSignal::default();
         let relay_wake = Arc::new(Notify::new());
+        // Tags this replica's `NOTIFY`s, so it ignores its own.
+        let replica = uuid::Uuid::new_v4().to_string();
 
         let mut tasks = vec![
             tokio::spawn(relay::forward_local_commits(
-                store.clone(),
+                settings.database.url.clone(),
+                replica.clone(),
                 relay_wake.clone(),
                 feed.clone(),
                 shutdown.clone(),
             )),
             tokio::spawn(relay::listen_for_commits(
                 settings.database.url.clone(),
+                replica,
                 feed.clone(),
                 shutdown.clone(),
             )),
         ];
         if settings.relay.enabled {
             // The relay has connections of its own: under write load it must
-            // not queue behind requests for the shared pool.
-            let relay_store = Store::connect(&database_options(settings, 2, 0)).await?;
+            // not queue behind requests for the shared pool. One for the
+            // publish loop, one each for the cursor saver and the lag
+            // measure, so the loop never waits for the other two.
+            let relay_store = Store::connect(&database_options(settings, 3, 0)).await?;
             let relay = Relay::new(
                 relay_store,
                 bus.clone(),

@@ -249,7 +249,12 @@ async fn lock_cursor(txn: &DatabaseTransaction) -> Result<i64, StoreError> {
     .await?;
     let row = txn
         .query_one_raw(stmt(
-            "SELECT position FROM relay_cursors WHERE name = $1 FOR UPDATE",
+            // The fold's commit does not wait for the disk: the projection and
+            // its position move in one transaction, so a crash that loses
+            // the last folds loses their position with them, and they are
+            // folded again.
+            "SELECT position, set_config('synchronous_commit', 'off', true) \
+             FROM relay_cursors WHERE name = $1 FOR UPDATE",
             vec![ANALYTICS_CURSOR.into()],
         ))
         .await?
@@ -622,7 +627,8 @@ impl Store {
             let moved = self
                 .db
                 .execute_raw(stmt(
-                    "INSERT INTO relay_cursors (name, position) VALUES ($1, $3) \
+                    "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                     INSERT INTO relay_cursors (name, position) SELECT $1, $3 FROM lazy \
                      ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now() \
                      WHERE relay_cursors.position = $2",
                     vec![ANALYTICS_CURSOR.into(), from.into(), last.position.into()],

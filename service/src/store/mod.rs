@@ -30,7 +30,7 @@ pub use list::{ListCursor, ListFilter};
 pub use live::{ApprovalWritten, InputWritten, NewInput};
 pub use messages::StoredMessage;
 pub use portable::{ForkPlan, Forked, ImportPlan, SessionDump, TranscriptChunk};
-pub use relay::{FEED_CHANNEL, FeedListener, LeaderLock, LeaderRole, RelayLag};
+pub use relay::{FEED_CHANNEL, FeedListener, FeedNotifier, LeaderLock, LeaderRole, RelayLag};
 pub(crate) use replay::fold;
 pub use replay::{ReplayDifference, ReplayReport};
 pub use retention::Purged;

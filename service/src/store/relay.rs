@@ -12,6 +12,10 @@ use super::{Store, StoreError};
 /// `NOTIFY` channel that tells every replica the log has grown.
 pub const FEED_CHANNEL: &str = "agent_sessions_events";
 
+/// `pg_notify` on a channel (`$1`) with a payload (`$2`), not waiting for
+/// the commit to be flushed.
+const NOTIFY_SQL: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)";
+
 /// What a leader lock elects: each role is held by one replica at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaderRole {
@@ -69,24 +73,34 @@ impl Store {
     }
 
     /// Advance the cursor; it never moves back (a deposed leader cannot rewind it).
+    ///
+    /// The commit does not wait for the WAL to reach disk
+    /// (`synchronous_commit = off` for this transaction): a save lost in a
+    /// PostgreSQL crash only leaves the cursor a little behind, and the relay
+    /// publishes those events again (at least once; consumers drop repeats).
     pub async fn save_relay_cursor(&self, name: &str, position: i64) -> Result<(), StoreError> {
         self.db
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "UPDATE relay_cursors SET position = GREATEST(position, $2), updated_at = now() \
-                 WHERE name = $1",
+                "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 UPDATE relay_cursors SET position = GREATEST(position, $2), updated_at = now() \
+                 FROM lazy WHERE name = $1",
                 vec![name.into(), position.into()],
             ))
             .await?;
         Ok(())
     }
 
-    /// Tell every replica's listeners that events were committed.
-    pub async fn notify_feed(&self) -> Result<(), StoreError> {
+    /// Tell every replica's listeners that events were committed; `from`
+    /// names the sender (a replica ignores its own), empty when anonymous.
+    /// Nothing waits for the WAL to reach disk: a wake-up lost in a crash
+    /// is covered by the listeners' reconnect and their poll.
+    pub async fn notify_feed(&self, from: &str) -> Result<(), StoreError> {
         self.db
-            .execute_raw(Statement::from_string(
+            .execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                format!("SELECT pg_notify('{FEED_CHANNEL}', '')"),
+                NOTIFY_SQL,
+                vec![FEED_CHANNEL.into(), from.into()],
             ))
             .await?;
         Ok(())
@@ -176,8 +190,48 @@ impl FeedListener {
         Ok(Self { listener })
     }
 
-    /// The next notification; `false` when the connection is gone.
-    pub async fn next(&mut self) -> bool {
-        matches!(self.listener.try_recv().await, Ok(Some(_)))
+    /// The next notification's sender (see [`Store::notify_feed`]); `None`
+    /// when the connection is gone.
+    pub async fn next(&mut self) -> Option<String> {
+        match self.listener.try_recv().await {
+            Ok(Some(n)) => Some(n.payload().to_owned()),
+            _ => None,
+        }
+    }
+}
+
+/// Sends [`FEED_CHANNEL`] notifications over a connection of its own, so a
+/// wake-up for the other replicas never waits for (or holds) a pooled
+/// connection. It connects lazily and again after any error.
+pub struct FeedNotifier {
+    url: String,
+    conn: Option<PgConnection>,
+}
+
+impl FeedNotifier {
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            conn: None,
+        }
+    }
+
+    /// Notify, tagged `from` (see [`Store::notify_feed`]).
+    pub async fn notify(&mut self, from: &str) -> Result<(), sqlx::Error> {
+        let conn = match self.conn.as_mut() {
+            Some(c) => c,
+            None => self.conn.insert(PgConnection::connect(&self.url).await?),
+        };
+        let sent = sqlx::query(NOTIFY_SQL)
+            .bind(FEED_CHANNEL)
+            .bind(from)
+            .execute(conn)
+            .await;
+        if sent.is_err()
+            && let Some(c) = self.conn.take()
+        {
+            let _ = c.close().await;
+        }
+        sent.map(|_| ())
     }
 }
