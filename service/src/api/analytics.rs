@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::{Authorized, SessionsRead};
 use super::error::ApiError;
-use super::params::{self, PageSizes};
+use super::params;
 use crate::contract::metrics::{Analytics, GroupBy, SessionMetrics};
 use crate::contract::{Problem, format_time};
 
@@ -23,14 +23,6 @@ pub const PROJECTION_POSITION: &str = "x-projection-position";
 pub const MAX_RANGE_DAYS: u64 = 366;
 /// The range when `from` is not given.
 const DEFAULT_RANGE_DAYS: u64 = 30;
-/// Keys walked per page: `limit`'s default and largest value. A page
-/// costs two index probes per key walked, so its cost is bounded by
-/// `limit`, not by the number of agents.
-pub const ANALYTICS_PAGES: PageSizes = PageSizes {
-    default: 100,
-    max: 1000,
-};
-
 /// The opaque `cursor` of the next page: the last key walked.
 fn encode_cursor(key: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("g1:{key}"))
@@ -87,11 +79,12 @@ pub struct AnalyticsQuery {
     /// `status` (default), `agent_id`, `session_type` or `day`.
     #[param(value_type = Option<GroupBy>)]
     pub group_by: Option<String>,
-    /// Keys (days, for `day`) walked in this page, 1 to 1000 (default
-    /// 100). Only those with sessions in the range are answered, so a page
-    /// may hold fewer groups; the `Link: rel="next"` header says whether
-    /// there are more.
-    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    /// Keys walked in this page (for `day`: days with sessions), as the page size of the
+    /// other lists (default 20, at most `api.max_page_size`, 500 by
+    /// default). Only those with sessions in the range are answered, so a
+    /// page may hold fewer groups; the `Link: rel="next"` header says
+    /// whether there are more. A page costs two index probes per key walked.
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub limit: Option<String>,
     /// The opaque cursor from the previous page's `Link: rel="next"`.
     pub cursor: Option<String>,
@@ -176,7 +169,7 @@ pub async fn analytics(
             format!("the range may span at most {MAX_RANGE_DAYS} days"),
         ));
     }
-    let limit = params::limit(&q.limit, &ANALYTICS_PAGES)?;
+    let limit = params::limit(&q.limit, &state.pages)?;
     let after = q
         .cursor
         .as_deref()
