@@ -14,7 +14,7 @@
 //! exactly the events up to its position, whoever writes it (a deposed
 //! consumer or a rebuild running beside one finds the row moved and stops).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
@@ -741,18 +741,10 @@ impl Store {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (ranged, params): (String, Vec<Param>) = match group_by {
             GroupBy::Day => {
-                // Each day's row minus the one before it, per status of
-                // `all`; the row before the first day comes from a probe.
-                // Every day of the range has at most one row per status.
-                let daily = SUMS
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "{c} - coalesce(lag({c}) OVER (PARTITION BY status ORDER BY day), 0) AS {c}"
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                // The page's days (those with a row: with sessions), then
+                // each status's rows over them, after its row before the
+                // range (key ''); the differences day to day are taken in
+                // Rust.
                 let start = match after {
                     Some(a) => NaiveDate::parse_from_str(a, "%Y-%m-%d")
                         .map_err(|_| StoreError::Corrupt(format!("analytics day cursor {a}")))?
@@ -764,21 +756,20 @@ impl Store {
                 (
                     format!(
                         "walk AS (SELECT NULL::text AS key, 0::bigint AS n WHERE false), \
-                         d AS (SELECT day, {daily} FROM ( \
-                             SELECT k.status, lo.day, lo.{lo_cols} \
+                         days AS (SELECT DISTINCT day FROM analytics_running \
+                             WHERE dimension = 'all' AND day >= $2 AND day < $3 ORDER BY day LIMIT $4), \
+                         ranged AS ( \
+                             SELECT ''::text AS key, k.status, lo.{lo_cols} \
                                FROM analytics_keys k CROSS JOIN LATERAL ( \
-                                 SELECT day, {cols} FROM analytics_running r \
+                                 SELECT {cols} FROM analytics_running r \
                                  WHERE r.dimension = k.dimension AND r.value = k.value \
                                    AND r.status = k.status AND r.day < $2 \
                                  ORDER BY r.day DESC LIMIT 1) lo \
                                WHERE k.dimension = 'all' \
                              UNION ALL \
-                             SELECT status, day, {cols} FROM analytics_running \
-                               WHERE dimension = 'all' AND day >= $2 AND day < $3) rows), \
-                         days AS (SELECT day FROM d WHERE day >= $2 GROUP BY day \
-                             HAVING sum(sessions) > 0 ORDER BY day LIMIT $4), \
-                         ranged AS (SELECT to_char(day, 'YYYY-MM-DD') AS key, d.* FROM d \
-                             WHERE day IN (SELECT day FROM days))",
+                             SELECT to_char(day, 'YYYY-MM-DD'), status, {cols} FROM analytics_running \
+                               WHERE dimension = 'all' AND day >= $2 \
+                                 AND day <= (SELECT max(day) FROM days))",
                         lo_cols = SUMS.join(", lo."),
                     ),
                     vec![start.into(), to.into(), (limit + 1).into()],
@@ -811,7 +802,7 @@ impl Store {
                                  WHERE dimension = '{dimension}' \
                                    AND ($5::text IS NULL OR {key} > $5::text COLLATE \"C\") \
                                  ORDER BY value, status LIMIT $4) w), \
-                         ranged AS (SELECT k.key, {diff} FROM walk k \
+                         ranged AS (SELECT k.key, ''::text AS status, {diff} FROM walk k \
                            CROSS JOIN {hi} LEFT JOIN {lo} ON true \
                            WHERE k.n < $4 AND hi.day >= $2)",
                         hi = last_before("hi", "$3"),
@@ -846,8 +837,8 @@ impl Store {
              {ranged} \
              SELECT pos.position, \
                     (SELECT key FROM walk WHERE n = $4 - 1 AND EXISTS (SELECT 1 FROM walk WHERE n = $4)) AS walked_to, \
-                    r.key, {as_text} \
-             FROM pos LEFT JOIN ranged r ON true ORDER BY r.key"
+                    r.key, r.status, {as_text} \
+             FROM pos LEFT JOIN ranged r ON true ORDER BY r.status, r.key"
         );
         let mut values: Vec<Param> = vec![
             ANALYTICS_CURSOR.into(),
@@ -863,6 +854,9 @@ impl Store {
         };
         let now_us = i128::from(now.timestamp_micros());
         let mut summed: Vec<(String, [i128; 23])> = Vec::new();
+        // For `day`: each status's previous row, to take differences from.
+        let mut previous: Option<(String, [i128; 23])> = None;
+        let mut by_day: BTreeMap<String, [i128; 23]> = BTreeMap::new();
         for r in &rows {
             // The one row of an empty answer has no group.
             let Some(key) = r.try_get::<Option<String>>("", "key")? else {
@@ -878,6 +872,21 @@ impl Store {
                     r.try_get::<i64>("", c)?.into()
                 };
             }
+            if matches!(group_by, GroupBy::Day) {
+                let status: String = r.try_get("", "status")?;
+                let before = match previous.take() {
+                    Some((s, p)) if s == status => p,
+                    _ => [0; 23],
+                };
+                if !key.is_empty() {
+                    let day = by_day.entry(key).or_insert([0; 23]);
+                    for ((d, v), p) in day.iter_mut().zip(sums).zip(before) {
+                        *d += v - p;
+                    }
+                }
+                previous = Some((status, sums));
+                continue;
+            }
             match summed.last_mut() {
                 Some((k, acc)) if *k == key => {
                     for (a, v) in acc.iter_mut().zip(sums) {
@@ -887,6 +896,7 @@ impl Store {
                 _ => summed.push((key, sums)),
             }
         }
+        summed.extend(by_day);
         let mut groups: Vec<AnalyticsGroup> = summed
             .into_iter()
             .filter(|(_, sums)| sums[0] > 0)
