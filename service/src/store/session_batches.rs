@@ -139,36 +139,24 @@ impl Batch for NewSession {
 
     async fn run(conn: &mut PgConnection, cmds: &[Self]) -> Result<Vec<CreateOut>, sqlx::Error> {
         let written = sqlx::query(CREATE_SQL.as_str())
-            .bind(cmds.iter().map(|c| c.id).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| c.agent_id).collect::<Vec<_>>())
-            .bind(
-                cmds.iter()
-                    .map(|c| c.session_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(cmds.iter().map(|c| c.status).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| &c.context).collect::<Vec<_>>())
-            .bind(
-                cmds.iter()
-                    .map(|c| c.checkpoint.as_ref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(cmds.iter().map(|c| c.runtime_backend).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| &c.runtime_metadata).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| c.worker.as_ref()).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| c.event_id).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| &c.payload).collect::<Vec<_>>())
-            .bind(cmds.iter().map(|c| &c.metadata).collect::<Vec<_>>())
-            .bind(
-                cmds.iter()
-                    .map(|c| c.idempotency.as_ref().map(|k| k.0.as_str()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                cmds.iter()
-                    .map(|c| c.idempotency.as_ref().map(|k| k.1.as_str()))
-                    .collect::<Vec<_>>(),
-            )
+            .bind(column(cmds, |c| c.id))
+            .bind(column(cmds, |c| c.agent_id))
+            .bind(column(cmds, |c| c.session_type.as_str()))
+            .bind(column(cmds, |c| c.status))
+            .bind(column(cmds, |c| &c.context))
+            .bind(column(cmds, |c| c.checkpoint.as_ref()))
+            .bind(column(cmds, |c| c.runtime_backend))
+            .bind(column(cmds, |c| &c.runtime_metadata))
+            .bind(column(cmds, |c| c.worker.as_ref()))
+            .bind(column(cmds, |c| c.event_id))
+            .bind(column(cmds, |c| &c.payload))
+            .bind(column(cmds, |c| &c.metadata))
+            .bind(column(cmds, |c| {
+                c.idempotency.as_ref().map(|k| k.0.as_str())
+            }))
+            .bind(column(cmds, |c| {
+                c.idempotency.as_ref().map(|k| k.1.as_str())
+            }))
             .fetch_all(conn)
             .await?;
         let at = by_id(written, "created_at")?;
@@ -257,39 +245,25 @@ impl Batch for UpdateRow {
         let mut order: Vec<&UpdateRow> = cmds.iter().collect();
         order.sort_by_key(|c| c.id);
         let written = sqlx::query(UPDATE_SQL.as_str())
-            .bind(order.iter().map(|c| c.id).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| c.version).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| c.status).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| c.runtime_backend).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| c.context.as_ref()).collect::<Vec<_>>())
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.runtime_metadata.as_ref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.checkpoint.is_some())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.checkpoint.as_ref().and_then(Option::as_ref))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(order.iter().map(|c| c.worker.is_some()).collect::<Vec<_>>())
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.worker.as_ref().and_then(Option::as_ref))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(order.iter().map(|c| c.event_id).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| &c.payload).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| &c.metadata).collect::<Vec<_>>())
+            .bind(column(order.iter().copied(), |c| c.id))
+            .bind(column(order.iter().copied(), |c| c.version))
+            .bind(column(order.iter().copied(), |c| c.status))
+            .bind(column(order.iter().copied(), |c| c.runtime_backend))
+            .bind(column(order.iter().copied(), |c| c.context.as_ref()))
+            .bind(column(order.iter().copied(), |c| {
+                c.runtime_metadata.as_ref()
+            }))
+            .bind(column(order.iter().copied(), |c| c.checkpoint.is_some()))
+            .bind(column(order.iter().copied(), |c| {
+                c.checkpoint.as_ref().and_then(Option::as_ref)
+            }))
+            .bind(column(order.iter().copied(), |c| c.worker.is_some()))
+            .bind(column(order.iter().copied(), |c| {
+                c.worker.as_ref().and_then(Option::as_ref)
+            }))
+            .bind(column(order.iter().copied(), |c| c.event_id))
+            .bind(column(order.iter().copied(), |c| &c.payload))
+            .bind(column(order.iter().copied(), |c| &c.metadata))
             .fetch_all(conn)
             .await?;
         // Event ids are unique per command: they name the rows written.
@@ -410,42 +384,23 @@ impl Batch for PatchRow {
         let mut order: Vec<&PatchRow> = cmds.iter().collect();
         order.sort_by_key(|c| c.id);
         let written = sqlx::query(PATCH_SQL.as_str())
-            .bind(order.iter().map(|c| c.id).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| c.expected).collect::<Vec<_>>())
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.context.is_some())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(order.iter().map(|c| c.context.as_ref()).collect::<Vec<_>>())
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.runtime_metadata.is_some())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.runtime_metadata.as_ref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.checkpoint.is_some())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                order
-                    .iter()
-                    .map(|c| c.checkpoint.as_ref().and_then(Option::as_ref))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(order.iter().map(|c| c.runtime_backend).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| c.event_id).collect::<Vec<_>>())
-            .bind(order.iter().map(|c| &c.metadata).collect::<Vec<_>>())
+            .bind(column(order.iter().copied(), |c| c.id))
+            .bind(column(order.iter().copied(), |c| c.expected))
+            .bind(column(order.iter().copied(), |c| c.context.is_some()))
+            .bind(column(order.iter().copied(), |c| c.context.as_ref()))
+            .bind(column(order.iter().copied(), |c| {
+                c.runtime_metadata.is_some()
+            }))
+            .bind(column(order.iter().copied(), |c| {
+                c.runtime_metadata.as_ref()
+            }))
+            .bind(column(order.iter().copied(), |c| c.checkpoint.is_some()))
+            .bind(column(order.iter().copied(), |c| {
+                c.checkpoint.as_ref().and_then(Option::as_ref)
+            }))
+            .bind(column(order.iter().copied(), |c| c.runtime_backend))
+            .bind(column(order.iter().copied(), |c| c.event_id))
+            .bind(column(order.iter().copied(), |c| &c.metadata))
             .fetch_all(conn)
             .await?;
         // Event ids are unique per command: they name the rows written.
@@ -459,6 +414,11 @@ impl Batch for PatchRow {
         }
         Ok(cmds.iter().map(|c| by_event.remove(&c.event_id)).collect())
     }
+}
+
+/// One column of a batch, for an array parameter (`unnest`).
+fn column<'a, T: 'a, U>(rows: impl IntoIterator<Item = &'a T>, f: impl Fn(&'a T) -> U) -> Vec<U> {
+    rows.into_iter().map(f).collect()
 }
 
 fn by_id(rows: Vec<PgRow>, column: &str) -> Result<HashMap<Uuid, DateTime<Utc>>, sqlx::Error> {
