@@ -4,13 +4,14 @@
 //! time, each holding a connection of its own. There are two lanes, reads
 //! and writes, so a read never waits behind a write that waits for a lock.
 //! A caller queues its command; when fewer drainers than the lane's limit
-//! are running, it starts one as a task on its own thread (no hand-over to
-//! another thread and back). A drainer takes everything queued (at most
+//! are running, it starts one as a task on the runtime the lane was made on
+//! (`serve`'s main runtime, which outlives the HTTP workers' runtimes in a
+//! graceful shutdown). A drainer takes everything queued (at most
 //! [`MAX_BATCH`]), runs the commands of each kind (read by id, create,
 //! update) as one statement, answers each caller through its own oneshot,
 //! and goes on until the queue is empty; then it puts its connection back
 //! with the lane and ends. There is no timer: at one request in flight a
-//! batch is that request, run on the caller's thread on a held connection
+//! batch is that request, run by one drainer on a held connection
 //! (no pool acquire, no release). Under load the drainers never find the
 //! queue empty, and a batch is whatever queued while the previous one ran.
 //! With several drainers a batch held up by a lock (another writer's row)
@@ -101,6 +102,8 @@ pub(crate) struct Lane {
 }
 
 struct Shared {
+    /// Where drainers run (see [`Shared::spawn`]).
+    runtime: Option<tokio::runtime::Handle>,
     pool: PgPool,
     /// The most drainers running at once (`database.batch_executors`).
     drainers: usize,
@@ -120,6 +123,21 @@ struct State {
 }
 
 impl Shared {
+    /// Drainers run on the runtime the lane was made on (`serve`'s main
+    /// one), which outlives the HTTP workers: a worker's runtime stops when
+    /// its own requests are done during a graceful shutdown, and a drainer
+    /// on it would be dropped mid-batch with other workers' commands.
+    fn spawn(&self, drainer: impl Future<Output = ()> + Send + 'static) {
+        match &self.runtime {
+            Some(rt) => {
+                rt.spawn(drainer);
+            }
+            None => {
+                tokio::spawn(drainer);
+            }
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while the lock is held leaves the state consistent: each
         // change under it is a single push, pop or counter step.
@@ -133,6 +151,7 @@ impl Lane {
     pub(crate) fn new(pool: &PgPool, drainers: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
+                runtime: tokio::runtime::Handle::try_current().ok(),
                 pool: pool.clone(),
                 drainers: drainers.max(1),
                 state: Mutex::new(State {
@@ -163,7 +182,7 @@ impl Lane {
             start.then(|| st.idle.pop())
         };
         if let Some(conn) = start {
-            tokio::spawn(drain(self.shared.clone(), conn));
+            self.shared.spawn(drain(self.shared.clone(), conn));
         }
         answer
             .await
@@ -185,7 +204,7 @@ impl Lane {
             orphaned
         };
         if orphaned {
-            tokio::spawn(drain(self.shared.clone(), None));
+            self.shared.spawn(drain(self.shared.clone(), None));
         }
         loop {
             let stopped = self.shared.stopped.notified();
