@@ -3,21 +3,27 @@
 //! Commands go to a [`Lane`]: a queue drained by at most a few drainers at a
 //! time, each holding a connection of its own. There are two lanes, reads
 //! and writes, so a read never waits behind a write that waits for a lock.
-//! A caller queues its command; when fewer drainers than the lane's limit
-//! are running, it starts one as a task on the runtime the lane was made on
-//! (`serve`'s main runtime, which outlives the HTTP workers' runtimes in a
-//! graceful shutdown). A drainer takes everything queued (at most
-//! [`MAX_BATCH`]), runs the commands of each kind (read by id, create,
-//! update) as one statement, answers each caller through its own oneshot,
-//! and goes on until the queue is empty; then it puts its connection back
-//! with the lane and ends. There is no timer: at one request in flight a
-//! batch is that request, run by one drainer on a held connection
-//! (no pool acquire, no release). Under load the drainers never find the
-//! queue empty, and a batch is whatever queued while the previous one ran.
+//! A caller that finds the lane idle (nothing queued, a drainer's place
+//! free) takes the place and runs its command at once on its own task: a
+//! batch of one, on a connection the lane holds (no pool acquire, no
+//! release, no hop to another thread). Otherwise it queues its command;
+//! when fewer drainers than the lane's limit are running, it starts one as
+//! a task on the runtime the lane was made on (`serve`'s main runtime,
+//! which outlives the HTTP workers' runtimes in a graceful shutdown). A
+//! drainer takes everything queued (at most [`MAX_BATCH`]), runs the
+//! commands of each kind (read by id, create, update) as one statement,
+//! answers each caller through its own oneshot, and goes on until the queue
+//! is empty; then it puts its connection back with the lane and ends. A
+//! caller that ran its own command hands its place to a new drainer when
+//! commands queued meanwhile. There is no timer: under load the drainers
+//! never find the queue empty, and a batch is whatever queued while the
+//! previous one ran. Lane connections plan their statements once
+//! ([`lane_connection`]).
 //! With several drainers a batch held up by a lock (another writer's row)
 //! holds up only the commands it took: the next ones go to another drainer.
 //! A drainer is a task of its own, so a caller that goes away (its request
-//! cancelled) never cancels a statement that carries others' commands.
+//! cancelled) never cancels a statement that carries others' commands; a
+//! command run on its caller's task carries no one else's.
 //!
 //! Per-row results: a statement answers every command of its batch (a row
 //! written, a version race lost, an idempotency key taken). When the whole
@@ -96,6 +102,16 @@ impl Queued {
     }
 }
 
+/// What a submitted command does once the lane's state is seen.
+enum Next<C: Batch> {
+    /// The lane is idle: run it on the caller's task, with this place.
+    RunHere(Job<C>, Option<PoolConnection<Postgres>>),
+    /// Queued, and a place was free: start a drainer with it.
+    StartDrainer(Option<PoolConnection<Postgres>>),
+    /// Queued for a running drainer.
+    Wait,
+}
+
 /// A queue and the drainers that run it.
 pub(crate) struct Lane {
     shared: Arc<Shared>,
@@ -138,6 +154,25 @@ impl Shared {
         }
     }
 
+    /// A drainer's place given back, with its connection (kept for the next
+    /// drainer, or closed when the lane is closing: it was set up for the
+    /// lane's statements, see [`lane_connection`]).
+    fn release(&self, mut st: MutexGuard<'_, State>, conn: Option<PoolConnection<Postgres>>) {
+        st.running -= 1;
+        if let Some(mut c) = conn {
+            if st.closed {
+                c.close_on_drop();
+            } else {
+                st.idle.push(c);
+            }
+        }
+        let last = st.running == 0;
+        drop(st);
+        if last {
+            self.stopped.notify_waiters();
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while the lock is held leaves the state consistent: each
         // change under it is a single push, pop or counter step.
@@ -165,37 +200,77 @@ impl Lane {
         }
     }
 
-    /// Queue `cmd` for the next batch and wait for its answer.
+    /// Queue `cmd` for the next batch and wait for its answer; on an idle
+    /// lane, run it at once on the caller's task.
     pub(crate) async fn submit<C: Batch>(&self, cmd: C) -> Result<C::Out, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let start = {
+        let job = Job { cmd, reply };
+        let next = {
             let mut st = self.shared.state();
             if st.closed {
                 return Err(sqlx_error(sqlx::Error::PoolClosed));
             }
-            st.queue.push_back(C::queued(Job { cmd, reply }));
-            metrics::gauge!(names::DB_BATCH_QUEUED, "kind" => C::KIND).increment(1);
-            let start = st.running < self.shared.drainers;
-            if start {
+            if st.running >= self.shared.drainers {
+                st.queue.push_back(C::queued(job));
+                metrics::gauge!(names::DB_BATCH_QUEUED, "kind" => C::KIND).increment(1);
+                Next::Wait
+            } else {
                 st.running += 1;
+                let conn = st.idle.pop();
+                if st.queue.is_empty() {
+                    Next::RunHere(job, conn)
+                } else {
+                    st.queue.push_back(C::queued(job));
+                    metrics::gauge!(names::DB_BATCH_QUEUED, "kind" => C::KIND).increment(1);
+                    Next::StartDrainer(conn)
+                }
             }
-            start.then(|| st.idle.pop())
         };
-        if let Some(conn) = start {
-            self.shared.spawn(drain(self.shared.clone(), conn));
+        match next {
+            Next::RunHere(job, conn) => return self.run_here(job, answer, conn).await,
+            Next::StartDrainer(conn) => self.shared.spawn(drain(self.shared.clone(), conn)),
+            Next::Wait => {}
         }
         answer
             .await
             .map_err(|_| sqlx_error(sqlx::Error::PoolClosed))?
     }
 
+    /// A command that found the lane idle: a batch of one, run on the
+    /// caller's task with a drainer's place, so a request at low load takes
+    /// no hop to another thread and back. Nobody else's command is in it, so
+    /// a caller that goes away cancels only its own. Commands queued
+    /// meanwhile (the other places taken) get a drainer that inherits this
+    /// place when it is given back.
+    async fn run_here<C: Batch>(
+        &self,
+        job: Job<C>,
+        answer: oneshot::Receiver<Result<C::Out, StoreError>>,
+        conn: Option<PoolConnection<Postgres>>,
+    ) -> Result<C::Out, StoreError> {
+        let mut place = Place {
+            shared: self.shared.clone(),
+            conn,
+            finished: false,
+        };
+        metrics::gauge!(names::DB_BATCH_QUEUED, "kind" => C::KIND).increment(1);
+        run_batch(&self.shared.pool, &mut place.conn, vec![job]).await;
+        place.finished = true;
+        drop(place);
+        answer
+            .await
+            .map_err(|_| sqlx_error(sqlx::Error::PoolClosed))?
+    }
+
     /// Refuse new commands, let the drainers answer the queued ones, and
-    /// give the lane's connections back to the pool.
+    /// close the lane's connections.
     pub(crate) async fn close(&self) {
         let orphaned = {
             let mut st = self.shared.state();
             st.closed = true;
-            st.idle.clear();
+            for mut c in st.idle.drain(..) {
+                c.close_on_drop();
+            }
             // Left by a drainer whose task was dropped: drained here.
             let orphaned = st.running == 0 && !st.queue.is_empty();
             if orphaned {
@@ -238,19 +313,9 @@ struct Running {
 impl Running {
     /// Give the place back (and the connection, unless closing), with the
     /// lane's state locked by the caller.
-    fn end(&mut self, mut st: MutexGuard<'_, State>) {
+    fn end(&mut self, st: MutexGuard<'_, State>) {
         self.ended = true;
-        st.running -= 1;
-        if let Some(c) = self.conn.take()
-            && !st.closed
-        {
-            st.idle.push(c);
-        }
-        let last = st.running == 0;
-        drop(st);
-        if last {
-            self.shared.stopped.notify_waiters();
-        }
+        self.shared.release(st, self.conn.take());
     }
 }
 
@@ -263,6 +328,36 @@ impl Drop for Running {
             drop(self.conn.take());
             let shared = self.shared.clone();
             self.end(shared.state());
+        }
+    }
+}
+
+/// The drainer's place a command run on its caller's task holds (see
+/// [`Lane::run_here`]). Given back when dropped, whether the command ran or
+/// its caller went away mid-statement (then its connection is closed): to
+/// a drainer started for what queued meanwhile, or to the lane.
+struct Place {
+    shared: Arc<Shared>,
+    conn: Option<PoolConnection<Postgres>>,
+    /// The statement ran to its end (else it was cut off, and its
+    /// connection is not used again).
+    finished: bool,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut conn = self.conn.take();
+        if !self.finished
+            && let Some(mut c) = conn.take()
+        {
+            c.close_on_drop();
+        }
+        let st = self.shared.state();
+        if st.queue.is_empty() {
+            self.shared.release(st, conn);
+        } else {
+            drop(st);
+            self.shared.spawn(drain(self.shared.clone(), conn));
         }
     }
 }
@@ -325,7 +420,7 @@ async fn run_batch<C: Batch>(
     let (cmds, replies): (Vec<C>, Vec<_>) = jobs.into_iter().map(|j| (j.cmd, j.reply)).unzip();
     let conn = match slot {
         Some(c) => c,
-        None => match pool.acquire().await {
+        None => match lane_connection(pool).await {
             Ok(c) => slot.insert(c),
             Err(e) => return fail_all(replies, e),
         },
@@ -361,6 +456,19 @@ async fn run_batch<C: Batch>(
             }
         }
     }
+}
+
+/// A connection for a lane, from the pool. Its statements are planned once
+/// (`plan_cache_mode = force_generic_plan`): their parameters are arrays
+/// whose values do not change the best plan, and PostgreSQL otherwise plans
+/// some of them again at every execution (a custom plan, about 0.4 ms of a
+/// batch's time here). The connection stays with the lane until it closes.
+async fn lane_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await?;
+    Ok(conn)
 }
 
 fn answer_alone<O>(
