@@ -7,6 +7,11 @@
 //! transaction with the projection's position (`store/analytics.rs`), so a
 //! crash between pages loses nothing and folds nothing twice. The write
 //! path is untouched: a request never waits for the projection.
+//!
+//! Once caught up it folds at most every `analytics.fold_interval_ms`: under
+//! write load the commit signal fires for every batch, and a read of the
+//! feed plus a fold per commit cost the database about as much as the writes
+//! themselves. A backlog (a full page) is folded without waiting.
 
 use std::time::Duration;
 
@@ -22,6 +27,8 @@ use crate::store::{FeedFilter, LeaderLock, LeaderRole, Store};
 pub(crate) struct AnalyticsSettings {
     pub database_url: String,
     pub batch_size: u64,
+    /// The least time between two reads once caught up.
+    pub fold_interval: Duration,
     pub poll_interval: Duration,
     pub leader_check_interval: Duration,
 }
@@ -60,6 +67,7 @@ impl AnalyticsConsumer {
         let mut wait = FeedWait::new(&self.signal, self.settings.poll_interval);
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut position = None;
+        let mut last_read: Option<tokio::time::Instant> = None;
         while held.still_leading().await {
             let from = match position {
                 Some(p) => p,
@@ -75,7 +83,16 @@ impl AnalyticsConsumer {
                     }
                 },
             };
+            // Caught up at the last read: let commits gather first.
+            if let Some(at) = last_read.take() {
+                let due = at + self.settings.fold_interval;
+                tokio::select! {
+                    _ = leading.cancelled() => continue,
+                    _ = tokio::time::sleep_until(due) => {}
+                }
+            }
             wait.before_read();
+            let read_at = tokio::time::Instant::now();
             let page = self
                 .store
                 .feed(from, self.settings.batch_size, &FeedFilter::default())
@@ -83,6 +100,7 @@ impl AnalyticsConsumer {
             let page = match page {
                 Ok(p) if p.is_empty() => {
                     wait.idle(&leading).await;
+                    last_read = Some(read_at);
                     continue;
                 }
                 Ok(p) => p,
@@ -100,6 +118,9 @@ impl AnalyticsConsumer {
                     metrics::counter!(names::ANALYTICS_FOLDED).increment(page.len() as u64);
                     metrics::gauge!(names::ANALYTICS_POSITION).set(last as f64);
                     position = Some(last);
+                    if (page.len() as u64) < self.settings.batch_size {
+                        last_read = Some(read_at);
+                    }
                 }
                 Ok(false) => {
                     tracing::info!(

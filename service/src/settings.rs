@@ -123,6 +123,12 @@ pub struct AnalyticsConfig {
     pub enabled: bool,
     /// Events folded per transaction.
     pub batch_size: u64,
+    /// Once caught up, fold at most this often (milliseconds; 0: at every
+    /// commit). A backlog is folded page after page without waiting. The
+    /// projection is read by `/analytics` and the `sessions` gauge, not by
+    /// the write path: folding every commit on its own under write load
+    /// cost as much database time as the writes themselves.
+    pub fold_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -430,6 +436,7 @@ batch_size = 200
 [analytics]
 enabled = true
 batch_size = 1000
+fold_interval_ms = 200
 
 [runner]
 api_url = "http://127.0.0.1:8011"
@@ -588,6 +595,9 @@ impl Settings {
         }
         if !(1..=10_000).contains(&self.analytics.batch_size) {
             return bad("analytics.batch_size", "must be between 1 and 10000");
+        }
+        if self.analytics.fold_interval_ms > 60_000 {
+            return bad("analytics.fold_interval_ms", "must be at most 60000");
         }
         if self.redis.channel_prefix.chars().any(char::is_whitespace) {
             return bad("redis.channel_prefix", "must not contain whitespace");

@@ -97,6 +97,7 @@ impl Application {
                 AnalyticsSettings {
                     database_url: settings.database.url.clone(),
                     batch_size: settings.analytics.batch_size,
+                    fold_interval: Duration::from_millis(settings.analytics.fold_interval_ms),
                     poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
                     leader_check_interval: Duration::from_millis(
                         settings.relay.leader_check_interval_ms,
