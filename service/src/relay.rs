@@ -13,8 +13,8 @@
 //! lock is checked in the background (`leader::Held`).
 //!
 //! Wake-ups: a commit on this replica wakes it at once; commits on other
-//! replicas arrive as PostgreSQL `NOTIFY` (one per burst of local commits,
-//! tagged with the sender so it ignores its own); a short poll covers the
+//! replicas arrive as PostgreSQL `NOTIFY` (at most one per 2 ms of local
+//! commits, tagged with the sender so it ignores its own); a short poll covers the
 //! rest (for instance an event held back behind a transaction that then
 //! rolled back).
 
@@ -75,9 +75,16 @@ impl FeedSignal {
     }
 }
 
+/// The least time between two `NOTIFY`s of one replica: under write load a
+/// commit ends every fraction of a millisecond, and a `NOTIFY` per commit
+/// cost the database (a transaction each, plus every listener's wake-up)
+/// more than the relay's own reads. Other replicas hear of a commit at most
+/// this much later; this replica's signal is not delayed.
+const NOTIFY_EVERY: Duration = Duration::from_millis(2);
+
 /// Turn local commits into signals here and `NOTIFY`s for other replicas,
-/// tagged `replica`. Commits that arrive while a `NOTIFY` is in flight
-/// coalesce into the next one: one per burst.
+/// tagged `replica`: at most one per [`NOTIFY_EVERY`], the last commits of
+/// a burst covered by one sent at the end of the interval.
 pub(crate) async fn forward_local_commits(
     database_url: String,
     replica: String,
@@ -86,14 +93,24 @@ pub(crate) async fn forward_local_commits(
     shutdown: CancellationToken,
 ) {
     let mut notifier = FeedNotifier::new(&database_url);
+    let mut next_notify = tokio::time::Instant::now();
+    let mut pending = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = wake.notified() => {}
+            _ = wake.notified() => {
+                signal.bump();
+                pending = true;
+            }
+            _ = tokio::time::sleep_until(next_notify), if pending => {}
         }
-        signal.bump();
-        if let Err(e) = notifier.notify(&replica).await {
-            tracing::debug!(error = %e, "could not NOTIFY other replicas");
+        let now = tokio::time::Instant::now();
+        if pending && now >= next_notify {
+            pending = false;
+            next_notify = now + NOTIFY_EVERY;
+            if let Err(e) = notifier.notify(&replica).await {
+                tracing::debug!(error = %e, "could not NOTIFY other replicas");
+            }
         }
     }
 }
