@@ -14,6 +14,7 @@ mod m20261230_000006_create_session_tombstones;
 mod m20261230_000007_create_session_analytics;
 mod m20261230_000008_list_indexes;
 mod m20261230_000009_analytics_running_sums;
+mod m20261231_000010_worker_state_indexes;
 
 pub struct Migrator;
 
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261230_000007_create_session_analytics::Migration),
             Box::new(m20261230_000008_list_indexes::Migration),
             Box::new(m20261230_000009_analytics_running_sums::Migration),
+            Box::new(m20261231_000010_worker_state_indexes::Migration),
         ]
     }
 }

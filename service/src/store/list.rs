@@ -117,7 +117,9 @@ impl ListCursor {
 }
 
 /// The worker's state as the runner records it; the same expression as the
-/// index `sessions_worker_state_created_idx`.
+/// indexes `sessions_worker_state_created_idx` and
+/// `sessions_agent_worker_state_created_idx` (partial: `IS NOT NULL`, which
+/// `= value` implies).
 const WORKER_STATE: &str = "(runtime_metadata -> 'worker' ->> 'state')";
 
 /// How far `created_at` may exceed `updated_at` and the session still be
