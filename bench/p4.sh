@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 SESSIONS=${1:-200}
 HOLD=${2:-500}
 bash scripts/deps.sh >/dev/null
-cargo build --release --bin agent-sessions
+cargo build --release --bin agent-sessions --example p3_latency   # the set p1p2.sh and p3.sh build: no rebuild between them
 BIN=$PWD/target/release/agent-sessions
 DB=agent_sessions_p4
 ADMIN=postgres://postgres@127.0.0.1:5432/postgres

@@ -23,7 +23,7 @@ ADMIN=postgres://postgres@127.0.0.1:5432/postgres
 URL=postgres://postgres@127.0.0.1:5432/$DB
 
 bash scripts/deps.sh
-cargo build -q --release --bin agent-sessions
+cargo build -q --release --bin agent-sessions --example p3_latency   # the set p1p2.sh and p3.sh build: no rebuild between them
 loaded=
 if [ "${REUSE:-}" = 1 ] && psql "$ADMIN" -tAc "select 1 from pg_database where datname = '$DB'" | grep -q 1; then
   loaded=$(psql "$URL" -X -tAc "select count(*) from sessions" 2>/dev/null || echo 0)

@@ -15,6 +15,7 @@ Clocks are this machine's monotonic clock; latency is request start to last
 byte read."""
 import argparse
 import datetime
+import gc
 import http.client
 import random
 import re
@@ -108,12 +109,17 @@ def run_queries(base, queries, s, repeat, rnd):
     rows = []
     for name, q in queries:
         first, nxt = [], []
+        # The driver's own garbage collection pauses would count as the
+        # service's latency: collect between queries, not during one.
+        gc.collect()
+        gc.disable()
         for _ in range(repeat):
             dt, _, link = c.get(expand(q, s, rnd))
             first.append(dt * 1000)
             if link:
                 dt, _, _ = c.get(link)
                 nxt.append(dt * 1000)
+        gc.enable()
         rows.append((name, first, nxt))
     return rows
 
