@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
 # P3: commit-to-Redis-subscriber latency at 1,000 writes/s (release build).
+# The first 2 s of writes warm the fresh service up and are not measured
+# (service/examples/p3_latency.rs); every write of the run, warm-up
+# included, must arrive (`received=` in the RESULT line).
+#
+#   bench/p3.sh
+#   P3_SLOW=/tmp/slow.txt bench/p3.sh   # also list each event slower than 10 ms
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT_BENCH:-18012}

@@ -1,6 +1,6 @@
 //! P3 (docs/design.md, performance targets): commit-to-subscriber latency at a fixed write rate.
 //!
-//! Writes PATCHes at `RATE` per second for `SECONDS` against a running
+//! Writes PATCHes at `RATE` per second for `WARMUP` + `SECONDS` against a running
 //! service, subscribes to its Redis channel, and for each received event
 //! measures receive time minus the event's `occurred_at` (taken inside the
 //! writing statement, so just before commit: a conservative start). Same
@@ -22,6 +22,10 @@ use common::Latencies;
 
 const RATE: u64 = 1000;
 const SECONDS: u64 = 10;
+/// Seconds written first and not measured: a freshly started service opens
+/// its pool's connections and prepares its statements on the first writes
+/// (one stall of about 150 ms at the start of a run, seen with P3_SLOW).
+const WARMUP: u64 = 2;
 const SESSIONS: usize = 64;
 
 #[tokio::main]
@@ -43,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     // The subscriber gets an OS thread and runtime of its own, so the
     // writer's tasks cannot delay when a message is seen.
     let channel = format!("{prefix}events:session");
+    let measured_from = Utc::now() + chrono::Duration::seconds(WARMUP as i64);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -58,8 +63,13 @@ async fn main() -> anyhow::Result<()> {
             pubsub.subscribe(channel).await.expect("subscribe");
             ready_tx.send(()).expect("ready");
             let mut latencies = Vec::new();
+            let mut received = 0_u64;
+            // P3_SLOW=<file>: each event slower than 10 ms, as
+            // `<received at> <ms> <position>`, to see when the tail happens.
+            let mut slow = std::env::var_os("P3_SLOW")
+                .map(|p| std::fs::File::create(p).expect("P3_SLOW file"));
             let mut stream = pubsub.into_on_message();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(SECONDS + 5);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(WARMUP + SECONDS + 5);
             while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, stream.next()).await {
                 let now = Utc::now();
                 let Ok(payload) = msg.get_payload::<String>() else {
@@ -71,21 +81,31 @@ async fn main() -> anyhow::Result<()> {
                 if v["event_type"] != "session.updated" {
                     continue;
                 }
+                received += 1;
                 if let Some(t) = v["occurred_at"]
                     .as_str()
                     .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+                    .filter(|t| *t >= measured_from)
                 {
-                    latencies.push((now - t).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                    let ms = (now - t).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                    if let Some(out) = &mut slow
+                        && ms > 10.0
+                    {
+                        use std::io::Write as _;
+                        let _ = writeln!(out, "{} {ms:.2} {}", now.to_rfc3339(), v["position"]);
+                    }
+                    latencies.push(ms);
                 }
             }
-            latencies
+            (received, latencies)
         })
     });
     ready_rx.recv()?;
 
     // Open-loop writer: one request every 1/RATE s, each on its own task.
     let start = Instant::now();
-    let total = RATE * SECONDS;
+    let total = RATE * (WARMUP + SECONDS);
+    let warmup = RATE * WARMUP;
     let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::with_capacity(total as usize);
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
@@ -112,13 +132,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut ok = 0;
     let mut lat_w = Vec::new();
-    for t in tasks {
+    for (i, t) in tasks.into_iter().enumerate() {
         let (good, ms) = t.await.unwrap_or((false, 0.0));
         ok += good as u64;
-        lat_w.push(ms);
+        if i as u64 >= warmup {
+            lat_w.push(ms);
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let lat = receiver
+    let (received, lat) = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("subscriber thread panicked"))?;
     lat_w.sort_by(|a, b| a.total_cmp(b));
@@ -133,7 +155,10 @@ async fn main() -> anyhow::Result<()> {
         "writes: {ok} acknowledged of {total} in {elapsed:.1} s ({:.0}/s)",
         ok as f64 / elapsed
     );
-    println!("received: {} events", lat.len());
+    println!(
+        "received: {received} events ({} measured, after {WARMUP} s of warm-up)",
+        lat.len()
+    );
     println!(
         "commit→subscriber ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
         pct(0.50),
