@@ -14,7 +14,11 @@ use futures_util::future::join_all;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use serde_json::{Value, json};
 
+use agent_sessions::domain::{CreateSession, EventMetadata};
+use agent_sessions::store::{DatabaseOptions, IdempotencyRequest, Store};
+
 use crate::support::app::{Reply, TestApp, id_of};
+use crate::support::db::TestDatabase;
 use crate::support::{AGENT, eventually};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -365,4 +369,77 @@ async fn a_plain_patch_is_one_statement_with_the_planned_answer_and_event() {
         .expect(404);
     assert_eq!(versions(&app, &plain).await, [1, 2, 3]);
     app.teardown().await;
+}
+
+/// A write that finds its lane idle runs on its caller's task. When that
+/// caller goes away mid-statement (here: its task is aborted while the
+/// statement waits for an idempotency key another transaction holds), its
+/// place passes to a drainer for the command that queued meanwhile, on a
+/// new connection: that command is answered while the key is still held.
+#[tokio::test]
+async fn a_write_whose_caller_goes_away_hands_its_lane_on() {
+    let test_db = TestDatabase::migrated().await;
+    let db = test_db.connect().await;
+    let store = Store::connect(&DatabaseOptions {
+        url: test_db.url.clone(),
+        max_connections: 4,
+        min_connections: 1,
+        acquire_timeout: WAIT,
+        statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(30),
+        batch_executors: 1,
+    })
+    .await
+    .unwrap();
+    let create = || {
+        CreateSession::new(
+            uuid::Uuid::parse_str(AGENT).unwrap(),
+            "task".into(),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        .expect("valid create")
+    };
+    let meta = EventMetadata::default();
+
+    let lock: DatabaseTransaction = db.begin().await.unwrap();
+    exec(
+        &lock,
+        "INSERT INTO idempotency_keys (key, request_hash, session_id) \
+         VALUES ('held', 'h', gen_random_uuid())",
+    )
+    .await;
+    let abandoned = tokio::spawn({
+        let (store, cmd, meta) = (store.clone(), create(), meta.clone());
+        async move {
+            let key = IdempotencyRequest {
+                key: "held".into(),
+                request_hash: "h".into(),
+                ttl: Duration::from_secs(3600),
+            };
+            store.create(&cmd, &meta, Some(&key)).await
+        }
+    });
+    wait_lock_waiter(&db).await;
+    // The lane's one place is taken: one poll queues this command.
+    let cmd = create();
+    let mut queued = Box::pin(store.create(&cmd, &meta, None));
+    assert!(futures_util::poll!(&mut queued).is_pending());
+    abandoned.abort();
+    assert!(abandoned.await.unwrap_err().is_cancelled());
+
+    let created = tokio::time::timeout(WAIT, queued)
+        .await
+        .expect("the queued create is answered while the key is still held")
+        .expect("created");
+    assert!(store.get(created.session.id).await.unwrap().is_some());
+    lock.rollback().await.unwrap();
+    // The lane goes on: idle again, a write runs at once.
+    store.create(&create(), &meta, None).await.expect("created");
+    store.close().await;
+    db.close().await.ok();
 }
