@@ -5,6 +5,35 @@
 
 pub use sea_orm_migration::prelude::*;
 
+/// A migration of plain SQL: `$up` applied by `up`, `$down` by `down`
+/// (each migration module's whole Rust part).
+macro_rules! sql_migration {
+    ($name:literal, $up:expr, $down:expr) => {
+        pub(crate) struct Migration;
+
+        impl $crate::MigrationName for Migration {
+            fn name(&self) -> &str {
+                $name
+            }
+        }
+
+        #[$crate::async_trait::async_trait]
+        impl $crate::MigrationTrait for Migration {
+            async fn up(&self, manager: &$crate::SchemaManager) -> Result<(), $crate::DbErr> {
+                use $crate::ConnectionTrait as _;
+                manager.get_connection().execute_unprepared($up).await?;
+                Ok(())
+            }
+
+            async fn down(&self, manager: &$crate::SchemaManager) -> Result<(), $crate::DbErr> {
+                use $crate::ConnectionTrait as _;
+                manager.get_connection().execute_unprepared($down).await?;
+                Ok(())
+            }
+        }
+    };
+}
+
 mod m20261121_000001_create_sessions_and_events;
 mod m20261121_000002_create_relay_cursors;
 mod m20261121_000003_create_session_messages;

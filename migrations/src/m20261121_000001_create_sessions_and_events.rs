@@ -7,16 +7,6 @@
 //! position a reader has already passed (G3 in docs/design.md), and writers
 //! never serialise on a lock.
 
-use sea_orm_migration::prelude::*;
-
-pub(crate) struct Migration;
-
-impl MigrationName for Migration {
-    fn name(&self) -> &str {
-        "m20261121_000001_create_sessions_and_events"
-    }
-}
-
 const UP: &str = r#"
 CREATE TABLE sessions (
     id               uuid PRIMARY KEY,
@@ -79,15 +69,4 @@ DROP FUNCTION IF EXISTS events_append_only();
 DROP TABLE IF EXISTS sessions;
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
-    }
-}
+sql_migration!("m20261121_000001_create_sessions_and_events", UP, DOWN);

@@ -6,16 +6,6 @@
 //! deletes a session deletes their rows too. An input's idempotency key is an
 //! `idempotency_keys` row that also names the input.
 
-use sea_orm_migration::prelude::*;
-
-pub(crate) struct Migration;
-
-impl MigrationName for Migration {
-    fn name(&self) -> &str {
-        "m20261129_000004_create_session_inputs_and_approvals"
-    }
-}
-
 const UP: &str = r#"
 CREATE TABLE session_inputs (
     session_id uuid        NOT NULL,
@@ -61,15 +51,8 @@ DROP TABLE IF EXISTS session_approvals;
 DROP TABLE IF EXISTS session_inputs;
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
-    }
-}
+sql_migration!(
+    "m20261129_000004_create_session_inputs_and_approvals",
+    UP,
+    DOWN
+);

@@ -7,16 +7,6 @@
 //! session's version when it was stored, which is how a transcript is cut
 //! "as of" a version (fork, `GET …/transcript?at_version=`).
 
-use sea_orm_migration::prelude::*;
-
-pub(crate) struct Migration;
-
-impl MigrationName for Migration {
-    fn name(&self) -> &str {
-        "m20261203_000005_create_session_transcripts_and_forks"
-    }
-}
-
 const UP: &str = r#"
 CREATE TABLE session_transcript_chunks (
     session_id   uuid        NOT NULL,
@@ -47,15 +37,8 @@ ALTER TABLE sessions DROP COLUMN IF EXISTS parent_session_id;
 DROP TABLE IF EXISTS session_transcript_chunks;
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
-    }
-}
+sql_migration!(
+    "m20261203_000005_create_session_transcripts_and_forks",
+    UP,
+    DOWN
+);

@@ -12,16 +12,6 @@
 //! transaction that set `agent_sessions.purge = 'on'` (the service's purge,
 //! `store/retention.rs`, does so with `SET LOCAL`, and nothing else does).
 
-use sea_orm_migration::prelude::*;
-
-pub(crate) struct Migration;
-
-impl MigrationName for Migration {
-    fn name(&self) -> &str {
-        "m20261230_000006_create_session_tombstones"
-    }
-}
-
 const UP: &str = r#"
 CREATE TABLE session_tombstones (
     session_id uuid PRIMARY KEY,
@@ -59,15 +49,4 @@ $$;
 DROP TABLE IF EXISTS session_tombstones;
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
-    }
-}
+sql_migration!("m20261230_000006_create_session_tombstones", UP, DOWN);

@@ -11,16 +11,6 @@
 //! sessions. Sums of instants are epoch microseconds in `numeric` (a
 //! million sessions' overflow `bigint`).
 
-use sea_orm_migration::prelude::*;
-
-pub(crate) struct Migration;
-
-impl MigrationName for Migration {
-    fn name(&self) -> &str {
-        "m20261230_000007_create_session_analytics"
-    }
-}
-
 const UP: &str = r#"
 CREATE TABLE analytics_sessions (
     session_id         uuid PRIMARY KEY,
@@ -101,15 +91,4 @@ DROP TABLE IF EXISTS analytics_sessions;
 DELETE FROM relay_cursors WHERE name = 'analytics';
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
-    }
-}
+sql_migration!("m20261230_000007_create_session_analytics", UP, DOWN);

@@ -11,16 +11,6 @@
 //! The existing buckets are turned into running sums here, so no rebuild is
 //! needed after the upgrade; `down` turns them back.
 
-use sea_orm_migration::prelude::*;
-
-pub(crate) struct Migration;
-
-impl MigrationName for Migration {
-    fn name(&self) -> &str {
-        "m20261230_000009_analytics_running_sums"
-    }
-}
-
 /// The summed columns, in the order of the tables.
 const SUMS: [&str; 23] = [
     "sessions",
@@ -131,15 +121,4 @@ DROP TABLE analytics_running;
     )
 }
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(&up()).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(&down()).await?;
-        Ok(())
-    }
-}
+sql_migration!("m20261230_000009_analytics_running_sums", &up(), &down());

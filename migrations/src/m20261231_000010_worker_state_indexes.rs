@@ -9,16 +9,6 @@
 //! them, and every new one): a filter on a state never matches those, and a
 //! create no longer writes to either index.
 
-use sea_orm_migration::prelude::*;
-
-pub(crate) struct Migration;
-
-impl MigrationName for Migration {
-    fn name(&self) -> &str {
-        "m20261231_000010_worker_state_indexes"
-    }
-}
-
 const UP: &str = r#"
 DROP INDEX IF EXISTS sessions_worker_state_created_idx;
 CREATE INDEX sessions_worker_state_created_idx
@@ -36,15 +26,4 @@ CREATE INDEX sessions_worker_state_created_idx
     ON sessions ((runtime_metadata -> 'worker' ->> 'state'), created_at DESC, id DESC);
 "#;
 
-#[async_trait::async_trait]
-impl MigrationTrait for Migration {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
-    }
-
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
-    }
-}
+sql_migration!("m20261231_000010_worker_state_indexes", UP, DOWN);
