@@ -410,7 +410,16 @@ fn read_filter(req: &HttpRequest) -> Result<ListFilter, ApiError> {
         agent_id: uuid("agent_id", &q.agent_id)?,
         parent_session_id: uuid("parent_session_id", &q.parent_session_id)?,
         status,
-        session_type: q.session_type.clone(),
+        session_type: match &q.session_type {
+            // No stored text holds a NUL (PostgreSQL refuses one).
+            Some(t) if t.contains('\0') => {
+                return Err(ApiError::parameter(
+                    "session_type",
+                    "must not contain a NUL character",
+                ));
+            }
+            t => t.clone(),
+        },
         runtime_backend: q
             .runtime_backend
             .as_deref()

@@ -193,8 +193,16 @@ pub(super) fn list_statement(
         let id = c.param(k.id.into());
         c.cond.push(format!("(created_at, id) < ({at}, {id})"));
     }
-    let statuses: Vec<&str> = filter.status.iter().map(|s| s.as_str()).collect();
-    let states: Vec<&str> = filter.worker_state.iter().map(|s| s.as_str()).collect();
+    // Each value once: a value named twice would be two branches of the
+    // split below, each returning the same rows (a list showed them twice,
+    // and a bulk delete appended two events of one version: a 500).
+    let distinct = |mut v: Vec<&'static str>| {
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let statuses = distinct(filter.status.iter().map(|s| s.as_str()).collect());
+    let states = distinct(filter.worker_state.iter().map(|s| s.as_str()).collect());
     // One branch per value of the first filter that has several; the other
     // (if any) stays a plain condition of every branch.
     let (split, rest): (Column, Column) = if statuses.len() > 1 {

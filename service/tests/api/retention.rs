@@ -497,6 +497,7 @@ async fn bulk_delete_takes_the_list_filters_and_refuses_none() {
         ("?agent_id=nope", "agent_id"),
         ("?status=completed&dry_run=maybe", "dry_run"),
         ("?status=completed&limit=2", "limit"),
+        ("?status=completed&session_type=a%00b", "session_type"),
     ] {
         let r = bulk_delete(&app, query).await;
         assert_eq!(r.status, 400, "{query}: {}", r.text());
@@ -512,7 +513,9 @@ async fn bulk_delete_takes_the_list_filters_and_refuses_none() {
     assert_eq!(dry, json!({"dry_run": true, "matched": 5, "deleted": 0}));
     assert_eq!(app.counts().await, before, "a dry run writes nothing");
 
-    let res = bulk_delete(&app, "?status=completed&session_type=task")
+    // A status named twice matches each session once (it used to match
+    // twice, and the second deletion event collided with the first: a 500).
+    let res = bulk_delete(&app, "?status=completed,completed&session_type=task")
         .await
         .expect(200)
         .json();

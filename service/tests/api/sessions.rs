@@ -246,6 +246,11 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
         [ids[2].as_str(), ids[1].as_str()]
     );
     assert_eq!(
+        q("/sessions/?status=crashed,paused,crashed").await,
+        [ids[2].as_str(), ids[1].as_str()],
+        "a status named twice lists each session once"
+    );
+    assert_eq!(
         q("/sessions/?session_type=batch&runtime_backend=local").await,
         [ids[5].as_str(), ids[4].as_str()]
     );
