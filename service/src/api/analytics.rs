@@ -35,7 +35,10 @@ fn decode_cursor(group_by: GroupBy, raw: &str) -> Result<String, ApiError> {
         .map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let key = text.strip_prefix("g1:").ok_or_else(bad)?;
-    if matches!(group_by, GroupBy::Day) && NaiveDate::parse_from_str(key, "%Y-%m-%d").is_err() {
+    // Keys are stored text, which never holds a NUL.
+    if key.contains('\0')
+        || matches!(group_by, GroupBy::Day) && NaiveDate::parse_from_str(key, "%Y-%m-%d").is_err()
+    {
         return Err(bad());
     }
     Ok(key.to_owned())

@@ -622,6 +622,8 @@ async fn analytics_refuses_bad_parameters_with_a_problem() {
         ("limit=0", "limit"),
         ("limit=501", "limit"),
         ("cursor=zz", "cursor"),
+        // "g1:a\0b": a key with a NUL, which no stored key holds.
+        ("group_by=session_type&cursor=ZzE6YQBi", "cursor"),
         ("group_by=", "group_by"),
         ("from=yesterday", "from"),
         ("from=2026-11-29T10:00:00Z&to=2026-11-30", "from"),
