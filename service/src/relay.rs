@@ -260,7 +260,8 @@ impl Relay {
                 Ok(()) => {
                     backoff.reset();
                     metrics::counter!(names::RELAY_PUBLISHED).increment(batch.len() as u64);
-                    let age = (chrono::Utc::now() - last.occurred_at)
+                    // The oldest event of the batch: its wait is the batch's worst.
+                    let age = (chrono::Utc::now() - batch[0].occurred_at)
                         .num_microseconds()
                         .unwrap_or(0);
                     metrics::histogram!(names::RELAY_COMMIT_TO_PUBLISH).record(age as f64 / 1e6);
