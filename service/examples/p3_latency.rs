@@ -22,9 +22,10 @@ use common::Latencies;
 
 const RATE: u64 = 1000;
 const SECONDS: u64 = 10;
-/// Seconds written first and not measured: a freshly started service opens
-/// its pool's connections and prepares its statements on the first writes
-/// (one stall of about 150 ms at the start of a run, seen with P3_SLOW).
+/// Seconds written first and not measured (`P3_WARMUP` overrides): a
+/// freshly started service opens its pool's connections and prepares its
+/// statements on the first writes (one stall of about 150 ms at the start
+/// of a run, seen with P3_SLOW).
 const WARMUP: u64 = 2;
 const SESSIONS: usize = 64;
 
@@ -47,7 +48,11 @@ async fn main() -> anyhow::Result<()> {
     // The subscriber gets an OS thread and runtime of its own, so the
     // writer's tasks cannot delay when a message is seen.
     let channel = format!("{prefix}events:session");
-    let measured_from = Utc::now() + chrono::Duration::seconds(WARMUP as i64);
+    let warmup_secs: u64 = std::env::var("P3_WARMUP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(WARMUP);
+    let measured_from = Utc::now() + chrono::Duration::seconds(warmup_secs as i64);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -69,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
             let mut slow = std::env::var_os("P3_SLOW")
                 .map(|p| std::fs::File::create(p).expect("P3_SLOW file"));
             let mut stream = pubsub.into_on_message();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(WARMUP + SECONDS + 5);
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_secs(warmup_secs + SECONDS + 5);
             while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, stream.next()).await {
                 let now = Utc::now();
                 let Ok(payload) = msg.get_payload::<String>() else {
@@ -104,8 +110,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Open-loop writer: one request every 1/RATE s, each on its own task.
     let start = Instant::now();
-    let total = RATE * (WARMUP + SECONDS);
-    let warmup = RATE * WARMUP;
+    let total = RATE * (warmup_secs + SECONDS);
+    let warmup = RATE * warmup_secs;
     let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::with_capacity(total as usize);
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
@@ -156,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
         ok as f64 / elapsed
     );
     println!(
-        "received: {received} events ({} measured, after {WARMUP} s of warm-up)",
+        "received: {received} events ({} measured, after {warmup_secs} s of warm-up)",
         lat.len()
     );
     println!(
