@@ -75,6 +75,12 @@ const INSTANT_SUMS: [&str; 5] = [
     "crashed_since_us",
 ];
 
+/// `f` of each column of [`SUMS`], in order, joined by commas: the column
+/// lists of the projection's statements.
+fn each_sum(f: impl Fn(&str) -> String) -> String {
+    SUMS.iter().map(|c| f(c)).collect::<Vec<_>>().join(", ")
+}
+
 /// A group's figures from its sums (in the order of `SUMS`), as of `now`
 /// (epoch µs): open stretches run to `now`, n × now − Σ since.
 fn group_of(key: String, s: &[i128; 23], now: i128) -> AnalyticsGroup {
@@ -415,11 +421,7 @@ async fn apply_deltas(
         })
         .collect();
     let rows = Value::Array(rows);
-    let record = SUMS
-        .iter()
-        .map(|c| format!("{c} numeric"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let record = each_sum(|c| format!("{c} numeric"));
     let x = format!(
         "jsonb_to_recordset($1::jsonb) AS x(dimension text, day date, value text, status text, {record})"
     );
@@ -440,11 +442,7 @@ async fn apply_deltas(
              LEFT JOIN LATERAL (SELECT {cols} FROM analytics_running r \
                  WHERE {key} AND r.day < x.day ORDER BY r.day DESC LIMIT 1) p ON true \
              ON CONFLICT DO NOTHING",
-            copied = SUMS
-                .iter()
-                .map(|c| format!("coalesce(p.{c}, 0)"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            copied = each_sum(|c| format!("coalesce(p.{c}, 0)")),
             key = same_key("r", "x"),
         ),
         format!(
@@ -453,16 +451,8 @@ async fn apply_deltas(
                  FROM {x} JOIN analytics_running r ON {key} AND r.day >= x.day \
                  GROUP BY 1, 2, 3, 4) d \
              WHERE {same} AND r.day = d.day",
-            set = SUMS
-                .iter()
-                .map(|c| format!("{c} = r.{c} + d.{c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            summed = SUMS
-                .iter()
-                .map(|c| format!("sum(x.{c}) AS {c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            set = each_sum(|c| format!("{c} = r.{c} + d.{c}")),
+            summed = each_sum(|c| format!("sum(x.{c}) AS {c}")),
             key = same_key("r", "x"),
             same = same_key("r", "d"),
         ),
@@ -781,11 +771,7 @@ impl Store {
                     GroupBy::SessionType => ("session_type", "value"),
                     _ => ("all", "status"),
                 };
-                let diff = SUMS
-                    .iter()
-                    .map(|c| format!("hi.{c} - coalesce(lo.{c}, 0) AS {c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let diff = each_sum(|c| format!("hi.{c} - coalesce(lo.{c}, 0) AS {c}"));
                 let last_before = |alias: &str, bound: &str| {
                     format!(
                         "LATERAL (SELECT day, {cols} FROM analytics_running r \
@@ -821,17 +807,13 @@ impl Store {
         // per key and turned into figures here, in i128: the instants' sums
         // are beyond bigint (they come as decimal text).
         // The position and the rows come from one statement, so one snapshot.
-        let as_text = SUMS
-            .iter()
-            .map(|c| {
-                if INSTANT_SUMS.contains(c) {
-                    format!("r.{c}::text AS {c}")
-                } else {
-                    format!("r.{c}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let as_text = each_sum(|c| {
+            if INSTANT_SUMS.contains(&c) {
+                format!("r.{c}::text AS {c}")
+            } else {
+                format!("r.{c}")
+            }
+        });
         let sql = format!(
             "WITH pos AS (SELECT coalesce((SELECT position FROM relay_cursors WHERE name = $1), 0) AS position), \
              {ranged} \
