@@ -217,7 +217,11 @@ impl Lane {
             } else {
                 st.running += 1;
                 let conn = st.idle.pop();
-                if st.queue.is_empty() {
+                // Only on a connection a drainer opened: its socket belongs
+                // to the lane's runtime, which outlives the HTTP workers'
+                // (one opened on a worker's runtime breaks when that worker
+                // stops in a graceful shutdown, failing whoever uses it next).
+                if st.queue.is_empty() && conn.is_some() {
                     Next::RunHere(job, conn)
                 } else {
                     st.queue.push_back(C::queued(job));
