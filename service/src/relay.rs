@@ -17,6 +17,14 @@
 //! commits, tagged with the sender so it ignores its own); a short poll covers the
 //! rest (for instance an event held back behind a transaction that then
 //! rolled back).
+//!
+//! Pacing: a read costs the database a horizon statement (`pg_locks`,
+//! `pg_stat_activity`) whatever it finds, and under write load reads run back
+//! to back, each finding the few events committed during the one before. So
+//! once reads find [`BUSY_EVENTS`] or more on average ([`Pace`]), the relay
+//! starts one at most every `relay.busy_interval_ms`: fewer, larger reads,
+//! and more of the database left to the writes. At low load reads find an
+//! event or two and the relay still reads at every commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +56,46 @@ pub(crate) struct RelaySettings {
     pub poll_interval: Duration,
     pub leader_check_interval: Duration,
     pub lag_warn_after: Duration,
+    /// The least time between the starts of two reads under load (see [`Pace`]).
+    pub busy_interval: Duration,
+}
+
+/// Events per read, on average, from which the relay is under load.
+pub(crate) const BUSY_EVENTS: f64 = 8.0;
+
+/// When the relay may start its next read: at once while reads find a few
+/// events, at most every `interval` once they find [`BUSY_EVENTS`] or more
+/// on average. The average is over the last few reads (a moving average
+/// that gives each read a quarter of the weight), so one large commit after
+/// a quiet spell does not slow the reads that follow it.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    interval: Duration,
+    average: f64,
+}
+
+impl Pace {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            average: 0.0,
+        }
+    }
+
+    /// A read that started at `started` found `events`: the earliest start
+    /// of the next one.
+    pub(crate) fn next_read(
+        &mut self,
+        started: tokio::time::Instant,
+        events: usize,
+    ) -> tokio::time::Instant {
+        self.average += (events as f64 - self.average) / 4.0;
+        if self.average >= BUSY_EVENTS {
+            started + self.interval
+        } else {
+            started
+        }
+    }
 }
 
 /// A counter bumped whenever the log may have grown; SSE streams and the
@@ -232,9 +280,18 @@ impl Relay {
     async fn publish(&self, held: &mut Held, mut position: i64, published: &watch::Sender<i64>) {
         let leading = held.token().clone();
         let mut wait = FeedWait::new(&self.signal, self.settings.poll_interval);
+        let mut pace = Pace::new(self.settings.busy_interval);
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut next_read = tokio::time::Instant::now();
         while held.still_leading().await {
+            if next_read > tokio::time::Instant::now() {
+                tokio::select! {
+                    _ = leading.cancelled() => continue,
+                    _ = tokio::time::sleep_until(next_read) => {}
+                }
+            }
             wait.before_read();
+            let started = tokio::time::Instant::now();
             let batch = match self
                 .store
                 .feed(position, self.settings.batch_size, &FeedFilter::default())
@@ -247,6 +304,7 @@ impl Relay {
                     continue;
                 }
             };
+            next_read = pace.next_read(started, batch.len());
             let Some(last) = batch.last() else {
                 wait.idle(&leading).await;
                 continue;
@@ -346,6 +404,60 @@ async fn report_lag(
         }
         if sleep_or_shutdown(LAG_EVERY, &leading).await {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    const INTERVAL: Duration = Duration::from_millis(4);
+
+    #[test]
+    fn a_few_events_per_read_never_wait() {
+        let mut pace = Pace::new(INTERVAL);
+        let t = Instant::now();
+        for n in [1, 2, 0, 3, 1, 7, 2, 1] {
+            assert_eq!(pace.next_read(t, n), t, "after a read of {n}");
+        }
+    }
+
+    #[test]
+    fn one_large_read_after_a_quiet_spell_does_not_wait() {
+        let mut pace = Pace::new(INTERVAL);
+        let t = Instant::now();
+        for _ in 0..8 {
+            pace.next_read(t, 1);
+        }
+        assert_eq!(pace.next_read(t, 20), t);
+    }
+
+    #[test]
+    fn sustained_load_spaces_reads_until_it_ends() {
+        let mut pace = Pace::new(INTERVAL);
+        let t = Instant::now();
+        let paced: Vec<bool> = [12, 12, 12, 12, 12, 12, 0, 0, 0, 0]
+            .into_iter()
+            .map(|n| pace.next_read(t, n) == t + INTERVAL)
+            .collect();
+        // 12 × (1 − (3/4)^k) reaches 8 at the fourth read; empty reads bring
+        // the average back under 8 at once.
+        assert_eq!(
+            paced,
+            [
+                false, false, false, true, true, true, false, false, false, false
+            ]
+        );
+    }
+
+    #[test]
+    fn a_zero_interval_never_waits() {
+        let mut pace = Pace::new(Duration::ZERO);
+        let t = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(pace.next_read(t, 500), t);
         }
     }
 }

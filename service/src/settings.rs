@@ -113,6 +113,13 @@ pub struct RelayConfig {
     pub feed_held_warn_secs: u64,
     /// Seconds between SSE keep-alive comments.
     pub sse_heartbeat_secs: u64,
+    /// Under sustained load (reads finding [`crate::relay::BUSY_EVENTS`]
+    /// events or more, on average), start a read at most this often
+    /// (milliseconds; 0: read again as soon as a publish is done). Each read
+    /// costs the database a horizon statement whatever it finds, so fewer,
+    /// larger reads leave more of it to the writes; at low load the relay
+    /// still reads at every commit.
+    pub busy_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -426,6 +433,7 @@ leader_check_interval_ms = 1000
 lag_warn_secs = 5
 feed_held_warn_secs = 10
 sse_heartbeat_secs = 15
+busy_interval_ms = 4
 
 [retention]
 sweep_interval_secs = 3600
@@ -592,6 +600,9 @@ impl Settings {
                 "relay",
                 "batch_size, poll_interval_ms and sse_heartbeat_secs must be positive",
             );
+        }
+        if self.relay.busy_interval_ms > 1_000 {
+            return bad("relay.busy_interval_ms", "must be at most 1000");
         }
         if !(1..=10_000).contains(&self.analytics.batch_size) {
             return bad("analytics.batch_size", "must be between 1 and 10000");
@@ -846,6 +857,16 @@ mod tests {
         assert!(s.validate().is_err());
         s.retention.batch_size = 1000;
         s.retention.idempotency_key_ttl_secs = 0;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn relay_pacing_is_bounded() {
+        let mut s: Settings = defaults();
+        assert_eq!(s.relay.busy_interval_ms, 4);
+        s.relay.busy_interval_ms = 0;
+        s.validate().unwrap();
+        s.relay.busy_interval_ms = 1_001;
         assert!(s.validate().is_err());
     }
 

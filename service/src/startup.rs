@@ -84,6 +84,7 @@ impl Application {
                         settings.relay.leader_check_interval_ms,
                     ),
                     lag_warn_after: Duration::from_secs(settings.relay.lag_warn_secs),
+                    busy_interval: Duration::from_millis(settings.relay.busy_interval_ms),
                 },
                 feed.clone(),
             );
