@@ -97,16 +97,15 @@ impl Bus {
     pub async fn publish_events(
         &self,
         prefix: &str,
-        events: &[crate::store::StoredEvent],
+        events: &[crate::store::FeedMessage],
     ) -> Result<(), BusError> {
         let all = format!("{prefix}events:session");
         let mut pipe = redis::pipe();
         for e in events {
-            let body = serde_json::to_string(&e.envelope(false))?;
-            pipe.cmd("PUBLISH").arg(&all).arg(&body).ignore();
+            pipe.cmd("PUBLISH").arg(&all).arg(&e.json).ignore();
             pipe.cmd("PUBLISH")
                 .arg(format!("{all}:{}", e.aggregate_id))
-                .arg(&body)
+                .arg(&e.json)
                 .ignore();
         }
         self.run_pipeline(&pipe).await

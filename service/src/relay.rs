@@ -36,7 +36,7 @@ use crate::backoff::Backoff;
 use crate::bus::Bus;
 use crate::leader::{self, FeedWait, Held, sleep_or_shutdown};
 use crate::metrics::names;
-use crate::store::{FeedFilter, FeedListener, FeedNotifier, LeaderLock, LeaderRole, Store};
+use crate::store::{FeedListener, FeedNotifier, LeaderLock, LeaderRole, Store};
 
 /// Cursor name of the Redis relay.
 pub(crate) const CURSOR: &str = "redis";
@@ -294,7 +294,7 @@ impl Relay {
             let started = tokio::time::Instant::now();
             let batch = match self
                 .store
-                .feed(position, self.settings.batch_size, &FeedFilter::default())
+                .feed_messages(position, self.settings.batch_size)
                 .await
             {
                 Ok(b) => b,

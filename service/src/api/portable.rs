@@ -252,7 +252,7 @@ fn document(dump: SessionDump) -> Result<SessionExport, ApiError> {
         format_version: EXPORT_FORMAT_VERSION,
         exported_at: format_time(&Utc::now()),
         session: Session::from(&dump.session),
-        events: dump.events.iter().map(|e| e.envelope(true)).collect(),
+        events: dump.events.iter().map(|e| e.envelope()).collect(),
         messages,
         inputs: dump.inputs,
         approvals: dump.approvals,

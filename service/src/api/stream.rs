@@ -174,7 +174,7 @@ pub async fn events_stream(
             };
             let mut out = String::new();
             for e in &events {
-                frame(&mut out, e.position, e.kind.as_str(), &e.envelope(true));
+                frame(&mut out, e.position, e.kind.as_str(), &e.envelope());
             }
             Ok(Some((last, out)))
         }

@@ -42,8 +42,9 @@ impl EventPage {
 }
 
 impl StoredEvent {
-    /// The envelope; `with_metadata` is false for Redis messages (docs/design.md, events).
-    pub fn envelope(&self, with_metadata: bool) -> EventEnvelope {
+    /// The envelope, with its metadata (Redis messages carry none: see
+    /// [`FeedMessage`]).
+    pub fn envelope(&self) -> EventEnvelope {
         EventEnvelope {
             event_id: self.event_id,
             event_type: self.kind.into(),
@@ -53,9 +54,8 @@ impl StoredEvent {
             position: self.position,
             occurred_at: format_time(&self.occurred_at),
             payload: self.payload.clone(),
-            metadata: with_metadata
-                .then(|| serde_json::from_value::<EventMetadata>(self.metadata.clone()).ok())
-                .flatten()
+            metadata: serde_json::from_value::<EventMetadata>(self.metadata.clone())
+                .ok()
                 .map(Into::into),
         }
     }
@@ -128,37 +128,73 @@ fn session_statement(columns: &str, id: Uuid, after_version: i64, limit: u64) ->
     )
 }
 
-/// Appends one envelope, as `EventEnvelope` serialises (metadata included).
-fn write_envelope(out: &mut String, row: &QueryResult) -> Result<(i64, i64), StoreError> {
+/// What [`write_envelope`] wrote an envelope of.
+struct Written {
+    position: i64,
+    version: i64,
+    aggregate_id: Uuid,
+    occurred_at: DateTime<Utc>,
+}
+
+/// Appends one envelope, as `EventEnvelope` serialises, with its metadata
+/// when `with_metadata` (the row then has a `metadata` column).
+fn write_envelope(
+    out: &mut String,
+    row: &QueryResult,
+    with_metadata: bool,
+) -> Result<Written, StoreError> {
     use std::fmt::Write as _;
     let kind: String = row.try_get("", "event_type")?;
     let kind =
         EventKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("event type {kind}")))?;
     let position: i64 = row.try_get("", "position")?;
     let version: i64 = row.try_get("", "version")?;
+    let aggregate_id: Uuid = row.try_get("", "aggregate_id")?;
     let payload: String = row.try_get("", "payload")?;
-    let metadata: String = row.try_get("", "metadata")?;
     let occurred_at: DateTime<Utc> = row.try_get("", "occurred_at")?;
     let _ = write!(
         out,
         "{{\"event_id\":\"{}\",\"event_type\":\"{}\",\"aggregate_type\":\"{AGGREGATE_TYPE}\",\
-         \"aggregate_id\":\"{}\",\"version\":{version},\"position\":{position},\
+         \"aggregate_id\":\"{aggregate_id}\",\"version\":{version},\"position\":{position},\
          \"occurred_at\":\"{}\",\"payload\":{payload}",
         row.try_get::<Uuid>("", "event_id")?,
         kind.as_str(),
-        row.try_get::<Uuid>("", "aggregate_id")?,
         format_time(&occurred_at),
     );
     // The metadata goes through its type, as `StoredEvent::envelope` does:
     // only the known fields, and none when it does not read.
-    if let Ok(m) = serde_json::from_str::<EventMetadata>(&metadata) {
-        let m: crate::contract::EventMetadata = m.into();
-        out.push_str(",\"metadata\":");
-        out.push_str(&serde_json::to_string(&m).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+    if with_metadata {
+        let metadata: String = row.try_get("", "metadata")?;
+        if let Ok(m) = serde_json::from_str::<EventMetadata>(&metadata) {
+            let m: crate::contract::EventMetadata = m.into();
+            out.push_str(",\"metadata\":");
+            out.push_str(
+                &serde_json::to_string(&m).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
+        }
     }
     out.push('}');
-    Ok((position, version))
+    Ok(Written {
+        position,
+        version,
+        aggregate_id,
+        occurred_at,
+    })
 }
+
+/// An event as the relay publishes it: its envelope without metadata, as
+/// JSON text built around the payload's text from PostgreSQL (never parsed).
+#[derive(Debug, Clone)]
+pub struct FeedMessage {
+    pub position: i64,
+    pub aggregate_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub json: String,
+}
+
+/// The columns of a [`FeedMessage`] row.
+const MESSAGE_COLUMNS: &str =
+    "position, event_id, aggregate_id, version, event_type, payload::text AS payload, occurred_at";
 
 impl Store {
     /// Events after `after` in position order, never past the safe horizon.
@@ -175,6 +211,45 @@ impl Store {
         }
         let (sql, values) = feed_statement(EVENT_COLUMNS, after, horizon, limit, filter);
         self.events(sql, values).await
+    }
+
+    /// [`Store::feed`] as the relay's messages.
+    #[instrument(skip(self))]
+    pub async fn feed_messages(
+        &self,
+        after: i64,
+        limit: u64,
+    ) -> Result<Vec<FeedMessage>, StoreError> {
+        let horizon = self.horizon().await?;
+        if horizon.saturating_sub(1) <= after {
+            return Ok(Vec::new());
+        }
+        let (sql, values) = feed_statement(
+            MESSAGE_COLUMNS,
+            after,
+            horizon,
+            limit,
+            &FeedFilter::default(),
+        );
+        self.db
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                values,
+            ))
+            .await?
+            .iter()
+            .map(|row| {
+                let mut json = String::with_capacity(512);
+                let w = write_envelope(&mut json, row, false)?;
+                Ok(FeedMessage {
+                    position: w.position,
+                    aggregate_id: w.aggregate_id,
+                    occurred_at: w.occurred_at,
+                    json,
+                })
+            })
+            .collect()
     }
 
     /// [`Store::feed`] as the JSON body of `/events`.
@@ -243,7 +318,8 @@ impl Store {
             if i > 0 {
                 page.json.push(',');
             }
-            page.last = Some(write_envelope(&mut page.json, row)?);
+            let w = write_envelope(&mut page.json, row, true)?;
+            page.last = Some((w.position, w.version));
         }
         page.json.push(']');
         Ok(page)

@@ -24,7 +24,7 @@ mod sessions;
 
 pub use analytics::{ANALYTICS_CURSOR, AnalyticsPage, AnalyticsRebuild};
 pub use error::StoreError;
-pub use events::{FeedFilter, StoredEvent};
+pub use events::{FeedFilter, FeedMessage, StoredEvent};
 pub use horizon::{HELD_COUNT_CAP, HorizonBlocker, HorizonReport};
 pub use list::{ListCursor, ListFilter};
 pub use live::{ApprovalWritten, InputWritten, NewInput};
