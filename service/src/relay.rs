@@ -24,7 +24,8 @@
 //! once reads find [`BUSY_EVENTS`] or more on average ([`Pace`]), the relay
 //! starts one at most every `relay.busy_interval_ms`: fewer, larger reads,
 //! and more of the database left to the writes. At low load reads find an
-//! event or two and the relay still reads at every commit.
+//! event or two and the relay still reads at every commit; behind the log
+//! (a read that fills its page) it reads on at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,8 +65,8 @@ pub(crate) struct RelaySettings {
 pub(crate) const BUSY_EVENTS: f64 = 8.0;
 
 /// When the relay may start its next read: at once while reads find a few
-/// events, at most every `interval` once they find [`BUSY_EVENTS`] or more
-/// on average. The average is over the last few reads (a moving average
+/// events or a backlog (a full page), at most every `interval` once they
+/// find [`BUSY_EVENTS`] or more on average. The average is over the last few reads (a moving average
 /// that gives each read a quarter of the weight), so one large commit after
 /// a quiet spell does not slow the reads that follow it.
 #[derive(Debug)]
@@ -82,15 +83,16 @@ impl Pace {
         }
     }
 
-    /// A read that started at `started` found `events`: the earliest start
-    /// of the next one.
+    /// A read that started at `started` found `events` (`page_full`: as many
+    /// as it asked for, so more are waiting): the earliest start of the next.
     pub(crate) fn next_read(
         &mut self,
         started: tokio::time::Instant,
         events: usize,
+        page_full: bool,
     ) -> tokio::time::Instant {
         self.average += (events as f64 - self.average) / 4.0;
-        if self.average >= BUSY_EVENTS {
+        if self.average >= BUSY_EVENTS && !page_full {
             started + self.interval
         } else {
             started
@@ -304,7 +306,11 @@ impl Relay {
                     continue;
                 }
             };
-            next_read = pace.next_read(started, batch.len());
+            next_read = pace.next_read(
+                started,
+                batch.len(),
+                batch.len() as u64 >= self.settings.batch_size,
+            );
             let Some(last) = batch.last() else {
                 wait.idle(&leading).await;
                 continue;
@@ -420,7 +426,7 @@ mod tests {
         let mut pace = Pace::new(INTERVAL);
         let t = Instant::now();
         for n in [1, 2, 0, 3, 1, 7, 2, 1] {
-            assert_eq!(pace.next_read(t, n), t, "after a read of {n}");
+            assert_eq!(pace.next_read(t, n, false), t, "after a read of {n}");
         }
     }
 
@@ -429,9 +435,9 @@ mod tests {
         let mut pace = Pace::new(INTERVAL);
         let t = Instant::now();
         for _ in 0..8 {
-            pace.next_read(t, 1);
+            pace.next_read(t, 1, false);
         }
-        assert_eq!(pace.next_read(t, 20), t);
+        assert_eq!(pace.next_read(t, 20, false), t);
     }
 
     #[test]
@@ -440,7 +446,7 @@ mod tests {
         let t = Instant::now();
         let paced: Vec<bool> = [12, 12, 12, 12, 12, 12, 0, 0, 0, 0]
             .into_iter()
-            .map(|n| pace.next_read(t, n) == t + INTERVAL)
+            .map(|n| pace.next_read(t, n, false) == t + INTERVAL)
             .collect();
         // 12 × (1 − (3/4)^k) reaches 8 at the fourth read; empty reads bring
         // the average back under 8 at once.
@@ -457,7 +463,18 @@ mod tests {
         let mut pace = Pace::new(Duration::ZERO);
         let t = Instant::now();
         for _ in 0..10 {
-            assert_eq!(pace.next_read(t, 500), t);
+            assert_eq!(pace.next_read(t, 500, false), t);
         }
+    }
+
+    #[test]
+    fn a_backlog_is_read_without_waiting() {
+        let mut pace = Pace::new(INTERVAL);
+        let t = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(pace.next_read(t, 500, true), t);
+        }
+        // Once caught up, a part page of a busy log waits its turn.
+        assert_eq!(pace.next_read(t, 100, false), t + INTERVAL);
     }
 }
