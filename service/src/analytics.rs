@@ -21,7 +21,7 @@ use crate::backoff::Backoff;
 use crate::leader::{self, FeedWait, Held, sleep_or_shutdown};
 use crate::metrics::names;
 use crate::relay::FeedSignal;
-use crate::store::{FeedFilter, LeaderLock, LeaderRole, Store};
+use crate::store::{LeaderLock, LeaderRole, Store};
 
 #[derive(Debug, Clone)]
 pub(crate) struct AnalyticsSettings {
@@ -95,7 +95,7 @@ impl AnalyticsConsumer {
             let read_at = tokio::time::Instant::now();
             let page = self
                 .store
-                .feed(from, self.settings.batch_size, &FeedFilter::default())
+                .feed_for_analytics(from, self.settings.batch_size)
                 .await;
             let page = match page {
                 Ok(p) if p.is_empty() => {

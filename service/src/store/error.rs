@@ -43,8 +43,11 @@ pub enum StoreError {
     /// Cancelled by `statement_timeout` (a lock wait, a stalled writer).
     #[error("statement cancelled after the statement timeout")]
     TimedOut(#[source] DbErr),
-    #[error("database error")]
-    Database(#[source] DbErr),
+    /// Its text carries PostgreSQL's message, for the logs of the loops
+    /// that retry (the relay, the analytics consumer); a request that
+    /// meets it answers a bare 500 whatever the text.
+    #[error("database error: {0}")]
+    Database(DbErr),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }

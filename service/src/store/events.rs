@@ -213,6 +213,35 @@ impl Store {
         self.events(sql, values).await
     }
 
+    /// [`Store::feed`] for the analytics consumer: each payload holds only
+    /// what `tally_change` reads (the `changes` of a created or updated
+    /// event, without `context` and `checkpoint`, which can be large and
+    /// which the projection never looks at), and no metadata.
+    #[instrument(skip(self))]
+    pub async fn feed_for_analytics(
+        &self,
+        after: i64,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "position, event_id, aggregate_id, version, event_type, \
+                 CASE WHEN event_type IN ('{}', '{}') AND payload ? 'changes' \
+                      THEN jsonb_build_object('changes', (payload->'changes') - 'context' - 'checkpoint') \
+                      ELSE '{{}}'::jsonb END AS payload, \
+                 '{{}}'::jsonb AS metadata, occurred_at",
+                EventKind::Created.as_str(),
+                EventKind::Updated.as_str()
+            )
+        });
+        let horizon = self.horizon().await?;
+        if horizon.saturating_sub(1) <= after {
+            return Ok(Vec::new());
+        }
+        let (sql, values) = feed_statement(&COLUMNS, after, horizon, limit, &FeedFilter::default());
+        self.events(sql, values).await
+    }
+
     /// [`Store::feed`] as the relay's messages.
     #[instrument(skip(self))]
     pub async fn feed_messages(

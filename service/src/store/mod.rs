@@ -14,6 +14,7 @@ mod horizon;
 mod list;
 mod live;
 mod messages;
+mod nodelay;
 mod portable;
 mod relay;
 mod replay;
@@ -106,6 +107,28 @@ impl Store {
             ),
         ];
         co.map_sqlx_postgres_opts(move |o| o.options(session_settings.clone()));
+        // sqlx 0.9.0 leaves Nagle's algorithm on (`nodelay.rs`).
+        let port = opts
+            .url
+            .parse::<sea_orm::sqlx::postgres::PgConnectOptions>()
+            .map(|o| o.get_port())
+            .unwrap_or(5432);
+        co.map_sqlx_postgres_pool_opts(move |p| {
+            p.after_connect(move |_conn, _meta| {
+                Box::pin(async move {
+                    match nodelay::set_on_sockets_to(port) {
+                        Ok(0) => {
+                            tracing::debug!(port, "no socket to the database found for TCP_NODELAY")
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TCP_NODELAY not set on database sockets")
+                        }
+                    }
+                    Ok(())
+                })
+            })
+        });
         co.max_connections(opts.max_connections)
             .min_connections(opts.min_connections)
             .connect_timeout(Duration::from_secs(5))
