@@ -260,25 +260,17 @@ impl Store {
             limit,
             &FeedFilter::default(),
         );
-        self.db
-            .query_all_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                values,
-            ))
-            .await?
-            .iter()
-            .map(|row| {
-                let mut json = String::with_capacity(512);
-                let w = write_envelope(&mut json, row, false)?;
-                Ok(FeedMessage {
-                    position: w.position,
-                    aggregate_id: w.aggregate_id,
-                    occurred_at: w.occurred_at,
-                    json,
-                })
+        self.rows_of(sql, values, |row| {
+            let mut json = String::with_capacity(512);
+            let w = write_envelope(&mut json, row, false)?;
+            Ok(FeedMessage {
+                position: w.position,
+                aggregate_id: w.aggregate_id,
+                occurred_at: w.occurred_at,
+                json,
             })
-            .collect()
+        })
+        .await
     }
 
     /// [`Store::feed`] as the JSON body of `/events`.
@@ -372,6 +364,16 @@ impl Store {
         sql: String,
         values: Vec<Param>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.rows_of(sql, values, rows::event).await
+    }
+
+    /// Run a feed statement and turn each row into a `T`.
+    async fn rows_of<T>(
+        &self,
+        sql: String,
+        values: Vec<Param>,
+        each: impl Fn(&QueryResult) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         self.db
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
@@ -380,7 +382,7 @@ impl Store {
             ))
             .await?
             .iter()
-            .map(rows::event)
+            .map(each)
             .collect()
     }
 }
