@@ -197,6 +197,23 @@ const MESSAGE_COLUMNS: &str =
     "position, event_id, aggregate_id, version, event_type, payload::text AS payload, occurred_at";
 
 impl Store {
+    /// The feed's statement over `columns` below the horizon computed now
+    /// (a statement earlier than the read, as G3 needs); `None` when
+    /// nothing after `after` is below it.
+    async fn feed_below_horizon(
+        &self,
+        columns: &str,
+        after: i64,
+        limit: u64,
+        filter: &FeedFilter,
+    ) -> Result<Option<(String, Vec<Param>)>, StoreError> {
+        let horizon = self.horizon().await?;
+        if horizon.saturating_sub(1) <= after {
+            return Ok(None);
+        }
+        Ok(Some(feed_statement(columns, after, horizon, limit, filter)))
+    }
+
     /// Events after `after` in position order, never past the safe horizon.
     #[instrument(skip(self))]
     pub async fn feed(
@@ -205,12 +222,13 @@ impl Store {
         limit: u64,
         filter: &FeedFilter,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let horizon = self.horizon().await?;
-        if horizon.saturating_sub(1) <= after {
-            return Ok(Vec::new());
+        match self
+            .feed_below_horizon(EVENT_COLUMNS, after, limit, filter)
+            .await?
+        {
+            Some((sql, values)) => self.events(sql, values).await,
+            None => Ok(Vec::new()),
         }
-        let (sql, values) = feed_statement(EVENT_COLUMNS, after, horizon, limit, filter);
-        self.events(sql, values).await
     }
 
     /// [`Store::feed`] for the analytics consumer: each payload holds only
@@ -234,12 +252,14 @@ impl Store {
                 EventKind::Updated.as_str()
             )
         });
-        let horizon = self.horizon().await?;
-        if horizon.saturating_sub(1) <= after {
-            return Ok(Vec::new());
+        let filter = FeedFilter::default();
+        match self
+            .feed_below_horizon(&COLUMNS, after, limit, &filter)
+            .await?
+        {
+            Some((sql, values)) => self.events(sql, values).await,
+            None => Ok(Vec::new()),
         }
-        let (sql, values) = feed_statement(&COLUMNS, after, horizon, limit, &FeedFilter::default());
-        self.events(sql, values).await
     }
 
     /// [`Store::feed`] as the relay's messages.
@@ -249,17 +269,13 @@ impl Store {
         after: i64,
         limit: u64,
     ) -> Result<Vec<FeedMessage>, StoreError> {
-        let horizon = self.horizon().await?;
-        if horizon.saturating_sub(1) <= after {
+        let filter = FeedFilter::default();
+        let Some((sql, values)) = self
+            .feed_below_horizon(MESSAGE_COLUMNS, after, limit, &filter)
+            .await?
+        else {
             return Ok(Vec::new());
-        }
-        let (sql, values) = feed_statement(
-            MESSAGE_COLUMNS,
-            after,
-            horizon,
-            limit,
-            &FeedFilter::default(),
-        );
+        };
         self.rows_of(sql, values, |row| {
             let mut json = String::with_capacity(512);
             let w = write_envelope(&mut json, row, false)?;
@@ -281,11 +297,12 @@ impl Store {
         limit: u64,
         filter: &FeedFilter,
     ) -> Result<EventPage, StoreError> {
-        let horizon = self.horizon().await?;
-        if horizon.saturating_sub(1) <= after {
+        let Some((sql, values)) = self
+            .feed_below_horizon(EVENT_TEXT_COLUMNS, after, limit, filter)
+            .await?
+        else {
             return Ok(EventPage::empty());
-        }
-        let (sql, values) = feed_statement(EVENT_TEXT_COLUMNS, after, horizon, limit, filter);
+        };
         self.page(Statement::from_sql_and_values(
             DbBackend::Postgres,
             sql,
