@@ -167,12 +167,35 @@ pgbench_p50() { # $1: sql file; median of the per-transaction log (microseconds,
 }
 target_of() { case $1 in read) echo "P2 0.8" ;; *) echo "P1 1.0" ;; esac; }
 
+# Wait (at most 60 s) until the relay and the analytics consumer have caught
+# up with the log the runs before left behind (the previous path's events,
+# and pgbench's, which write the same log while the service is stopped):
+# their catching up shares the cores with the path under test and would
+# count against whichever path runs next. Each path's own events are
+# published and folded while it runs, as in production.
+settle() {
+  local last= now lag
+  for _ in $(seq 1 120); do
+    now=$(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {l = $2} /^analytics_position / {a = $2} END {print l + 0, a}')
+    lag=${now%% *}
+    [ "$lag" = 0 ] && [ "$now" = "$last" ] && return 0
+    last=$now
+    sleep 0.5
+  done
+  echo "settle: still catching up ($now)" >&2
+}
 # The service is stopped while pgbench runs: its idle pool would otherwise
 # hold connections PostgreSQL's max_connections (100 here) cannot spare at 64.
 declare -A svc
 for conns in $CONNS_LIST; do
   start_service "$conns"
-  for path in create update read; do svc[$path]=$(wrk_rate "$work/$path.lua" "$conns"); done
+  for path in create update read; do
+    settle
+    svc[$path]=$(wrk_rate "$work/$path.lua" "$conns")
+    # What the relay had left to publish when the run ended: a relay that
+    # fell behind would flatter the rate.
+    echo "$path@$conns: relay lag at the end of the run: $(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {print $2}') events" >&2
+  done
   stop_service
   printf '%-22s %12s %12s %8s\n' "path ($conns conns)" "service/s" "pgbench/s" "ratio"
   for path in create update read; do
@@ -187,21 +210,6 @@ for conns in $CONNS_LIST; do
   done
 done
 
-# Wait (at most 60 s) until the relay and the analytics consumer have caught
-# up with the log the runs before left behind: their catching up shares the
-# cores with the request under test and would count against whichever mode
-# runs first.
-settle() {
-  local last= now lag
-  for _ in $(seq 1 120); do
-    now=$(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {l = $2} /^analytics_position / {a = $2} END {print l + 0, a}')
-    lag=${now%% *}
-    [ "$lag" = 0 ] && [ "$now" = "$last" ] && return 0
-    last=$now
-    sleep 0.5
-  done
-  echo "settle: still catching up ($now)" >&2
-}
 median() { sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}'; }
 if [ "$SINGLE" != 0 ]; then
   declare -A on off
