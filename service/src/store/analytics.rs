@@ -14,7 +14,7 @@
 //! exactly the events up to its position, whoever writes it (a deposed
 //! consumer or a rebuild running beside one finds the row moved and stops).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::{
@@ -544,9 +544,17 @@ impl Store {
                 )
             })
             .collect();
-        let mut ids: Vec<Uuid> = folding.iter().map(|e| e.aggregate_id).collect();
+        // Only sessions that existed before the page can have a summary: one
+        // whose first event here is its creation had none (an id is never
+        // used twice: a deleted session's tombstone keeps it), so a page of
+        // new sessions reads nothing.
+        let mut seen = HashSet::new();
+        let mut ids: Vec<Uuid> = folding
+            .iter()
+            .filter(|e| seen.insert(e.aggregate_id) && e.kind != EventKind::Created)
+            .map(|e| e.aggregate_id)
+            .collect();
         ids.sort_unstable();
-        ids.dedup();
         let before: HashMap<Uuid, Tally> = if ids.is_empty() {
             HashMap::new()
         } else {
