@@ -176,7 +176,7 @@ pub(crate) async fn listen_for_commits(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
-        let mut listener = match FeedListener::connect(&database_url).await {
+        let mut listener = match FeedListener::connect(&database_url, &replica).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(error = %e, "feed listener cannot connect; retrying");

@@ -3,7 +3,9 @@
 //! the cross-replica wake-up (`NOTIFY`), and lag figures.
 
 use chrono::{DateTime, Utc};
-use sea_orm::sqlx::postgres::PgListener;
+use std::str::FromStr;
+
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sea_orm::sqlx::{self, Connection, PgConnection};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
@@ -15,6 +17,22 @@ pub const FEED_CHANNEL: &str = "agent_sessions_events";
 /// `pg_notify` on a channel (`$1`) with a payload (`$2`), not waiting for
 /// the commit to be flushed.
 const NOTIFY_SQL: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)";
+
+/// The `application_name` of a replica's [`FeedListener`] connection,
+/// followed by the replica's tag: how a [`FeedNotifier`] sees whether any
+/// other replica listens (PostgreSQL keeps the first 63 bytes: 24 + a
+/// 36-character UUID fit).
+const LISTENER_NAME: &str = "agent-sessions listener ";
+
+/// How long a [`FeedNotifier`]'s answer to "does another replica listen?"
+/// is used before it asks again.
+const LISTENERS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Whether a replica other than `$1` (a full listener name) has a listener
+/// on this database.
+const OTHER_LISTENERS_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+     WHERE datname = current_database() AND application_name LIKE 'agent-sessions listener %' \
+     AND application_name <> $1)";
 
 /// What a leader lock elects: each role is held by one replica at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,8 +201,15 @@ pub struct FeedListener {
 }
 
 impl FeedListener {
-    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
-        let mut listener = PgListener::connect(url).await?;
+    /// Listen as replica `replica`: the connection is named after it, so
+    /// other replicas' [`FeedNotifier`]s know someone listens.
+    pub async fn connect(url: &str, replica: &str) -> Result<Self, sqlx::Error> {
+        let options =
+            PgConnectOptions::from_str(url)?.application_name(&format!("{LISTENER_NAME}{replica}"));
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options);
+        let mut listener = PgListener::connect_with(&pool).await?;
         listener.eager_reconnect(false);
         listener.listen(FEED_CHANNEL).await?;
         Ok(Self { listener })
@@ -203,9 +228,19 @@ impl FeedListener {
 /// Sends [`FEED_CHANNEL`] notifications over a connection of its own, so a
 /// wake-up for the other replicas never waits for (or holds) a pooled
 /// connection. It connects lazily and again after any error.
+///
+/// A `NOTIFY` is a transaction, and every listener of the server wakes for
+/// it: with no other replica listening (one replica, the usual case) it is
+/// not sent. Whether another replica listens is asked again every
+/// [`LISTENERS_CHECK_EVERY`]; a replica that starts meanwhile misses at most
+/// that much of the wake-ups, which its readers' polls cover (a `NOTIFY`
+/// is a wake-up, never the record), and its listener's first connect
+/// signals its readers anyway.
 pub struct FeedNotifier {
     url: String,
     conn: Option<PgConnection>,
+    /// When others were last looked for, and whether any listened.
+    others: Option<(std::time::Instant, bool)>,
 }
 
 impl FeedNotifier {
@@ -213,25 +248,39 @@ impl FeedNotifier {
         Self {
             url: url.to_owned(),
             conn: None,
+            others: None,
         }
     }
 
-    /// Notify, tagged `from` (see [`Store::notify_feed`]).
-    pub async fn notify(&mut self, from: &str) -> Result<(), sqlx::Error> {
+    /// Notify, tagged `from` (see [`Store::notify_feed`]), unless no other
+    /// replica listens; `Ok(true)` when sent.
+    pub async fn notify(&mut self, from: &str) -> Result<bool, sqlx::Error> {
         let conn = match self.conn.as_mut() {
             Some(c) => c,
             None => self.conn.insert(PgConnection::connect(&self.url).await?),
         };
-        let sent = sqlx::query(NOTIFY_SQL)
-            .bind(FEED_CHANNEL)
-            .bind(from)
-            .execute(conn)
-            .await;
+        let sent = match self.others {
+            Some((at, others)) if at.elapsed() < LISTENERS_CHECK_EVERY => Ok(others),
+            _ => sqlx::query_scalar::<_, bool>(OTHER_LISTENERS_SQL)
+                .bind(format!("{LISTENER_NAME}{from}"))
+                .fetch_one(&mut *conn)
+                .await
+                .inspect(|&others| self.others = Some((std::time::Instant::now(), others))),
+        };
+        let sent = match sent {
+            Ok(true) => sqlx::query(NOTIFY_SQL)
+                .bind(FEED_CHANNEL)
+                .bind(from)
+                .execute(conn)
+                .await
+                .map(|_| true),
+            other => other,
+        };
         if sent.is_err()
             && let Some(c) = self.conn.take()
         {
             let _ = c.close().await;
         }
-        sent.map(|_| ())
+        sent
     }
 }

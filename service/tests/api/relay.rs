@@ -6,6 +6,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use agent_sessions::store::{FeedListener, FeedNotifier};
+
 use crate::support::app::{TestApp, id_of, read_sse};
 use crate::support::db::TestDatabase;
 use crate::support::redis_server::{RedisServer, Subscriber, delivery};
@@ -213,6 +215,41 @@ async fn two_replicas_publish_once_and_the_standby_takes_over() {
     eprintln!("standby took over and published in {:?}", started.elapsed());
     let feed = standby.api.whole_feed().await;
     check_delivery(&sub.on(&channel).await, &feed);
+}
+
+/// A replica sends its cross-replica wake-up only when another replica
+/// listens, and that one hears it (its own notifications it skips by tag).
+#[tokio::test]
+async fn a_replica_notifies_only_when_another_one_listens() {
+    let db = TestDatabase::migrated().await;
+    let mut own = FeedListener::connect(&db.url, "replica-a").await.unwrap();
+    let mut a = FeedNotifier::new(&db.url);
+    assert!(
+        !a.notify("replica-a").await.unwrap(),
+        "alone (its own listener only): no NOTIFY"
+    );
+    let mut other = FeedListener::connect(&db.url, "replica-b").await.unwrap();
+    // The notifier's last answer ("nobody else") is kept for a short while.
+    notify_until(&mut a, true, "the other listener to be seen").await;
+    let from = tokio::time::timeout(SECS_10, other.next()).await.unwrap();
+    assert_eq!(from.as_deref(), Some("replica-a"));
+    // Replica a's own listener hears it too, tagged, and skips it.
+    let own_from = tokio::time::timeout(SECS_10, own.next()).await.unwrap();
+    assert_eq!(own_from.as_deref(), Some("replica-a"));
+    drop(other);
+    notify_until(&mut a, false, "replica b's listener to be gone").await;
+}
+
+/// Notify as replica a until the notifier answers `sent` (at most 10 s).
+async fn notify_until(a: &mut FeedNotifier, sent: bool, what: &str) {
+    let deadline = std::time::Instant::now() + SECS_10;
+    while a.notify("replica-a").await.unwrap() != sent {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
