@@ -8,8 +8,9 @@
 //! batch of one, on a connection the lane holds (no pool acquire, no
 //! release, no hop to another thread). Otherwise it queues its command;
 //! when fewer drainers than the lane's limit are running, it starts one as
-//! a task on the runtime the lane was made on (`serve`'s main runtime,
-//! which outlives the HTTP workers' runtimes in a graceful shutdown). A
+//! a task on the lanes' own thread ([`LaneThread`]: its runtime outlives the
+//! HTTP workers' runtimes in a graceful shutdown, and nothing else runs on
+//! it to delay taking a statement's answer). A
 //! drainer takes everything queued (at most [`MAX_BATCH`]), runs the
 //! commands of each kind (read by id, create, update) as one statement,
 //! answers each caller through its own oneshot, and goes on until the queue
@@ -139,10 +140,10 @@ struct State {
 }
 
 impl Shared {
-    /// Drainers run on the runtime the lane was made on (`serve`'s main
-    /// one), which outlives the HTTP workers: a worker's runtime stops when
-    /// its own requests are done during a graceful shutdown, and a drainer
-    /// on it would be dropped mid-batch with other workers' commands.
+    /// Drainers run on the lanes' thread (else on the runtime the lane was
+    /// made on), which outlives the HTTP workers: a worker's runtime stops
+    /// when its own requests are done during a graceful shutdown, and a
+    /// drainer on it would be dropped mid-batch with other workers' commands.
     fn spawn(&self, drainer: impl Future<Output = ()> + Send + 'static) {
         match &self.runtime {
             Some(rt) => {
@@ -183,10 +184,14 @@ impl Shared {
 impl Lane {
     /// A lane of at most `drainers` statements at once, on connections of
     /// `pool` (kept between batches, at most `drainers` of them).
-    pub(crate) fn new(pool: &PgPool, drainers: usize) -> Self {
+    pub(crate) fn new(
+        pool: &PgPool,
+        drainers: usize,
+        runtime: Option<tokio::runtime::Handle>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                runtime: tokio::runtime::Handle::try_current().ok(),
+                runtime: runtime.or_else(|| tokio::runtime::Handle::try_current().ok()),
                 pool: pool.clone(),
                 drainers: drainers.max(1),
                 state: Mutex::new(State {
@@ -292,6 +297,53 @@ impl Lane {
             }
             stopped.await;
         }
+    }
+}
+
+/// The thread the drainers run on: a runtime of their own, so that a
+/// statement's answer is taken as soon as it arrives rather than when the
+/// main runtime is done with the relay, the analytics consumer and the
+/// rest (creates at 64 connections: 7,464–8,614/s on the main runtime,
+/// 8,138–9,213/s here, alternating builds). Lane connections are opened
+/// by drainers, so their sockets belong to this runtime too. The thread
+/// ends when this is dropped: the lanes close first (`Store::close`).
+pub(crate) struct LaneThread {
+    handle: Option<tokio::runtime::Handle>,
+    _stop: Option<oneshot::Sender<()>>,
+}
+
+impl LaneThread {
+    pub(crate) fn start() -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let Ok(rt) = rt else {
+            return Self {
+                handle: None,
+                _stop: None,
+            };
+        };
+        let handle = rt.handle().clone();
+        let spawned = std::thread::Builder::new()
+            .name("db-batches".into())
+            .spawn(move || {
+                let _ = rt.block_on(stopped);
+            });
+        match spawned {
+            Ok(_) => Self {
+                handle: Some(handle),
+                _stop: Some(stop),
+            },
+            Err(_) => Self {
+                handle: None,
+                _stop: None,
+            },
+        }
+    }
+
+    pub(crate) fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.handle.clone()
     }
 }
 

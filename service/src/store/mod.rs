@@ -78,14 +78,17 @@ pub struct Store {
 struct Lanes {
     read: Lane,
     write: Lane,
+    _thread: batch::LaneThread,
 }
 
 impl Lanes {
     fn start(db: &DatabaseConnection, executors: usize) -> Self {
         let pool = db.get_postgres_connection_pool();
+        let thread = batch::LaneThread::start();
         Self {
-            read: Lane::new(pool, executors),
-            write: Lane::new(pool, executors),
+            read: Lane::new(pool, executors, thread.handle()),
+            write: Lane::new(pool, executors, thread.handle()),
+            _thread: thread,
         }
     }
 }
