@@ -168,12 +168,12 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
     /// `idle_in_transaction_session_timeout` of the service's connections.
     pub idle_in_transaction_timeout_ms: u64,
-    /// Drainers (statements at once) of each of the two lanes of batched
-    /// commands (reads by id; creates and updates), each holding one
-    /// connection of the pool: concurrent commands of a kind run as one
-    /// statement per drainer (natural batching). Two or more per lane, so
-    /// that a write waiting for a lock holds up only its own batch. 0 runs
-    /// every command alone.
+    /// Drainers (statements at once) of the lane of batched writes
+    /// (creates and updates), each holding one connection of the pool:
+    /// concurrent commands of a kind run as one statement per drainer
+    /// (natural batching). Two or more, so that a write waiting for a lock
+    /// holds up only its own batch. The lane of reads by id has one drainer
+    /// (a read waits for no lock). 0 runs every command alone.
     pub batch_executors: usize,
 }
 
@@ -554,10 +554,10 @@ impl Settings {
                 "must be at least 1 and at least min_connections",
             );
         }
-        if 2 * self.database.batch_executors >= self.database.max_connections as usize {
+        if self.database.batch_executors + 1 >= self.database.max_connections as usize {
             return bad(
                 "database.batch_executors",
-                "two lanes of drainers must leave the pool at least one connection",
+                "the lanes' drainers (these and the read lane's one) must leave the pool at least one connection",
             );
         }
         if self.server.max_json_depth == 0 || self.server.max_json_depth > 64 {

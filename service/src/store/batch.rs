@@ -2,7 +2,9 @@
 //!
 //! Commands go to a [`Lane`]: a queue drained by at most a few drainers at a
 //! time, each holding a connection of its own. There are two lanes, reads
-//! and writes, so a read never waits behind a write that waits for a lock.
+//! and writes, so a read never waits behind a write that waits for a lock
+//! (the read lane has one drainer; the write lane several, so a write
+//! waiting for a lock holds up only its own batch).
 //! A caller that finds the lane idle (nothing queued, a drainer's place
 //! free) takes the place and runs its command at once on its own task: a
 //! batch of one, on a connection the lane holds (no pool acquire, no
