@@ -6,6 +6,7 @@
 #
 #   bench/p3.sh
 #   P3_SLOW=/tmp/slow.txt bench/p3.sh   # also list each event slower than 10 ms
+#   P3_WARMUP=0 P3_LOG=info bench/p3.sh # measure from the first write, with the service's log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT_BENCH:-18012}
@@ -16,7 +17,7 @@ bash scripts/deps.sh
 cargo build -q --release --bin agent-sessions --example p3_latency
 psql "$ADMIN" -qc "drop database if exists $DB with (force)" -qc "create database $DB"
 DATABASE_URL=$URL ./target/release/agent-sessions migrate
-DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__REDIS__CHANNEL_PREFIX="bench:p3:" \
+DATABASE_URL=$URL PORT=$PORT RUST_LOG=${P3_LOG:-warn} APP__AUTH__ENABLED=false APP__REDIS__CHANNEL_PREFIX="bench:p3:" \
   ./target/release/agent-sessions serve &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait 2>/dev/null' EXIT
