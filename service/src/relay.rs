@@ -205,7 +205,10 @@ pub(crate) async fn listen_for_commits(
 }
 
 pub(crate) struct Relay {
+    /// The publish loop's (one connection).
     store: Store,
+    /// The cursor saver's and the lag measure's.
+    aux: Store,
     bus: Arc<Bus>,
     settings: RelaySettings,
     signal: FeedSignal,
@@ -214,12 +217,14 @@ pub(crate) struct Relay {
 impl Relay {
     pub(crate) fn new(
         store: Store,
+        aux: Store,
         bus: Arc<Bus>,
         settings: RelaySettings,
         signal: FeedSignal,
     ) -> Self {
         Self {
             store,
+            aux,
             bus,
             settings,
             signal,
@@ -261,12 +266,12 @@ impl Relay {
         };
         let (published, watch_published) = watch::channel(start);
         let saver = tokio::spawn(save_cursor(
-            self.store.clone(),
+            self.aux.clone(),
             watch_published.clone(),
             leading.clone(),
         ));
         let lag = tokio::spawn(report_lag(
-            self.store.clone(),
+            self.aux.clone(),
             watch_published,
             self.settings.lag_warn_after,
             leading.clone(),
