@@ -315,32 +315,35 @@ pub(crate) struct LaneThread {
 }
 
 impl LaneThread {
+    /// Start the thread; should that fail (no thread or runtime to be had),
+    /// drainers run on the runtime the lane is made on, as they would
+    /// without one.
     pub(crate) fn start() -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
-        let rt = tokio::runtime::Builder::new_current_thread()
+        let started = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build();
-        let Ok(rt) = rt else {
-            return Self {
-                handle: None,
-                _stop: None,
-            };
-        };
-        let handle = rt.handle().clone();
-        let spawned = std::thread::Builder::new()
-            .name("db-batches".into())
-            .spawn(move || {
-                let _ = rt.block_on(stopped);
+            .build()
+            .and_then(|rt| {
+                let handle = rt.handle().clone();
+                std::thread::Builder::new()
+                    .name("db-batches".into())
+                    .spawn(move || {
+                        let _ = rt.block_on(stopped);
+                    })
+                    .map(|_| handle)
             });
-        match spawned {
-            Ok(_) => Self {
+        match started {
+            Ok(handle) => Self {
                 handle: Some(handle),
                 _stop: Some(stop),
             },
-            Err(_) => Self {
-                handle: None,
-                _stop: None,
-            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread of their own for the batch drainers");
+                Self {
+                    handle: None,
+                    _stop: None,
+                }
+            }
         }
     }
 

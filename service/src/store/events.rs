@@ -214,6 +214,24 @@ impl Store {
         Ok(Some(feed_statement(columns, after, horizon, limit, filter)))
     }
 
+    /// The events of [`Store::feed_below_horizon`]'s statement, read as
+    /// [`StoredEvent`]s (`columns` in [`EVENT_COLUMNS`]' shape).
+    async fn events_below_horizon(
+        &self,
+        columns: &str,
+        after: i64,
+        limit: u64,
+        filter: &FeedFilter,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        match self
+            .feed_below_horizon(columns, after, limit, filter)
+            .await?
+        {
+            Some((sql, values)) => self.events(sql, values).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Events after `after` in position order, never past the safe horizon.
     #[instrument(skip(self))]
     pub async fn feed(
@@ -222,13 +240,8 @@ impl Store {
         limit: u64,
         filter: &FeedFilter,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        match self
-            .feed_below_horizon(EVENT_COLUMNS, after, limit, filter)
-            .await?
-        {
-            Some((sql, values)) => self.events(sql, values).await,
-            None => Ok(Vec::new()),
-        }
+        self.events_below_horizon(EVENT_COLUMNS, after, limit, filter)
+            .await
     }
 
     /// [`Store::feed`] for the analytics consumer: each payload holds only
@@ -252,14 +265,8 @@ impl Store {
                 EventKind::Updated.as_str()
             )
         });
-        let filter = FeedFilter::default();
-        match self
-            .feed_below_horizon(&COLUMNS, after, limit, &filter)
-            .await?
-        {
-            Some((sql, values)) => self.events(sql, values).await,
-            None => Ok(Vec::new()),
-        }
+        self.events_below_horizon(&COLUMNS, after, limit, &FeedFilter::default())
+            .await
     }
 
     /// [`Store::feed`] as the relay's messages.

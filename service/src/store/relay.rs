@@ -29,9 +29,9 @@ const LISTENER_NAME: &str = "agent-sessions listener ";
 const LISTENERS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Whether a replica other than `$1` (a full listener name) has a listener
-/// on this database.
+/// on this database (`$2`: [`LISTENER_NAME`]).
 const OTHER_LISTENERS_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
-     WHERE datname = current_database() AND application_name LIKE 'agent-sessions listener %' \
+     WHERE datname = current_database() AND starts_with(application_name, $2) \
      AND application_name <> $1)";
 
 /// What a leader lock elects: each role is held by one replica at a time.
@@ -259,15 +259,16 @@ impl FeedNotifier {
             Some(c) => c,
             None => self.conn.insert(PgConnection::connect(&self.url).await?),
         };
-        let sent = match self.others {
+        let others = match self.others {
             Some((at, others)) if at.elapsed() < LISTENERS_CHECK_EVERY => Ok(others),
             _ => sqlx::query_scalar::<_, bool>(OTHER_LISTENERS_SQL)
                 .bind(format!("{LISTENER_NAME}{from}"))
+                .bind(LISTENER_NAME)
                 .fetch_one(&mut *conn)
                 .await
                 .inspect(|&others| self.others = Some((std::time::Instant::now(), others))),
         };
-        let sent = match sent {
+        let sent = match others {
             Ok(true) => sqlx::query(NOTIFY_SQL)
                 .bind(FEED_CHANNEL)
                 .bind(from)
