@@ -9,7 +9,6 @@
 //! only move `last_event_at`. docs/design.md (9.5) defines each figure.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
 use super::event::EventKind;
@@ -39,9 +38,9 @@ pub struct TallyChange {
 }
 
 /// A session's figures as of its last folded event. Times in microseconds.
-/// Serialised, it is a row of the analytics projection (which keeps
-/// neither the last event's time nor a deletion: deleted sessions leave it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Less its last event's time and its deletion, it is a row of the
+/// analytics projection (deleted sessions leave it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tally {
     pub session_id: Uuid,
     pub agent_id: Uuid,
@@ -50,9 +49,7 @@ pub struct Tally {
     pub created_at: DateTime<Utc>,
     /// When the current status began (for `completed`, when the session ended).
     pub status_since: DateTime<Utc>,
-    #[serde(skip)]
     pub last_event_at: DateTime<Utc>,
-    #[serde(skip)]
     pub deleted_at: Option<DateTime<Utc>>,
     /// Closed stretches per status: `active`, `paused`, `crashed`.
     pub active_us: i64,

@@ -239,12 +239,60 @@ fn stmt(sql: impl Into<String>, values: Vec<Param>) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }
 
-/// `jsonb_to_recordset` column list of the tally rows.
-const TALLY_RECORD: &str = "session_id uuid, agent_id uuid, session_type text, status text, \
-     created_at timestamptz, status_since timestamptz, active_us bigint, paused_us bigint, \
-     crashed_us bigint, pauses bigint, resumes bigint, recoveries bigint, crashes bigint, \
-     worker_generations bigint, restarts bigint, turns bigint, input_tokens bigint, \
-     output_tokens bigint, cost_micro_usd bigint";
+/// The upsert of a fold's summaries, one array per column, in the order of
+/// [`TALLY_COLUMNS`]. Arrays travel in binary; the same rows as one jsonb
+/// document cost PostgreSQL about 2.5× as much (400 summaries: 22 ms to
+/// parse and unpack the document, 6.3 ms from arrays), most of a fold's
+/// cost per new session.
+static UPSERT_TALLIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let types = "uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]";
+    let counts = (7..=19)
+        .map(|i| format!("${i}::int8[]"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let set = TALLY_COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO analytics_sessions ({TALLY_COLUMNS}) \
+         SELECT * FROM unnest($1::{types}, {counts}) \
+         ON CONFLICT (session_id) DO UPDATE SET {set}"
+    )
+});
+
+/// The parameters of [`UPSERT_TALLIES`].
+fn tally_arrays(kept: &[&Tally]) -> Vec<Param> {
+    fn col<T>(kept: &[&Tally], f: impl Fn(&Tally) -> T) -> Param
+    where
+        Vec<T>: Into<Param>,
+    {
+        kept.iter().map(|t| f(t)).collect::<Vec<T>>().into()
+    }
+    vec![
+        col(kept, |t| t.session_id),
+        col(kept, |t| t.agent_id),
+        col(kept, |t| t.session_type.clone()),
+        col(kept, |t| t.status.as_str().to_owned()),
+        col(kept, |t| t.created_at),
+        col(kept, |t| t.status_since),
+        col(kept, |t| t.active_us),
+        col(kept, |t| t.paused_us),
+        col(kept, |t| t.crashed_us),
+        col(kept, |t| t.pauses),
+        col(kept, |t| t.resumes),
+        col(kept, |t| t.recoveries),
+        col(kept, |t| t.crashes),
+        col(kept, |t| t.worker_generations),
+        col(kept, |t| t.restarts),
+        col(kept, |t| t.turns),
+        col(kept, |t| t.input_tokens),
+        col(kept, |t| t.output_tokens),
+        col(kept, |t| t.cost_micro_usd),
+    ]
+}
 
 /// Lock the cursor row; its position, created at 0 when absent.
 async fn lock_cursor(txn: &DatabaseTransaction) -> Result<i64, StoreError> {
@@ -649,23 +697,8 @@ impl Store {
             .await?;
         }
         if !kept.is_empty() {
-            let rows = serde_json::to_value(&kept)
-                .map_err(|e| StoreError::Corrupt(format!("analytics rows: {e}")))?;
-            let set = TALLY_COLUMNS
-                .split(", ")
-                .skip(1)
-                .map(|c| format!("{c} = EXCLUDED.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            txn.execute_raw(stmt(
-                format!(
-                    "INSERT INTO analytics_sessions ({TALLY_COLUMNS}) \
-                     SELECT {TALLY_COLUMNS} FROM jsonb_to_recordset($1::jsonb) AS x({TALLY_RECORD}) \
-                     ON CONFLICT (session_id) DO UPDATE SET {set}"
-                ),
-                vec![rows.into()],
-            ))
-            .await?;
+            txn.execute_raw(stmt(UPSERT_TALLIES.as_str(), tally_arrays(&kept)))
+                .await?;
         }
         if !deltas.is_empty() {
             apply_deltas(&txn, &deltas).await?;
