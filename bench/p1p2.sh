@@ -12,7 +12,8 @@
 #   bench/p1p2.sh                      # 16 and 64 connections, 10 s each; 5 s at 1 in flight
 #   CONNS="16 32" DURATION=20 bench/p1p2.sh
 #   SINGLE=0 bench/p1p2.sh             # skip the 1-in-flight latencies
-#   ROUNDS=3 bench/p1p2.sh             # 1 in flight: batching on, off, on, off, ... (median of each)
+#   ROUNDS=1 bench/p1p2.sh             # one turn each (default 3: service, pgbench, service, ...;
+#                                      # at 1 in flight batching on, off, on, ...; medians)
 #   BIN=/tmp/old/agent-sessions bench/p1p2.sh   # measure another build (no cargo build)
 #   PERF_DIR=/tmp/prof bench/p1p2.sh   # also `perf record` the service during each wrk run
 #                                      # (<path>@<conns>.data; perf report --no-children)
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 CONNS_LIST=${CONNS:-16 64}
 DURATION=${DURATION:-10}
 SINGLE=${SINGLE:-5}   # seconds per path at 1 request in flight; 0 skips it
-ROUNDS=${ROUNDS:-1}   # rounds of batching on then off at 1 in flight
+ROUNDS=${ROUNDS:-3}   # turns of service and pgbench (and of batching on and off at 1 in flight)
 THREADS=${THREADS:-1}
 SESSIONS=1000
 PORT=${PORT_BENCH:-18011}
@@ -186,31 +187,42 @@ settle() {
 }
 # The service is stopped while pgbench runs: its idle pool would otherwise
 # hold connections PostgreSQL's max_connections (100 here) cannot spare at 64.
-declare -A svc
+# With ROUNDS > 1 the service and pgbench take turns, ROUNDS times each, and
+# each rate is the median of its rounds: on a shared machine one 10 s run
+# can land on a slow spell (the same build's create@16 read 0.81 and 1.05
+# in two runs an hour apart), and turns put both sides in the same spells.
+median() { sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}'; }
+declare -A svc pg
 for conns in $CONNS_LIST; do
-  start_service "$conns"
-  for path in create update read; do
-    settle
-    svc[$path]=$(wrk_rate "$work/$path.lua" "$conns")
-    # What the relay had left to publish when the run ended: a relay that
-    # fell behind would flatter the rate.
-    echo "$path@$conns: relay lag at the end of the run: $(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {print $2}') events" >&2
+  svc=() pg=()
+  for round in $(seq 1 "$ROUNDS"); do
+    start_service "$conns"
+    for path in create update read; do
+      settle
+      svc[$path]+="$(wrk_rate "$work/$path.lua" "$conns") "
+      # What the relay had left to publish when the run ended: a relay that
+      # fell behind would flatter the rate.
+      echo "$path@$conns round $round: relay lag at the end of the run: $(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {print $2}') events" >&2
+    done
+    stop_service
+    for path in create update read; do
+      p=$(pgbench_rate "$work/$path.sql" "$conns") || true
+      [ -n "$p" ] || { echo "pgbench failed:" >&2; cat "$work/pgbench.err" >&2; exit 1; }
+      pg[$path]+="$p "
+    done
   done
-  stop_service
-  printf '%-22s %12s %12s %8s\n' "path ($conns conns)" "service/s" "pgbench/s" "ratio"
+  printf '%-22s %12s %12s %8s   %s\n' "path ($conns conns)" "service/s" "pgbench/s" "ratio" "rounds (service | pgbench)"
   for path in create update read; do
-    s=${svc[$path]}
-    p=$(pgbench_rate "$work/$path.sql" "$conns") || true
-    [ -n "$p" ] || { echo "pgbench failed:" >&2; cat "$work/pgbench.err" >&2; exit 1; }
+    s=$(tr ' ' '\n' <<<"${svc[$path]}" | grep . | median)
+    p=$(tr ' ' '\n' <<<"${pg[$path]}" | grep . | median)
     ratio=$(echo "$s / $p" | bc -l)
-    printf '%-22s %12.0f %12.0f %8.2f\n' "$path" "$s" "$p" "$ratio"
+    printf '%-22s %12.0f %12.0f %8.2f   %s| %s\n' "$path" "$s" "$p" "$ratio" "${svc[$path]}" "${pg[$path]}"
     read -r id target < <(target_of "$path")
-    results+=("$(printf 'RESULT %s %s@%s ratio=%.2f target>=%s service=%.0f/s pgbench=%.0f/s' \
-      "$id" "$path" "$conns" "$ratio" "$target" "$s" "$p")")
+    results+=("$(printf 'RESULT %s %s@%s ratio=%.2f target>=%s service=%.0f/s pgbench=%.0f/s rounds=%s' \
+      "$id" "$path" "$conns" "$ratio" "$target" "$s" "$p" "$ROUNDS")")
   done
 done
 
-median() { sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}'; }
 if [ "$SINGLE" != 0 ]; then
   declare -A on off
   for _ in $(seq 1 "$ROUNDS"); do
