@@ -24,6 +24,7 @@ use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::session_batches::column;
 use super::{Store, StoreError, StoredEvent};
 use crate::contract::metrics::{AnalyticsGroup, GroupBy, StatusCounts, TimeInStatus, tally_change};
 use crate::domain::metrics::{Tally, tally};
@@ -245,11 +246,6 @@ fn stmt(sql: impl Into<String>, values: Vec<Param>) -> Statement {
 /// parse and unpack the document, 6.3 ms from arrays), most of a fold's
 /// cost per new session.
 static UPSERT_TALLIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let types = "uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]";
-    let counts = (7..=19)
-        .map(|i| format!("${i}::int8[]"))
-        .collect::<Vec<_>>()
-        .join(", ");
     let set = TALLY_COLUMNS
         .split(", ")
         .skip(1)
@@ -258,39 +254,37 @@ static UPSERT_TALLIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
         .join(", ");
     format!(
         "INSERT INTO analytics_sessions ({TALLY_COLUMNS}) \
-         SELECT * FROM unnest($1::{types}, {counts}) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], \
+             $5::timestamptz[], $6::timestamptz[], $7::int8[], $8::int8[], $9::int8[], \
+             $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::int8[], \
+             $16::int8[], $17::int8[], $18::int8[], $19::int8[]) \
          ON CONFLICT (session_id) DO UPDATE SET {set}"
     )
 });
 
 /// The parameters of [`UPSERT_TALLIES`].
 fn tally_arrays(kept: &[&Tally]) -> Vec<Param> {
-    fn col<T>(kept: &[&Tally], f: impl Fn(&Tally) -> T) -> Param
-    where
-        Vec<T>: Into<Param>,
-    {
-        kept.iter().map(|t| f(t)).collect::<Vec<T>>().into()
-    }
+    let rows = || kept.iter().copied();
     vec![
-        col(kept, |t| t.session_id),
-        col(kept, |t| t.agent_id),
-        col(kept, |t| t.session_type.clone()),
-        col(kept, |t| t.status.as_str().to_owned()),
-        col(kept, |t| t.created_at),
-        col(kept, |t| t.status_since),
-        col(kept, |t| t.active_us),
-        col(kept, |t| t.paused_us),
-        col(kept, |t| t.crashed_us),
-        col(kept, |t| t.pauses),
-        col(kept, |t| t.resumes),
-        col(kept, |t| t.recoveries),
-        col(kept, |t| t.crashes),
-        col(kept, |t| t.worker_generations),
-        col(kept, |t| t.restarts),
-        col(kept, |t| t.turns),
-        col(kept, |t| t.input_tokens),
-        col(kept, |t| t.output_tokens),
-        col(kept, |t| t.cost_micro_usd),
+        column(rows(), |t| t.session_id).into(),
+        column(rows(), |t| t.agent_id).into(),
+        column(rows(), |t| t.session_type.clone()).into(),
+        column(rows(), |t| t.status.as_str().to_owned()).into(),
+        column(rows(), |t| t.created_at).into(),
+        column(rows(), |t| t.status_since).into(),
+        column(rows(), |t| t.active_us).into(),
+        column(rows(), |t| t.paused_us).into(),
+        column(rows(), |t| t.crashed_us).into(),
+        column(rows(), |t| t.pauses).into(),
+        column(rows(), |t| t.resumes).into(),
+        column(rows(), |t| t.recoveries).into(),
+        column(rows(), |t| t.crashes).into(),
+        column(rows(), |t| t.worker_generations).into(),
+        column(rows(), |t| t.restarts).into(),
+        column(rows(), |t| t.turns).into(),
+        column(rows(), |t| t.input_tokens).into(),
+        column(rows(), |t| t.output_tokens).into(),
+        column(rows(), |t| t.cost_micro_usd).into(),
     ]
 }
 

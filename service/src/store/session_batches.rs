@@ -417,7 +417,10 @@ impl Batch for PatchRow {
 }
 
 /// One column of a batch, for an array parameter (`unnest`).
-fn column<'a, T: 'a, U>(rows: impl IntoIterator<Item = &'a T>, f: impl Fn(&'a T) -> U) -> Vec<U> {
+pub(super) fn column<'a, T: 'a, U>(
+    rows: impl IntoIterator<Item = &'a T>,
+    f: impl Fn(&'a T) -> U,
+) -> Vec<U> {
     rows.into_iter().map(f).collect()
 }
 
