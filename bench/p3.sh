@@ -8,6 +8,7 @@
 #   P3_SLOW=/tmp/slow.txt bench/p3.sh   # also list each event slower than 10 ms
 #   P3_WARMUP=0 P3_LOG=info bench/p3.sh # measure from the first write, with the service's log
 #   P3_FLOOR=0 bench/p3.sh              # skip the database's own commit latency at the same rate
+#   BIN=/tmp/old/agent-sessions bench/p3.sh   # measure another build of the service (no cargo build)
 #
 # Then, with the service stopped, the floor: a bare one-row UPDATE per
 # transaction at the same 1,000/s (pgbench -R), whose p99 is what a commit
@@ -22,11 +23,14 @@ DB=bench_p3
 ADMIN=postgres://postgres@127.0.0.1:5432/postgres
 URL=postgres://postgres@127.0.0.1:5432/$DB
 bash scripts/deps.sh
-cargo build -q --release --bin agent-sessions --example p3_latency
+if [ -z "${BIN:-}" ] || [ ! -x ./target/release/examples/p3_latency ]; then
+  cargo build -q --release --bin agent-sessions --example p3_latency
+fi
+BIN=${BIN:-./target/release/agent-sessions}
 psql "$ADMIN" -qc "drop database if exists $DB with (force)" -qc "create database $DB"
-DATABASE_URL=$URL ./target/release/agent-sessions migrate
+DATABASE_URL=$URL "$BIN" migrate
 DATABASE_URL=$URL PORT=$PORT RUST_LOG=${P3_LOG:-warn} APP__AUTH__ENABLED=false APP__REDIS__CHANNEL_PREFIX="bench:p3:" \
-  ./target/release/agent-sessions serve &
+  "$BIN" serve &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait 2>/dev/null' EXIT
 for _ in $(seq 1 100); do curl -s -o /dev/null "localhost:$PORT/healthz" && break; sleep 0.1; done

@@ -5,6 +5,12 @@
 
 pub use sea_orm_migration::prelude::*;
 
+/// The advisory lock key every event-writing statement takes, shared, before
+/// it writes (PostgreSQL's two-int4 form: `pg_locks.classid`, `objid`,
+/// `objsubid = 2`; "agse", "writ"). The feed's horizon functions
+/// (migration 11) look for it; the store's writers take it.
+pub const EVENT_WRITER_KEY: (i64, i64) = (0x6167_7365, 0x7772_6974);
+
 /// A migration of plain SQL: `$up` applied by `up`, `$down` by `down`
 /// (each migration module's whole Rust part).
 macro_rules! sql_migration {
@@ -44,6 +50,7 @@ mod m20261230_000007_create_session_analytics;
 mod m20261230_000008_list_indexes;
 mod m20261230_000009_analytics_running_sums;
 mod m20261231_000010_worker_state_indexes;
+mod m20261231_000011_feed_functions;
 
 pub struct Migrator;
 
@@ -61,6 +68,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261230_000008_list_indexes::Migration),
             Box::new(m20261230_000009_analytics_running_sums::Migration),
             Box::new(m20261231_000010_worker_state_indexes::Migration),
+            Box::new(m20261231_000011_feed_functions::Migration),
         ]
     }
 }

@@ -18,9 +18,10 @@
 //! rest (for instance an event held back behind a transaction that then
 //! rolled back).
 //!
-//! Pacing: a read costs the database a horizon statement (`pg_locks`,
-//! `pg_stat_activity`) whatever it finds, and under write load reads run back
-//! to back, each finding the few events committed during the one before. So
+//! Pacing: a read is one call (`feed_after`: the horizon, then the page),
+//! which under write load also scans `pg_locks` and `pg_stat_activity`
+//! (events wait behind the writes in flight), and reads run back to back,
+//! each finding the few events committed during the one before. So
 //! once reads find [`BUSY_EVENTS`] or more on average ([`Pace`]), the relay
 //! starts one at most every `relay.busy_interval_ms`: fewer, larger reads,
 //! and more of the database left to the writes. At low load reads find an

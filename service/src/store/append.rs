@@ -12,11 +12,9 @@
 use crate::domain::EventKind;
 use crate::domain::event::AGGREGATE_TYPE;
 
-/// The advisory lock key of event writers, as PostgreSQL's two-int4 form
-/// (`pg_locks.classid`, `objid`, `objsubid = 2`): "agse", "writ".
-pub(crate) const WRITER_KEY: (i64, i64) = (0x6167_7365, 0x7772_6974);
-
-/// The CTE every event-writing statement starts with; modifying CTEs select
+/// The CTE every event-writing statement starts with (the lock on
+/// `migration::EVENT_WRITER_KEY`, which the schema's feed functions look
+/// for); modifying CTEs select
 /// `FROM announce` (or from a CTE that did), never from nothing.
 pub(crate) const ANNOUNCE: &str = "announce AS MATERIALIZED \
      (SELECT pg_advisory_xact_lock_shared(1634169701, 2003986804)::text AS held)";
@@ -96,7 +94,7 @@ mod tests {
 
     #[test]
     fn the_announce_cte_locks_the_writer_key() {
-        let (a, b) = WRITER_KEY;
+        let (a, b) = migration::EVENT_WRITER_KEY;
         assert!(ANNOUNCE.contains(&format!("pg_advisory_xact_lock_shared({a}, {b})")));
     }
 }

@@ -199,7 +199,9 @@ const MESSAGE_COLUMNS: &str =
 impl Store {
     /// The feed's statement over `columns` below the horizon computed now
     /// (a statement earlier than the read, as G3 needs); `None` when
-    /// nothing after `after` is below it.
+    /// nothing after `after` is below it. The whole feed is one call of
+    /// `feed_after` (horizon and read in one round trip, `horizon.rs`); a
+    /// filtered one asks for the horizon first.
     async fn feed_below_horizon(
         &self,
         columns: &str,
@@ -207,6 +209,13 @@ impl Store {
         limit: u64,
         filter: &FeedFilter,
     ) -> Result<Option<(String, Vec<Param>)>, StoreError> {
+        if filter.aggregate_id.is_none() && filter.kinds.is_empty() {
+            let page = i32::try_from(limit).unwrap_or(i32::MAX);
+            return Ok(Some((
+                format!("SELECT {columns} FROM feed_after($1, $2) ORDER BY position"),
+                vec![after.into(), page.into()],
+            )));
+        }
         let horizon = self.horizon().await?;
         if horizon.saturating_sub(1) <= after {
             return Ok(None);

@@ -18,28 +18,22 @@
 //! horizon is at most W's id. Writers that committed before the read are
 //! visible to it. A transaction that is not an event writer (another
 //! database, an operator's `UPDATE`, a long `pg_dump`) holds nothing back.
+//!
+//! The SQL lives in the schema (migration 11): `feed_writers`, `feed_horizon`,
+//! and `feed_after`, which computes the horizon and reads the whole feed
+//! below it in one call, so the relay, the analytics consumer and unfiltered
+//! feed pages pay one round trip per read. Its two statements each take a
+//! snapshot, the horizon's first: the argument above holds unchanged.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
-use super::append::WRITER_KEY;
 use super::{Store, StoreError};
 
-/// Our open event writers that were running when the snapshot was taken,
-/// with their full (epoch-extended) transaction ids.
-fn writers_cte() -> String {
-    let (class, obj) = WRITER_KEY;
-    format!(
-        "snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s), \
-         writers AS MATERIALIZED ( \
-           SELECT x::text::bigint AS xid, a.pid, a.datname, a.state, a.xact_start, a.query_start \
-           FROM snap, pg_snapshot_xip(snap.s) AS x \
-           JOIN pg_stat_activity a ON a.backend_xid::text::bigint = x::text::bigint % 4294967296 \
-           JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory' AND l.granted \
-                          AND l.classid = {class} AND l.objid = {obj} AND l.objsubid = 2 \
-                          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
-    )
-}
+/// Our open event writers that were running when the statement's snapshot
+/// was taken (the schema's `feed_writers`, migration 11).
+const WRITERS_CTE: &str =
+    "writers AS MATERIALIZED (SELECT * FROM feed_writers(pg_current_snapshot()))";
 
 /// The oldest event writer still holding the horizon back.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,14 +62,12 @@ impl Store {
     /// The exclusive upper bound of positions a reader may see now. Read the
     /// feed with a later statement than the one that computed it.
     pub async fn horizon(&self) -> Result<i64, StoreError> {
-        let sql = format!(
-            "WITH {} SELECT LEAST(pg_snapshot_xmax(snap.s)::text::bigint, \
-                                  (SELECT min(xid) FROM writers)) * 1024 AS horizon FROM snap",
-            writers_cte()
-        );
         let row = self
             .db
-            .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT feed_horizon() AS horizon",
+            ))
             .await?
             .ok_or_else(|| StoreError::Corrupt("horizon query returned nothing".into()))?;
         Ok(row.try_get("", "horizon")?)
@@ -85,14 +77,13 @@ impl Store {
     pub async fn horizon_report(&self) -> Result<HorizonReport, StoreError> {
         let horizon = self.horizon().await?;
         let sql = format!(
-            "WITH {writers}, oldest AS (SELECT * FROM writers ORDER BY xid LIMIT 1) \
+            "WITH {WRITERS_CTE}, oldest AS (SELECT * FROM writers ORDER BY xid LIMIT 1) \
              SELECT (SELECT count(*) FROM (SELECT 1 FROM events WHERE position >= $1 \
                                            LIMIT {HELD_COUNT_CAP}) x) AS held, \
                     (SELECT min(occurred_at) FROM (SELECT occurred_at FROM events \
                      WHERE position >= $1 ORDER BY position LIMIT {HELD_COUNT_CAP}) y) AS oldest_held, \
                     o.pid, o.datname, o.state, o.xact_start, o.query_start \
-             FROM (SELECT 1) one LEFT JOIN oldest o ON o.xid * 1024 <= $1",
-            writers = writers_cte()
+             FROM (SELECT 1) one LEFT JOIN oldest o ON o.xid * 1024 <= $1"
         );
         let row = self
             .db
