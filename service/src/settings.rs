@@ -115,10 +115,11 @@ pub struct RelayConfig {
     pub sse_heartbeat_secs: u64,
     /// Under sustained load (reads finding [`crate::relay::BUSY_EVENTS`]
     /// events or more, on average), start a read at most this often
-    /// (milliseconds; 0: read again as soon as a publish is done). Each read
-    /// costs the database a horizon statement whatever it finds, so fewer,
-    /// larger reads leave more of it to the writes; at low load the relay
-    /// still reads at every commit.
+    /// (milliseconds; 0: read again as soon as a publish is done). Under
+    /// load each read also costs the database a scan of `pg_locks` and
+    /// `pg_stat_activity` (the horizon, while events wait behind the writes
+    /// in flight), so fewer, larger reads leave more of it to the writes; at
+    /// low load the relay still reads at every commit.
     pub busy_interval_ms: u64,
 }
 
