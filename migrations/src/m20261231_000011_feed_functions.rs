@@ -8,26 +8,25 @@
 //! transactions, with their full transaction ids.
 //!
 //! `feed_horizon()`: the exclusive upper bound of positions a reader may
-//! pass, from a snapshot of its own: the oldest such writer's id × 1024, or
-//! the snapshot's `xmax` × 1024 when none is open. It reads
-//! `pg_stat_activity`, which PostgreSQL keeps as of its first read in a
-//! transaction: call it at most once per transaction, and read the feed
-//! with a later statement. PL/pgSQL rather than SQL: its plan is kept for
-//! the session (a SQL function's body is planned again at every call, about
-//! a millisecond here).
+//! pass, from snapshots of its own. It first takes the oldest transaction
+//! running at all (any running transaction may be a writer of ours, so that
+//! bound is safe, and the snapshot gives it for free); only when committed
+//! events already wait past that bound does it look, in a later snapshot,
+//! for the oldest of *our* writers (`pg_locks`, `pg_stat_activity`) — or the
+//! snapshot's `xmax` when none is open — since the transaction holding them
+//! may be a stranger's. At low load nothing waits and the horizon is two
+//! index probes; a stranger's long transaction costs the full look per call
+//! and never holds the feed back. It reads `pg_stat_activity`, which
+//! PostgreSQL keeps as of its first read in a transaction: call it at most
+//! once per transaction, and read the feed with a later statement.
+//! PL/pgSQL rather than SQL: its plans are kept for the session (a SQL
+//! function's body is planned again at every call, about a millisecond here).
 //!
 //! `feed_after(after, page)`: the events after `after` below the horizon, in
-//! position order, at most `page` of them. It is VOLATILE, so each of its
-//! statements takes a snapshot of its own, in order: every horizon it uses
-//! comes from a statement earlier than the read, as G3 requires — the same
-//! as statements sent one after the other. It first bounds the read by the
-//! oldest transaction running at all (any running transaction may be a
-//! writer of ours, so that bound is safe, and it costs no scan of
-//! `pg_locks` and `pg_stat_activity`); only when committed events already
-//! wait past that bound does it ask `feed_horizon()` whether the
-//! transaction holding them is one of ours. At low load nothing waits and
-//! a read is two index probes; a stranger's long transaction costs the
-//! full horizon per read, as before, and never holds the feed back.
+//! position order, at most `page` of them, in one call. It is VOLATILE, so
+//! each of its statements takes a snapshot of its own, in order: the
+//! horizon comes from statements earlier than the read, as G3 requires —
+//! the same as statements sent one after the other.
 
 /// The functions, for the writer key [`crate::EVENT_WRITER_KEY`].
 static UP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -52,15 +51,6 @@ $$;
 
 CREATE FUNCTION feed_horizon() RETURNS bigint
 LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    RETURN (SELECT LEAST(pg_snapshot_xmax(snap.s)::text::bigint,
-                         (SELECT min(w.xid) FROM feed_writers(snap.s) w)) * 1024
-            FROM (SELECT pg_current_snapshot() AS s) snap);
-END
-$$;
-
-CREATE FUNCTION feed_after(after bigint, page integer) RETURNS SETOF events
-LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     horizon bigint;
 BEGIN
@@ -71,13 +61,25 @@ BEGIN
       INTO horizon
       FROM (SELECT pg_current_snapshot() AS s) snap;
     -- Committed events wait past it: the transaction holding them may be
-    -- none of ours, which only our writers' horizon can tell.
+    -- none of ours, which only our writers can tell (a later snapshot).
     -- (ORDER BY ... LIMIT 1: an EXISTS here is planned as a scan of the
     -- table, and the newest events are at its end.)
     IF (SELECT e.position FROM events e WHERE e.position >= horizon
         ORDER BY e.position LIMIT 1) IS NOT NULL THEN
-        horizon := GREATEST(horizon, feed_horizon());
+        horizon := GREATEST(horizon,
+            (SELECT LEAST(pg_snapshot_xmax(snap.s)::text::bigint,
+                          (SELECT min(w.xid) FROM feed_writers(snap.s) w)) * 1024
+             FROM (SELECT pg_current_snapshot() AS s) snap));
     END IF;
+    RETURN horizon;
+END
+$$;
+
+CREATE FUNCTION feed_after(after bigint, page integer) RETURNS SETOF events
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    horizon bigint := feed_horizon();
+BEGIN
     IF horizon - 1 > after THEN
         RETURN QUERY SELECT * FROM events e
             WHERE e.position > after AND e.position < horizon

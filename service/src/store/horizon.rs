@@ -23,11 +23,11 @@
 //! and `feed_after`, which computes the horizon and reads the whole feed
 //! below it in one call, so the relay, the analytics consumer and unfiltered
 //! feed pages pay one round trip per read. Each of its statements takes a
-//! snapshot of its own, in order, so every horizon it uses comes from a
-//! statement earlier than the read: the argument above holds unchanged. It
-//! first bounds the read by the oldest transaction running at all (the same
-//! argument, counting every running transaction as a writer of ours) and
-//! computes the horizon above only when committed events wait past that.
+//! snapshot of its own, in order, so the horizon comes from statements
+//! earlier than the read: the argument above holds unchanged. Every horizon
+//! (`feed_horizon`) first takes the oldest transaction running at all (the
+//! same argument, counting every running transaction as a writer of ours)
+//! and looks for our writers only when committed events wait past that.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
