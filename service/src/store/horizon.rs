@@ -29,6 +29,8 @@
 //! same argument, counting every running transaction as a writer of ours)
 //! and looks for our writers only when committed events wait past that.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
@@ -62,6 +64,24 @@ pub struct HorizonReport {
 
 pub const HELD_COUNT_CAP: i64 = 100_000;
 
+/// What the monitor runs every second, below the horizon `$1`. The held
+/// events are counted along the position index (`ORDER BY position`): a
+/// bare `count(*) ... WHERE position >= $1 LIMIT n` is planned, once the
+/// statement's plan is generic, as a scan of the whole log (a third of the
+/// table is the estimate for an unknown bound): 156 ms a second at 1.5 M
+/// events.
+static HORIZON_REPORT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {WRITERS_CTE}, oldest AS (SELECT * FROM writers ORDER BY xid LIMIT 1), \
+              held AS (SELECT count(*) AS n, min(occurred_at) AS oldest FROM \
+                       (SELECT occurred_at FROM events WHERE position >= $1 \
+                        ORDER BY position LIMIT {HELD_COUNT_CAP}) y) \
+         SELECT held.n AS held, held.oldest AS oldest_held, \
+                o.pid, o.datname, o.state, o.xact_start, o.query_start \
+         FROM held LEFT JOIN oldest o ON o.xid * 1024 <= $1"
+    )
+});
+
 impl Store {
     /// The exclusive upper bound of positions a reader may see now. Read the
     /// feed with a later statement than the one that computed it.
@@ -77,29 +97,15 @@ impl Store {
         Ok(row.try_get("", "horizon")?)
     }
 
-    /// The horizon, the events waiting behind it and who holds it.
-    ///
-    /// The held events are counted along the position index (`ORDER BY
-    /// position`): a bare `count(*) ... WHERE position >= $1 LIMIT n` is
-    /// planned, once the statement's plan is generic, as a scan of the whole
-    /// log (a third of the table is the estimate for an unknown bound), which
-    /// the monitor then ran every second (156 ms at 1.5 M events).
+    /// The horizon, the events waiting behind it and who holds it
+    /// ([`HORIZON_REPORT_SQL`]).
     pub async fn horizon_report(&self) -> Result<HorizonReport, StoreError> {
         let horizon = self.horizon().await?;
-        let sql = format!(
-            "WITH {WRITERS_CTE}, oldest AS (SELECT * FROM writers ORDER BY xid LIMIT 1), \
-                  held AS (SELECT count(*) AS n, min(occurred_at) AS oldest FROM \
-                           (SELECT occurred_at FROM events WHERE position >= $1 \
-                            ORDER BY position LIMIT {HELD_COUNT_CAP}) y) \
-             SELECT held.n AS held, held.oldest AS oldest_held, \
-                    o.pid, o.datname, o.state, o.xact_start, o.query_start \
-             FROM held LEFT JOIN oldest o ON o.xid * 1024 <= $1"
-        );
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                sql,
+                HORIZON_REPORT_SQL.as_str(),
                 vec![horizon.into()],
             ))
             .await?

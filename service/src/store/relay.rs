@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sea_orm::sqlx::{self, Connection, PgConnection};
@@ -74,6 +75,18 @@ pub struct RelayLag {
 
 pub(super) const LAG_COUNT_CAP: i64 = 100_000;
 
+/// The relay's lag between its cursor `$1` and the horizon `$2`, counted
+/// along the position index like the monitor's held events
+/// (`horizon.rs`), so it costs the same whatever the log's
+/// size.
+static RELAY_LAG_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT count(*) AS events, min(occurred_at) AS oldest FROM \
+           (SELECT occurred_at FROM events WHERE position > $1 AND position < $2 \
+            ORDER BY position LIMIT {LAG_COUNT_CAP}) x"
+    )
+});
+
 impl Store {
     /// The cursor's position, creating it at 0 (publish everything) if absent.
     pub async fn relay_cursor(&self, name: &str) -> Result<i64, StoreError> {
@@ -128,17 +141,11 @@ impl Store {
     /// bounds them; what waits behind it is in [`Store::horizon_report`]).
     pub async fn relay_lag(&self, cursor: i64) -> Result<RelayLag, StoreError> {
         let horizon = self.horizon().await?;
-        let sql = format!(
-            "SELECT (SELECT count(*) FROM (SELECT 1 FROM events WHERE position > $1 AND position < $2 \
-                     LIMIT {LAG_COUNT_CAP}) x) AS events, \
-                    (SELECT occurred_at FROM events WHERE position > $1 AND position < $2 \
-                     ORDER BY position LIMIT 1) AS oldest"
-        );
         let row = self
             .db
             .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                sql,
+                RELAY_LAG_SQL.as_str(),
                 vec![cursor.into(), horizon.into()],
             ))
             .await?

@@ -336,3 +336,44 @@ async fn the_feed_after_the_largest_position_is_empty() {
     let page = app.fetch("/events?wait=60").await.expect(200).json();
     assert_eq!(page.as_array().map(Vec::len), Some(1), "{page}");
 }
+
+/// The relay's lag and the monitor's held count, counted along the log:
+/// every committed event after the cursor and below the horizon, the oldest
+/// of them first; none held while no writer is open.
+#[tokio::test]
+async fn the_lag_and_the_held_count_measure_the_log_after_a_position() {
+    let test_db = TestDatabase::migrated().await;
+    let store = Store::connect(&DatabaseOptions {
+        url: test_db.url.clone(),
+        max_connections: 2,
+        min_connections: 1,
+        acquire_timeout: Duration::from_secs(30),
+        statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(30),
+        batch_executors: 0,
+    })
+    .await
+    .unwrap();
+    for n in 0..5 {
+        store
+            .create(&command(n), &EventMetadata::default(), None)
+            .await
+            .unwrap();
+    }
+    let log = store.feed(0, 100, &FeedFilter::default()).await.unwrap();
+    assert_eq!(log.len(), 5);
+
+    let all = store.relay_lag(0).await.unwrap();
+    assert_eq!(all.events, 5);
+    assert_eq!(all.oldest_unpublished, Some(log[0].occurred_at));
+    let after_two = store.relay_lag(log[1].position).await.unwrap();
+    assert_eq!(after_two.events, 3);
+    assert_eq!(after_two.oldest_unpublished, Some(log[2].occurred_at));
+    let none = store.relay_lag(log[4].position).await.unwrap();
+    assert_eq!((none.events, none.oldest_unpublished), (0, None));
+
+    let report = store.horizon_report().await.unwrap();
+    assert!(report.horizon > log[4].position, "{report:?}");
+    assert_eq!((report.held_events, report.oldest_held), (0, None));
+    assert_eq!(report.blocker, None);
+}
