@@ -201,6 +201,22 @@ async fn an_open_writer_of_ours_holds_the_feed_visibly_until_the_timeout_cuts_it
     .await;
 }
 
+/// A store on `url` whose statements run one by one (no batching), each
+/// on a connection of its own pool of `connections`.
+async fn unbatched_store(url: &str, connections: u32) -> Store {
+    Store::connect(&DatabaseOptions {
+        url: url.to_owned(),
+        max_connections: connections,
+        min_connections: 1,
+        acquire_timeout: Duration::from_secs(30),
+        statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(30),
+        batch_executors: 0,
+    })
+    .await
+    .unwrap()
+}
+
 fn command(n: usize) -> CreateSession {
     let mut context = Map::new();
     context.insert("n".into(), json!(n));
@@ -240,17 +256,7 @@ async fn readers_never_pass_an_announced_writer_over_ten_thousand_writes() {
     )
     .await
     .unwrap();
-    let store = Store::connect(&DatabaseOptions {
-        url: db_url.clone(),
-        max_connections: (WRITERS + READERS) as u32,
-        min_connections: 1,
-        acquire_timeout: Duration::from_secs(30),
-        statement_timeout: Duration::from_secs(30),
-        idle_in_transaction_timeout: Duration::from_secs(30),
-        batch_executors: 0,
-    })
-    .await
-    .unwrap();
+    let store = unbatched_store(&db_url, (WRITERS + READERS) as u32).await;
     let done = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (0..READERS)
         .map(|_| {
@@ -343,17 +349,7 @@ async fn the_feed_after_the_largest_position_is_empty() {
 #[tokio::test]
 async fn the_lag_and_the_held_count_measure_the_log_after_a_position() {
     let test_db = TestDatabase::migrated().await;
-    let store = Store::connect(&DatabaseOptions {
-        url: test_db.url.clone(),
-        max_connections: 2,
-        min_connections: 1,
-        acquire_timeout: Duration::from_secs(30),
-        statement_timeout: Duration::from_secs(30),
-        idle_in_transaction_timeout: Duration::from_secs(30),
-        batch_executors: 0,
-    })
-    .await
-    .unwrap();
+    let store = unbatched_store(&test_db.url, 2).await;
     for n in 0..5 {
         store
             .create(&command(n), &EventMetadata::default(), None)
