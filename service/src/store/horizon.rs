@@ -62,23 +62,34 @@ pub struct HorizonReport {
     pub blocker: Option<HorizonBlocker>,
 }
 
+/// The most events the monitor counts as held, and the relay as lag.
 pub const HELD_COUNT_CAP: i64 = 100_000;
 
-/// What the monitor runs every second, below the horizon `$1`. The held
-/// events are counted along the position index (`ORDER BY position`): a
-/// bare `count(*) ... WHERE position >= $1 LIMIT n` is planned, once the
+/// The committed events in `range` (a condition on `position`), counted
+/// as `n` with the oldest `occurred_at` as `oldest`, at most
+/// [`HELD_COUNT_CAP`] of them: the monitor's held events and the relay's
+/// lag. Read along the position index (`ORDER BY position`): a bare
+/// `count(*) ... WHERE position >= $1 LIMIT n` is planned, once the
 /// statement's plan is generic, as a scan of the whole log (a third of the
 /// table is the estimate for an unknown bound): 156 ms a second at 1.5 M
-/// events.
+/// events, in the monitor that runs every second.
+pub(super) fn backlog(range: &str) -> String {
+    format!(
+        "SELECT count(*) AS n, min(occurred_at) AS oldest FROM \
+           (SELECT occurred_at FROM events WHERE {range} \
+            ORDER BY position LIMIT {HELD_COUNT_CAP}) b"
+    )
+}
+
+/// What the monitor runs every second, below the horizon `$1`.
 static HORIZON_REPORT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH {WRITERS_CTE}, oldest AS (SELECT * FROM writers ORDER BY xid LIMIT 1), \
-              held AS (SELECT count(*) AS n, min(occurred_at) AS oldest FROM \
-                       (SELECT occurred_at FROM events WHERE position >= $1 \
-                        ORDER BY position LIMIT {HELD_COUNT_CAP}) y) \
+              held AS ({held}) \
          SELECT held.n AS held, held.oldest AS oldest_held, \
                 o.pid, o.datname, o.state, o.xact_start, o.query_start \
-         FROM held LEFT JOIN oldest o ON o.xid * 1024 <= $1"
+         FROM held LEFT JOIN oldest o ON o.xid * 1024 <= $1",
+        held = backlog("position >= $1")
     )
 });
 

@@ -10,6 +10,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sea_orm::sqlx::{self, Connection, PgConnection};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
+use super::horizon::backlog;
 use super::{Store, StoreError};
 
 /// `NOTIFY` channel that tells every replica the log has grown.
@@ -66,26 +67,17 @@ impl LeaderRole {
     }
 }
 
-/// Lag behind the head of the log, capped so a huge backlog stays cheap to measure.
+/// Lag behind the head of the log, capped (at [`super::HELD_COUNT_CAP`] events) so
+/// a huge backlog stays cheap to measure.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RelayLag {
     pub events: i64,
     pub oldest_unpublished: Option<DateTime<Utc>>,
 }
 
-pub(super) const LAG_COUNT_CAP: i64 = 100_000;
-
-/// The relay's lag between its cursor `$1` and the horizon `$2`, counted
-/// along the position index like the monitor's held events
-/// (`horizon.rs`), so it costs the same whatever the log's
-/// size.
-static RELAY_LAG_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT count(*) AS events, min(occurred_at) AS oldest FROM \
-           (SELECT occurred_at FROM events WHERE position > $1 AND position < $2 \
-            ORDER BY position LIMIT {LAG_COUNT_CAP}) x"
-    )
-});
+/// The relay's lag between its cursor `$1` and the horizon `$2`.
+static RELAY_LAG_SQL: LazyLock<String> =
+    LazyLock::new(|| backlog("position > $1 AND position < $2"));
 
 impl Store {
     /// The cursor's position, creating it at 0 (publish everything) if absent.
@@ -151,7 +143,7 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt("lag query returned nothing".into()))?;
         Ok(RelayLag {
-            events: row.try_get("", "events")?,
+            events: row.try_get("", "n")?,
             oldest_unpublished: row.try_get("", "oldest")?,
         })
     }
