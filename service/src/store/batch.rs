@@ -354,7 +354,7 @@ impl LaneThread {
 
 /// Run `cmd` alone on a connection of `pool` (a store without lanes).
 pub(crate) async fn run_one<C: Batch>(pool: &PgPool, cmd: C) -> Result<C::Out, StoreError> {
-    let mut conn = pool.acquire().await.map_err(sqlx_error)?;
+    let mut conn = acquire(pool).await.map_err(sqlx_error)?;
     let mut out = C::run(&mut conn, std::slice::from_ref(&cmd))
         .await
         .map_err(sqlx_error)?;
@@ -525,11 +525,21 @@ async fn run_batch<C: Batch>(
 /// some of them again at every execution (a custom plan, about 0.4 ms of a
 /// batch's time here). The connection stays with the lane until it closes.
 async fn lane_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
+    let mut conn = acquire(pool).await?;
     sqlx::query("SET plan_cache_mode = force_generic_plan")
         .execute(&mut *conn)
         .await?;
     Ok(conn)
+}
+
+/// A connection from `pool`, its wait kept on the heap. The driver's acquire
+/// (a timeout around a connect) is a 14.5 KB future; awaited in place it
+/// made every future that may open a connection as large (a batch, a
+/// submitted command, the store's writes, the handlers: 15–20 KB), and each
+/// of them was copied whole when built, spawned or boxed, on every request,
+/// though a lane opens a connection only once.
+async fn acquire(pool: &PgPool) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    Box::pin(pool.acquire()).await
 }
 
 fn answer_alone<O>(
