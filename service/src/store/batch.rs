@@ -224,10 +224,12 @@ impl Lane {
             } else {
                 st.running += 1;
                 let conn = st.idle.pop();
-                // Only on a connection a drainer opened: its socket belongs
-                // to the lane's runtime, which outlives the HTTP workers'
-                // (one opened on a worker's runtime breaks when that worker
-                // stops in a graceful shutdown, failing whoever uses it next).
+                // Only on a connection a drainer took from the pool, never
+                // one this task would open: its socket would belong to the
+                // worker's runtime, which stops first in a graceful shutdown
+                // (failing whoever uses it next). The pool hands a drainer an
+                // idle connection when it has one, in `serve` mostly opened
+                // on the main runtime (see `LaneThread`).
                 if st.queue.is_empty() && conn.is_some() {
                     Next::RunHere(job, conn)
                 } else {
@@ -306,9 +308,12 @@ impl Lane {
 /// statement's answer is taken as soon as it arrives rather than when the
 /// main runtime is done with the relay, the analytics consumer and the
 /// rest (creates at 64 connections: 7,464–8,614/s on the main runtime,
-/// 8,138–9,213/s here, alternating builds). Lane connections are opened
-/// by drainers, so their sockets belong to this runtime too. The thread
-/// ends when this is dropped: the lanes close first (`Store::close`).
+/// 8,138–9,213/s here, alternating builds). The lanes' connections come
+/// from the pool, which hands out an idle one when it has one: in `serve`
+/// mostly opened on the main runtime, whose thread then notices their
+/// answers. Lanes opening connections of their own on this thread was
+/// tried and not kept (`bench/RESULTS.md`, 2026-12-01). The thread ends
+/// when this is dropped: the lanes close first (`Store::close`).
 pub(crate) struct LaneThread {
     handle: Option<tokio::runtime::Handle>,
     _stop: Option<oneshot::Sender<()>>,
