@@ -224,12 +224,10 @@ impl Lane {
             } else {
                 st.running += 1;
                 let conn = st.idle.pop();
-                // Only on a connection a drainer took from the pool, never
-                // one this task would open: its socket would belong to the
-                // worker's runtime, which stops first in a graceful shutdown
-                // (failing whoever uses it next). The pool hands a drainer an
-                // idle connection when it has one, in `serve` mostly opened
-                // on the main runtime (see `LaneThread`).
+                // Only on a connection a drainer took (see `LaneThread`),
+                // never one this task would open: its socket would belong to
+                // the worker's runtime, which stops first in a graceful
+                // shutdown (failing whoever uses it next).
                 if st.queue.is_empty() && conn.is_some() {
                     Next::RunHere(job, conn)
                 } else {
@@ -309,11 +307,13 @@ impl Lane {
 /// main runtime is done with the relay, the analytics consumer and the
 /// rest (creates at 64 connections: 7,464–8,614/s on the main runtime,
 /// 8,138–9,213/s here, alternating builds). The lanes' connections come
-/// from the pool, which hands out an idle one when it has one: in `serve`
-/// mostly opened on the main runtime, whose thread then notices their
-/// answers. Lanes opening connections of their own on this thread was
-/// tried and not kept (`bench/RESULTS.md`, 2026-12-01). The thread ends
-/// when this is dropped: the lanes close first (`Store::close`).
+/// from the pool, which hands out an idle one when it has one, whoever
+/// opened it: in `serve` mostly the main runtime, whose thread then
+/// notices their answers (one a request opened on an HTTP worker's runtime
+/// can reach a lane as well). Lanes opening connections of their own on
+/// this thread was tried and not kept (`bench/RESULTS.md`, 2026-12-01).
+/// The thread ends when this is dropped: the lanes close first
+/// (`Store::close`).
 pub(crate) struct LaneThread {
     handle: Option<tokio::runtime::Handle>,
     _stop: Option<oneshot::Sender<()>>,
