@@ -239,7 +239,9 @@ def main():
     s = samples(a.db)
     queries = [(n, q) for n, q in load_queries(a.queries) if re.search(a.only, n)]
     ok = True
+    results = []  # `RESULT ...` lines for bench/run.sh, printed last
     if "queries" not in skip:
+        worst_list = (0.0, "")
         print(f"{'query':34} {'p50':>7} {'p99':>7} {'next p50':>9} {'next p99':>9}  (ms, {a.repeat} runs)")
         for name, first, nxt in run_queries(a.url, queries, s, a.repeat, rnd):
             worst = max(pct(first, 99), pct(nxt, 99) if nxt else 0)
@@ -248,9 +250,13 @@ def main():
                 good = worst <= LIST_P99_MS
                 ok &= good
                 verdict = "ok" if good else f"MISS (target p99 <= {LIST_P99_MS:g} ms)"
+                worst_list = max(worst_list, (worst, name))
             n50 = f"{pct(nxt, 50):9.2f}" if nxt else f"{'-':>9}"
             n99 = f"{pct(nxt, 99):9.2f}" if nxt else f"{'-':>9}"
             print(f"{name:34} {pct(first, 50):7.2f} {pct(first, 99):7.2f} {n50} {n99}  {verdict}")
+        if worst_list[1]:
+            results.append(f"RESULT P5 list_worst p99_ms={worst_list[0]:.2f} "
+                           f"target<={LIST_P99_MS:g} query={worst_list[1]}")
     if "catchup" not in skip:
         n, pages, dt = catchup(a.url, a.catchup_limit, a.catchup_events)
         rate = n / dt if dt else 0
@@ -258,6 +264,7 @@ def main():
         ok &= good
         print(f"catch-up: {n} events in {pages} pages of {a.catchup_limit} in {dt:.1f} s: "
               f"{rate:,.0f} events/s (target >= {CATCHUP_TARGET:,}) {'ok' if good else 'MISS'}")
+        results.append(f"RESULT P5 catch_up events_per_s={rate:.0f} target>={CATCHUP_TARGET}")
     if "rss" not in skip and a.pid:
         top = int(psql(a.db, "SELECT coalesce(max(position), 1) FROM events")[0])
         r = rss_load(a.url, queries, s, a.rate, a.rss_seconds, a.pid, top)
@@ -268,7 +275,11 @@ def main():
               f"p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms")
         print(f"serve RSS: {r['rss_before']:.1f} MB before, peak {r['rss_peak']:.1f} MB under load, "
               f"VmHWM {r['hwm']:.1f} MB (target < {RSS_TARGET_MB} MB) {'ok' if good else 'MISS'}")
+        results.append(f"RESULT P5 serve_rss peak_mb={r['rss_peak']:.1f} target<{RSS_TARGET_MB} "
+                       f"rate={r['achieved']:.0f}/s")
     print("P5:", "all targets met" if ok else "some targets missed")
+    for line in results:
+        print(line)
 
 
 if __name__ == "__main__":

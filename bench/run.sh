@@ -8,7 +8,8 @@
 #
 # which this script collects; a figure without a `target` is shown for
 # reference. Each script's full output is kept in $LOGS (default: a new
-# temporary directory, printed at the end).
+# temporary directory, printed at the end). `ONLY` picks the scripts here and
+# is not passed on (p5.sh reads its own `ONLY`, a regex on query names).
 #
 #   bash bench/run.sh                 # everything
 #   ONLY="p1p2 p3" bash bench/run.sh  # a subset
@@ -30,7 +31,7 @@ for b in $ONLY; do
     continue
   fi
   echo "=== $script ($(date -u +%T) UTC)" >&2
-  bash "$script" 2>&1 | tee "$LOGS/$b.log" >&2
+  env -u ONLY bash "$script" 2>&1 | tee "$LOGS/$b.log" >&2
   rc=${PIPESTATUS[0]}
   n=0
   while read -r _ id what figure rest; do
