@@ -306,12 +306,12 @@ impl Lane {
 /// statement's answer is taken as soon as it arrives rather than when the
 /// main runtime is done with the relay, the analytics consumer and the
 /// rest (creates at 64 connections: 7,464–8,614/s on the main runtime,
-/// 8,138–9,213/s here, alternating builds). The lanes' connections come
-/// from the pool, which hands out an idle one when it has one, whoever
-/// opened it: in `serve` mostly the main runtime, whose thread then
-/// notices their answers (one a request opened on an HTTP worker's runtime
-/// can reach a lane as well). Lanes opening connections of their own on
-/// this thread was tried and not kept (`bench/RESULTS.md`, 2026-12-01).
+/// 8,138–9,213/s here, alternating builds). Each lane has a pool of its
+/// own, made on this thread (`Store::connect`), so the lanes' sockets
+/// belong to this runtime: its thread notices a statement's answer and
+/// runs the drainer waiting for it, with no other thread woken in between.
+/// A command run on its caller's task (an idle lane) polls the same socket
+/// from the caller's runtime; this thread then passes the answer on.
 /// The thread ends when this is dropped: the lanes close first
 /// (`Store::close`).
 pub(crate) struct LaneThread {
@@ -524,7 +524,7 @@ async fn run_batch<C: Batch>(
     }
 }
 
-/// A connection for a lane, from the pool. Its statements are planned once
+/// A connection for a lane, from its pool. Its statements are planned once
 /// (`plan_cache_mode = force_generic_plan`): their parameters are arrays
 /// whose values do not change the best plan, and PostgreSQL otherwise plans
 /// some of them again at every execution (a custom plan, about 0.4 ms of a

@@ -40,6 +40,8 @@ pub use sessions::{Appended, BulkDeleted, Created, IdempotencyRequest, Written};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sea_orm::sqlx::PgPool;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, Statement};
 
 use batch::{Batch, Lane};
@@ -74,10 +76,12 @@ pub struct Store {
     lanes: Option<Arc<Lanes>>,
 }
 
-/// The two lanes of batched commands (`batch.rs`).
+/// The two lanes of batched commands (`batch.rs`), each with a pool of its
+/// own made on the lanes' thread.
 struct Lanes {
     read: Lane,
     write: Lane,
+    pools: [PgPool; 2],
     _thread: batch::LaneThread,
 }
 
@@ -88,16 +92,91 @@ struct Lanes {
 /// `database.batch_executors`.
 const READ_DRAINERS: usize = 1;
 
+/// Connections the lanes keep for `executors` drainers per write lane:
+/// one per drainer, taken from `database.max_connections`.
+fn lane_connections(executors: usize) -> u32 {
+    if executors == 0 {
+        0
+    } else {
+        (executors + executors.min(READ_DRAINERS)) as u32
+    }
+}
+
 impl Lanes {
-    fn start(db: &DatabaseConnection, executors: usize) -> Self {
-        let pool = db.get_postgres_connection_pool();
+    async fn start(
+        shared: &PgPool,
+        executors: usize,
+        acquire_timeout: Duration,
+        port: u16,
+    ) -> Self {
         let thread = batch::LaneThread::start();
+        let options = (*shared.connect_options()).clone();
+        let reads = executors.min(READ_DRAINERS);
+        let read_pool = lane_pool(&thread, options.clone(), reads, acquire_timeout, port).await;
+        let write_pool = lane_pool(&thread, options, executors, acquire_timeout, port).await;
         Self {
-            read: Lane::new(pool, executors.min(READ_DRAINERS), thread.handle()),
-            write: Lane::new(pool, executors, thread.handle()),
+            read: Lane::new(&read_pool, reads, thread.handle()),
+            write: Lane::new(&write_pool, executors, thread.handle()),
+            pools: [read_pool, write_pool],
             _thread: thread,
         }
     }
+}
+
+/// A lane's pool: `size` connections like the shared pool's, opened in the
+/// background from the start (`min_connections`, so the first requests do
+/// not wait for a TLS handshake and a backend's start, about 100 ms on a
+/// slow machine) and again on demand by a drainer. Made on the lanes'
+/// thread, where both happen, so the sockets belong to that thread's
+/// runtime and it takes their answers itself; from the shared pool they
+/// were mostly the main runtime's, whose thread woke for every answer and
+/// then woke the drainer.
+async fn lane_pool(
+    thread: &batch::LaneThread,
+    options: PgConnectOptions,
+    size: usize,
+    acquire_timeout: Duration,
+    port: u16,
+) -> PgPool {
+    let make = move |options: PgConnectOptions| {
+        with_nodelay(PgPoolOptions::new(), port)
+            .max_connections(size as u32)
+            .min_connections(size as u32)
+            // Without an idle timeout or a lifetime, the driver opens the
+            // `min_connections` at once (with either, only after reaping
+            // one); a lane holds its connections until it closes anyway.
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(acquire_timeout)
+            .test_before_acquire(false)
+            .connect_lazy_with(options)
+    };
+    if let Some(rt) = thread.handle() {
+        let theirs = options.clone();
+        if let Ok(pool) = rt.spawn(async move { make(theirs) }).await {
+            return pool;
+        }
+    }
+    make(options)
+}
+
+/// `TCP_NODELAY` on every connection a pool opens (sqlx 0.9.0 leaves
+/// Nagle's algorithm on: `nodelay.rs`).
+fn with_nodelay(p: PgPoolOptions, port: u16) -> PgPoolOptions {
+    p.after_connect(move |_conn, _meta| {
+        Box::pin(async move {
+            match nodelay::set_on_sockets_to(port) {
+                Ok(0) => {
+                    tracing::debug!(port, "no socket to the database found for TCP_NODELAY")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set on database sockets")
+                }
+            }
+            Ok(())
+        })
+    })
 }
 
 impl Store {
@@ -117,38 +196,33 @@ impl Store {
             ),
         ];
         co.map_sqlx_postgres_opts(move |o| o.options(session_settings.clone()));
-        // sqlx 0.9.0 leaves Nagle's algorithm on (`nodelay.rs`).
         let port = opts
             .url
-            .parse::<sea_orm::sqlx::postgres::PgConnectOptions>()
+            .parse::<PgConnectOptions>()
             .map(|o| o.get_port())
             .unwrap_or(5432);
-        co.map_sqlx_postgres_pool_opts(move |p| {
-            p.after_connect(move |_conn, _meta| {
-                Box::pin(async move {
-                    match nodelay::set_on_sockets_to(port) {
-                        Ok(0) => {
-                            tracing::debug!(port, "no socket to the database found for TCP_NODELAY")
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(error = %e, "TCP_NODELAY not set on database sockets")
-                        }
-                    }
-                    Ok(())
-                })
-            })
-        });
-        co.max_connections(opts.max_connections)
-            .min_connections(opts.min_connections)
+        co.map_sqlx_postgres_pool_opts(move |p| with_nodelay(p, port));
+        // The lanes' connections come out of `max_connections` (at least
+        // one is left to the shared pool: `Settings::validate`).
+        let shared = opts
+            .max_connections
+            .saturating_sub(lane_connections(opts.batch_executors))
+            .max(1);
+        co.max_connections(shared)
+            .min_connections(opts.min_connections.min(shared))
             .connect_timeout(Duration::from_secs(5))
             .acquire_timeout(opts.acquire_timeout)
             .test_before_acquire(false)
             .connect_lazy(true)
             .sqlx_logging(false);
         let db = Database::connect(co).await.map_err(StoreError::from)?;
-        let lanes =
-            (opts.batch_executors > 0).then(|| Arc::new(Lanes::start(&db, opts.batch_executors)));
+        let lanes = if opts.batch_executors > 0 {
+            let pool = db.get_postgres_connection_pool();
+            let lanes = Lanes::start(pool, opts.batch_executors, opts.acquire_timeout, port);
+            Some(Arc::new(lanes.await))
+        } else {
+            None
+        };
         Ok(Self { db, lanes })
     }
 
@@ -166,14 +240,23 @@ impl Store {
         }
     }
 
-    /// Connections open, idle and allowed, for `/metrics`.
+    /// Connections open, idle and allowed, for `/metrics`: the shared
+    /// pool's and the lanes' together.
     pub fn pool_stats(&self) -> PoolStats {
-        let pool = self.db.get_postgres_connection_pool();
-        PoolStats {
-            size: pool.size(),
-            idle: pool.num_idle() as u32,
-            max: pool.options().get_max_connections(),
-        }
+        let shared = self.db.get_postgres_connection_pool();
+        let lanes = self.lanes.iter().flat_map(|l| l.pools.iter());
+        std::iter::once(shared).chain(lanes).fold(
+            PoolStats {
+                size: 0,
+                idle: 0,
+                max: 0,
+            },
+            |t, p| PoolStats {
+                size: t.size + p.size(),
+                idle: t.idle + p.num_idle() as u32,
+                max: t.max + p.options().get_max_connections(),
+            },
+        )
     }
 
     /// One round trip, for readiness.
@@ -192,6 +275,9 @@ impl Store {
     pub async fn close(self) {
         if let Some(lanes) = &self.lanes {
             tokio::join!(lanes.read.close(), lanes.write.close());
+            for pool in &lanes.pools {
+                pool.close().await;
+            }
         }
         let _ = self.db.close().await;
     }
