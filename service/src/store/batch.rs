@@ -185,16 +185,17 @@ impl Shared {
 
 impl Lane {
     /// A lane of at most `drainers` statements at once, on connections of
-    /// `pool` (kept between batches, at most `drainers` of them).
+    /// `pool`, its own (kept between batches, at most `drainers` of them;
+    /// closed with the lane).
     pub(crate) fn new(
-        pool: &PgPool,
+        pool: PgPool,
         drainers: usize,
         runtime: Option<tokio::runtime::Handle>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 runtime: runtime.or_else(|| tokio::runtime::Handle::try_current().ok()),
-                pool: pool.clone(),
+                pool,
                 drainers: drainers.max(1),
                 state: Mutex::new(State {
                     queue: VecDeque::new(),
@@ -273,8 +274,13 @@ impl Lane {
             .map_err(|_| sqlx_error(sqlx::Error::PoolClosed))?
     }
 
+    /// The lane's pool (for the connection counts of `/metrics`).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.shared.pool
+    }
+
     /// Refuse new commands, let the drainers answer the queued ones, and
-    /// close the lane's connections.
+    /// close the lane's connections and its pool.
     pub(crate) async fn close(&self) {
         let orphaned = {
             let mut st = self.shared.state();
@@ -295,10 +301,11 @@ impl Lane {
         loop {
             let stopped = self.shared.stopped.notified();
             if self.shared.state().running == 0 {
-                return;
+                break;
             }
             stopped.await;
         }
+        self.shared.pool.close().await;
     }
 }
 

@@ -81,7 +81,6 @@ pub struct Store {
 struct Lanes {
     read: Lane,
     write: Lane,
-    pools: [PgPool; 2],
     _thread: batch::LaneThread,
 }
 
@@ -92,14 +91,11 @@ struct Lanes {
 /// `database.batch_executors`.
 const READ_DRAINERS: usize = 1;
 
-/// Connections the lanes keep for `executors` drainers per write lane:
-/// one per drainer, taken from `database.max_connections`.
-fn lane_connections(executors: usize) -> u32 {
-    if executors == 0 {
-        0
-    } else {
-        (executors + executors.min(READ_DRAINERS)) as u32
-    }
+/// Drainers of the read lane and of the write lane for `executors`
+/// (`database.batch_executors`); each keeps one connection, taken from
+/// `database.max_connections`.
+fn drainers(executors: usize) -> (usize, usize) {
+    (executors.min(READ_DRAINERS), executors)
 }
 
 impl Lanes {
@@ -111,13 +107,12 @@ impl Lanes {
     ) -> Self {
         let thread = batch::LaneThread::start();
         let options = (*shared.connect_options()).clone();
-        let reads = executors.min(READ_DRAINERS);
+        let (reads, writes) = drainers(executors);
         let read_pool = lane_pool(&thread, options.clone(), reads, acquire_timeout, port).await;
-        let write_pool = lane_pool(&thread, options, executors, acquire_timeout, port).await;
+        let write_pool = lane_pool(&thread, options, writes, acquire_timeout, port).await;
         Self {
-            read: Lane::new(&read_pool, reads, thread.handle()),
-            write: Lane::new(&write_pool, executors, thread.handle()),
-            pools: [read_pool, write_pool],
+            read: Lane::new(read_pool, reads, thread.handle()),
+            write: Lane::new(write_pool, writes, thread.handle()),
             _thread: thread,
         }
     }
@@ -204,9 +199,10 @@ impl Store {
         co.map_sqlx_postgres_pool_opts(move |p| with_nodelay(p, port));
         // The lanes' connections come out of `max_connections` (at least
         // one is left to the shared pool: `Settings::validate`).
+        let (reads, writes) = drainers(opts.batch_executors);
         let shared = opts
             .max_connections
-            .saturating_sub(lane_connections(opts.batch_executors))
+            .saturating_sub((reads + writes) as u32)
             .max(1);
         co.max_connections(shared)
             .min_connections(opts.min_connections.min(shared))
@@ -244,7 +240,10 @@ impl Store {
     /// pool's and the lanes' together.
     pub fn pool_stats(&self) -> PoolStats {
         let shared = self.db.get_postgres_connection_pool();
-        let lanes = self.lanes.iter().flat_map(|l| l.pools.iter());
+        let lanes = self
+            .lanes
+            .iter()
+            .flat_map(|l| [l.read.pool(), l.write.pool()]);
         std::iter::once(shared).chain(lanes).fold(
             PoolStats {
                 size: 0,
@@ -275,9 +274,6 @@ impl Store {
     pub async fn close(self) {
         if let Some(lanes) = &self.lanes {
             tokio::join!(lanes.read.close(), lanes.write.close());
-            for pool in &lanes.pools {
-                pool.close().await;
-            }
         }
         let _ = self.db.close().await;
     }

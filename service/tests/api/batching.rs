@@ -446,3 +446,34 @@ async fn a_write_whose_caller_goes_away_hands_its_lane_on() {
     store.close().await;
     db.close().await.ok();
 }
+
+/// The lanes keep a connection per drainer out of `max_connections` (the
+/// total allowed stays what was configured) and open them as the store
+/// starts, before any command, so the first requests find them.
+#[tokio::test]
+async fn the_lanes_open_their_connections_at_start_within_max_connections() {
+    let test_db = TestDatabase::migrated().await;
+    let store = Store::connect(&DatabaseOptions {
+        url: test_db.url.clone(),
+        max_connections: 6,
+        min_connections: 1,
+        acquire_timeout: WAIT,
+        statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(30),
+        batch_executors: 2,
+    })
+    .await
+    .unwrap();
+
+    assert_eq!(store.pool_stats().max, 6);
+    // Two write drainers and one read drainer: three connections, with no
+    // command sent yet (the shared pool opens its own lazily).
+    let opened = eventually("the lanes' connections", WAIT, || async {
+        let s = store.pool_stats();
+        (s.size >= 3).then_some(s)
+    })
+    .await;
+    assert_eq!(opened.size, 3, "{opened:?}");
+    assert!(opened.size <= opened.max);
+    store.close().await;
+}
