@@ -11,6 +11,7 @@
 #   bench/p5.sh                      # load (several minutes), then measure
 #   REUSE=1 bench/p5.sh              # measure the database loaded before
 #   REUSE=1 ONLY='^list\.busy' SKIP=catchup,rss bench/p5.sh
+#   BIN=/tmp/old/agent-sessions REUSE=1 bench/p5.sh   # measure another build (no cargo build)
 #
 # Settings: SESSIONS (1000000), REPEAT (runs per query, 200), CATCHUP_LIMIT
 # (page size of the walk, 500), CATCHUP_EVENTS (stop after, 0: all),
@@ -23,17 +24,20 @@ ADMIN=postgres://postgres@127.0.0.1:5432/postgres
 URL=postgres://postgres@127.0.0.1:5432/$DB
 
 bash scripts/deps.sh
-cargo build -q --release --bin agent-sessions --example p3_latency   # the set p1p2.sh and p3.sh build: no rebuild between them
+if [ -z "${BIN:-}" ]; then
+  cargo build -q --release --bin agent-sessions --example p3_latency   # the set p1p2.sh and p3.sh build: no rebuild between them
+  BIN=./target/release/agent-sessions
+fi
 loaded=
 if [ "${REUSE:-}" = 1 ] && psql "$ADMIN" -tAc "select 1 from pg_database where datname = '$DB'" | grep -q 1; then
   loaded=$(psql "$URL" -X -tAc "select count(*) from sessions" 2>/dev/null || echo 0)
 fi
 if [ "${loaded:-0}" -gt 0 ]; then
   echo "reusing $DB ($loaded sessions); migrating it"
-  DATABASE_URL=$URL RUST_LOG=warn ./target/release/agent-sessions migrate
+  DATABASE_URL=$URL RUST_LOG=warn "$BIN" migrate
 else
   psql "$ADMIN" -qc "drop database if exists $DB with (force)" -qc "create database $DB"
-  DATABASE_URL=$URL RUST_LOG=warn ./target/release/agent-sessions migrate
+  DATABASE_URL=$URL RUST_LOG=warn "$BIN" migrate
   DATABASE_URL=$URL SESSIONS=${SESSIONS:-1000000} bench/scale/generate.sh
 fi
 psql "$URL" -X -qc "analyze sessions"
@@ -48,13 +52,13 @@ psql "$URL" -X -qc "insert into relay_cursors (name, position) values ('redis', 
                     on conflict (name) do update set position = greatest(relay_cursors.position, excluded.position)"
 projected=$(psql "$URL" -X -tAc "select coalesce((select position from relay_cursors where name = 'analytics'), 0)")
 if [ "$projected" -lt "$head" ]; then
-  DATABASE_URL=$URL RUST_LOG=warn ./target/release/agent-sessions replay --analytics
+  DATABASE_URL=$URL RUST_LOG=warn "$BIN" replay --analytics
 fi
 
 cleanup() { [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; }
 trap cleanup EXIT
 DATABASE_URL=$URL PORT=$PORT RUST_LOG=warn APP__AUTH__ENABLED=false APP__SERVER__WORKERS=2 \
-  APP__REDIS__CHANNEL_PREFIX="bench-p5:" ./target/release/agent-sessions serve &
+  APP__REDIS__CHANNEL_PREFIX="bench-p5:" "$BIN" serve &
 pid=$!
 for _ in $(seq 1 100); do curl -s -o /dev/null "localhost:$PORT/healthz" && break; sleep 0.1; done
 
