@@ -562,7 +562,7 @@ pub async fn list(
                 .ok_or_else(|| ApiError::parameter("cursor", "is not a cursor this service issued"))
         })
         .transpose()?;
-    let mut sessions = state.store.list(&filter, limit + 1, cursor).await?;
+    let mut sessions = state.store.list_page(&filter, limit + 1, cursor).await?;
     let mut res = HttpResponse::Ok();
     if sessions.len() as u64 > limit {
         sessions.truncate(limit as usize);
@@ -572,7 +572,7 @@ pub async fn list(
             )));
         };
         let next = ListCursor {
-            created_at: last.created_at,
+            created_at: last.created,
             id: last.id,
         };
         res.insert_header((
@@ -580,6 +580,5 @@ pub async fn list(
             link_next(&req, "/sessions/", "cursor", &next.encode()),
         ));
     }
-    let body: Vec<Session> = sessions.iter().map(Session::from).collect();
-    Ok(res.json(body))
+    Ok(res.json(sessions))
 }

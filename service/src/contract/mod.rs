@@ -15,8 +15,8 @@ pub use event::{EventEnvelope, EventKind, EventMetadata};
 pub use hint::{WakeHint, hint_channel};
 pub use problem::{FieldProblem, Problem};
 pub use session::{
-    NewSession, RuntimeBackend, Session, SessionMergePatch, SessionStatus, SessionUpdate, Usage,
-    format_time,
+    ListedSession, NewSession, RuntimeBackend, Session, SessionMergePatch, SessionStatus,
+    SessionUpdate, Usage, format_time,
 };
 pub use worker::{
     PausedReason, PodPhase, StopCause, WorkerField, WorkerLaunch, WorkerPatch, WorkerRecord,

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -146,6 +147,34 @@ impl From<&SessionState> for Session {
     fn from(s: &SessionState) -> Self {
         Self::from(s.clone())
     }
+}
+
+/// A session in a page of `GET /sessions/`: the fields of [`Session`], in
+/// its order and form, with `context`, `checkpoint` and `runtime_metadata`
+/// copied from PostgreSQL's text of the `jsonb` instead of being parsed
+/// into trees and written out again (a page holds up to a thousand).
+#[derive(Debug, Serialize)]
+pub struct ListedSession {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    pub session_type: String,
+    pub status: SessionStatus,
+    pub context: Box<RawValue>,
+    pub checkpoint: Option<Box<RawValue>>,
+    pub runtime_backend: RuntimeBackend,
+    pub runtime_metadata: Box<RawValue>,
+    pub worker: Option<WorkerSpec>,
+    pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_session_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<ForkedFrom>,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    /// `created_at` as a time, for the next page's cursor.
+    #[serde(skip)]
+    pub created: DateTime<Utc>,
 }
 
 /// The body of `POST /sessions/`.

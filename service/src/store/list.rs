@@ -26,14 +26,14 @@
 
 use base64::Engine as _;
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use sea_orm::{ConnectionTrait, Value as Param};
+use sea_orm::{ConnectionTrait, QueryResult, Value as Param};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::rows::{self, SESSION_COLUMNS};
+use super::rows::{self, SESSION_COLUMNS, SESSION_TEXT_COLUMNS};
 use super::sessions::stmt;
 use super::{Store, StoreError};
-use crate::contract::WorkerState;
+use crate::contract::{ListedSession, WorkerState};
 use crate::domain::{RuntimeBackend, SessionState, SessionStatus};
 
 /// Filters of `GET /sessions/`; all optional, combined with AND.
@@ -152,11 +152,13 @@ impl Conditions {
     }
 }
 
-/// The statement of one page: `limit` rows after `cursor`.
+/// The statement of one page: `limit` rows after `cursor`, as `columns`
+/// (expressions over [`SESSION_COLUMNS`]).
 pub(super) fn list_statement(
     filter: &ListFilter,
     limit: u64,
     cursor: Option<ListCursor>,
+    columns: &str,
 ) -> (String, Vec<Param>) {
     let mut c = Conditions::default();
     if let Some(a) = filter.agent_id {
@@ -255,14 +257,14 @@ pub(super) fn list_statement(
         } else {
             format!("WHERE {}", all.join(" AND "))
         };
-        format!("SELECT {SESSION_COLUMNS} FROM sessions {where_} {ORDER} LIMIT {lim}")
+        format!("FROM sessions {where_} {ORDER} LIMIT {lim}")
     };
     let sql = match branches.as_slice() {
-        [one] => select(one),
+        [one] => format!("SELECT {columns} {}", select(one)),
         many => format!(
-            "SELECT {SESSION_COLUMNS} FROM ({}) branches {ORDER} LIMIT {lim}",
+            "SELECT {columns} FROM ({}) branches {ORDER} LIMIT {lim}",
             many.iter()
-                .map(|b| format!("({})", select(b)))
+                .map(|b| format!("(SELECT {SESSION_COLUMNS} {})", select(b)))
                 .collect::<Vec<_>>()
                 .join(" UNION ALL ")
         ),
@@ -279,12 +281,43 @@ impl Store {
         limit: u64,
         cursor: Option<ListCursor>,
     ) -> Result<Vec<SessionState>, StoreError> {
-        let (sql, values) = list_statement(filter, limit, cursor);
+        self.rows_of_page(filter, limit, cursor, SESSION_COLUMNS, rows::session)
+            .await
+    }
+
+    /// [`Store::list`] as a page of the API answers it (the JSON documents
+    /// copied, not parsed).
+    #[instrument(skip(self))]
+    pub async fn list_page(
+        &self,
+        filter: &ListFilter,
+        limit: u64,
+        cursor: Option<ListCursor>,
+    ) -> Result<Vec<ListedSession>, StoreError> {
+        self.rows_of_page(
+            filter,
+            limit,
+            cursor,
+            SESSION_TEXT_COLUMNS,
+            rows::listed_session,
+        )
+        .await
+    }
+
+    async fn rows_of_page<T>(
+        &self,
+        filter: &ListFilter,
+        limit: u64,
+        cursor: Option<ListCursor>,
+        columns: &str,
+        decode: fn(&QueryResult) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let (sql, values) = list_statement(filter, limit, cursor, columns);
         self.db
             .query_all_raw(stmt(&sql, values))
             .await?
             .iter()
-            .map(rows::session)
+            .map(decode)
             .collect()
     }
 }
@@ -312,7 +345,7 @@ mod tests {
             worker_state: vec![WorkerState::Idle, WorkerState::Exited],
             ..Default::default()
         };
-        let (sql, values) = list_statement(&filter, 21, None);
+        let (sql, values) = list_statement(&filter, 21, None, SESSION_COLUMNS);
         assert_eq!(sql.matches("UNION ALL").count(), 1, "{sql}");
         assert_eq!(sql.matches("status = $").count(), 2, "{sql}");
         assert!(
@@ -332,7 +365,7 @@ mod tests {
             updated_after: Some(t),
             ..Default::default()
         };
-        let (sql, _) = list_statement(&filter, 21, None);
+        let (sql, _) = list_statement(&filter, 21, None, SESSION_COLUMNS);
         assert_eq!(sql.matches("UNION ALL").count(), 3, "{sql}");
         // $3: the time, $4: the time plus the slack.
         assert_eq!(sql.matches("created_at >= $4").count(), 2, "{sql}");
@@ -350,7 +383,7 @@ mod tests {
             updated_before: Some(t),
             ..Default::default()
         };
-        let (sql, values) = list_statement(&filter, 21, None);
+        let (sql, values) = list_statement(&filter, 21, None, SESSION_COLUMNS);
         assert!(sql.contains("updated_at < $1"), "{sql}");
         assert!(sql.contains("created_at < $2"), "{sql}");
         assert_eq!(values[1], Param::from(t + CLOCK_SLACK));

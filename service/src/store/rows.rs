@@ -2,11 +2,15 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::QueryResult;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{StoreError, events::StoredEvent};
-use crate::domain::{EventKind, ForkedFrom, RuntimeBackend, SessionState, SessionStatus};
+use crate::contract::{self, ListedSession, format_time};
+use crate::domain::{
+    EventKind, ForkedFrom, RuntimeBackend, SessionState, SessionStatus, Usage, WorkerSpec,
+};
 
 /// Columns written when a session is created (usage starts at its default).
 pub(crate) const INSERT_COLUMNS: &str = "id, agent_id, session_type, status, context, checkpoint, \
@@ -31,26 +35,37 @@ fn object(v: Value, col: &str) -> Result<Map<String, Value>, StoreError> {
     }
 }
 
-pub(crate) fn session(row: &QueryResult) -> Result<SessionState, StoreError> {
+/// [`SESSION_COLUMNS`] with the three JSON documents as text (for
+/// [`listed_session`]); also usable over a derived table of those columns.
+pub(crate) const SESSION_TEXT_COLUMNS: &str = "id, agent_id, session_type, status, \
+     context::text AS context, checkpoint::text AS checkpoint, runtime_backend, \
+     runtime_metadata::text AS runtime_metadata, worker, usage, parent_session_id, \
+     forked_from_version, version, created_at, updated_at";
+
+fn status(row: &QueryResult) -> Result<SessionStatus, StoreError> {
     let status: String = row.try_get("", "status")?;
+    SessionStatus::parse(&status).ok_or_else(|| corrupt(&status))
+}
+
+fn backend(row: &QueryResult) -> Result<RuntimeBackend, StoreError> {
     let backend: String = row.try_get("", "runtime_backend")?;
-    let checkpoint: Option<Value> = row.try_get("", "checkpoint")?;
-    Ok(SessionState {
-        id: row.try_get("", "id")?,
-        agent_id: row.try_get("", "agent_id")?,
-        session_type: row.try_get("", "session_type")?,
-        status: SessionStatus::parse(&status).ok_or_else(|| corrupt(&status))?,
-        context: object(row.try_get("", "context")?, "context")?,
-        checkpoint: checkpoint.map(|c| object(c, "checkpoint")).transpose()?,
-        runtime_backend: RuntimeBackend::parse(&backend).ok_or_else(|| corrupt(&backend))?,
-        runtime_metadata: object(row.try_get("", "runtime_metadata")?, "runtime_metadata")?,
-        worker: row
-            .try_get::<Option<Value>>("", "worker")?
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(corrupt)?,
-        usage: serde_json::from_value(row.try_get("", "usage")?).map_err(corrupt)?,
-        forked_from: match (
+    RuntimeBackend::parse(&backend).ok_or_else(|| corrupt(&backend))
+}
+
+fn worker(row: &QueryResult) -> Result<Option<WorkerSpec>, StoreError> {
+    row.try_get::<Option<Value>>("", "worker")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(corrupt)
+}
+
+fn usage(row: &QueryResult) -> Result<Usage, StoreError> {
+    serde_json::from_value(row.try_get("", "usage")?).map_err(corrupt)
+}
+
+fn forked_from(row: &QueryResult) -> Result<Option<ForkedFrom>, StoreError> {
+    Ok(
+        match (
             row.try_get::<Option<Uuid>>("", "parent_session_id")?,
             row.try_get::<Option<i64>>("", "forked_from_version")?,
         ) {
@@ -60,9 +75,54 @@ pub(crate) fn session(row: &QueryResult) -> Result<SessionState, StoreError> {
             }),
             _ => None,
         },
+    )
+}
+
+pub(crate) fn session(row: &QueryResult) -> Result<SessionState, StoreError> {
+    let checkpoint: Option<Value> = row.try_get("", "checkpoint")?;
+    Ok(SessionState {
+        id: row.try_get("", "id")?,
+        agent_id: row.try_get("", "agent_id")?,
+        session_type: row.try_get("", "session_type")?,
+        status: status(row)?,
+        context: object(row.try_get("", "context")?, "context")?,
+        checkpoint: checkpoint.map(|c| object(c, "checkpoint")).transpose()?,
+        runtime_backend: backend(row)?,
+        runtime_metadata: object(row.try_get("", "runtime_metadata")?, "runtime_metadata")?,
+        worker: worker(row)?,
+        usage: usage(row)?,
+        forked_from: forked_from(row)?,
         version: row.try_get("", "version")?,
         created_at: row.try_get::<DateTime<Utc>>("", "created_at")?,
         updated_at: row.try_get::<DateTime<Utc>>("", "updated_at")?,
+    })
+}
+
+/// A row of [`SESSION_TEXT_COLUMNS`] as a list answers it.
+pub(crate) fn listed_session(row: &QueryResult) -> Result<ListedSession, StoreError> {
+    let raw = |col: &str, text: String| {
+        RawValue::from_string(text).map_err(|e| corrupt(format!("{col}: {e}")))
+    };
+    let checkpoint: Option<String> = row.try_get("", "checkpoint")?;
+    let forked_from = forked_from(row)?;
+    let created: DateTime<Utc> = row.try_get("", "created_at")?;
+    Ok(ListedSession {
+        id: row.try_get("", "id")?,
+        agent_id: row.try_get("", "agent_id")?,
+        session_type: row.try_get("", "session_type")?,
+        status: status(row)?.into(),
+        context: raw("context", row.try_get("", "context")?)?,
+        checkpoint: checkpoint.map(|c| raw("checkpoint", c)).transpose()?,
+        runtime_backend: backend(row)?.into(),
+        runtime_metadata: raw("runtime_metadata", row.try_get("", "runtime_metadata")?)?,
+        worker: worker(row)?.map(Into::into),
+        usage: contract::Usage::from(&usage(row)?),
+        parent_session_id: forked_from.map(|f| f.session_id),
+        forked_from: forked_from.map(Into::into),
+        version: row.try_get("", "version")?,
+        created_at: format_time(&created),
+        updated_at: format_time(&row.try_get::<DateTime<Utc>>("", "updated_at")?),
+        created,
     })
 }
 

@@ -552,7 +552,7 @@ impl Store {
     /// row of it).
     #[instrument(skip(self))]
     pub async fn count(&self, filter: &ListFilter) -> Result<u64, StoreError> {
-        let (sql, values) = super::list::list_statement(filter, i64::MAX as u64, None);
+        let (sql, values) = super::list::list_statement(filter, i64::MAX as u64, None, "id");
         let sql = format!("SELECT count(*) AS n FROM ({sql}) matching");
         let row = self
             .db

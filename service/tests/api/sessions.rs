@@ -297,6 +297,52 @@ async fn list_filters_and_paginates_with_a_keyset_cursor() {
     }
 }
 
+/// A list copies the stored documents instead of rebuilding them
+/// (docs/design.md, session pages): each item must still be the value a GET
+/// of the session answers, whatever the documents hold.
+#[tokio::test]
+async fn a_listed_session_is_the_value_get_answers() {
+    let app = TestApp::spawn().await;
+    let rich = json!({
+        "text": "quote \" backslash \\ tab \t newline \n control \u{1} é \u{2603} \u{1f680}",
+        "nested": {"b": [1, 2.5, -0.125, 1e-7, 12345678901234_i64, true, null], "a": {}},
+        "empty": [], "zero": 0, "big": 9007199254740993_i64
+    });
+    let plain = app.create_default().await;
+    let documented = app
+        .create_session(
+            &json!({"agent_id": AGENT, "session_type": "task", "runtime_backend": "local",
+                       "context": rich, "checkpoint": {"step": 3, "notes": ["ü", ""]},
+                       "runtime_metadata": {"owner": "ops", "labels": {"z": 1, "a": 2}},
+                       "worker": {"prompt": "fix it", "max_turns": 3}}),
+        )
+        .await;
+    app.patch(&id_of(&documented), &json!({"status": "paused"}))
+        .await
+        .expect(200);
+    let fork = app
+        .post(
+            &format!("/sessions/{}/fork", id_of(&documented)),
+            &json!({}),
+        )
+        .await
+        .expect(201)
+        .json();
+
+    let listed = app.get_json("/sessions/?limit=10").await;
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 3);
+    for item in listed {
+        let id = id_of(item);
+        assert_eq!(item, &app.get(&id).await, "session {id}");
+    }
+    let ids: Vec<String> = listed.iter().map(id_of).collect();
+    assert_eq!(ids, [id_of(&fork), id_of(&documented), id_of(&plain)]);
+    assert_eq!(listed[1]["context"], rich);
+    assert!(listed[2]["checkpoint"].is_null());
+    assert_eq!(listed[0]["forked_from"]["session_id"], id_of(&documented));
+}
+
 #[tokio::test]
 async fn get_supports_etags_and_unknown_ids_are_404_problems() {
     let app = TestApp::spawn().await;
