@@ -477,3 +477,85 @@ async fn the_lanes_open_their_connections_at_start_within_max_connections() {
     assert!(opened.size <= opened.max);
     store.close().await;
 }
+
+/// With more than one write drainer, a batch held up by another
+/// transaction's lock holds up only the commands it took: once it has run
+/// past the lane's stuck mark, what queues behind it goes to another
+/// drainer and is answered while the lock is still held.
+#[tokio::test]
+async fn a_write_held_by_a_lock_holds_up_only_its_own_batch() {
+    let test_db = TestDatabase::migrated().await;
+    let db = test_db.connect().await;
+    let store = Store::connect(&DatabaseOptions {
+        url: test_db.url.clone(),
+        max_connections: 6,
+        min_connections: 1,
+        acquire_timeout: WAIT,
+        statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(30),
+        batch_executors: 2,
+    })
+    .await
+    .unwrap();
+    let create = || {
+        CreateSession::new(
+            uuid::Uuid::parse_str(AGENT).unwrap(),
+            "task".into(),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        .expect("valid create")
+    };
+    let meta = EventMetadata::default();
+    store.create(&create(), &meta, None).await.expect("created");
+
+    let lock: DatabaseTransaction = db.begin().await.unwrap();
+    exec(
+        &lock,
+        "INSERT INTO idempotency_keys (key, request_hash, session_id) \
+         VALUES ('held', 'h', gen_random_uuid())",
+    )
+    .await;
+    let held = tokio::spawn({
+        let (store, cmd, meta) = (store.clone(), create(), meta.clone());
+        async move {
+            let key = IdempotencyRequest {
+                key: "held".into(),
+                request_hash: "h".into(),
+                ttl: Duration::from_secs(3600),
+            };
+            store.create(&cmd, &meta, Some(&key)).await
+        }
+    });
+    wait_lock_waiter(&db).await;
+
+    // Several writes queue behind the held one; each is answered while the
+    // key's lock is still held.
+    let writes = join_all((0..4).map(|_| {
+        let (store, cmd, meta) = (store.clone(), create(), meta.clone());
+        async move { store.create(&cmd, &meta, None).await }
+    }));
+    let created = tokio::time::timeout(WAIT, writes)
+        .await
+        .expect("the writes behind the held one are answered while the key is held");
+    for c in created {
+        let c = c.expect("created");
+        assert!(store.get(c.session.id).await.unwrap().is_some());
+    }
+    assert!(
+        !held.is_finished(),
+        "the held write waits for the key's lock"
+    );
+    lock.rollback().await.unwrap();
+    tokio::time::timeout(WAIT, held)
+        .await
+        .expect("the held write is answered once the lock is gone")
+        .unwrap()
+        .expect("created with the key");
+    store.close().await;
+    db.close().await.ok();
+}
