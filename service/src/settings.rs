@@ -529,6 +529,14 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The HTTP workers `serve` runs: `server.workers`, else one per core
+    /// (as actix-web would choose).
+    pub fn http_workers(&self) -> usize {
+        self.server.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        })
+    }
+
     pub fn validate(&self) -> Result<(), SettingsError> {
         let bad = |key, reason: &str| {
             Err(SettingsError::Invalid {

@@ -36,11 +36,15 @@ impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         // The recorder first: the store registers its metrics as it starts.
         crate::metrics::handle();
-        let store = Store::connect(&database_options(
-            settings,
-            settings.database.max_connections,
-            settings.database.batch_executors,
-        ))
+        let workers = settings.http_workers();
+        let store = Store::connect(&DatabaseOptions {
+            worker_reads: worker_read_lanes(settings, workers),
+            ..database_options(
+                settings,
+                settings.database.max_connections,
+                settings.database.batch_executors,
+            )
+        })
         .await?;
         let bus = Arc::new(Bus::new(&settings.redis.url)?);
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
@@ -158,7 +162,10 @@ impl Application {
             settings.server.max_json_depth,
         ));
         let auth = web::Data::new(AuthState::from_settings(&settings.auth)?);
-        let mut server = HttpServer::new(move || {
+        let worker_store = store.clone();
+        let server = HttpServer::new(move || {
+            // Runs on each worker's thread, as the worker starts.
+            worker_store.open_worker_reads();
             App::new()
                 .app_data(state.clone())
                 .app_data(limit.clone())
@@ -169,10 +176,8 @@ impl Application {
         })
         .listen(listener)?
         .disable_signals()
-        .shutdown_timeout(settings.server.shutdown_timeout_secs);
-        if let Some(w) = settings.server.workers {
-            server = server.workers(w);
-        }
+        .shutdown_timeout(settings.server.shutdown_timeout_secs)
+        .workers(workers);
         tracing::info!(
             port,
             database = %settings.database_url_for_logs(),
@@ -238,6 +243,20 @@ impl Stopper {
         self.handle.stop(true).await;
     }
 }
+/// How many HTTP workers get a read lane of their own
+/// (`Store::open_worker_reads`): all of them while their connections fit in
+/// half of what the shared lanes leave of `database.max_connections`, so the
+/// shared pool keeps the other half; the others read through the shared
+/// read lane. None without batching.
+fn worker_read_lanes(settings: &Settings, workers: usize) -> usize {
+    let db = &settings.database;
+    if db.batch_executors == 0 {
+        return 0;
+    }
+    let left = (db.max_connections as usize).saturating_sub(db.batch_executors + 1);
+    workers.min(left / 2)
+}
+
 /// `batch_executors`: executors per batched kind (`database.batch_executors`
 /// for the API's store, 0 for the relay's, which writes nothing batched).
 pub(crate) fn database_options(
@@ -254,5 +273,6 @@ pub(crate) fn database_options(
         statement_timeout: Duration::from_millis(db.statement_timeout_ms),
         idle_in_transaction_timeout: Duration::from_millis(db.idle_in_transaction_timeout_ms),
         batch_executors,
+        worker_reads: 0,
     }
 }

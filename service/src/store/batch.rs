@@ -296,6 +296,18 @@ impl Lane {
             .map_err(|_| sqlx_error(sqlx::Error::PoolClosed))?
     }
 
+    /// Close a lane whose runtime has stopped (an HTTP worker's): refuse
+    /// new commands and close its idle connection, without waiting on that
+    /// runtime. Nothing of it is left running: its drainers were tasks of
+    /// the runtime, dropped with it, and their places given back.
+    pub(crate) fn abandon(&self) {
+        let mut st = self.shared.state();
+        st.closed = true;
+        for mut c in st.idle.drain(..) {
+            c.close_on_drop();
+        }
+    }
+
     /// The lane's pool (for the connection counts of `/metrics`).
     pub(crate) fn pool(&self) -> &PgPool {
         &self.shared.pool

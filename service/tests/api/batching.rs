@@ -388,6 +388,7 @@ async fn a_write_whose_caller_goes_away_hands_its_lane_on() {
         statement_timeout: Duration::from_secs(30),
         idle_in_transaction_timeout: Duration::from_secs(30),
         batch_executors: 1,
+        worker_reads: 0,
     })
     .await
     .unwrap();
@@ -461,6 +462,7 @@ async fn the_lanes_open_their_connections_at_start_within_max_connections() {
         statement_timeout: Duration::from_secs(30),
         idle_in_transaction_timeout: Duration::from_secs(30),
         batch_executors: 2,
+        worker_reads: 0,
     })
     .await
     .unwrap();
@@ -494,6 +496,7 @@ async fn a_write_held_by_a_lock_holds_up_only_its_own_batch() {
         statement_timeout: Duration::from_secs(30),
         idle_in_transaction_timeout: Duration::from_secs(30),
         batch_executors: 2,
+        worker_reads: 0,
     })
     .await
     .unwrap();
@@ -558,4 +561,87 @@ async fn a_write_held_by_a_lock_holds_up_only_its_own_batch() {
         .expect("created with the key");
     store.close().await;
     db.close().await.ok();
+}
+
+/// An HTTP worker's read lane (`Store::open_worker_reads`): one connection,
+/// opened as the worker starts and counted in `max_connections`; a second
+/// call on the same thread opens nothing more, and a thread beyond the
+/// configured number reads through the shared read lane.
+#[tokio::test]
+async fn a_worker_read_lane_is_one_connection_within_max_connections() {
+    let test_db = TestDatabase::migrated().await;
+    let store = Store::connect(&DatabaseOptions {
+        url: test_db.url.clone(),
+        max_connections: 6,
+        min_connections: 1,
+        acquire_timeout: WAIT,
+        statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(30),
+        batch_executors: 2,
+        worker_reads: 1,
+    })
+    .await
+    .unwrap();
+    assert_eq!(store.pool_stats().max, 6);
+    let created = store
+        .create(
+            &CreateSession::new(
+                uuid::Uuid::parse_str(AGENT).unwrap(),
+                "task".into(),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+            .expect("valid create"),
+            &EventMetadata::default(),
+            None,
+        )
+        .await
+        .expect("created");
+    let id = created.session.id;
+
+    // The shared lanes' three connections (two write drainers, one read).
+    let before = eventually("the shared lanes' connections", WAIT, || async {
+        let s = store.pool_stats();
+        (s.size >= 3).then_some(s.size)
+    })
+    .await;
+    store.open_worker_reads();
+    store.open_worker_reads();
+    let opened = eventually("the worker lane's connection", WAIT, || async {
+        let s = store.pool_stats();
+        (s.size > before).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        opened.size,
+        before + 1,
+        "one connection for the worker: {opened:?}"
+    );
+    assert!(opened.size <= opened.max, "{opened:?}");
+    let lanes_only = opened.size;
+    assert!(store.get(id).await.unwrap().is_some());
+
+    // Another thread, its own runtime: no slot left, so no lane of its own;
+    // its reads go through the shared lane.
+    let other = store.clone();
+    let found = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                other.open_worker_reads();
+                other.get(id).await.unwrap().is_some()
+            })
+    })
+    .join()
+    .unwrap();
+    assert!(found);
+    assert_eq!(store.pool_stats().size, lanes_only, "no connection more");
+    assert!(store.get(id).await.unwrap().is_some());
+    store.close().await;
 }

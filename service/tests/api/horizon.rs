@@ -212,6 +212,7 @@ async fn unbatched_store(url: &str, connections: u32) -> Store {
         statement_timeout: Duration::from_secs(30),
         idle_in_transaction_timeout: Duration::from_secs(30),
         batch_executors: 0,
+        worker_reads: 0,
     })
     .await
     .unwrap()
