@@ -96,6 +96,79 @@ async fn install_poison(db: &DatabaseConnection) {
     .await;
 }
 
+/// A store on `db` with `max_connections`, `batch_executors` write drainers
+/// and `worker_reads` worker read lanes (the store-level tests of the lanes).
+async fn lane_store(
+    db: &TestDatabase,
+    max_connections: u32,
+    batch_executors: usize,
+    worker_reads: usize,
+) -> Store {
+    Store::connect(&DatabaseOptions {
+        url: db.url.clone(),
+        max_connections,
+        min_connections: 1,
+        acquire_timeout: WAIT,
+        statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(30),
+        batch_executors,
+        worker_reads,
+    })
+    .await
+    .unwrap()
+}
+
+/// A plain create of a session of the test agent.
+fn new_session() -> CreateSession {
+    CreateSession::new(
+        uuid::Uuid::parse_str(AGENT).unwrap(),
+        "task".into(),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+    .expect("valid create")
+}
+
+/// A transaction that holds idempotency key `held`, and a create with that
+/// key, on a task of its own, that waits for it (its statement seen waiting
+/// for the lock): the lane's place it took stays taken until the lock goes.
+async fn create_behind_held_key(
+    db: &DatabaseConnection,
+    store: &Store,
+) -> (
+    DatabaseTransaction,
+    tokio::task::JoinHandle<
+        Result<agent_sessions::store::Created, agent_sessions::store::StoreError>,
+    >,
+) {
+    let lock = db.begin().await.unwrap();
+    exec(
+        &lock,
+        "INSERT INTO idempotency_keys (key, request_hash, session_id) \
+         VALUES ('held', 'h', gen_random_uuid())",
+    )
+    .await;
+    let task = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let key = IdempotencyRequest {
+                key: "held".into(),
+                request_hash: "h".into(),
+                ttl: Duration::from_secs(3600),
+            };
+            store
+                .create(&new_session(), &EventMetadata::default(), Some(&key))
+                .await
+        }
+    });
+    wait_lock_waiter(db).await;
+    (lock, task)
+}
+
 #[tokio::test]
 async fn one_failing_update_in_a_batch_fails_only_its_own_request() {
     let app = TestApp::spawn_with(|s| s.database.batch_executors = 1).await;
@@ -380,57 +453,18 @@ async fn a_plain_patch_is_one_statement_with_the_planned_answer_and_event() {
 async fn a_write_whose_caller_goes_away_hands_its_lane_on() {
     let test_db = TestDatabase::migrated().await;
     let db = test_db.connect().await;
-    let store = Store::connect(&DatabaseOptions {
-        url: test_db.url.clone(),
-        max_connections: 4,
-        min_connections: 1,
-        acquire_timeout: WAIT,
-        statement_timeout: Duration::from_secs(30),
-        idle_in_transaction_timeout: Duration::from_secs(30),
-        batch_executors: 1,
-        worker_reads: 0,
-    })
-    .await
-    .unwrap();
-    let create = || {
-        CreateSession::new(
-            uuid::Uuid::parse_str(AGENT).unwrap(),
-            "task".into(),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-        .expect("valid create")
-    };
+    let store = lane_store(&test_db, 4, 1, 0).await;
     let meta = EventMetadata::default();
     // A first write runs through a drainer, which leaves its connection
     // with the lane: the next write on an idle lane runs on its caller.
-    store.create(&create(), &meta, None).await.expect("created");
+    store
+        .create(&new_session(), &meta, None)
+        .await
+        .expect("created");
 
-    let lock: DatabaseTransaction = db.begin().await.unwrap();
-    exec(
-        &lock,
-        "INSERT INTO idempotency_keys (key, request_hash, session_id) \
-         VALUES ('held', 'h', gen_random_uuid())",
-    )
-    .await;
-    let abandoned = tokio::spawn({
-        let (store, cmd, meta) = (store.clone(), create(), meta.clone());
-        async move {
-            let key = IdempotencyRequest {
-                key: "held".into(),
-                request_hash: "h".into(),
-                ttl: Duration::from_secs(3600),
-            };
-            store.create(&cmd, &meta, Some(&key)).await
-        }
-    });
-    wait_lock_waiter(&db).await;
+    let (lock, abandoned) = create_behind_held_key(&db, &store).await;
     // The lane's one place is taken: one poll queues this command.
-    let cmd = create();
+    let cmd = new_session();
     let mut queued = Box::pin(store.create(&cmd, &meta, None));
     assert!(futures_util::poll!(&mut queued).is_pending());
     abandoned.abort();
@@ -443,7 +477,10 @@ async fn a_write_whose_caller_goes_away_hands_its_lane_on() {
     assert!(store.get(created.session.id).await.unwrap().is_some());
     lock.rollback().await.unwrap();
     // The lane goes on: idle again, a write runs at once.
-    store.create(&create(), &meta, None).await.expect("created");
+    store
+        .create(&new_session(), &meta, None)
+        .await
+        .expect("created");
     store.close().await;
     db.close().await.ok();
 }
@@ -454,18 +491,7 @@ async fn a_write_whose_caller_goes_away_hands_its_lane_on() {
 #[tokio::test]
 async fn the_lanes_open_their_connections_at_start_within_max_connections() {
     let test_db = TestDatabase::migrated().await;
-    let store = Store::connect(&DatabaseOptions {
-        url: test_db.url.clone(),
-        max_connections: 6,
-        min_connections: 1,
-        acquire_timeout: WAIT,
-        statement_timeout: Duration::from_secs(30),
-        idle_in_transaction_timeout: Duration::from_secs(30),
-        batch_executors: 2,
-        worker_reads: 0,
-    })
-    .await
-    .unwrap();
+    let store = lane_store(&test_db, 6, 2, 0).await;
 
     assert_eq!(store.pool_stats().max, 6);
     // Two write drainers and one read drainer: three connections, with no
@@ -488,58 +514,19 @@ async fn the_lanes_open_their_connections_at_start_within_max_connections() {
 async fn a_write_held_by_a_lock_holds_up_only_its_own_batch() {
     let test_db = TestDatabase::migrated().await;
     let db = test_db.connect().await;
-    let store = Store::connect(&DatabaseOptions {
-        url: test_db.url.clone(),
-        max_connections: 6,
-        min_connections: 1,
-        acquire_timeout: WAIT,
-        statement_timeout: Duration::from_secs(30),
-        idle_in_transaction_timeout: Duration::from_secs(30),
-        batch_executors: 2,
-        worker_reads: 0,
-    })
-    .await
-    .unwrap();
-    let create = || {
-        CreateSession::new(
-            uuid::Uuid::parse_str(AGENT).unwrap(),
-            "task".into(),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-        .expect("valid create")
-    };
+    let store = lane_store(&test_db, 6, 2, 0).await;
     let meta = EventMetadata::default();
-    store.create(&create(), &meta, None).await.expect("created");
+    store
+        .create(&new_session(), &meta, None)
+        .await
+        .expect("created");
 
-    let lock: DatabaseTransaction = db.begin().await.unwrap();
-    exec(
-        &lock,
-        "INSERT INTO idempotency_keys (key, request_hash, session_id) \
-         VALUES ('held', 'h', gen_random_uuid())",
-    )
-    .await;
-    let held = tokio::spawn({
-        let (store, cmd, meta) = (store.clone(), create(), meta.clone());
-        async move {
-            let key = IdempotencyRequest {
-                key: "held".into(),
-                request_hash: "h".into(),
-                ttl: Duration::from_secs(3600),
-            };
-            store.create(&cmd, &meta, Some(&key)).await
-        }
-    });
-    wait_lock_waiter(&db).await;
+    let (lock, held) = create_behind_held_key(&db, &store).await;
 
     // Several writes queue behind the held one; each is answered while the
     // key's lock is still held.
     let writes = join_all((0..4).map(|_| {
-        let (store, cmd, meta) = (store.clone(), create(), meta.clone());
+        let (store, cmd, meta) = (store.clone(), new_session(), meta.clone());
         async move { store.create(&cmd, &meta, None).await }
     }));
     let created = tokio::time::timeout(WAIT, writes)
@@ -570,35 +557,10 @@ async fn a_write_held_by_a_lock_holds_up_only_its_own_batch() {
 #[tokio::test]
 async fn a_worker_read_lane_is_one_connection_within_max_connections() {
     let test_db = TestDatabase::migrated().await;
-    let store = Store::connect(&DatabaseOptions {
-        url: test_db.url.clone(),
-        max_connections: 6,
-        min_connections: 1,
-        acquire_timeout: WAIT,
-        statement_timeout: Duration::from_secs(30),
-        idle_in_transaction_timeout: Duration::from_secs(30),
-        batch_executors: 2,
-        worker_reads: 1,
-    })
-    .await
-    .unwrap();
+    let store = lane_store(&test_db, 6, 2, 1).await;
     assert_eq!(store.pool_stats().max, 6);
     let created = store
-        .create(
-            &CreateSession::new(
-                uuid::Uuid::parse_str(AGENT).unwrap(),
-                "task".into(),
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-            .expect("valid create"),
-            &EventMetadata::default(),
-            None,
-        )
+        .create(&new_session(), &EventMetadata::default(), None)
         .await
         .expect("created");
     let id = created.session.id;
