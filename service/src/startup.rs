@@ -243,16 +243,14 @@ impl Stopper {
         self.handle.stop(true).await;
     }
 }
+
 /// How many HTTP workers get a read lane of their own
 /// (`Store::open_worker_reads`): all of them while their connections fit in
 /// half of what the shared lanes leave of `database.max_connections`, so the
 /// shared pool keeps the other half; the others read through the shared
-/// read lane. None without batching.
+/// read lane (the store takes none without batching).
 fn worker_read_lanes(settings: &Settings, workers: usize) -> usize {
     let db = &settings.database;
-    if db.batch_executors == 0 {
-        return 0;
-    }
     let left = (db.max_connections as usize).saturating_sub(db.batch_executors + 1);
     workers.min(left / 2)
 }

@@ -241,8 +241,7 @@ impl Lane {
                 metrics::gauge!(names::DB_BATCH_QUEUED, "kind" => C::KIND).increment(1);
                 Next::Wait
             } else {
-                st.running += 1;
-                let conn = st.idle.pop();
+                let conn = st.take_place();
                 // Only on a connection a drainer took (see `LaneThread`),
                 // never one this task would open: its socket would belong to
                 // the worker's runtime, which stops first in a graceful
@@ -523,6 +522,13 @@ impl State {
     fn place_free(&self, drainers: usize) -> bool {
         self.running < drainers && self.running == self.stuck
     }
+
+    /// Take a drainer's place, with the connection a finished drainer left
+    /// (none at first: the drainer opens one).
+    fn take_place(&mut self) -> Option<PoolConnection<Postgres>> {
+        self.running += 1;
+        self.idle.pop()
+    }
 }
 
 /// Run a batch's statements; should they run past [`STUCK_AFTER`], their
@@ -551,8 +557,7 @@ impl<'a> Stuck<'a> {
         let mut st = shared.state();
         st.stuck += 1;
         if !st.queue.is_empty() && st.place_free(shared.drainers) {
-            st.running += 1;
-            let conn = st.idle.pop();
+            let conn = st.take_place();
             drop(st);
             tracing::debug!(
                 "a batch is held up; another drainer takes the commands queued behind it"

@@ -338,40 +338,27 @@ impl Store {
     /// Connections open, idle and allowed, for `/metrics`: the shared
     /// pool's and the lanes' together (the workers' read lanes included).
     pub fn pool_stats(&self) -> PoolStats {
-        let shared = self.db.get_postgres_connection_pool();
-        let workers: Vec<PgPool> = self
-            .lanes
-            .iter()
-            .flat_map(|l| {
-                l.workers()
-                    .iter()
-                    .map(|w| w.pool().clone())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let lanes = self
-            .lanes
-            .iter()
-            .flat_map(|l| [l.read.pool(), l.write.pool()])
-            .chain(workers.iter());
-        // Worker slots not taken yet (a worker that has not started) are
-        // still kept out of the shared pool.
-        let reserved = self.lanes.iter().map(|l| {
-            let taken = l.workers().len();
-            l.worker_slots.saturating_sub(taken) as u32
-        });
-        std::iter::once(shared).chain(lanes).fold(
-            PoolStats {
-                size: 0,
-                idle: 0,
-                max: reserved.sum(),
-            },
-            |t, p| PoolStats {
-                size: t.size + p.size(),
-                idle: t.idle + p.num_idle() as u32,
-                max: t.max + p.options().get_max_connections(),
-            },
-        )
+        let mut stats = PoolStats {
+            size: 0,
+            idle: 0,
+            max: 0,
+        };
+        let mut add = |p: &PgPool| {
+            stats.size += p.size();
+            stats.idle += p.num_idle() as u32;
+            stats.max += p.options().get_max_connections();
+        };
+        add(self.db.get_postgres_connection_pool());
+        if let Some(l) = &self.lanes {
+            add(l.read.pool());
+            add(l.write.pool());
+            let workers = l.workers();
+            workers.iter().for_each(|w| add(w.pool()));
+            // Worker slots not taken yet (a worker that has not started)
+            // are still kept out of the shared pool.
+            stats.max += l.worker_slots.saturating_sub(workers.len()) as u32;
+        }
+        stats
     }
 
     /// One round trip, for readiness.
