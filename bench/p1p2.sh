@@ -168,22 +168,29 @@ pgbench_p50() { # $1: sql file; median of the per-transaction log (microseconds,
 }
 target_of() { case $1 in read) echo "P2 0.8" ;; *) echo "P1 1.0" ;; esac; }
 
-# Wait (at most 60 s) until the relay and the analytics consumer have caught
-# up with the log the runs before left behind (the previous path's events,
-# and pgbench's, which write the same log while the service is stopped):
-# their catching up shares the cores with the path under test and would
-# count against whichever path runs next. Each path's own events are
+# Wait (at most 120 s) until the relay and the analytics consumer have
+# caught up with the log the runs before left behind (the previous path's
+# events, and pgbench's, which write the same log while the service is
+# stopped): their catching up shares the cores with the path under test and
+# would count against whichever path runs next. Caught up means the relay
+# has measured its lag (its gauge is absent until it leads) and found none,
+# and the analytics projection's position (in the database: its gauge moves
+# only when it folds) is the log's head (either is skipped when its
+# APP__…__ENABLED=false turns it off for the run). Each path's own events are
 # published and folded while it runs, as in production.
 settle() {
-  local last= now lag
-  for _ in $(seq 1 120); do
-    now=$(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {l = $2} /^analytics_position / {a = $2} END {print l + 0, a}')
-    lag=${now%% *}
-    [ "$lag" = 0 ] && [ "$now" = "$last" ] && return 0
-    last=$now
+  local lag behind
+  for _ in $(seq 1 240); do
+    lag=0
+    [ "${APP__RELAY__ENABLED:-true}" = false ] ||
+      lag=$(curl -s "localhost:$PORT/metrics" | awk '/^relay_lag_events / {l = $2} END {print l}')
+    behind=0
+    [ "${APP__ANALYTICS__ENABLED:-true}" = false ] ||
+      behind=$(psql -qAt "$URL" -c "SELECT coalesce(max(position), 0) - coalesce((SELECT position FROM relay_cursors WHERE name = 'analytics'), 0) FROM events")
+    [ "$lag" = 0 ] && [ "$behind" = 0 ] && return 0
     sleep 0.5
   done
-  echo "settle: still catching up ($now)" >&2
+  echo "settle: still catching up (relay lag ${lag:-not measured yet}, analytics $behind behind)" >&2
 }
 # The service is stopped while pgbench runs: its idle pool would otherwise
 # hold connections PostgreSQL's max_connections (100 here) cannot spare at 64.
