@@ -38,7 +38,7 @@ impl Application {
         crate::metrics::handle();
         let workers = settings.http_workers();
         let store = Store::connect(&DatabaseOptions {
-            worker_reads: worker_read_lanes(settings, workers),
+            worker_reads: workers,
             ..database_options(
                 settings,
                 settings.database.max_connections,
@@ -242,17 +242,6 @@ impl Stopper {
         self.shutdown.cancel();
         self.handle.stop(true).await;
     }
-}
-
-/// How many HTTP workers get a read lane of their own
-/// (`Store::open_worker_reads`): all of them while their connections fit in
-/// half of what the shared lanes leave of `database.max_connections`, so the
-/// shared pool keeps the other half; the others read through the shared
-/// read lane (the store takes none without batching).
-fn worker_read_lanes(settings: &Settings, workers: usize) -> usize {
-    let db = &settings.database;
-    let left = (db.max_connections as usize).saturating_sub(db.batch_executors + 1);
-    workers.min(left / 2)
 }
 
 /// `batch_executors`: executors per batched kind (`database.batch_executors`

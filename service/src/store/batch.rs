@@ -300,11 +300,18 @@ impl Lane {
     /// runtime. Nothing of it is left running: its drainers were tasks of
     /// the runtime, dropped with it, and their places given back.
     pub(crate) fn abandon(&self) {
+        drop(self.refuse());
+    }
+
+    /// Refuse new commands and close the idle connections; the lane's
+    /// state is left locked for the caller.
+    fn refuse(&self) -> MutexGuard<'_, State> {
         let mut st = self.shared.state();
         st.closed = true;
         for mut c in st.idle.drain(..) {
             c.close_on_drop();
         }
+        st
     }
 
     /// The lane's pool (for the connection counts of `/metrics`).
@@ -316,11 +323,7 @@ impl Lane {
     /// close the lane's connections and its pool.
     pub(crate) async fn close(&self) {
         let orphaned = {
-            let mut st = self.shared.state();
-            st.closed = true;
-            for mut c in st.idle.drain(..) {
-                c.close_on_drop();
-            }
+            let mut st = self.refuse();
             // Left by a drainer whose task was dropped: drained here.
             let orphaned = st.running == 0 && !st.queue.is_empty();
             if orphaned {

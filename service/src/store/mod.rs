@@ -61,9 +61,11 @@ pub struct DatabaseOptions {
     /// batched commands: reads by id, and writes (creates, updates). 0 runs
     /// each command alone on a pooled connection.
     pub batch_executors: usize,
-    /// HTTP workers that read by id through a lane of their own
+    /// HTTP workers that may read by id through a lane of their own
     /// ([`Store::open_worker_reads`]), one connection each, counted in
-    /// `max_connections`; 0 for a store no HTTP worker reads from.
+    /// `max_connections`: the store gives lanes to as many of them as fit
+    /// in half of what its shared lanes leave (none without batching); 0
+    /// for a store no HTTP worker reads from.
     pub worker_reads: usize,
 }
 
@@ -254,8 +256,12 @@ impl Store {
         // The lanes' connections come out of `max_connections` (at least
         // one is left to the shared pool: `Settings::validate`).
         let (reads, writes) = drainers(opts.batch_executors);
+        // The workers' read lanes take at most half of what the shared
+        // lanes leave, so the shared pool keeps the other half; none
+        // without batching.
         let worker_reads = if opts.batch_executors > 0 {
-            opts.worker_reads
+            let left = (opts.max_connections as usize).saturating_sub(reads + writes);
+            opts.worker_reads.min(left / 2)
         } else {
             0
         };
@@ -299,8 +305,8 @@ impl Store {
     /// the lanes' thread, which then woke the worker: on two busy cores
     /// each wake-up waited about 0.1 ms for a core. Called by the HTTP
     /// server's app factory, which runs on each worker's thread. A worker
-    /// beyond `DatabaseOptions::worker_reads`, or any other thread, reads
-    /// through the shared read lane.
+    /// beyond the lanes the store gives (`DatabaseOptions::worker_reads`),
+    /// or any other thread, reads through the shared read lane.
     pub fn open_worker_reads(&self) {
         let Some(lanes) = &self.lanes else { return };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
