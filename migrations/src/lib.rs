@@ -51,6 +51,7 @@ mod m20261230_000008_list_indexes;
 mod m20261230_000009_analytics_running_sums;
 mod m20261231_000010_worker_state_indexes;
 mod m20261231_000011_feed_functions;
+mod m20261231_000012_feed_generic_plans;
 
 pub struct Migrator;
 
@@ -69,6 +70,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261230_000009_analytics_running_sums::Migration),
             Box::new(m20261231_000010_worker_state_indexes::Migration),
             Box::new(m20261231_000011_feed_functions::Migration),
+            Box::new(m20261231_000012_feed_generic_plans::Migration),
         ]
     }
 }
