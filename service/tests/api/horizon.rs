@@ -374,3 +374,18 @@ async fn the_lag_and_the_held_count_measure_the_log_after_a_position() {
     assert_eq!((report.held_events, report.oldest_held), (0, None));
     assert_eq!(report.blocker, None);
 }
+
+/// The feed functions run their statements with generic plans: left to
+/// choose, PostgreSQL plans the relay's read again at every call (migration
+/// 12). A later migration that replaces either function must keep this.
+#[tokio::test]
+async fn the_feed_functions_keep_generic_plans() {
+    let db = TestDatabase::migrated().await;
+    let generic = db
+        .sql_i64(
+            "SELECT count(*) FROM pg_proc WHERE proname IN ('feed_after', 'feed_horizon') \
+             AND 'plan_cache_mode=force_generic_plan' = ANY (proconfig)",
+        )
+        .await;
+    assert_eq!(generic, 2);
+}
