@@ -26,7 +26,7 @@ use crate::contract::portable::{
     TranscriptChunk as WireChunk, TranscriptWritten,
 };
 use crate::contract::{Problem, Session, format_time};
-use crate::domain::event::ImportMarker;
+use crate::domain::event::{self, ImportMarker};
 use crate::domain::transcript::rename_session;
 use crate::domain::{EventMetadata, SessionStatus};
 use crate::store::{
@@ -340,7 +340,11 @@ fn plan_import(doc: SessionExport, new_id: bool) -> Result<ImportPlan, ApiError>
             return Err(invalid(field("metadata"), "is required"));
         };
         let mut meta: EventMetadata = meta.into();
-        let event_id = if new_id { Uuid::new_v4() } else { e.event_id };
+        let event_id = if new_id {
+            event::new_event_id()
+        } else {
+            e.event_id
+        };
         meta.imported = Some(ImportMarker {
             at: at.clone(),
             from_session_id: from,

@@ -25,6 +25,7 @@ use crate::contract::live::{
     Approval, ApprovalAnswer, ApprovalDecidedPayload, ApprovalRequest, ApprovalStatus,
     DecisionReason, DecisionRequest, Input, InputKind, InputReceivedPayload, InterruptedPayload,
 };
+use crate::domain::event;
 use crate::domain::{EventKind, EventMetadata, SessionState, SessionStatus};
 
 /// What a client queues for the worker.
@@ -255,7 +256,7 @@ impl Store {
             let mut values: Vec<Param> = vec![
                 id.into(),
                 current.version.into(),
-                Uuid::new_v4().into(),
+                event::new_event_id().into(),
                 json_param(meta)?,
                 input_id.into(),
                 kind.as_str().into(),
@@ -383,7 +384,7 @@ impl Store {
             let values: Vec<Param> = vec![
                 id.into(),
                 current.version.into(),
-                Uuid::new_v4().into(),
+                event::new_event_id().into(),
                 json_param(meta)?,
                 req.request_id.clone().into(),
                 req.tool_name.clone().into(),
@@ -539,7 +540,7 @@ impl Store {
             let values: Vec<Param> = vec![
                 id.into(),
                 current.version.into(),
-                Uuid::new_v4().into(),
+                event::new_event_id().into(),
                 json_param(meta)?,
                 request_id.into(),
                 status.as_str().into(),

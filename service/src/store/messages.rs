@@ -62,7 +62,7 @@ impl Store {
             let values: Vec<Param> = vec![
                 id.into(),
                 current.version.into(),
-                Uuid::new_v4().into(),
+                event::new_event_id().into(),
                 Param::Json(Some(Box::new(usage_json))),
                 first_seq.into(),
                 Param::Json(Some(Box::new(batch.clone()))),

@@ -334,7 +334,7 @@ impl Store {
             let mut values: Vec<Param> = vec![
                 parent.into(),
                 current.version.into(),
-                Uuid::new_v4().into(),
+                event::new_event_id().into(),
                 metadata(meta)?,
                 json(forked.clone()),
                 child.into(),
@@ -342,7 +342,7 @@ impl Store {
             values.extend(new_session_values(&cmd)?);
             values.extend([
                 n.into(),
-                Uuid::new_v4().into(),
+                event::new_event_id().into(),
                 json(created.clone()),
                 copied_len.into(),
                 Param::Bytes(Some(transcript)),

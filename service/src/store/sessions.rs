@@ -205,7 +205,7 @@ impl Store {
                 runtime_backend: cmd.runtime_backend.as_str(),
                 runtime_metadata: Value::Object(cmd.runtime_metadata.clone()),
                 worker: worker.clone(),
-                event_id: Uuid::new_v4(),
+                event_id: event::new_event_id(),
                 payload: payload.clone(),
                 metadata: metadata.clone(),
                 idempotency: idem.map(|k| (k.key.clone(), k.request_hash.clone())),
@@ -305,7 +305,7 @@ impl Store {
                 runtime_metadata: changes.runtime_metadata.map(Value::Object),
                 checkpoint: changes.checkpoint.map(|c| c.map(Value::Object)),
                 runtime_backend: changes.runtime_backend.map(|b| b.as_str()),
-                event_id: Uuid::new_v4(),
+                event_id: event::new_event_id(),
                 metadata: metadata_json(meta)?,
             };
             if let Some((session, payload)) = self.batched(row).await?.transpose()? {
@@ -369,7 +369,7 @@ impl Store {
             runtime_metadata: changes.runtime_metadata.clone().map(Value::Object),
             checkpoint: changes.checkpoint.clone().map(|c| c.map(Value::Object)),
             worker: changes.worker.as_ref().map(to_json).transpose()?,
-            event_id: Uuid::new_v4(),
+            event_id: event::new_event_id(),
             payload: payload.clone(),
             metadata: metadata_json(meta)?,
         };
@@ -467,7 +467,7 @@ impl Store {
             .map(|(s, payload)| {
                 serde_json::json!({
                     "id": s.id, "version": s.version,
-                    "event_id": Uuid::new_v4(), "payload": payload,
+                    "event_id": event::new_event_id(), "payload": payload,
                 })
             })
             .collect();
