@@ -37,6 +37,17 @@ pub struct TallyChange {
     pub worker: Option<WorkerTotals>,
 }
 
+impl TallyChange {
+    /// Whether the event says nothing a tally reads (an update of
+    /// `context` or `checkpoint` alone): folded, it changes no tally.
+    pub fn is_empty(&self) -> bool {
+        self.agent_id.is_none()
+            && self.session_type.is_none()
+            && self.status.is_none()
+            && self.worker.is_none()
+    }
+}
+
 /// A session's figures as of its last folded event. Times in microseconds.
 /// Less its last event's time and its deletion, it is a row of the
 /// analytics projection (deleted sessions leave it).

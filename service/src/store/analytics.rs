@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::session_batches::column;
 use super::{Store, StoreError, StoredEvent};
 use crate::contract::metrics::{AnalyticsGroup, GroupBy, StatusCounts, TimeInStatus, tally_change};
-use crate::domain::metrics::{Tally, tally};
+use crate::domain::metrics::{Tally, TallyChange, tally};
 use crate::domain::{EventKind, SessionStatus};
 
 /// The projection's cursor in `relay_cursors`.
@@ -577,7 +577,11 @@ impl Store {
         // The summaries are read before the transaction: should anyone else
         // write them meanwhile, it moves the position too, which the
         // transaction checks before writing.
-        let folding: Vec<&StoredEvent> = events
+        // An update that says nothing a tally reads (`context` or
+        // `checkpoint` alone, the most common write) changes no tally: it
+        // is left out, and so is its session's summary from the read below
+        // unless another event of the page changes it.
+        let folding: Vec<(&StoredEvent, TallyChange)> = events
             .iter()
             .filter(|e| {
                 matches!(
@@ -585,6 +589,8 @@ impl Store {
                     EventKind::Created | EventKind::Updated | EventKind::Deleted
                 )
             })
+            .map(|e| (e, tally_change(e.kind, &e.payload)))
+            .filter(|(e, change)| e.kind != EventKind::Updated || !change.is_empty())
             .collect();
         // Only sessions that existed before the page can have a summary: one
         // whose first event here is its creation had none (an id is never
@@ -593,8 +599,8 @@ impl Store {
         let mut seen = HashSet::new();
         let mut ids: Vec<Uuid> = folding
             .iter()
-            .filter(|e| seen.insert(e.aggregate_id) && e.kind != EventKind::Created)
-            .map(|e| e.aggregate_id)
+            .filter(|(e, _)| seen.insert(e.aggregate_id) && e.kind != EventKind::Created)
+            .map(|(e, _)| e.aggregate_id)
             .collect();
         ids.sort_unstable();
         let before: HashMap<Uuid, Tally> = if ids.is_empty() {
@@ -618,8 +624,7 @@ impl Store {
             .iter()
             .map(|(id, t)| (*id, Some(t.clone())))
             .collect();
-        for e in folding {
-            let change = tally_change(e.kind, &e.payload);
+        for (e, change) in folding {
             let slot = after.entry(e.aggregate_id).or_insert(None);
             match (e.kind, slot.as_mut()) {
                 (EventKind::Created, _) => {

@@ -277,7 +277,9 @@ async fn analytics_match_the_sessions_table_and_replay_rebuilds_the_same_project
     let types = ["conversation", "development", "task", "batch"];
     // 1,000 sessions, created 32 at a time, each then moved by its index:
     // paused, completed, crashed, paused and resumed, or left active; a third
-    // get a worker record with spend; every eleventh is deleted.
+    // get a worker record with spend; every eleventh is deleted. Every
+    // other one has its context edited before and after its moves: updates
+    // a tally ignores, folded in the same pages as the ones it reads.
     let done: Vec<()> = stream::iter(0..1000usize)
         .map(|i| {
             let api = app.api.clone();
@@ -291,8 +293,15 @@ async fn analytics_match_the_sessions_table_and_replay_rebuilds_the_same_project
                     4 => &["paused", "active"],
                     _ => &[],
                 };
+                let edit = |n: usize| json!({"context": {"edit": n}});
+                if i % 2 == 0 {
+                    api.patch(&id, &edit(1)).await.expect(200);
+                }
                 for m in moves {
                     api.patch(&id, &json!({"status": m})).await.expect(200);
+                }
+                if i % 2 == 0 {
+                    api.patch(&id, &edit(2)).await.expect(200);
                 }
                 if i % 3 == 0 {
                     api.merge_patch(
