@@ -574,9 +574,6 @@ impl Store {
         let Some(last) = events.last() else {
             return Ok(true);
         };
-        // The summaries are read before the transaction: should anyone else
-        // write them meanwhile, it moves the position too, which the
-        // transaction checks before writing.
         // An update that says nothing a tally reads (`context` or
         // `checkpoint` alone, the most common write) changes no tally: it
         // is left out, and so is its session's summary from the read below
@@ -603,6 +600,9 @@ impl Store {
             .map(|(e, _)| e.aggregate_id)
             .collect();
         ids.sort_unstable();
+        // The summaries are read before the transaction: should anyone else
+        // write them meanwhile, it moves the position too, which the
+        // transaction checks before writing.
         let before: HashMap<Uuid, Tally> = if ids.is_empty() {
             HashMap::new()
         } else {
