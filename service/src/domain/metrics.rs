@@ -40,11 +40,10 @@ pub struct TallyChange {
 impl TallyChange {
     /// Whether the event says nothing a tally reads (an update of
     /// `context` or `checkpoint` alone): folded, it changes no tally.
+    /// Compared with the default as a whole, so a field added later counts
+    /// without this having to know of it.
     pub fn is_empty(&self) -> bool {
-        self.agent_id.is_none()
-            && self.session_type.is_none()
-            && self.status.is_none()
-            && self.worker.is_none()
+        *self == Self::default()
     }
 }
 
@@ -231,6 +230,21 @@ mod tests {
             status: Some(s),
             ..TallyChange::default()
         }
+    }
+
+    #[test]
+    fn only_a_change_of_what_a_tally_reads_is_not_empty() {
+        use crate::contract::metrics::tally_change;
+        use serde_json::json;
+        let update = |changes: serde_json::Value| {
+            tally_change(EventKind::Updated, &json!({"changes": changes}))
+        };
+        // What the analytics read leaves of a context or checkpoint edit.
+        assert!(update(json!({})).is_empty());
+        assert!(!update(json!({"status": "paused"})).is_empty());
+        assert!(!update(json!({"session_type": "task"})).is_empty());
+        assert!(!update(json!({"runtime_metadata": {}})).is_empty());
+        assert!(!status(SessionStatus::Active).is_empty());
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! visible to it. A transaction that is not an event writer (another
 //! database, an operator's `UPDATE`, a long `pg_dump`) holds nothing back.
 //!
-//! The SQL lives in the schema (migration 11): `feed_writers`, `feed_horizon`,
+//! The SQL lives in the schema (migration 11; migration 12 pins its plans
+//! to generic ones): `feed_writers`, `feed_horizon`,
 //! and `feed_after`, which computes the horizon and reads the whole feed
 //! below it in one call, so the relay, the analytics consumer and unfiltered
 //! feed pages pay one round trip per read. Each of its statements takes a
