@@ -52,6 +52,7 @@ mod m20261230_000009_analytics_running_sums;
 mod m20261231_000010_worker_state_indexes;
 mod m20261231_000011_feed_functions;
 mod m20261231_000012_feed_generic_plans;
+mod m20261231_000013_analytics_worker_sums_numeric;
 
 pub struct Migrator;
 
@@ -71,6 +72,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261231_000010_worker_state_indexes::Migration),
             Box::new(m20261231_000011_feed_functions::Migration),
             Box::new(m20261231_000012_feed_generic_plans::Migration),
+            Box::new(m20261231_000013_analytics_worker_sums_numeric::Migration),
         ]
     }
 }

@@ -26,8 +26,11 @@ pub fn tally_change(kind: EventKind, payload: &Value) -> TallyChange {
         return TallyChange::default();
     };
     let worker = changes.get("runtime_metadata").map(|m| {
+        // Only an object is a record: serde would take an array's items as
+        // the fields in order, where the SQL rebuild finds no fields in it.
         let r = m
             .get("worker")
+            .filter(|w| w.is_object())
             .and_then(|w| WorkerRecord::deserialize(w).ok())
             .unwrap_or_default();
         let n = |v: Option<u64>| v.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX));

@@ -67,13 +67,23 @@ const SUMS: [&str; 23] = [
     "cost_micro_usd",
 ];
 
-/// The sums of instants (epoch microseconds): `numeric` in the tables.
-const INSTANT_SUMS: [&str; 5] = [
+/// The sums that may leave bigint, `numeric` in the tables and read as
+/// decimal text: those of instants (epoch microseconds), and those of the
+/// worker record's figures, each of which a client may set to any whole
+/// number up to 2^64 − 1 (a summary keeps it up to the largest bigint; two
+/// such sessions' sum is beyond it, migration 13).
+const WIDE_SUMS: [&str; 11] = [
     "created_us",
     "ended_us",
     "active_since_us",
     "paused_since_us",
     "crashed_since_us",
+    "worker_generations",
+    "restarts",
+    "turns",
+    "input_tokens",
+    "output_tokens",
+    "cost_micro_usd",
 ];
 
 /// `f` of each column of [`SUMS`], in order, joined by commas: the column
@@ -844,11 +854,11 @@ impl Store {
             }
         };
         // Rows of differences, by key (a day has one per status); summed
-        // per key and turned into figures here, in i128: the instants' sums
-        // are beyond bigint (they come as decimal text).
+        // per key and turned into figures here, in i128: the wide sums are
+        // beyond bigint (they come as decimal text).
         // The position and the rows come from one statement, so one snapshot.
         let as_text = each_sum(|c| {
-            if INSTANT_SUMS.contains(&c) {
+            if WIDE_SUMS.contains(&c) {
                 format!("r.{c}::text AS {c}")
             } else {
                 format!("r.{c}")
@@ -886,7 +896,7 @@ impl Store {
             };
             let mut sums = [0i128; 23];
             for (v, c) in sums.iter_mut().zip(SUMS) {
-                *v = if INSTANT_SUMS.contains(&c) {
+                *v = if WIDE_SUMS.contains(&c) {
                     let text: String = r.try_get("", c)?;
                     text.parse()
                         .map_err(|_| StoreError::Corrupt(format!("analytics {c} = {text}")))?

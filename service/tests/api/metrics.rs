@@ -438,6 +438,92 @@ async fn analytics_match_the_sessions_table_and_replay_rebuilds_the_same_project
 /// What each group should hold, from the projection's own per-session
 /// summaries (checked against the `sessions` table above): the running
 /// sums over days must add up to them for any range.
+/// The fold, a session's own metrics (whole payloads, in Rust) and the
+/// rebuild (in SQL) each read the worker record: records of every odd shape
+/// (none, null, not an object, fields of the wrong type or out of range)
+/// count the same all three ways, and figures at the top of their range
+/// (2^64 − 1, summed over two sessions) do not stop the fold.
+#[tokio::test]
+async fn the_fold_reads_odd_worker_records_as_session_metrics_and_the_rebuild_do() {
+    let app = TestApp::spawn().await;
+    let shapes = [
+        json!({}),
+        json!({"note": "no worker here"}),
+        json!({"worker": null}),
+        json!({"worker": [1, 2]}),
+        json!({"worker": "busy"}),
+        json!({"worker": {"generation": 2, "turns": "many", "cost_micro_usd": 7}}),
+        json!({"worker": {"generation": 1, "turns": -3, "input_tokens": 1.5, "output_tokens": 9}}),
+        json!({"worker": {"generation": 3, "restarts": 70000, "turns": 4,
+            "cost_micro_usd": 18446744073709551615u64}}),
+        json!({"worker": {"generation": 5, "restarts": 2, "turns": 11, "input_tokens": 300,
+            "output_tokens": 40, "cost_micro_usd": 1234}}),
+    ];
+    let mut ids = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        let id = app
+            .create_id(&json!({"agent_id": AGENT, "session_type": "task"}))
+            .await;
+        app.patch(&id, &json!({"runtime_metadata": shape}))
+            .await
+            .expect(200);
+        if i % 2 == 1 {
+            app.patch(&id, &json!({"status": "paused"}))
+                .await
+                .expect(200);
+        }
+        ids.push(id);
+    }
+    projection_reaches(&app, max_position(&app).await).await;
+
+    let figures = [
+        "worker_generations",
+        "restarts",
+        "turns",
+        "input_tokens",
+        "output_tokens",
+        "cost_micro_usd",
+    ];
+    let mut counted = 0;
+    for id in &ids {
+        let metrics = app
+            .fetch(&format!("/sessions/{id}/metrics"))
+            .await
+            .expect(200)
+            .json();
+        let summary = rows(
+            &app,
+            &format!(
+                "SELECT status, {} FROM analytics_sessions WHERE session_id = '{id}'",
+                figures.join(", ")
+            ),
+        )
+        .await;
+        let summary = summary.first().expect("a summary per session");
+        assert_eq!(
+            metrics["status"].as_str().unwrap(),
+            summary.try_get::<String>("", "status").unwrap(),
+            "{id}"
+        );
+        for f in figures {
+            let folded = summary.try_get::<i64>("", f).unwrap();
+            assert_eq!(metrics[f].as_i64(), Some(folded), "{f} of {id}: {metrics}");
+            counted += usize::from(folded != 0);
+        }
+    }
+    assert!(counted >= 10, "only {counted} worker figures counted");
+
+    let incremental = projection(&app).await;
+    let (ok, out) = replay(&app.db.url, &["--analytics"]);
+    assert!(ok, "replay --analytics: {out}");
+    let rebuilt = projection(&app).await;
+    assert!(
+        rebuilt == incremental,
+        "{}",
+        differences(&incremental, &rebuilt)
+    );
+}
+
 async fn expected_from_summaries(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
     expected_from(app, Truth::Summaries, key, from, to).await
 }
