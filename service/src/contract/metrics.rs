@@ -19,17 +19,45 @@ use crate::domain::metrics::{Tally, TallyChange, WorkerTotals};
 /// field of the wrong type counts as absent, and absent counts 0). The
 /// SQL rebuild (`store/analytics.rs`) reads the same fields the same way.
 pub fn tally_change(kind: EventKind, payload: &Value) -> TallyChange {
-    if !matches!(kind, EventKind::Created | EventKind::Updated) {
-        return TallyChange::default();
-    }
     let Some(changes) = payload.get("changes") else {
         return TallyChange::default();
     };
-    let worker = changes.get("runtime_metadata").map(|m| {
+    let text = |field: &str| changes.get(field).and_then(Value::as_str);
+    tally_change_of(
+        kind,
+        ChangedFields {
+            agent_id: text("agent_id"),
+            session_type: text("session_type"),
+            status: text("status"),
+            runtime_metadata: changes.get("runtime_metadata").map(|m| m.get("worker")),
+        },
+    )
+}
+
+/// The fields of an event's `changes` that a tally reads: the text of
+/// `agent_id`, `session_type` and `status` (`None` when absent; only a
+/// string's text parses as an id or a status, and a `session_type` that is
+/// not a string is `None`), and `runtime_metadata`, `Some` when the event
+/// set it, holding its `worker` member if any. The analytics consumer's
+/// read takes them out of the payload in PostgreSQL
+/// (`Store::feed_for_analytics`) rather than the payload whole.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChangedFields<'a> {
+    pub agent_id: Option<&'a str>,
+    pub session_type: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub runtime_metadata: Option<Option<&'a Value>>,
+}
+
+/// [`tally_change`] from the fields it reads.
+pub fn tally_change_of(kind: EventKind, fields: ChangedFields<'_>) -> TallyChange {
+    if !matches!(kind, EventKind::Created | EventKind::Updated) {
+        return TallyChange::default();
+    }
+    let worker = fields.runtime_metadata.map(|w| {
         // Only an object is a record: serde would take an array's items as
         // the fields in order, where the SQL rebuild finds no fields in it.
-        let r = m
-            .get("worker")
+        let r = w
             .filter(|w| w.is_object())
             .and_then(|w| WorkerRecord::deserialize(w).ok())
             .unwrap_or_default();
@@ -44,18 +72,9 @@ pub fn tally_change(kind: EventKind, payload: &Value) -> TallyChange {
         }
     });
     TallyChange {
-        agent_id: changes
-            .get("agent_id")
-            .and_then(Value::as_str)
-            .and_then(|s| Uuid::parse_str(s).ok()),
-        session_type: changes
-            .get("session_type")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        status: changes
-            .get("status")
-            .and_then(Value::as_str)
-            .and_then(crate::domain::SessionStatus::parse),
+        agent_id: fields.agent_id.and_then(|s| Uuid::parse_str(s).ok()),
+        session_type: fields.session_type.map(str::to_owned),
+        status: fields.status.and_then(crate::domain::SessionStatus::parse),
         worker,
     }
 }

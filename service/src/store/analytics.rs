@@ -25,8 +25,11 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::session_batches::column;
-use super::{Store, StoreError, StoredEvent};
-use crate::contract::metrics::{AnalyticsGroup, GroupBy, StatusCounts, TimeInStatus, tally_change};
+use super::{Store, StoreError};
+use crate::contract::metrics::{
+    AnalyticsGroup, ChangedFields, GroupBy, StatusCounts, TimeInStatus, tally_change,
+    tally_change_of,
+};
 use crate::domain::metrics::{Tally, TallyChange, tally};
 use crate::domain::{EventKind, SessionStatus};
 
@@ -214,6 +217,48 @@ fn contributions(t: &Tally) -> [(BucketKey, [i128; 23]); 3] {
         (("agent_id", day, t.agent_id.to_string(), ""), sums),
         (("session_type", day, t.session_type.clone(), ""), sums),
     ]
+}
+
+/// An event as the fold reads it ([`Store::feed_for_analytics`]): where it
+/// is, and what it changes of a tally.
+#[derive(Debug, Clone)]
+pub struct FoldEvent {
+    pub position: i64,
+    pub aggregate_id: Uuid,
+    pub kind: EventKind,
+    pub occurred_at: DateTime<Utc>,
+    pub change: TallyChange,
+}
+
+/// A row of [`Store::feed_for_analytics`]. `agent_id` and `status` arrive as
+/// the text of whatever the payload holds there (`#>>`); only a string's
+/// text parses as an id or a status, so they read as `tally_change` reads
+/// them. `session_type` arrives only when it is a string.
+pub(super) fn fold_event(row: &sea_orm::QueryResult) -> Result<FoldEvent, StoreError> {
+    let kind: String = row.try_get("", "event_type")?;
+    let kind =
+        EventKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("event type {kind}")))?;
+    let agent_id: Option<String> = row.try_get("", "agent_id")?;
+    let session_type: Option<String> = row.try_get("", "session_type")?;
+    let status: Option<String> = row.try_get("", "status")?;
+    let runtime_metadata: bool = row.try_get("", "runtime_metadata")?;
+    let worker: Option<Value> = row.try_get("", "worker")?;
+    let change = tally_change_of(
+        kind,
+        ChangedFields {
+            agent_id: agent_id.as_deref(),
+            session_type: session_type.as_deref(),
+            status: status.as_deref(),
+            runtime_metadata: runtime_metadata.then_some(worker.as_ref()),
+        },
+    );
+    Ok(FoldEvent {
+        position: row.try_get("", "position")?,
+        aggregate_id: row.try_get("", "aggregate_id")?,
+        kind,
+        occurred_at: row.try_get("", "occurred_at")?,
+        change,
+    })
 }
 
 fn tally_of(row: &sea_orm::QueryResult) -> Result<Tally, StoreError> {
@@ -579,7 +624,7 @@ impl Store {
     pub async fn fold_into_analytics(
         &self,
         from: i64,
-        events: &[StoredEvent],
+        events: &[FoldEvent],
     ) -> Result<bool, StoreError> {
         let Some(last) = events.last() else {
             return Ok(true);
@@ -588,16 +633,13 @@ impl Store {
         // `checkpoint` alone, the most common write) changes no tally: it
         // is left out, and so is its session's summary from the read below
         // unless another event of the page changes it.
-        let folding: Vec<(&StoredEvent, TallyChange)> = events
+        let folding: Vec<&FoldEvent> = events
             .iter()
-            .filter(|e| {
-                matches!(
-                    e.kind,
-                    EventKind::Created | EventKind::Updated | EventKind::Deleted
-                )
+            .filter(|e| match e.kind {
+                EventKind::Created | EventKind::Deleted => true,
+                EventKind::Updated => !e.change.is_empty(),
+                _ => false,
             })
-            .map(|e| (e, tally_change(e.kind, &e.payload)))
-            .filter(|(e, change)| e.kind != EventKind::Updated || !change.is_empty())
             .collect();
         // Only sessions that existed before the page can have a summary: one
         // whose first event here is its creation had none (an id is never
@@ -606,8 +648,8 @@ impl Store {
         let mut seen = HashSet::new();
         let mut ids: Vec<Uuid> = folding
             .iter()
-            .filter(|(e, _)| seen.insert(e.aggregate_id) && e.kind != EventKind::Created)
-            .map(|(e, _)| e.aggregate_id)
+            .filter(|e| seen.insert(e.aggregate_id) && e.kind != EventKind::Created)
+            .map(|e| e.aggregate_id)
             .collect();
         ids.sort_unstable();
         // The summaries are read before the transaction: should anyone else
@@ -634,15 +676,15 @@ impl Store {
             .iter()
             .map(|(id, t)| (*id, Some(t.clone())))
             .collect();
-        for (e, change) in folding {
+        for e in folding {
             let slot = after.entry(e.aggregate_id).or_insert(None);
             match (e.kind, slot.as_mut()) {
                 (EventKind::Created, _) => {
-                    *slot = Some(Tally::created(e.aggregate_id, e.occurred_at, &change));
+                    *slot = Some(Tally::created(e.aggregate_id, e.occurred_at, &e.change));
                 }
                 (EventKind::Deleted, _) => *slot = None,
                 (_, Some(t)) => {
-                    t.apply(e.kind, e.occurred_at, &change);
+                    t.apply(e.kind, e.occurred_at, &e.change);
                     // Not kept in the projection: not a change to write.
                     t.last_event_at = t.created_at;
                 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::analytics::{FoldEvent, fold_event};
 use super::rows::{self, EVENT_COLUMNS};
 use super::{Store, StoreError};
 use crate::contract::{EventEnvelope, format_time};
@@ -253,29 +254,32 @@ impl Store {
             .await
     }
 
-    /// [`Store::feed`] for the analytics consumer: each payload holds only
-    /// what `tally_change` reads (the `changes` of a created or updated
-    /// event, without `context` and `checkpoint`, which can be large and
-    /// which the projection never looks at), and no metadata.
+    /// [`Store::feed`] for the analytics consumer: of each event, only what
+    /// `tally_change` reads, taken out of the payload by PostgreSQL (the
+    /// fields of `changes` it reads, each by its path), so neither side
+    /// builds, sends or parses the rest of the payload (`context` and
+    /// `checkpoint` can be large; the projection never looks at them).
     #[instrument(skip(self))]
     pub async fn feed_for_analytics(
         &self,
         after: i64,
         limit: u64,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            format!(
-                "position, event_id, aggregate_id, version, event_type, \
-                 CASE WHEN event_type IN ('{}', '{}') AND payload ? 'changes' \
-                      THEN jsonb_build_object('changes', (payload->'changes') - 'context' - 'checkpoint') \
-                      ELSE '{{}}'::jsonb END AS payload, \
-                 '{{}}'::jsonb AS metadata, occurred_at",
-                EventKind::Created.as_str(),
-                EventKind::Updated.as_str()
-            )
-        });
-        self.events_below_horizon(&COLUMNS, after, limit, &FeedFilter::default())
-            .await
+    ) -> Result<Vec<FoldEvent>, StoreError> {
+        const COLUMNS: &str = "position, aggregate_id, event_type, occurred_at, \
+             payload #>> '{changes,agent_id}' AS agent_id, \
+             CASE WHEN jsonb_typeof(payload #> '{changes,session_type}') = 'string' \
+                  THEN payload #>> '{changes,session_type}' END AS session_type, \
+             payload #>> '{changes,status}' AS status, \
+             payload #> '{changes,runtime_metadata}' IS NOT NULL AS runtime_metadata, \
+             payload #> '{changes,runtime_metadata,worker}' AS worker";
+        let filter = FeedFilter::default();
+        let Some((sql, values)) = self
+            .feed_below_horizon(COLUMNS, after, limit, &filter)
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        self.rows_of(sql, values, fold_event).await
     }
 
     /// [`Store::feed`] as the relay's messages.
