@@ -70,24 +70,19 @@ const SUMS: [&str; 23] = [
     "cost_micro_usd",
 ];
 
-/// The sums that may leave bigint, `numeric` in the tables and read as
-/// decimal text: those of instants (epoch microseconds), and those of the
-/// worker record's figures, each of which a client may set to any whole
-/// number up to 2^64 − 1 (a summary keeps it up to the largest bigint; two
-/// such sessions' sum is beyond it, migration 13).
-const WIDE_SUMS: [&str; 11] = [
-    "created_us",
-    "ended_us",
-    "active_since_us",
-    "paused_since_us",
-    "crashed_since_us",
-    "worker_generations",
-    "restarts",
-    "turns",
-    "input_tokens",
-    "output_tokens",
-    "cost_micro_usd",
-];
+/// Where, in [`SUMS`], the sums of instants (epoch microseconds) lie, and
+/// where the worker record's figures start (they run to its end).
+const INSTANT_SUMS: std::ops::Range<usize> = 5..10;
+const WORKER_SUMS: std::ops::RangeFrom<usize> = 17..;
+
+/// Whether a sum may leave bigint, and so is `numeric` in the tables and
+/// read as decimal text: the sums of instants, and those of the worker
+/// record's figures, each of which a client may set to any whole number up
+/// to 2^64 − 1 (a summary keeps it up to the largest bigint; two such
+/// sessions' sum is beyond it, migration 13).
+fn is_wide(column: &str) -> bool {
+    SUMS[INSTANT_SUMS].contains(&column) || SUMS[WORKER_SUMS].contains(&column)
+}
 
 /// `f` of each column of [`SUMS`], in order, joined by commas: the column
 /// lists of the projection's statements.
@@ -900,7 +895,7 @@ impl Store {
         // beyond bigint (they come as decimal text).
         // The position and the rows come from one statement, so one snapshot.
         let as_text = each_sum(|c| {
-            if WIDE_SUMS.contains(&c) {
+            if is_wide(c) {
                 format!("r.{c}::text AS {c}")
             } else {
                 format!("r.{c}")
@@ -938,7 +933,7 @@ impl Store {
             };
             let mut sums = [0i128; 23];
             for (v, c) in sums.iter_mut().zip(SUMS) {
-                *v = if WIDE_SUMS.contains(&c) {
+                *v = if is_wide(c) {
                     let text: String = r.try_get("", c)?;
                     text.parse()
                         .map_err(|_| StoreError::Corrupt(format!("analytics {c} = {text}")))?
@@ -1015,5 +1010,21 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wide_sums_are_the_instants_and_the_worker_figures() {
+        assert_eq!(SUMS[INSTANT_SUMS.start], "created_us");
+        assert_eq!(SUMS[INSTANT_SUMS.end - 1], "crashed_since_us");
+        assert!(SUMS[INSTANT_SUMS].iter().all(|c| c.ends_with("_us")));
+        assert_eq!(SUMS[WORKER_SUMS.start], "worker_generations");
+        assert_eq!(SUMS[WORKER_SUMS].len(), 6);
+        assert!(is_wide("cost_micro_usd") && is_wide("ended_us"));
+        assert!(!is_wide("sessions") && !is_wide("active_us") && !is_wide("crashes"));
     }
 }

@@ -252,6 +252,21 @@ async fn projection(app: &TestApp) -> Vec<String> {
 }
 
 /// The rows that differ, for a readable failure.
+/// Rebuild the projection from the log (`replay --analytics`) and check it
+/// equals, row for row, the one the fold kept; what the replay printed.
+async fn rebuild_matches_the_fold(app: &TestApp) -> String {
+    let incremental = projection(app).await;
+    let (ok, out) = replay(&app.db.url, &["--analytics"]);
+    assert!(ok, "replay --analytics: {out}");
+    let rebuilt = projection(app).await;
+    assert!(
+        rebuilt == incremental,
+        "{}",
+        differences(&incremental, &rebuilt)
+    );
+    out
+}
+
 fn differences(a: &[String], b: &[String]) -> String {
     let mut out: Vec<String> = a
         .iter()
@@ -403,16 +418,8 @@ async fn analytics_match_the_sessions_table_and_replay_rebuilds_the_same_project
     }
 
     // The rebuild from the log gives the same rows.
-    let incremental = projection(&app).await;
-    let (ok, out) = replay(&app.db.url, &["--analytics"]);
-    assert!(ok, "replay --analytics: {out}");
+    let out = rebuild_matches_the_fold(&app).await;
     assert!(out.contains("909 sessions"), "{out}");
-    let rebuilt = projection(&app).await;
-    assert!(
-        rebuilt == incremental,
-        "{}",
-        differences(&incremental, &rebuilt)
-    );
 
     // And the consumer carries on from the rebuilt position.
     let extra = app
@@ -513,15 +520,7 @@ async fn the_fold_reads_odd_worker_records_as_session_metrics_and_the_rebuild_do
     }
     assert!(counted >= 10, "only {counted} worker figures counted");
 
-    let incremental = projection(&app).await;
-    let (ok, out) = replay(&app.db.url, &["--analytics"]);
-    assert!(ok, "replay --analytics: {out}");
-    let rebuilt = projection(&app).await;
-    assert!(
-        rebuilt == incremental,
-        "{}",
-        differences(&incremental, &rebuilt)
-    );
+    rebuild_matches_the_fold(&app).await;
 }
 
 async fn expected_from_summaries(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
@@ -691,15 +690,7 @@ async fn analytics_over_many_days_pages_and_matches_the_summaries() {
     );
 
     // Kept and rebuilt agree row for row (no row left for the emptied day).
-    let incremental = projection(&app).await;
-    let (ok, out) = replay(&app.db.url, &["--analytics"]);
-    assert!(ok, "replay --analytics: {out}");
-    let rebuilt = projection(&app).await;
-    assert!(
-        rebuilt == incremental,
-        "{}",
-        differences(&incremental, &rebuilt)
-    );
+    rebuild_matches_the_fold(&app).await;
 
     // A cursor from another grouping or made up is refused.
     let r = app
