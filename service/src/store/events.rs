@@ -265,16 +265,33 @@ impl Store {
         after: i64,
         limit: u64,
     ) -> Result<Vec<FoldEvent>, StoreError> {
-        const COLUMNS: &str = "position, aggregate_id, event_type, occurred_at, \
-             payload #>> '{changes,agent_id}' AS agent_id, \
-             CASE WHEN jsonb_typeof(payload #> '{changes,session_type}') = 'string' \
-                  THEN payload #>> '{changes,session_type}' END AS session_type, \
-             payload #>> '{changes,status}' AS status, \
-             payload #> '{changes,runtime_metadata}' IS NOT NULL AS runtime_metadata, \
-             payload #> '{changes,runtime_metadata,worker}' AS worker";
+        // Only a created or updated event's payload is looked into: the
+        // others (messages, inputs: large ones among them) are never
+        // detoasted here.
+        static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let tallied = format!(
+                "event_type IN ('{}', '{}')",
+                EventKind::Created.as_str(),
+                EventKind::Updated.as_str()
+            );
+            let when = |e: &str| format!("CASE WHEN {tallied} THEN {e} END");
+            format!(
+                "position, aggregate_id, event_type, occurred_at, {} AS agent_id, \
+                 {} AS session_type, {} AS status, \
+                 coalesce({}, false) AS runtime_metadata, {} AS worker",
+                when("payload #>> '{changes,agent_id}'"),
+                when(
+                    "CASE WHEN jsonb_typeof(payload #> '{changes,session_type}') = 'string' \
+                     THEN payload #>> '{changes,session_type}' END"
+                ),
+                when("payload #>> '{changes,status}'"),
+                when("payload #> '{changes,runtime_metadata}' IS NOT NULL"),
+                when("payload #> '{changes,runtime_metadata,worker}'"),
+            )
+        });
         let filter = FeedFilter::default();
         let Some((sql, values)) = self
-            .feed_below_horizon(COLUMNS, after, limit, &filter)
+            .feed_below_horizon(&COLUMNS, after, limit, &filter)
             .await?
         else {
             return Ok(Vec::new());
