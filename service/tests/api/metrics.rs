@@ -251,7 +251,6 @@ async fn projection(app: &TestApp) -> Vec<String> {
     .collect()
 }
 
-/// The rows that differ, for a readable failure.
 /// Rebuild the projection from the log (`replay --analytics`) and check it
 /// equals, row for row, the one the fold kept; what the replay printed.
 async fn rebuild_matches_the_fold(app: &TestApp) -> String {
@@ -267,6 +266,7 @@ async fn rebuild_matches_the_fold(app: &TestApp) -> String {
     out
 }
 
+/// The rows that differ, for a readable failure.
 fn differences(a: &[String], b: &[String]) -> String {
     let mut out: Vec<String> = a
         .iter()
@@ -442,9 +442,6 @@ async fn analytics_match_the_sessions_table_and_replay_rebuilds_the_same_project
     app.teardown().await;
 }
 
-/// What each group should hold, from the projection's own per-session
-/// summaries (checked against the `sessions` table above): the running
-/// sums over days must add up to them for any range.
 /// The fold, a session's own metrics (whole payloads, in Rust) and the
 /// rebuild (in SQL) each read the worker record: records of every odd shape
 /// (none, null, not an object, fields of the wrong type or out of range)
@@ -523,6 +520,9 @@ async fn the_fold_reads_odd_worker_records_as_session_metrics_and_the_rebuild_do
     rebuild_matches_the_fold(&app).await;
 }
 
+/// What each group should hold, from the projection's own per-session
+/// summaries (checked against the `sessions` table above): the running
+/// sums over days must add up to them for any range.
 async fn expected_from_summaries(app: &TestApp, key: &str, from: &str, to: &str) -> Expected {
     expected_from(app, Truth::Summaries, key, from, to).await
 }
