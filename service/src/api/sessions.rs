@@ -125,7 +125,7 @@ pub(crate) fn session_id(raw: &str) -> Result<Uuid, ApiError> {
 /// The id of a session that exists now, or the 404.
 pub(crate) async fn existing_session(state: &AppState, raw: &str) -> Result<Uuid, ApiError> {
     let id = session_id(raw)?;
-    match state.store.get(id).await? {
+    match state.store.get_listed(id).await? {
         Some(_) => Ok(id),
         None => Err(ApiError::NotFound(format!("session {id} not found"))),
     }
@@ -245,7 +245,7 @@ pub async fn get(
     let id = session_id(&id)?;
     let s = state
         .store
-        .get(id)
+        .get_listed(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("session {id} not found")))?;
     let tag = etag(s.version);
@@ -254,7 +254,9 @@ pub async fn get(
             .insert_header((header::ETAG, tag))
             .finish());
     }
-    Ok(with_session(HttpResponse::Ok(), s))
+    Ok(HttpResponse::Ok()
+        .insert_header((header::ETAG, tag))
+        .json(s))
 }
 
 /// Update a session.

@@ -98,32 +98,109 @@ pub(crate) fn session(row: &QueryResult) -> Result<SessionState, StoreError> {
     })
 }
 
-/// A row of [`SESSION_TEXT_COLUMNS`] as a list answers it.
-pub(crate) fn listed_session(row: &QueryResult) -> Result<ListedSession, StoreError> {
+/// A session as read with [`SESSION_TEXT_COLUMNS`]: its three JSON
+/// documents still PostgreSQL's text of the `jsonb`, so an answer that only
+/// writes them out again (`GET /sessions/{id}`, a list's page) never parses
+/// them into trees ([`SessionRow::into_listed`]); a write that plans against
+/// the state parses them once ([`SessionRow::into_state`]).
+#[derive(Debug, Clone)]
+pub(crate) struct SessionRow {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    pub session_type: String,
+    pub status: SessionStatus,
+    pub context: Box<RawValue>,
+    pub checkpoint: Option<Box<RawValue>>,
+    pub runtime_backend: RuntimeBackend,
+    pub runtime_metadata: Box<RawValue>,
+    pub worker: Option<WorkerSpec>,
+    pub usage: Usage,
+    pub forked_from: Option<ForkedFrom>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A row of [`SESSION_TEXT_COLUMNS`].
+pub(crate) fn session_row(row: &QueryResult) -> Result<SessionRow, StoreError> {
     let raw = |col: &str, text: String| {
         RawValue::from_string(text).map_err(|e| corrupt(format!("{col}: {e}")))
     };
     let checkpoint: Option<String> = row.try_get("", "checkpoint")?;
-    let forked_from = forked_from(row)?;
-    let created: DateTime<Utc> = row.try_get("", "created_at")?;
-    Ok(ListedSession {
+    Ok(SessionRow {
         id: row.try_get("", "id")?,
         agent_id: row.try_get("", "agent_id")?,
         session_type: row.try_get("", "session_type")?,
-        status: status(row)?.into(),
+        status: status(row)?,
         context: raw("context", row.try_get("", "context")?)?,
         checkpoint: checkpoint.map(|c| raw("checkpoint", c)).transpose()?,
-        runtime_backend: backend(row)?.into(),
+        runtime_backend: backend(row)?,
         runtime_metadata: raw("runtime_metadata", row.try_get("", "runtime_metadata")?)?,
-        worker: worker(row)?.map(Into::into),
-        usage: contract::Usage::from(&usage(row)?),
-        parent_session_id: forked_from.map(|f| f.session_id),
-        forked_from: forked_from.map(Into::into),
+        worker: worker(row)?,
+        usage: usage(row)?,
+        forked_from: forked_from(row)?,
         version: row.try_get("", "version")?,
-        created_at: format_time(&created),
-        updated_at: format_time(&row.try_get::<DateTime<Utc>>("", "updated_at")?),
-        created,
+        created_at: row.try_get::<DateTime<Utc>>("", "created_at")?,
+        updated_at: row.try_get::<DateTime<Utc>>("", "updated_at")?,
     })
+}
+
+impl SessionRow {
+    /// The state a write plans against: the documents parsed.
+    pub(crate) fn into_state(self) -> Result<SessionState, StoreError> {
+        let doc = |raw: &RawValue, col: &str| {
+            serde_json::from_str::<Value>(raw.get())
+                .map_err(|e| corrupt(format!("{col}: {e}")))
+                .and_then(|v| object(v, col))
+        };
+        Ok(SessionState {
+            context: doc(&self.context, "context")?,
+            checkpoint: self
+                .checkpoint
+                .as_deref()
+                .map(|c| doc(c, "checkpoint"))
+                .transpose()?,
+            runtime_metadata: doc(&self.runtime_metadata, "runtime_metadata")?,
+            id: self.id,
+            agent_id: self.agent_id,
+            session_type: self.session_type,
+            status: self.status,
+            runtime_backend: self.runtime_backend,
+            worker: self.worker,
+            usage: self.usage,
+            forked_from: self.forked_from,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+
+    /// The representation, its documents copied as they were read.
+    pub(crate) fn into_listed(self) -> ListedSession {
+        ListedSession {
+            id: self.id,
+            agent_id: self.agent_id,
+            session_type: self.session_type,
+            status: self.status.into(),
+            context: self.context,
+            checkpoint: self.checkpoint,
+            runtime_backend: self.runtime_backend.into(),
+            runtime_metadata: self.runtime_metadata,
+            worker: self.worker.map(Into::into),
+            usage: contract::Usage::from(&self.usage),
+            parent_session_id: self.forked_from.map(|f| f.session_id),
+            forked_from: self.forked_from.map(Into::into),
+            version: self.version,
+            created_at: format_time(&self.created_at),
+            updated_at: format_time(&self.updated_at),
+            created: self.created_at,
+        }
+    }
+}
+
+/// A row of [`SESSION_TEXT_COLUMNS`] as a list answers it.
+pub(crate) fn listed_session(row: &QueryResult) -> Result<ListedSession, StoreError> {
+    session_row(row).map(SessionRow::into_listed)
 }
 
 pub(crate) fn event(row: &QueryResult) -> Result<StoredEvent, StoreError> {

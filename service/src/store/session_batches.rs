@@ -27,17 +27,17 @@ use uuid::Uuid;
 use super::StoreError;
 use super::append::{ANNOUNCE, EventRow};
 use super::batch::{Batch, Job, Queued};
-use super::rows::{self, INSERT_COLUMNS, SESSION_COLUMNS};
+use super::rows::{self, INSERT_COLUMNS, SESSION_COLUMNS, SESSION_TEXT_COLUMNS, SessionRow};
 use crate::domain::{EventKind, SessionState};
 
 /// `GET` of one session by id.
 pub(crate) struct ReadById(pub Uuid);
 
 /// `None` when no such session.
-pub(crate) type ReadOut = Option<Result<SessionState, StoreError>>;
+pub(crate) type ReadOut = Option<Result<SessionRow, StoreError>>;
 
 static READ_SQL: LazyLock<String> =
-    LazyLock::new(|| format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ANY($1)"));
+    LazyLock::new(|| format!("SELECT {SESSION_TEXT_COLUMNS} FROM sessions WHERE id = ANY($1)"));
 
 impl Batch for ReadById {
     const KIND: &'static str = "read";
@@ -54,19 +54,37 @@ impl Batch for ReadById {
             .bind(&ids)
             .fetch_all(conn)
             .await?;
-        let mut by_id: HashMap<Uuid, Result<SessionState, StoreError>> =
+        let mut by_id: HashMap<Uuid, Result<SessionRow, StoreError>> =
             HashMap::with_capacity(found.len());
         for row in found {
             let id: Uuid = row.try_get("id")?;
-            by_id.insert(id, rows::session(&QueryResult::from(row)));
+            by_id.insert(id, rows::session_row(&QueryResult::from(row)));
         }
-        Ok(cmds
+        // The last command asking for a session takes its row; any earlier
+        // one (the same id asked for twice in one batch) gets a copy.
+        let mut asked: HashMap<Uuid, usize> = HashMap::with_capacity(cmds.len());
+        for c in cmds {
+            *asked.entry(c.0).or_default() += 1;
+        }
+        let out = cmds
             .iter()
-            .map(|c| match by_id.get(&c.0)? {
-                Ok(s) => Some(Ok(s.clone())),
-                Err(e) => Some(Err(StoreError::Corrupt(e.to_string()))),
+            .map(|c| {
+                let left = asked.get_mut(&c.0).map(|n| {
+                    *n -= 1;
+                    *n
+                });
+                if left == Some(0) {
+                    by_id.remove(&c.0)
+                } else {
+                    match by_id.get(&c.0) {
+                        Some(Ok(s)) => Some(Ok(s.clone())),
+                        Some(Err(e)) => Some(Err(StoreError::Corrupt(e.to_string()))),
+                        None => None,
+                    }
+                }
             })
-            .collect())
+            .collect();
+        Ok(out)
     }
 }
 

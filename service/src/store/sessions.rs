@@ -22,9 +22,10 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::append::{ANNOUNCE, EventRow};
+use super::rows::SessionRow;
 use super::session_batches::{CreateOut, NewSession, PatchRow, ReadById, UpdateOut, UpdateRow};
 use super::{Store, StoreError};
-use crate::contract::WakeHint;
+use crate::contract::{ListedSession, WakeHint};
 use crate::domain::event;
 use crate::domain::{
     CreateSession, EventKind, EventMetadata, SessionChanges, SessionPatch, SessionState,
@@ -246,7 +247,20 @@ impl Store {
 
     #[instrument(skip(self))]
     pub async fn get(&self, id: Uuid) -> Result<Option<SessionState>, StoreError> {
-        self.batched(ReadById(id)).await?.transpose()
+        self.batched(ReadById(id))
+            .await?
+            .map(|r| r.and_then(SessionRow::into_state))
+            .transpose()
+    }
+
+    /// The session as `GET /sessions/{id}` answers it: the same read as
+    /// [`Store::get`], its JSON documents passed through unparsed.
+    #[instrument(skip(self))]
+    pub async fn get_listed(&self, id: Uuid) -> Result<Option<ListedSession>, StoreError> {
+        self.batched(ReadById(id))
+            .await?
+            .map(|r| r.map(SessionRow::into_listed))
+            .transpose()
     }
 
     /// Run `attempt` against the session's current state until it wins the

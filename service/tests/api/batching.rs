@@ -608,3 +608,87 @@ async fn a_worker_read_lane_is_one_connection_within_max_connections() {
     assert!(store.get(id).await.unwrap().is_some());
     store.close().await;
 }
+
+/// Reads by id that queue together run as one statement, the same session
+/// asked for several times in it among them: each caller gets its own
+/// answer, the parsed state (`get`, what a write plans against) and the
+/// representation passed through (`get_listed`, what `GET` answers) agree
+/// on every document, and an unknown id is answered as absent.
+#[tokio::test]
+async fn reads_of_one_session_in_one_batch_each_get_the_session() {
+    let test_db = TestDatabase::migrated().await;
+    let store = lane_store(&test_db, 4, 1, 0).await;
+    let meta = EventMetadata::default();
+    let doc = |v: &Value| v.as_object().cloned();
+    let context = json!({"plan": ["a", "b"], "deep": {"n": 1.5, "ok": true, "s": "é\"\\"}});
+    let with_docs = CreateSession::new(
+        uuid::Uuid::parse_str(AGENT).unwrap(),
+        "task".into(),
+        None,
+        doc(&context),
+        doc(&json!({"step": 3})),
+        None,
+        doc(&json!({"host": "h1", "empty": {}})),
+        None,
+    )
+    .expect("valid create");
+    let a = store
+        .create(&with_docs, &meta, None)
+        .await
+        .expect("created");
+    let b = store
+        .create(&new_session(), &meta, None)
+        .await
+        .expect("created");
+    let (a, b) = (a.session.id, b.session.id);
+    let missing = uuid::Uuid::new_v4();
+
+    // On this one thread the first read runs alone and the others queue
+    // behind it: they are the next batch, with `a` in it four times.
+    let ids = [a, a, b, a, missing, a];
+    let (states, listed) = futures_util::join!(
+        join_all(ids.iter().step_by(2).map(|id| store.get(*id))),
+        join_all(
+            ids.iter()
+                .skip(1)
+                .step_by(2)
+                .map(|id| store.get_listed(*id))
+        ),
+    );
+    let states: Vec<_> = states.into_iter().map(|r| r.expect("read")).collect();
+    let listed: Vec<_> = listed.into_iter().map(|r| r.expect("read")).collect();
+    assert_eq!(
+        states
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.id))
+            .collect::<Vec<_>>(),
+        [Some(a), Some(b), None],
+        "get: {ids:?} at 0, 2, 4"
+    );
+    assert_eq!(
+        listed
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.id))
+            .collect::<Vec<_>>(),
+        [Some(a), Some(a), Some(a)],
+        "get_listed: {ids:?} at 1, 3, 5"
+    );
+    let state = states[0].as_ref().unwrap();
+    assert_eq!(Value::Object(state.context.clone()), context);
+    for l in listed.iter().flatten() {
+        let parsed = |raw: &serde_json::value::RawValue| -> Value {
+            serde_json::from_str(raw.get()).unwrap()
+        };
+        assert_eq!(parsed(&l.context), Value::Object(state.context.clone()));
+        assert_eq!(
+            l.checkpoint.as_deref().map(parsed),
+            state.checkpoint.clone().map(Value::Object)
+        );
+        assert_eq!(
+            parsed(&l.runtime_metadata),
+            Value::Object(state.runtime_metadata.clone())
+        );
+        assert_eq!(l.version, state.version);
+    }
+    store.close().await;
+}
