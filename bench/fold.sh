@@ -8,9 +8,12 @@
 # service and every PostgreSQL process spent, per event folded (from /proc:
 # nothing else should run meanwhile). With BIN2, each round runs BIN and
 # then BIN2, so two builds are compared in the same spells of the machine.
+# MIX=creates keeps only the sessions' `session.created` events (what the
+# fold costs per new session, the bulk of its work under create load).
 #
 #   bench/fold.sh
 #   SESSIONS=50000 ROUNDS=5 bench/fold.sh
+#   MIX=creates SESSIONS=60000 bench/fold.sh
 #   BIN=/tmp/old/agent-sessions BIN2=./target/release/agent-sessions bench/fold.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +33,11 @@ psql "$ADMIN" -qc "drop database if exists $DB with (force)" -qc "create databas
 DATABASE_URL=$URL RUST_LOG=warn "$BIN" migrate
 SESSIONS=$SESSIONS DATABASE_URL=$URL bash bench/scale/generate.sh
 q() { psql "$URL" -X -qAt -c "$1"; }
+if [ "${MIX:-scale}" = creates ]; then
+  # (the log's append-only trigger is a user trigger: replica role skips it)
+  q "SET session_replication_role = replica; DELETE FROM events WHERE event_type <> 'session.created'" >/dev/null
+  q "VACUUM ANALYZE events"
+fi
 head=$(q "SELECT max(position) FROM events")
 events=$(q "SELECT count(*) FROM events")
 pg_jiffies() {

@@ -520,6 +520,67 @@ async fn the_fold_reads_odd_worker_records_as_session_metrics_and_the_rebuild_do
     rebuild_matches_the_fold(&app).await;
 }
 
+/// A session created in the page being folded has no summary yet, so its
+/// summary is inserted without an upsert; should one be there all the same
+/// (here: the projection's position moved back by hand behind a creation
+/// it had folded), the insert fails and the page is folded again with
+/// upserts: the projection moves on (a fold that failed on that page would
+/// retry it forever), and the summary is written again as it was.
+#[tokio::test]
+async fn a_summary_already_there_for_a_new_session_does_not_stop_the_fold() {
+    let app = TestApp::spawn().await;
+    let before = app
+        .create_id(&json!({"agent_id": AGENT, "session_type": "task"}))
+        .await;
+    app.patch(&before, &json!({"status": "paused"}))
+        .await
+        .expect(200);
+    projection_reaches(&app, max_position(&app).await).await;
+    let summary_of = |id: String| {
+        let app = &app;
+        async move {
+            rows(
+                app,
+                &format!(
+                    "SELECT to_jsonb(s)::text AS t FROM analytics_sessions s \
+                     WHERE session_id = '{id}'"
+                ),
+            )
+            .await
+            .iter()
+            .map(|r| r.try_get::<String>("", "t").unwrap())
+            .collect::<Vec<_>>()
+        }
+    };
+    let kept = summary_of(before.clone()).await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+
+    let created_at: i64 = app
+        .db
+        .sql_i64(&format!(
+            "SELECT position FROM events WHERE aggregate_id = '{before}' \
+             AND event_type = 'session.created'"
+        ))
+        .await;
+    let db = app.db.connect().await;
+    db.execute_unprepared(&format!(
+        "UPDATE relay_cursors SET position = {} WHERE name = 'analytics'",
+        created_at - 1
+    ))
+    .await
+    .expect("position moved back");
+    db.close().await.ok();
+    // A new write wakes the consumer, which finds its position moved and
+    // folds from there: the creation of `before` again, then this one.
+    let after = app
+        .create_id(&json!({"agent_id": AGENT, "session_type": "task"}))
+        .await;
+    projection_reaches(&app, max_position(&app).await).await;
+    assert_eq!(summary_of(before).await, kept);
+    assert_eq!(summary_of(after).await.len(), 1);
+    app.teardown().await;
+}
+
 /// What each group should hold, from the projection's own per-session
 /// summaries (checked against the `sessions` table above): the running
 /// sums over days must add up to them for any range.
