@@ -149,10 +149,10 @@ impl From<&SessionState> for Session {
     }
 }
 
-/// A session in a page of `GET /sessions/`: the fields of [`Session`], in
-/// its order and form, with `context`, `checkpoint` and `runtime_metadata`
-/// copied from PostgreSQL's text of the `jsonb` instead of being parsed
-/// into trees and written out again (a page holds up to a thousand).
+/// A session as `GET /sessions/{id}` and a page of `GET /sessions/` answer
+/// it: the fields of [`Session`], in its order and form, with `context`,
+/// `checkpoint` and `runtime_metadata` copied from PostgreSQL's text of the
+/// `jsonb` instead of being parsed into trees and written out again.
 #[derive(Debug, Serialize)]
 pub struct ListedSession {
     pub id: Uuid,
